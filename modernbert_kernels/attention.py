@@ -1,0 +1,259 @@
+"""block_sparse_attention(): input checks, backend choice, and the torch.library custom ops.
+
+The forward and backward are two custom ops (``modernbert_kernels::block_sparse_attention`` and
+``..._backward``) with fake implementations, tied together by ``register_autograd``, so the op
+works under autograd, ``torch.compile`` and ``opcheck``. Each op takes the backend name and
+dispatches inside; the reference backend bypasses the ops and uses plain autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import gathered
+from .layout import BlockSparseLayout
+from .reference import block_sparse_attention_reference
+
+BACKENDS = ("triton", "torch", "reference")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable on this machine, why not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not installed ({err})"
+    from .triton.attention_common import interpreting
+
+    if interpreting():
+        return True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, f"CUDA device: {torch.cuda.get_device_name()}"
+
+
+def default_backend(device: torch.device) -> str:
+    if device.type == "cuda" and triton_status()[0]:
+        return "triton"
+    return "torch"
+
+
+def _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
+                 cu_seqlens, max_seqlen, backend):
+    window_or_none = None if window < 0 else window
+    if backend == "triton":
+        from .triton.attention_fwd import attention_forward
+
+        return attention_forward(
+            q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0],
+            window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )
+    return gathered.gathered_forward(q, k, v, row_offsets, col_indices, block_size, window_or_none, scale,
+                                     key_padding_mask, cu_seqlens)
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
+
+
+@torch.library.custom_op("modernbert_kernels::block_sparse_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
+    block_size: int, window: int, scale: float,
+    key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse). ``window < 0`` means no window."""
+    return _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
+                        cu_seqlens, max_seqlen, backend)
+
+
+@_attention_op.register_fake
+def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
+      key_padding_mask, cu_seqlens, max_seqlen, backend):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("modernbert_kernels::block_sparse_attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
+    block_size: int, window: int, scale: float,
+    key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window_or_none = None if window < 0 else window
+    if backend == "triton":
+        from .triton.attention_bwd import attention_backward
+
+        return attention_backward(
+            dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
+            row_offsets.shape[0], window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )
+    return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
+                                      window_or_none, scale, key_padding_mask, cu_seqlens)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
+      key_padding_mask, cu_seqlens, max_seqlen, backend):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+_NON_TENSOR_INPUTS = ("block_size", "window", "scale", "key_padding_mask", "cu_seqlens", "max_seqlen", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_offsets, col_indices, col_offsets, row_indices = inputs[:7]
+    out, lse = output
+    extras = dict(zip(_NON_TENSOR_INPUTS, inputs[7:]))
+    ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices)
+    ctx.extras = extras
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *layout_tensors = ctx.saved_tensors
+    e = ctx.extras
+    dq, dk, dv = _attention_backward_op(
+        dout, q, k, v, out, lse, *layout_tensors, e["block_size"], e["window"], e["scale"],
+        e["key_padding_mask"], e["cu_seqlens"], e["max_seqlen"], e["backend"],
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: fp16, bf16, fp32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v must share a dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+    varlen = cu_seqlens is not None
+    expected_dims = 3 if varlen else 4
+    if q.dim() != expected_dims:
+        layout_name = "[total_tokens, heads, head_dim] with cu_seqlens" if varlen else "[batch, heads, seq, head_dim]"
+        raise ValueError(f"q must be {layout_name}, got shape {tuple(q.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    heads = q.shape[-2] if varlen else q.shape[1]
+    if layout.num_heads not in (1, heads):
+        raise ValueError(f"layout has {layout.num_heads} heads; q has {heads} (a layout must have 1 or {heads})")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+
+    if varlen:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask and cu_seqlens exclude each other: varlen batches hold no padding")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D int32 tensor [batch + 1]")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must hold at least 2 entries (batch + 1)")
+        if not torch.compiler.is_compiling():
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, got {bounds[0]}..{bounds[-1]}"
+                )
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            if min(lengths) < 0:
+                raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+            longest = max(lengths)
+            if max_seqlen is None:
+                max_seqlen = longest
+            elif max_seqlen < longest:
+                raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+        elif max_seqlen is None:
+            raise ValueError("max_seqlen is required with cu_seqlens under torch.compile")
+        seq_len = max_seqlen
+    else:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        seq_len = q.shape[2]
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor [batch, seq] (True = real token)")
+            if tuple(key_padding_mask.shape) != (q.shape[0], seq_len):
+                raise ValueError(
+                    f"key_padding_mask must have shape {(q.shape[0], seq_len)}, got {tuple(key_padding_mask.shape)}"
+                )
+            if key_padding_mask.device != q.device:
+                raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    covered = layout.num_blocks * layout.block_size
+    if seq_len > covered:
+        raise ValueError(
+            f"layout covers {covered} tokens ({layout.num_blocks} blocks of {layout.block_size}) "
+            f"but the sequence length is {seq_len}"
+        )
+    return seq_len
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(scale * q k^T, masked) v over the tiles ``layout`` visits.
+
+    q, k, v: ``[batch, heads, seq, head_dim]``, or ``[total_tokens, heads, head_dim]`` with
+    ``cu_seqlens`` (int32 ``[batch + 1]``; every sequence starts at position 0 of the layout).
+    Query i sees key j when the layout visits their tile, ``|i - j| <= window`` (if given), and
+    key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen). A query that
+    sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
+    ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (gathered blocks in
+    PyTorch, any device) or "reference" (dense); None picks the fastest available.
+    """
+    seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
+    backend = default_backend(q.device) if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "reference":
+        return block_sparse_attention_reference(
+            q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
+        )
+    if backend == "triton":
+        usable, why = triton_status()
+        from .triton.attention_common import interpreting
+
+        if not usable or (q.device.type != "cuda" and not interpreting()):
+            raise ValueError(f"backend='triton' is not available for {q.device} tensors: {why}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        # Kernels address rows through strides but need unit stride along head_dim.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, _ = _attention_op(
+        q, k, v, *layout.tensors_on(q.device), layout.block_size, -1 if window is None else window, scale,
+        key_padding_mask, cu_seqlens, seq_len if cu_seqlens is not None else 0, backend,
+    )
+    return out
