@@ -16,8 +16,10 @@ import torch
 _SCORES_PER_CHUNK = 1 << 24
 
 
-def _ell_from_csr(row_offsets: torch.Tensor, col_indices: torch.Tensor):
-    """CSR -> padded per-row lists: (key_blocks [heads, rows, width], valid [heads, rows, width])."""
+def _ell_from_csr(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks: int):
+    """CSR -> padded lists for the first ``num_blocks`` rows, dropping key blocks >= num_blocks
+    (a layout built for a longer sequence): (key_blocks, valid), both [heads, num_blocks, width]."""
+    row_offsets = row_offsets[:, : num_blocks + 1]
     heads, rows = row_offsets.shape[0], row_offsets.shape[1] - 1
     counts = (row_offsets[:, 1:] - row_offsets[:, :-1]).long()
     width = max(int(counts.max()), 1)
@@ -25,6 +27,7 @@ def _ell_from_csr(row_offsets: torch.Tensor, col_indices: torch.Tensor):
     valid = slot < counts[..., None]
     position = (row_offsets[:, :-1].long()[..., None] + slot).clamp(max=max(col_indices.numel() - 1, 0))
     key_blocks = col_indices.long()[position] if col_indices.numel() else torch.zeros_like(position)
+    valid = valid & (key_blocks < num_blocks)
     return torch.where(valid, key_blocks, 0), valid
 
 
@@ -81,8 +84,7 @@ def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, windo
     """q, k, v [batch, heads, seq, dim] -> (out like q, lse [batch, heads, seq] fp32)."""
     batch, heads, seq_len, dim = q.shape
     num_blocks = -(-seq_len // block_size)
-    key_blocks, valid = _ell_from_csr(row_offsets, col_indices)
-    key_blocks, valid = key_blocks[:, :num_blocks], valid[:, :num_blocks]
+    key_blocks, valid = _ell_from_csr(row_offsets, col_indices, num_blocks)
     q_blocks, k_blocks, v_blocks = (_blocks(t, num_blocks, block_size) for t in (q, k, v))
     out = torch.empty_like(q_blocks)
     lse = torch.empty(batch, heads, num_blocks, block_size, device=q.device, dtype=torch.float32)
@@ -109,8 +111,7 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
                              key_padding_mask):
     batch, heads, seq_len, dim = q.shape
     num_blocks = -(-seq_len // block_size)
-    key_blocks, valid = _ell_from_csr(row_offsets, col_indices)
-    key_blocks, valid = key_blocks[:, :num_blocks], valid[:, :num_blocks]
+    key_blocks, valid = _ell_from_csr(row_offsets, col_indices, num_blocks)
     q_blocks, k_blocks, v_blocks, do_blocks = (_blocks(t, num_blocks, block_size) for t in (q, k, v, dout))
     delta = (dout.float() * out.float()).sum(-1)
     delta = torch.nn.functional.pad(delta, (0, num_blocks * block_size - seq_len))
