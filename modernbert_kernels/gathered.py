@@ -103,7 +103,8 @@ def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, windo
         probs = probs / torch.where(has_keys, row_sum, 1.0)
         out[:, :, first:last] = torch.matmul(probs, values)
         lse[:, :, first:last] = torch.where(has_keys, row_max + torch.log(row_sum), float("inf"))[..., 0]
-    out = out.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype)
+    # Contiguous whatever q's strides are: the op's fake implementation promises it.
+    out = out.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype).contiguous()
     return out, lse.reshape(batch, heads, -1)[:, :, :seq_len].contiguous()
 
 
@@ -129,7 +130,8 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
         qc, doc = q_blocks[:, :, first:last], do_blocks[:, :, first:last]
         scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
         visible = _chunk_mask(kb, vis, first, block_size, seq_len, window, key_padding_mask)
-        probs = torch.exp(scores - lse_blocks[:, :, first:last]) * visible
+        # Masked scores can exceed the row's LSE by any amount: mask before exp, never after.
+        probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse_blocks[:, :, first:last])
         dprobs = torch.matmul(doc, values.transpose(-1, -2))
         dscores = probs * (dprobs - delta[:, :, first:last])
         dq[:, :, first:last] = torch.matmul(dscores, keys) * scale
@@ -142,7 +144,7 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
         dk.index_add_(1, target, dk_slots.reshape(batch, heads * chunk * width, block_size, dim))
 
     def unblock(t):
-        return t.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype)
+        return t.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype).contiguous()
 
     return unblock(dq), unblock(dk), unblock(dv)
 
@@ -158,7 +160,7 @@ def gathered_forward(q, k, v, row_offsets, col_indices, block_size, window, scal
     if cu_seqlens is None:
         return gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale,
                                        key_padding_mask)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
     for start, end, seq in _per_sequence(cu_seqlens, q, k, v):
         if end > start:
@@ -173,7 +175,7 @@ def gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_s
     if cu_seqlens is None:
         return gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window,
                                         scale, key_padding_mask)
-    grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
+    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     for start, end, seq in _per_sequence(cu_seqlens, dout, q, k, v, out):
         if end > start:
             seq_grads = gathered_backward_padded(*seq, lse[None, :, start:end], row_offsets, col_indices,

@@ -1,0 +1,116 @@
+"""The op's contract: bad input is refused with a clear error; torch.library and torch.compile work."""
+
+import pytest
+import torch
+
+from modernbert_kernels import block_sparse_attention, layouts
+from modernbert_kernels.attention import _attention_op, default_backend
+
+LAYOUT = layouts.sliding_window(128, 32, 32)
+
+
+def qkv(shape=(2, 2, 128, 64), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+def cu(*lengths):
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "make_call, error, message",
+    [
+        (lambda q, k, v: (q, k[:, :, :64], v, LAYOUT), ValueError, "k has shape"),
+        (lambda q, k, v: (q, k.half(), v, LAYOUT), TypeError, "k has dtype"),
+        (lambda q, k, v: (q.double(), k.double(), v.double(), LAYOUT), TypeError, "q has dtype"),
+        (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48], LAYOUT), ValueError, "head_dim"),
+        (lambda q, k, v: (q[:, :, :100, None], k, v, LAYOUT), ValueError, "k has shape"),
+        (lambda q, k, v: (q, k, v, layouts.bigbird(128, 32, 32, 1, 32, num_heads=3)), ValueError, "layout has 3 heads"),
+        (lambda q, k, v: (q, k, v, layouts.sliding_window(96, 32, 32)), ValueError, "layout covers 96 tokens"),
+        (lambda q, k, v: (q, k, v, "sliding"), TypeError, "layout must be"),
+    ],
+)
+def test_bad_tensors(make_call, error, message):
+    with pytest.raises(error, match=message):
+        block_sparse_attention(*make_call(*qkv()))
+
+
+def test_bad_varlen_and_masks():
+    q, k, v = qkv((100, 2, 64))
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32"):
+        block_sparse_attention(q, k, v, LAYOUT, cu_seqlens=cu(60, 40).long())
+    with pytest.raises(ValueError, match="non-decreasing"):
+        block_sparse_attention(q, k, v, LAYOUT, cu_seqlens=torch.tensor([0, 70, 60, 100], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at total_tokens=100"):
+        block_sparse_attention(q, k, v, LAYOUT, cu_seqlens=cu(60, 30))
+    with pytest.raises(ValueError, match="max_seqlen=50"):
+        block_sparse_attention(q, k, v, LAYOUT, cu_seqlens=cu(60, 40), max_seqlen=50)
+    with pytest.raises(ValueError, match="layout covers 64 tokens"):
+        block_sparse_attention(q, k, v, layouts.sliding_window(64, 32, 32), cu_seqlens=cu(70, 30))
+    with pytest.raises(ValueError, match="q must be"):
+        block_sparse_attention(*qkv(), LAYOUT, cu_seqlens=cu(60, 40))
+    q4, k4, v4 = qkv()
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        block_sparse_attention(q4, k4, v4, LAYOUT, key_padding_mask=torch.ones(2, 64, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        block_sparse_attention(q4, k4, v4, LAYOUT, key_padding_mask=torch.ones(2, 128))
+    with pytest.raises(ValueError, match="window must be"):
+        block_sparse_attention(q4, k4, v4, LAYOUT, window=-3)
+    with pytest.raises(ValueError, match="backend must be"):
+        block_sparse_attention(q4, k4, v4, LAYOUT, backend="flash")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k is on"):
+        block_sparse_attention(q, k.cuda(), v, LAYOUT)
+
+
+def test_device_mismatch_on_meta():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="v is on meta"):
+        block_sparse_attention(q, k, v.to("meta"), LAYOUT)
+
+
+def test_cpu_tensors_default_to_a_cpu_backend():
+    assert default_backend(torch.device("cpu")) == "torch"
+
+
+def op_args(backend, varlen):
+    layout = layouts.bigbird(128, 16, 32, 1, 32, num_heads=2)
+    if varlen:
+        q, k, v = (t.requires_grad_() for t in qkv((96, 2, 32)))
+        lengths, mask, max_len = cu(64, 32), None, 64
+    else:
+        q, k, v = (t.requires_grad_() for t in qkv((1, 2, 96, 32)))
+        lengths, max_len = None, 0
+        mask = torch.ones(1, 96, dtype=torch.bool)
+        mask[0, 80:] = False
+    return (q, k, v, *layout.tensors_on(q.device), 32, 20, 0.125, mask, lengths, max_len, backend)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend, varlen):
+    torch.library.opcheck(_attention_op, op_args(backend, varlen))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    layout = layouts.sliding_window(128, 32, 32)
+
+    def attention_block(x, w):
+        q, k, v = (x @ w).unflatten(-1, (3, 2, 32)).permute(2, 0, 3, 1, 4).unbind(0)
+        return block_sparse_attention(q, k, v, layout, window=32, backend="torch").sum()
+
+    x = torch.randn(2, 128, 64)
+    w = torch.randn(64, 192, requires_grad=True)
+    compiled = torch.compile(attention_block, fullgraph=True, backend="inductor")
+    loss = compiled(x, w)
+    loss.backward()
+    grad_compiled = w.grad.clone()
+    w.grad = None
+    expected = attention_block(x, w)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_compiled, w.grad, rtol=1e-5, atol=1e-4)
