@@ -18,13 +18,14 @@ from .attention_common import (
     LOG2E,
     dot_precision,
     first_index_at_or_above,
+    all_configs,
     interpreting,
-    prune_block_configs,
+    pruner,
     sequence_bounds,
     tile_mask,
     tile_needs_mask,
 )
-from .attention_fwd import FWD_CONFIGS, default_tile
+from .attention_fwd import default_tile
 
 
 @triton.jit
@@ -174,15 +175,11 @@ def block_sparse_attention_bwd_dkdv_kernel(
 
 
 _TUNE_KEY = ["LAYOUT_BLOCK", "HEAD_DIM", "IS_VARLEN", "HAS_WINDOW", "HAS_KEY_MASK"]
-# The backward kernels hold two accumulators (dk, dv) or reload more operands per tile than the
-# forward, so they get the same search space and their own tuned choice.
-BWD_CONFIGS = FWD_CONFIGS
-
 block_sparse_attention_bwd_dq_tuned = triton.autotune(
-    configs=BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs},
+    configs=all_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": pruner("dq")},
 )(block_sparse_attention_bwd_dq_kernel)
 block_sparse_attention_bwd_dkdv_tuned = triton.autotune(
-    configs=BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs},
+    configs=all_configs("dkdv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": pruner("dkdv")},
 )(block_sparse_attention_bwd_dkdv_kernel)
 
 

@@ -88,21 +88,62 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
 
 
-def prune_block_configs(configs, named_args, **kwargs):
-    """Keep the tile shapes that divide the layout block (a tile never straddles two blocks)."""
-    layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK"))
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    fp32 = named_args["Q"].dtype == torch.float32
-    kept = []
-    for config in configs:
-        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if layout_block % bm or layout_block % bn:
-            continue
-        # fp32 tiles take twice the registers and shared memory of 16-bit ones; past 64x64 at
-        # head_dim 128 they spill (see the compile check).
-        if fp32 and head_dim == 128 and bm * bn > 64 * 64:
-            continue
-        kept.append(config)
-    if not kept:  # layouts with 16-token blocks: one tile per block
-        kept = [triton.Config({"BLOCK_M": layout_block, "BLOCK_N": layout_block}, num_warps=4, num_stages=2)]
-    return kept
+# Tile shapes per kernel, from a register/spill sweep of every (BLOCK_M, BLOCK_N, warps) over
+# head_dim 32/64/128 on sm_90 (benchmarks/NOTES.md, "compile sweep"); the compile check re-verifies
+# each one for sm_80 and sm_90. Entries are (BLOCK_M, BLOCK_N, num_warps). fp32 uses exact (IEEE)
+# dots, which run on FMA units with operands in registers, so its tiles are much smaller.
+_TILES_16BIT = {
+    "fwd": [(64, 32, 4), (64, 32, 8), (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)],
+    "dq": [(64, 32, 4), (64, 32, 8), (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)],
+    # dk/dv holds a BLOCK_N key tile and two accumulators while it walks BLOCK_M query tiles.
+    "dkdv": [(32, 64, 8), (32, 128, 8), (64, 64, 8), (64, 128, 8)],
+}
+_TILES_FP32 = {
+    "fwd": [(32, 32, 4), (32, 32, 8), (64, 32, 8)],
+    "dq": [(32, 32, 4), (32, 32, 8), (64, 32, 8)],
+    "dkdv": [(32, 32, 8)],
+}
+# Pairs that spill at head_dim 128 in the sweep: (kernel, BLOCK_M, BLOCK_N).
+_SPILL_AT_HEAD_DIM_128 = {("dkdv", 64, 128)}
+_STAGES = (2, 3)
+
+
+def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype) -> list:
+    """The autotuning candidates of ``kernel`` ("fwd", "dq", "dkdv") for one problem class.
+
+    A tile never straddles two layout blocks, so its sides must divide the layout block; layouts
+    with blocks smaller than every listed tile run one tile per block.
+    """
+    tiles = (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[kernel]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps in tiles
+        for stages in _STAGES
+        if layout_block % bm == 0 and layout_block % bn == 0
+        and not (head_dim == 128 and (kernel, bm, bn) in _SPILL_AT_HEAD_DIM_128)
+    ]
+    if not configs:
+        tile = min(layout_block, 32)
+        configs = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile}, num_warps=4, num_stages=2)]
+    return configs
+
+
+def all_configs(kernel: str) -> list:
+    """Every config configs_for() can return for ``kernel``: the autotuner's full list."""
+    found = {}
+    for dtype in (torch.float16, torch.float32):
+        for layout_block in (16, 32, 64, 128):
+            for head_dim in SUPPORTED_HEAD_DIMS:
+                for config in configs_for(kernel, layout_block, head_dim, dtype):
+                    found[str(config)] = config
+    return list(found.values())
+
+
+def pruner(kernel: str):
+    """An autotuner early_config_prune hook that keeps configs_for()'s candidates."""
+
+    def prune(configs, named_args, **kwargs):
+        wanted = {str(c) for c in configs_for(kernel, kwargs["LAYOUT_BLOCK"], kwargs["HEAD_DIM"], named_args["Q"].dtype)}
+        return [c for c in configs if str(c) in wanted]
+
+    return prune

@@ -15,8 +15,9 @@ from .attention_common import (
     LOG2E,
     dot_precision,
     first_index_at_or_above,
+    all_configs,
     interpreting,
-    prune_block_configs,
+    pruner,
     sequence_bounds,
     tile_mask,
     tile_needs_mask,
@@ -101,26 +102,18 @@ def block_sparse_attention_fwd_kernel(
     tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + seq_start + offs_m, lse, mask=offs_m < seq_len)
 
 
-# Tile shapes and pipelining depth are tuned per GPU at first call; the compile check
-# (modernbert_kernels.check) builds every config for sm_80 and sm_90 and rejects spills.
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-    for bm in (64, 128)
-    for bn in (32, 64, 128)
-    for warps in (4, 8)
-    for stages in (2, 3)
-]
-
+# Tile shapes and pipelining depth are tuned per GPU at first call, among the candidates that
+# attention_common.configs_for() lists for the layout block, head_dim and dtype.
 block_sparse_attention_fwd_tuned = triton.autotune(
-    configs=FWD_CONFIGS,
+    configs=all_configs("fwd"),
     key=["LAYOUT_BLOCK", "HEAD_DIM", "IS_VARLEN", "HAS_WINDOW", "HAS_KEY_MASK"],
-    prune_configs_by={"early_config_prune": prune_block_configs},
+    prune_configs_by={"early_config_prune": pruner("fwd")},
 )(block_sparse_attention_fwd_kernel)
 
 
 def default_tile(layout_block: int) -> dict:
     """The tile used where autotuning is off (the interpreter) or not wanted."""
-    return {"BLOCK_M": min(64, layout_block), "BLOCK_N": min(64, layout_block)}
+    return {"BLOCK_M": min(64, layout_block), "BLOCK_N": min(32, layout_block)}
 
 
 def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, window, scale,

@@ -1,0 +1,118 @@
+"""Block-sparse attention vs dense baselines with the same mask (sliding window, ModernBERT's local layers).
+
+CPU: backend="torch" (gathered blocks) vs F.scaled_dot_product_attention with the equivalent
+boolean mask. GPU: backend="triton" vs SDPA with the mask and FlexAttention with the same
+window (create_block_mask), forward and forward+backward.
+
+    python -m benchmarks.attention --device cpu --out benchmarks/results/local
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.timing import summarize, time_fn
+from modernbert_kernels import block_sparse_attention, layouts
+
+
+def visible_pairs(seq_len: int, window: int) -> int:
+    """Number of (i, j) with |i - j| <= window inside a sequence: the useful work."""
+    return sum(min(i + window, seq_len - 1) - max(i - window, 0) + 1 for i in range(seq_len))
+
+
+def attention_flops(batch, heads, head_dim, pairs, backward: bool) -> float:
+    forward = 4.0 * batch * heads * head_dim * pairs  # QK^T and PV, 2 FLOPs per multiply-add
+    return forward * (3.5 if backward else 1.0)  # backward: 5 matmuls, one recomputing QK^T (FA2 count)
+
+
+def _window_mask(seq_len, window, device):
+    pos = torch.arange(seq_len, device=device)
+    return (pos[:, None] - pos[None, :]).abs() <= window
+
+
+def providers(device: torch.device, seq_len: int, window: int, block_size: int):
+    """name -> function(q, k, v) returning the attention output, for this device."""
+    layout = layouts.sliding_window(seq_len, window, block_size)
+    backend = "triton" if device.type == "cuda" else "torch"
+    mask = _window_mask(seq_len, window, device)
+    found = {
+        f"block_sparse_{backend}": lambda q, k, v: block_sparse_attention(q, k, v, layout, window=window, backend=backend),
+        "sdpa_dense_masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    }
+    if device.type == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(
+            lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window, None, None, seq_len, seq_len, device=device
+        )
+        compiled_flex = torch.compile(flex_attention)
+        found["flex_attention"] = lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+    return found
+
+
+def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
+    if device.type == "cuda":
+        dtype, seq_lens, passes = torch.bfloat16, [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384], ["fwd", "fwd+bwd"]
+    else:
+        dtype, seq_lens, passes = torch.float32, [8192] if quick else [2048, 8192], ["fwd"]
+    batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
+    rows = []
+    for seq_len in seq_lens:
+        pairs = visible_pairs(seq_len, window)
+        funcs = providers(device, seq_len, window, block_size)
+        baseline_name = "sdpa_dense_masked"
+        for pass_name in passes:
+            backward = pass_name == "fwd+bwd"
+            generator = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (
+                torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=generator)
+                .requires_grad_(backward)
+                for _ in range(3)
+            )
+            measured = {}
+            for name, fn in funcs.items():
+                if backward:
+                    grad = torch.randn_like(q)
+
+                    def step(fn=fn):
+                        out = fn(q, k, v)
+                        out.backward(grad)
+                else:
+
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            fn(q, k, v)
+
+                measured[name] = summarize(time_fn(step, device))
+                if progress:
+                    progress(f"attention {pass_name} seq={seq_len} {name}: {measured[name]['median_ms']:.2f} ms")
+            flops = attention_flops(batch, heads, head_dim, pairs, backward)
+            base = measured[baseline_name]["median_ms"]
+            for name, stats in measured.items():
+                rows.append({
+                    "bench": "attention", "pass": pass_name, "provider": name, "baseline": baseline_name,
+                    "seq_len": seq_len, "batch": batch, "heads": heads, "head_dim": head_dim, "window": window,
+                    "dtype": str(dtype).replace("torch.", ""), "useful_flops": flops,
+                    "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
+                    **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
+                })
+    return rows
+
+
+def main(argv=None):
+    from benchmarks.report import write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    args = parser.parse_args(argv)
+    rows = run(torch.device(args.device), args.quick, progress=print)
+    write_report(rows, args.out, torch.device(args.device), "attention")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Write benchmark rows as JSON, a Markdown table and PNG plots, named by device and date."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} {torch.get_num_threads()} threads"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
+               "speedup_vs_baseline", "tflops"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = sorted({(r["bench"], r["pass"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, (bench, pass_name) in zip(axes[0], groups):
+        subset = [r for r in rows if r["bench"] == bench and r["pass"] == pass_name]
+        for provider in sorted({r["provider"] for r in subset}):
+            points = sorted((r["seq_len"], r["median_ms"]) for r in subset if r["provider"] == provider)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median ms", title=f"{bench} {pass_name}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, stem: str) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    date = datetime.date.today().isoformat()
+    base = out / f"{stem}-{_slug(name)}-{date}"
+    meta = {"device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md"), "png": base.with_suffix(".png")}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    paths["md"].write_text(f"# {stem} on {name}, {date}\n\ntorch {meta['torch']}\n\n" + markdown_table(rows))
+    if not plot(rows, paths["png"]):
+        del paths["png"]
+    for path in paths.values():
+        print(f"wrote {path}")
+    return paths
