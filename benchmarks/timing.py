@@ -9,12 +9,16 @@ from typing import Callable
 import torch
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls after ``warmup`` calls."""
+def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, budget_s: float = 2.0) -> list[float]:
+    """Wall-clock milliseconds of at least ``repeats`` calls after ``warmup`` calls.
+
+    Fast functions get more runs, up to ``budget_s`` of timing (at most 50), because allocator and
+    frequency noise on a 2-core machine is a few milliseconds.
+    """
     for _ in range(warmup):
         fn()
     samples = []
-    for _ in range(repeats):
+    while len(samples) < repeats or (sum(samples) < budget_s * 1e3 and len(samples) < 50):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)

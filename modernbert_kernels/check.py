@@ -40,6 +40,7 @@ class KernelBuild:
     spill_bytes: int
     shared_bytes: int
     uses_wgmma: bool
+    rows_per_program: int
 
     def problems(self) -> list[str]:
         found = []
@@ -47,7 +48,8 @@ class KernelBuild:
             found.append(f"spills {self.spill_bytes} bytes to local memory")
         if self.shared_bytes > SHARED_MEMORY_LIMIT[self.arch]:
             found.append(f"needs {self.shared_bytes} B of shared memory (limit {SHARED_MEMORY_LIMIT[self.arch]})")
-        if self.arch >= 90 and self.dtype != "fp32" and not self.uses_wgmma:
+        # A warpgroup MMA needs 64 rows: programs that own fewer rows use mma.sync.
+        if self.arch >= 90 and self.dtype != "fp32" and self.rows_per_program >= 64 and not self.uses_wgmma:
             found.append("does not use wgmma on sm_90")
         return found
 
@@ -114,10 +116,12 @@ def compile_kernel(kernel, arch: int, dtype: torch.dtype, head_dim: int, layout_
         # Triton kernels use dynamic shared memory, which cuobjdump does not see; metadata has it.
         shared_bytes=int(fields.get("SHARED", 0)) + compiled.metadata.shared,
         uses_wgmma="wgmma" in compiled.asm["ptx"],
+        # The dk/dv kernel owns key rows (BLOCK_N); the others own query rows (BLOCK_M).
+        rows_per_program=config.kwargs["BLOCK_N" if "dkdv" in kernel.__name__ else "BLOCK_M"],
     )
 
 
-def shipped_builds(quick: bool):
+def shipped_builds(arch: int, quick: bool):
     """(kernel, dtype, head_dim, layout_block, config) for every config the autotuner may pick."""
     from .triton.attention_bwd import block_sparse_attention_bwd_dkdv_kernel, block_sparse_attention_bwd_dq_kernel
     from .triton.attention_common import configs_for
@@ -134,7 +138,7 @@ def shipped_builds(quick: bool):
         for dtype in DTYPES:
             for head_dim in head_dims:
                 for layout_block in layout_blocks:
-                    chosen = configs_for(kind, layout_block, head_dim, dtype)
+                    chosen = configs_for(kind, layout_block, head_dim, dtype, arch)
                     if quick:  # the deepest pipeline of each tile: the likeliest to spill
                         chosen = [c for c in chosen if c.num_stages == max(x.num_stages for x in chosen)]
                     for config in chosen:
@@ -148,7 +152,7 @@ CHECK_FLAGS = dict(IS_VARLEN=True, HAS_WINDOW=True, HAS_KEY_MASK=False)
 def run_check(archs=ARCHS, quick: bool = False, progress=None) -> list[KernelBuild]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    plan = [(arch, *build) for arch in archs for build in shipped_builds(quick)]
+    plan = [(arch, *build) for arch in archs for build in shipped_builds(arch, quick)]
     results = []
     for step, (arch, kernel, dtype, head_dim, layout_block, config) in enumerate(plan):
         results.append(compile_kernel(kernel, arch, dtype, head_dim, layout_block, config, CHECK_FLAGS))

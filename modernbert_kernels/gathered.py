@@ -1,152 +1,288 @@
-"""Block-sparse attention in plain PyTorch over gathered key blocks (``backend="torch"``).
+"""Block-sparse attention in plain PyTorch (``backend="torch"``): only visited tiles are computed.
 
-Only visited tiles are computed: for each query block the visited key blocks are gathered into one
-dense [blocks_per_row * block_size, head_dim] operand and a batched matmul does the rest. This is
-the CPU path until the C++ kernels exist, and a portable fallback anywhere. Like the Triton
-kernels, the forward returns the log-sum-exp and the backward recomputes probabilities from it,
-so no attention matrix is kept for autograd.
+The visited tiles are split into groups that each cost one batched matmul:
+
+- diagonal runs: query blocks ``[start, stop)`` visiting key blocks ``[start + offset, stop + offset)``.
+  Blocks are stored block-major (``[num_blocks, batch, heads, block, dim]``), so both operands of a
+  run are contiguous slices and nothing is copied. Sliding-window, dilated and strided layouts are
+  almost entirely runs.
+- the rest (global columns, random blocks, short runs): key blocks gathered per query block.
+
+Groups are merged with an online softmax, as the kernels merge key blocks, and the forward returns
+the log-sum-exp so that the backward recomputes probabilities instead of storing them. This is the
+CPU path until the C++ kernels exist, and a portable fallback on any device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-# Query blocks per chunk are chosen so that one chunk's scores stay near this many elements:
-# large enough for efficient batched matmuls, small enough for dense layouts at long sequences.
-_SCORES_PER_CHUNK = 1 << 24
+# Diagonal runs shorter than this go to the gathered rest: one matmul per run must pay off.
+_MIN_RUN = 4
+# Query blocks per chunk keep one chunk's scores near this many elements, so the softmax passes
+# over the scores stay in cache (measured on the 2-thread CI machine: 2^21 beat 2^20 and 2^24).
+_SCORES_PER_CHUNK = 1 << 21
 
 
-def _ell_from_csr(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks: int):
-    """CSR -> padded lists for the first ``num_blocks`` rows, dropping key blocks >= num_blocks
-    (a layout built for a longer sequence): (key_blocks, valid), both [heads, num_blocks, width]."""
-    row_offsets = row_offsets[:, : num_blocks + 1]
-    heads, rows = row_offsets.shape[0], row_offsets.shape[1] - 1
-    counts = (row_offsets[:, 1:] - row_offsets[:, :-1]).long()
-    width = max(int(counts.max()), 1)
-    slot = torch.arange(width, device=row_offsets.device)
-    valid = slot < counts[..., None]
-    position = (row_offsets[:, :-1].long()[..., None] + slot).clamp(max=max(col_indices.numel() - 1, 0))
-    key_blocks = col_indices.long()[position] if col_indices.numel() else torch.zeros_like(position)
-    valid = valid & (key_blocks < num_blocks)
-    return torch.where(valid, key_blocks, 0), valid
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    offset: int
+    start: int
+    stop: int
 
 
-def _chunk_mask(key_blocks, valid, first_block, block_size, seq_len, window, key_padding_mask):
-    """Token visibility for a chunk of query blocks: [batch or 1, heads or 1, chunk, bs, width * bs]."""
-    heads, chunk, width = key_blocks.shape
-    device = key_blocks.device
-    token = torch.arange(block_size, device=device)
-    k_pos = (key_blocks[..., None] * block_size + token).reshape(heads, chunk, 1, width * block_size)
-    q_pos = ((first_block + torch.arange(chunk, device=device))[:, None] * block_size + token)
-    q_pos = q_pos[None, :, :, None]
-    visible = valid.repeat_interleave(block_size, -1)[:, :, None, :] & (k_pos < seq_len)
-    if window is not None:
-        visible = visible & ((q_pos - k_pos).abs() <= window)
-    visible = visible[None]
-    if key_padding_mask is not None:
-        keep = key_padding_mask.new_zeros(key_padding_mask.shape[0], -(-seq_len // block_size) * block_size)
-        keep[:, :seq_len] = key_padding_mask
-        keep = keep[:, k_pos]  # [batch, heads, chunk, 1, width * bs]
-        visible = visible & keep
-    return visible
+@dataclasses.dataclass
+class _Groups:
+    runs: list
+    rest_rows: torch.Tensor  # query blocks with at least one gathered tile
+    rest_keys: torch.Tensor  # [len(rest_rows), width] key blocks (0 where not valid)
+    rest_valid: torch.Tensor  # [len(rest_rows), width]
 
 
-def _blocks(x: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
-    """[batch, heads, seq, dim] -> zero-padded fp32 [batch, heads, num_blocks, block_size, dim].
+def _split_layout(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks: int) -> _Groups:
+    """One head's CSR rows, cut to ``num_blocks`` (a layout built for a longer sequence), as groups."""
+    device = row_offsets.device
+    counts = (row_offsets[1 : num_blocks + 1] - row_offsets[:num_blocks]).long()
+    rows = torch.repeat_interleave(torch.arange(num_blocks, device=device), counts)
+    cols = col_indices[int(row_offsets[0]) : int(row_offsets[num_blocks])].long()
+    inside = cols < num_blocks
+    rows, cols = rows[inside], cols[inside]
+    offsets = cols - rows
+    order = torch.argsort(offsets * num_blocks + rows)
+    offsets, rows = offsets[order], rows[order]
+    starts_run = torch.ones_like(rows, dtype=torch.bool)
+    starts_run[1:] = (offsets[1:] != offsets[:-1]) | (rows[1:] != rows[:-1] + 1)
+    run_id = torch.cumsum(starts_run, 0) - 1
+    run_length = torch.bincount(run_id) if rows.numel() else run_id
+    long_enough = run_length >= _MIN_RUN
+    first = torch.nonzero(starts_run)[:, 0][long_enough]
+    runs = [
+        _Run(offset, start, start + length)
+        for offset, start, length in zip(offsets[first].tolist(), rows[first].tolist(), run_length[long_enough].tolist())
+    ]
+    in_run = long_enough[run_id] if rows.numel() else starts_run
+    rest_rows_all, rest_cols = rows[~in_run], (offsets + rows)[~in_run]
+    by_row = torch.argsort(rest_rows_all * num_blocks + rest_cols)
+    rest_rows_all, rest_cols = rest_rows_all[by_row], rest_cols[by_row]
+    rest_rows, per_row = torch.unique_consecutive(rest_rows_all, return_counts=True)
+    width = int(per_row.max()) if per_row.numel() else 0
+    slot = torch.arange(width, device=device)
+    rest_valid = slot < per_row[:, None]
+    first_of_row = torch.cumsum(per_row, 0) - per_row
+    position = (first_of_row[:, None] + slot).clamp(max=max(rest_cols.numel() - 1, 0))
+    rest_keys = torch.where(rest_valid, rest_cols[position], 0) if rest_cols.numel() else position
+    return _Groups(runs, rest_rows, rest_keys, rest_valid)
 
-    16-bit inputs are widened: the math is fp32 as in the kernels, and fp16 matmul on CPUs is
-    far slower than fp32.
+
+def _block_major(x: torch.Tensor, num_blocks: int, block_size: int, layout_heads: int) -> torch.Tensor:
+    """[batch, heads, seq, ...] -> fp32 [layout_heads, num_blocks, batch, heads / layout_heads, block, ...].
+
+    16-bit inputs are widened: the math is fp32 as in the kernels, and fp16 matmul on CPUs is far
+    slower than fp32. Sequences are zero-padded to whole blocks.
     """
-    pad = num_blocks * block_size - x.shape[2]
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
-    return x.reshape(x.shape[0], x.shape[1], num_blocks, block_size, x.shape[-1])
+    batch, heads, seq_len = x.shape[:3]
+    tail = x.shape[3:]
+    x = x.float()
+    if num_blocks * block_size != seq_len:
+        padded = x.new_zeros(batch, heads, num_blocks * block_size, *tail)
+        padded[:, :, :seq_len] = x
+        x = padded
+    x = x.reshape(batch, layout_heads, heads // layout_heads, num_blocks, block_size, *tail)
+    order = (1, 3, 0, 2, 4) + tuple(range(5, x.dim()))
+    return x.permute(order).contiguous()
 
 
-def _gather(blocks: torch.Tensor, key_blocks: torch.Tensor) -> torch.Tensor:
-    """blocks [B, H, N, bs, D], key_blocks [1 or H, C, W] -> [B, H, C, W * bs, D]."""
-    batch, heads, _, block_size, dim = blocks.shape
-    if key_blocks.shape[0] == 1:
-        gathered = blocks[:, :, key_blocks[0]]
-    else:
-        gathered = blocks[:, torch.arange(heads, device=blocks.device)[:, None, None], key_blocks]
-    chunk, width = key_blocks.shape[1], key_blocks.shape[2]
-    return gathered.reshape(batch, heads, chunk, width * block_size, dim)
+def _from_block_major(x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    layout_heads, num_blocks, batch, group, block_size = x.shape[:5]
+    tail = x.shape[5:]
+    order = (2, 0, 3, 1, 4) + tuple(range(5, x.dim()))
+    x = x.permute(order).reshape(batch, layout_heads * group, num_blocks * block_size, *tail)
+    return x[:, :, :seq_len]
 
 
-def _chunks(num_blocks: int, width: int, block_size: int, batch_heads: int):
-    per_block = batch_heads * block_size * width * block_size
-    step = max(1, _SCORES_PER_CHUNK // max(per_block, 1))
+class _Masks:
+    """Token-level visibility of a group of tiles: window, sequence end, key padding."""
+
+    def __init__(self, block_size, seq_len, num_blocks, window, key_padding_mask, device):
+        self.block_size, self.seq_len, self.window = block_size, seq_len, window
+        self.token = torch.arange(block_size, device=device)
+        self.key_keep = None
+        if key_padding_mask is not None:  # [num_blocks, batch, 1, 1, block]
+            keep = key_padding_mask.new_zeros(key_padding_mask.shape[0], num_blocks * block_size)
+            keep[:, :seq_len] = key_padding_mask
+            self.key_keep = keep.reshape(-1, num_blocks, 1, 1, block_size).permute(1, 0, 2, 3, 4)
+
+    def for_run(self, offset, first, last):
+        """Mask for query blocks [first, last) against key blocks shifted by offset, or None."""
+        bs = self.block_size
+        mask = None
+        if self.window is not None and (abs(offset) + 1) * bs - 1 > self.window:
+            distance = -offset * bs + self.token[:, None] - self.token[None, :]
+            mask = (distance.abs() <= self.window)[None, None, None]
+        key_start = (torch.arange(first + offset, last + offset, device=self.token.device) * bs)
+        if (last + offset) * bs > self.seq_len:
+            in_seq = (key_start[:, None] + self.token < self.seq_len)[:, None, None, None, :]
+            mask = in_seq if mask is None else mask & in_seq
+        if self.key_keep is not None:
+            keep = self.key_keep[first + offset : last + offset]
+            mask = keep if mask is None else mask & keep
+        return mask
+
+    def for_gather(self, rows, keys, valid):
+        """Mask for gathered tiles: rows [n], keys/valid [n, width] -> [n, batch or 1, 1, bs, width * bs]."""
+        bs = self.block_size
+        key_pos = (keys[:, :, None] * bs + self.token).reshape(keys.shape[0], -1)
+        visible = valid.repeat_interleave(bs, 1) & (key_pos < self.seq_len)
+        visible = visible[:, None, None, None, :]
+        if self.window is not None:
+            query_pos = rows[:, None] * bs + self.token
+            near = (query_pos[:, :, None] - key_pos[:, None, :]).abs() <= self.window
+            visible = visible & near[:, None, None]
+        if self.key_keep is not None:
+            keep = self.key_keep[:, :, 0, 0].permute(1, 0, 2).reshape(self.key_keep.shape[1], -1)
+            visible = visible & keep[:, key_pos].permute(1, 0, 2)[:, :, None, None, :]
+        return visible
+
+
+def _gathered(blocks: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """blocks [N, B, G, bs, D], keys [n, W] -> [n, B, G, W * bs, D]."""
+    n, width = keys.shape
+    found = blocks[keys]  # [n, W, B, G, bs, D]
+    found = found.permute(0, 2, 3, 1, 4, 5)
+    return found.reshape(n, found.shape[1], found.shape[2], width * blocks.shape[3], blocks.shape[4])
+
+
+def _chunks(num_blocks: int, scores_per_block: int):
+    step = max(1, _SCORES_PER_CHUNK // max(scores_per_block, 1))
     for first in range(0, num_blocks, step):
         yield first, min(first + step, num_blocks)
 
 
+def _tile_groups(groups: _Groups, first: int, last: int):
+    """(rows, keys) of each group's part in query blocks [first, last): slices or index tensors."""
+    for run in groups.runs:
+        lo, hi = max(run.start, first), min(run.stop, last)
+        if lo < hi:
+            yield "run", slice(lo, hi), slice(lo + run.offset, hi + run.offset), run.offset
+    if groups.rest_rows.numel():
+        chosen = (groups.rest_rows >= first) & (groups.rest_rows < last)
+        if chosen.any():
+            yield "gather", groups.rest_rows[chosen], (groups.rest_keys[chosen], groups.rest_valid[chosen]), None
+
+
+def _group_operands(kind, rows, keys, offset, masks, k, v):
+    if kind == "run":
+        return k[keys], v[keys], masks.for_run(offset, rows.start, rows.stop)
+    key_blocks, valid = keys
+    return _gathered(k, key_blocks), _gathered(v, key_blocks), masks.for_gather(rows, key_blocks, valid)
+
+
+def _forward_one_layout_head(q, k, v, groups, masks, out, lse):
+    """q (scaled), k, v: [N, B, G, bs, D]; writes out (same shape) and lse [N, B, G, bs]."""
+    num_blocks = q.shape[0]
+    row_max = q.new_full(q.shape[:-1], float("-inf"))
+    row_sum = q.new_zeros(q.shape[:-1])
+    acc = out.zero_()
+    width = max([1] + [groups.rest_keys.shape[1]]) + len({r.offset for r in groups.runs})
+    per_block = q.shape[1] * q.shape[2] * q.shape[3] * width * q.shape[3]
+    for first, last in _chunks(num_blocks, per_block):
+        for kind, rows, keys, offset in _tile_groups(groups, first, last):
+            keys_tile, values_tile, mask = _group_operands(kind, rows, keys, offset, masks, k, v)
+            scores = torch.matmul(q[rows], keys_tile.transpose(-1, -2))
+            if mask is not None:
+                scores.masked_fill_(~mask, float("-inf"))
+            old_max = row_max[rows]
+            new_max = torch.maximum(old_max, scores.amax(-1))
+            # Rows that have seen no visible key keep max = -inf: subtract 0 instead (no NaN).
+            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+            probs = scores.sub_(shift[..., None]).exp_()
+            rescale = old_max.sub_(shift).exp_() if kind == "run" else torch.exp(old_max - shift)
+            if kind == "run":  # slices are views: update the running state in place
+                row_sum[rows].mul_(rescale).add_(probs.sum(-1))
+                acc[rows].mul_(rescale[..., None]).add_(torch.matmul(probs, values_tile))
+                row_max[rows] = new_max
+            else:
+                row_sum[rows] = row_sum[rows] * rescale + probs.sum(-1)
+                acc[rows] = acc[rows] * rescale[..., None] + torch.matmul(probs, values_tile)
+                row_max[rows] = new_max
+    has_keys = row_sum > 0
+    acc.div_(torch.where(has_keys, row_sum, 1.0)[..., None])
+    lse.copy_(row_max.add_(torch.log(row_sum)).masked_fill_(~has_keys, float("inf")))
+
+
+def _backward_one_layout_head(dout, q, k, v, lse, delta, groups, masks):
+    """All [N, B, G, bs, D] (q scaled) or [N, B, G, bs]; returns (dq / scale, dk, dv)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    width = max([1] + [groups.rest_keys.shape[1]]) + len({r.offset for r in groups.runs})
+    per_block = q.shape[1] * q.shape[2] * q.shape[3] * width * q.shape[3]
+    for first, last in _chunks(q.shape[0], per_block):
+        for kind, rows, keys, offset in _tile_groups(groups, first, last):
+            keys_tile, values_tile, mask = _group_operands(kind, rows, keys, offset, masks, k, v)
+            q_rows, do_rows = q[rows], dout[rows]
+            scores = torch.matmul(q_rows, keys_tile.transpose(-1, -2))
+            if mask is not None:  # masked scores may exceed the LSE: mask before exp, never after
+                scores.masked_fill_(~mask, float("-inf"))
+            probs = scores.sub_(lse[rows][..., None]).exp_()
+            dprobs = torch.matmul(do_rows, values_tile.transpose(-1, -2))
+            dscores = dprobs.sub_(delta[rows][..., None]).mul_(probs)
+            dq[rows] += torch.matmul(dscores, keys_tile)
+            dk_tile = torch.matmul(dscores.transpose(-1, -2), q_rows)
+            dv_tile = torch.matmul(probs.transpose(-1, -2), do_rows)
+            if kind == "run":
+                dk[keys] += dk_tile
+                dv[keys] += dv_tile
+            else:  # scatter per slot; padded slots carry zero probabilities
+                key_blocks = keys[0].reshape(-1)
+                shape = (rows.numel(),) + dk_tile.shape[1:3] + (keys[0].shape[1], q.shape[3], q.shape[4])
+                for grad, tile in ((dk, dk_tile), (dv, dv_tile)):
+                    per_slot = tile.reshape(shape).permute(0, 3, 1, 2, 4, 5).reshape(-1, *grad.shape[1:])
+                    grad.index_add_(0, key_blocks, per_slot)
+    return dq, dk, dv
+
+
+def _layout_heads(row_offsets, col_indices, num_blocks):
+    return [_split_layout(row_offsets[h], col_indices, num_blocks) for h in range(row_offsets.shape[0])]
+
+
 def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask):
     """q, k, v [batch, heads, seq, dim] -> (out like q, lse [batch, heads, seq] fp32)."""
-    batch, heads, seq_len, dim = q.shape
+    seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
-    key_blocks, valid = _ell_from_csr(row_offsets, col_indices, num_blocks)
-    q_blocks, k_blocks, v_blocks = (_blocks(t, num_blocks, block_size) for t in (q, k, v))
-    out = torch.empty_like(q_blocks)
-    lse = torch.empty(batch, heads, num_blocks, block_size, device=q.device, dtype=torch.float32)
-    width = key_blocks.shape[-1]
-    for first, last in _chunks(num_blocks, width, block_size, batch * heads):
-        kb, vis = key_blocks[:, first:last], valid[:, first:last]
-        keys, values = _gather(k_blocks, kb), _gather(v_blocks, kb)
-        scores = torch.matmul(q_blocks[:, :, first:last], keys.transpose(-1, -2)) * scale
-        visible = _chunk_mask(kb, vis, first, block_size, seq_len, window, key_padding_mask)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
-        row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
-        probs = torch.exp(scores - row_max)
-        row_sum = probs.sum(-1, keepdim=True)
-        has_keys = row_sum > 0
-        probs = probs / torch.where(has_keys, row_sum, 1.0)
-        out[:, :, first:last] = torch.matmul(probs, values)
-        lse[:, :, first:last] = torch.where(has_keys, row_max + torch.log(row_sum), float("inf"))[..., 0]
+    layout_heads = row_offsets.shape[0]
+    masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
+    # The scale is folded into q: one pass over [seq, dim] instead of one over the scores.
+    qb, kb, vb = (_block_major(t, num_blocks, block_size, layout_heads) for t in (q * scale, k, v))
+    out, lse = torch.empty_like(qb), torch.empty_like(qb[..., 0])
+    for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks)):
+        _forward_one_layout_head(qb[h], kb[h], vb[h], groups, masks, out[h], lse[h])
     # Contiguous whatever q's strides are: the op's fake implementation promises it.
-    out = out.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype).contiguous()
-    return out, lse.reshape(batch, heads, -1)[:, :, :seq_len].contiguous()
+    out = _from_block_major(out, seq_len).to(q.dtype).contiguous()
+    return out, _from_block_major(lse, seq_len).contiguous()
 
 
 def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale,
                              key_padding_mask):
-    batch, heads, seq_len, dim = q.shape
+    seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
-    key_blocks, valid = _ell_from_csr(row_offsets, col_indices, num_blocks)
-    q_blocks, k_blocks, v_blocks, do_blocks = (_blocks(t, num_blocks, block_size) for t in (q, k, v, dout))
+    layout_heads = row_offsets.shape[0]
+    masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     delta = (dout.float() * out.float()).sum(-1)
-    delta = torch.nn.functional.pad(delta, (0, num_blocks * block_size - seq_len))
-    delta = delta.reshape(batch, heads, num_blocks, block_size, 1)
-    lse_blocks = torch.nn.functional.pad(lse, (0, num_blocks * block_size - seq_len), value=float("inf"))
-    lse_blocks = lse_blocks.reshape(batch, heads, num_blocks, block_size, 1)
-    dq = torch.empty_like(q_blocks)
-    dk = torch.zeros(batch, heads * num_blocks, block_size, dim, device=q.device, dtype=torch.float32)
-    dv = torch.zeros_like(dk)
-    width = key_blocks.shape[-1]
-    head_base = torch.arange(heads, device=q.device)[:, None, None] * num_blocks
-    for first, last in _chunks(num_blocks, width, block_size, batch * heads):
-        kb, vis = key_blocks[:, first:last], valid[:, first:last]
-        keys, values = _gather(k_blocks, kb), _gather(v_blocks, kb)
-        qc, doc = q_blocks[:, :, first:last], do_blocks[:, :, first:last]
-        scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
-        visible = _chunk_mask(kb, vis, first, block_size, seq_len, window, key_padding_mask)
-        # Masked scores can exceed the row's LSE by any amount: mask before exp, never after.
-        probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse_blocks[:, :, first:last])
-        dprobs = torch.matmul(doc, values.transpose(-1, -2))
-        dscores = probs * (dprobs - delta[:, :, first:last])
-        dq[:, :, first:last] = torch.matmul(dscores, keys) * scale
-        # Scatter the per-slot key gradients back to their blocks; padded slots carry zeros.
-        target = (head_base + kb).expand(heads, -1, -1).reshape(-1)
-        chunk = last - first
-        dv_slots = torch.matmul(probs.transpose(-1, -2), doc)
-        dk_slots = torch.matmul(dscores.transpose(-1, -2), qc) * scale
-        dv.index_add_(1, target, dv_slots.reshape(batch, heads * chunk * width, block_size, dim))
-        dk.index_add_(1, target, dk_slots.reshape(batch, heads * chunk * width, block_size, dim))
 
-    def unblock(t):
-        return t.reshape(batch, heads, num_blocks * block_size, dim)[:, :, :seq_len].to(q.dtype).contiguous()
+    def blocks(t):
+        return _block_major(t, num_blocks, block_size, layout_heads)
 
-    return unblock(dq), unblock(dk), unblock(dv)
+    qb, kb, vb, dob, deltab = (blocks(t) for t in (q * scale, k, v, dout, delta))
+    # Padded query rows get lse = +inf: their probabilities are exactly 0.
+    lse_b = blocks(torch.nn.functional.pad(lse, (0, num_blocks * block_size - seq_len), value=float("inf")))
+    grads = [
+        _backward_one_layout_head(dob[h], qb[h], kb[h], vb[h], lse_b[h], deltab[h], groups, masks)
+        for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks))
+    ]
+    dq, dk, dv = (torch.stack(parts) for parts in zip(*grads))
+    dq = dq * scale
+    return tuple(_from_block_major(g, seq_len).to(q.dtype).contiguous() for g in (dq, dk, dv))
 
 
 def _per_sequence(cu_seqlens, *tensors):

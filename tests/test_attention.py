@@ -155,3 +155,14 @@ def test_non_contiguous_inputs_from_a_fused_projection():
     for backend in ("triton", "torch"):
         out = block_sparse_attention(q, k, v, layout, window=40, cu_seqlens=cu, backend=backend)
         assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("min_run", [1, 10**6], ids=["all_diagonal_runs", "all_gathered"])
+@pytest.mark.parametrize("mode", ["key_padding", "varlen"])
+def test_torch_backend_tile_groups(min_run, mode, monkeypatch, poison_allocations):
+    """The torch path computes diagonal runs as slices and the rest by gathering: both must agree."""
+    from modernbert_kernels import gathered
+
+    monkeypatch.setattr(gathered, "_MIN_RUN", min_run)
+    for name in ("union", "bigbird_per_head", "dilated"):
+        check_against_reference("torch", LAYOUTS[name](), mode, 40, torch.float32)

@@ -1,0 +1,67 @@
+"""`modernbert-kernels info | check | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def backend_table() -> list[tuple[str, str, bool, str]]:
+    """(op, backend, live, why) for every backend of every op."""
+    from .attention import triton_status
+
+    triton_live, triton_why = triton_status()
+    return [
+        ("block_sparse_attention", "triton", triton_live, triton_why),
+        ("block_sparse_attention", "torch", True, "gathered blocks in PyTorch: any device"),
+        ("block_sparse_attention", "reference", True, "dense masked attention: the test oracle"),
+    ]
+
+
+def info() -> int:
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"modernbert-kernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}")
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"CUDA device: {cuda}; CPU threads: {torch.get_num_threads()}")
+    print()
+    print(f"{'op':24s} {'backend':10s} {'live':5s} why")
+    for op, backend, live, why in backend_table():
+        print(f"{op:24s} {backend:10s} {'yes' if live else 'no':5s} {why}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="modernbert-kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and which backends are live")
+    sub.add_parser("check", help="cross-compile every Triton kernel for sm_80 and sm_90", add_help=False)
+    sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks.run)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "check":
+        from .check import main as check_main
+
+        return check_main(rest)
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError:
+        print("the benchmark suite lives in the source tree: run this from a checkout", file=sys.stderr)
+        return 2
+    bench_main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
