@@ -57,3 +57,35 @@ def block_sparse_attention_reference(
         mask = attention_mask(layout, end - start, window).to(q.device)
         outputs.append(_dense_masked_attention(*seq, mask, scale)[0].transpose(0, 1))
     return torch.cat(outputs, 0)
+
+
+def round_half_away(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero: the rule the quantization kernels use."""
+    return torch.sign(y) * torch.floor(y.abs() + 0.5)
+
+
+def quantize_per_row_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row, in float64: (q as int8, scale as float64)."""
+    x = x.double()
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+    return round_half_away(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul_reference(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """The exact integer product x_q @ w_q.T in int64."""
+    return torch.matmul(x_q.long(), w_q.long().t())
+
+
+def int8_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, activation=None) -> torch.Tensor:
+    """act(x_scale[m] w_scale[n] (x_q @ w_q.T) + bias) in float64; geglu takes interleaved rows."""
+    y = int8_matmul_reference(x_q, w_q).double() * x_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if activation == "geglu":
+        return torch.nn.functional.gelu(y[:, 0::2]) * y[:, 1::2]
+    return y

@@ -1,0 +1,250 @@
+"""W8A8 int8 linear layers: quantization helpers, int8_linear(), Int8Linear.
+
+Weights are quantized once per output channel; activations per token, on the fly (fused with the
+LayerNorm that precedes them where the caller has one). Both ops are torch.library custom ops
+with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, or the interpreter),
+``backend="torch"`` runs ``torch._int_mm`` plus a PyTorch epilogue (the CPU path until the C++
+kernels exist). The reference (float64) lives in reference.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import triton_status
+from .reference import round_half_away
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
+INT8_MAX = 127.0
+
+
+def _default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_status()[0] else "torch"
+
+
+def _check_backend(backend: str, device: torch.device) -> str:
+    backend = _default_backend(device) if backend is None else backend
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton":
+        from .triton.attention_common import interpreting
+
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' is not available for {device} tensors: {triton_status()[1]}")
+    return backend
+
+
+def _quantize_rows_torch(x, norm_weight, eps, smooth):
+    x = x.float()
+    if norm_weight is not None:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], norm_weight.float(), None, eps)
+    if smooth is not None:
+        x = x * smooth
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, 1.0)
+    q = round_half_away(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+@torch.library.custom_op("modernbert_kernels::quantize_per_token", mutates_args=())
+def _quantize_op(
+    x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor], backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from .triton.quantize import quantize_rows
+
+        return quantize_rows(x, norm_weight, eps, smooth)
+    return _quantize_rows_torch(x, norm_weight, eps, smooth)
+
+
+@_quantize_op.register_fake
+def _(x, norm_weight, eps, smooth, backend):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def quantize_per_token(
+    x: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    smooth: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: x [M, K] -> (int8 [M, K], fp32 scales [M]), x ~= q * scale[:, None].
+
+    ``norm_weight`` fuses a bias-free LayerNorm before quantizing; ``smooth`` [K] multiplies the
+    columns first (SmoothQuant's 1/s). All-zero rows get scale 1 and zeros.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
+    for name, t in (("norm_weight", norm_weight), ("smooth", smooth)):
+        if t is not None and (t.shape != (x.shape[1],) or t.device != x.device):
+            raise ValueError(f"{name} must be [{x.shape[1]}] on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if smooth is not None and smooth.dtype != torch.float32:
+        raise TypeError(f"smooth must be float32, got {smooth.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _quantize_op(x, norm_weight, eps, smooth, _check_backend(backend, x.device))
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [N, K] -> (int8 [N, K], fp32 scales [N]); done once, so plain PyTorch."""
+    if w.dim() != 2:
+        raise ValueError(f"w must be [N, K], got shape {tuple(w.shape)}")
+    return _quantize_rows_torch(w.detach(), None, 0.0, None)
+
+
+def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
+    # int32 * fp32 promotes to fp32 in one pass; the other factors are applied in place.
+    y = torch.mul(acc, w_scale).mul_(x_scale[:, None])
+    if bias is not None:
+        y.add_(bias)
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    elif activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    elif activation == "geglu":
+        pairs = y.view(y.shape[0], -1, 2)
+        y = torch.nn.functional.gelu(pairs[..., 0]) * pairs[..., 1]
+    return y.to(out_dtype)
+
+
+def _int_mm(x_q, w_q):
+    # torch._int_mm has shape limits (on CUDA: M > 16, K and N multiples of 8); small problems
+    # take the exact int32 matmul.
+    m, k = x_q.shape
+    if m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0:
+        return torch._int_mm(x_q, w_q.t())
+    return torch.matmul(x_q.int(), w_q.int().t())
+
+
+@torch.library.custom_op("modernbert_kernels::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
+) -> torch.Tensor:
+    act = None if activation == "none" else activation
+    if backend == "triton":
+        from .triton.int8_matmul import int8_matmul
+
+        return int8_matmul(x_q, w_q, x_scale, w_scale, bias, act, out_dtype)
+    return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, act, out_dtype)
+
+
+@_int8_linear_op.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend):
+    cols = w_q.shape[0] // 2 if activation == "geglu" else w_q.shape[0]
+    return x_q.new_empty(x_q.shape[0], cols, dtype=out_dtype)
+
+
+def int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """act(x_scale[m] * w_scale[n] * (x_q @ w_q.T)[m, n] + bias[n]) as ``out_dtype``.
+
+    x_q [M, K] int8, x_scale [M] fp32, w_q [N, K] int8, w_scale [N] fp32, bias [N] or None;
+    K must be a multiple of 16. ``activation="geglu"`` expects the weight rows interleaved
+    (see ``interleave_geglu``) and returns [M, N / 2].
+    """
+    for name, t, dtype in (("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8),
+                           ("x_scale", x_scale, torch.float32), ("w_scale", w_scale, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            raise TypeError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x_q.device:
+            raise ValueError(f"{name} is on {t.device} but x_q is on {x_q.device}")
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
+        raise ValueError(f"x_q [M, K] and w_q [N, K] must share K, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    if k % 16:
+        raise ValueError(f"K = {k} must be a multiple of 16 (int8 tensor-core tiles)")
+    if x_scale.shape != (m,) or w_scale.shape != (n,):
+        raise ValueError(f"x_scale must be [{m}] and w_scale [{n}], got {tuple(x_scale.shape)}, {tuple(w_scale.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.device != x_q.device):
+        raise ValueError(f"bias must be [{n}] on {x_q.device}, got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "geglu" and n % 2:
+        raise ValueError(f"geglu needs an even number of weight rows, got {n}")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
+    x_q, w_q = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_q, w_q))
+    return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
+                           _check_backend(backend, x_q.device))
+
+
+def interleave_geglu(t: torch.Tensor) -> torch.Tensor:
+    """Rows [a_0..a_{I-1}, b_0..b_{I-1}] -> [a_0, b_0, a_1, b_1, ...] (weights, scales or bias)."""
+    half = t.shape[0] // 2
+    return torch.stack((t[:half], t[half:]), 1).reshape(t.shape)
+
+
+class Int8Linear(nn.Module):
+    """A W8A8 replacement for nn.Linear: weights quantized once, activations per call.
+
+    ``activation`` fuses gelu / gelu_tanh, or "geglu" (output width halves: gelu(first half) *
+    second half, as ModernBERT's MLP). ``smooth`` holds SmoothQuant's per-input-channel 1/s when
+    the layer was converted with calibration data.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
+                 smoothed: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features) if smoothed else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, activation: str | None = None, calibration=None, alpha: float = 0.5):
+        """Quantize ``linear``. ``calibration``: activations (a tensor or an iterable of tensors
+        [..., in_features]) for SmoothQuant smoothing with migration strength ``alpha``."""
+        weight = linear.weight.detach().float()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                    smoothed=calibration is not None)
+        if calibration is not None:
+            batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+            act_max = torch.stack([b.detach().float().reshape(-1, linear.in_features).abs().amax(0) for b in batches])
+            act_max = act_max.amax(0).clamp_min(1e-5)
+            weight_max = weight.abs().amax(0).clamp_min(1e-5)
+            factor = act_max.pow(alpha) / weight_max.pow(1 - alpha)
+            weight = weight * factor
+            layer.smooth.copy_(1.0 / factor)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        if activation == "geglu":
+            weight = interleave_geglu(weight)
+            bias = interleave_geglu(bias) if bias is not None else None
+        w_q, w_scale = quantize_per_channel(weight)
+        layer.weight_q.copy_(w_q)
+        layer.weight_scale.copy_(w_scale)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+        """``norm_weight`` fuses a bias-free LayerNorm of x into the quantization."""
+        leading = x.shape[:-1]
+        x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
+                                          smooth=self.smooth)
+        y = int8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, self.activation,
+                        out_dtype=x.dtype)
+        return y.reshape(*leading, y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activation={self.activation}, smoothed={self.smooth is not None}")

@@ -1,0 +1,132 @@
+"""W8A8 GEMM: int8 x int8 -> int32 accumulate, with the dequantization, bias and activation fused
+into the epilogue.
+
+out[m, n] = act(x_scale[m] * w_scale[n] * sum_k x_q[m, k] w_q[n, k] + bias[n])
+
+For GeGLU the weight rows of the two halves are interleaved at conversion time (row 2i is the
+activated half's row i, row 2i + 1 the gate's row i), so each tile holds matching pairs of
+columns and writes gelu(a) * b to half as many output columns: the [M, 2I] intermediate never
+reaches memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import interpreting
+
+# Epilogues (constexpr): raw int32 accumulator (for exactness tests), or dequantized + activation.
+EPILOGUES = {"int32": 0, None: 1, "gelu": 2, "gelu_tanh": 3, "geglu": 4}
+
+
+@triton.jit
+def gelu_erf(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_tanh(x):
+    # 0.5 * (1 + tanh(z)) == sigmoid(2 z)
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def int8_matmul_kernel(
+    A, B, Out, AScale, BScale, Bias,
+    M, N, K,
+    stride_am, stride_bn, stride_om,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-tiles share each column-tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = B + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k_start in range(0, K, BLOCK_K):
+        k_inside = offs_k + k_start < K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_inside[None, :], other=0)
+        b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & k_inside[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    row_ok = offs_m < M
+    if EPILOGUE == 0:
+        tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc,
+                 mask=row_ok[:, None] & (offs_n[None, :] < N))
+    else:
+        col_ok = offs_n < N
+        a_scale = tl.load(AScale + offs_m, mask=row_ok, other=0.0)
+        b_scale = tl.load(BScale + offs_n, mask=col_ok, other=0.0)
+        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(Bias + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 2:
+            y = gelu_erf(y)
+        if EPILOGUE == 3:
+            y = gelu_tanh(y)
+        if EPILOGUE == 4:
+            activated, gate = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+            half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + half[None, :],
+                     (gelu_erf(activated) * gate).to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & (half[None, :] < N // 2))
+        else:
+            tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _configs():
+    # Candidates for A100/H100 int8 tensor cores; the compile check builds each for sm_80/sm_90.
+    shapes = [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+INT8_CONFIGS = _configs()
+# Not keyed on M: the encoder's token count changes every batch, and re-tuning each would cost more
+# than it wins; tile choice depends mostly on N and K.
+int8_matmul_tuned = triton.autotune(configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"])(
+    int8_matmul_kernel
+)
+
+
+def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None):
+    """a_q [M, K] int8, b_q [N, K] int8 -> [M, N] (or [M, N / 2] for geglu) of out_dtype (int32 raw)."""
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    code = EPILOGUES[epilogue]
+    out_cols = n // 2 if epilogue == "geglu" else n
+    out = torch.empty(m, out_cols, device=a_q.device, dtype=torch.int32 if code == 0 else out_dtype)
+    if m == 0 or out_cols == 0:
+        return out
+    dummy = a_q.new_empty(0, dtype=torch.float32)
+    args = (a_q, b_q, out, dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
+            dummy if bias is None else bias, m, n, k, a_q.stride(0), b_q.stride(0), out.stride(0))
+    flags = dict(EPILOGUE=code, HAS_BIAS=bias is not None)
+    if tile is None and not interpreting():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        int8_matmul_tuned[grid](*args, **flags)
+    else:
+        tile = tile or {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+        grid = (triton.cdiv(m, tile["BLOCK_M"]) * triton.cdiv(n, tile["BLOCK_N"]),)
+        int8_matmul_kernel[grid](*args, **flags, **tile)
+    return out

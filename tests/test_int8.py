@@ -1,0 +1,167 @@
+"""int8 quantization and W8A8 linear against exact integer and float64 references.
+
+Without a GPU, backend="triton" runs the kernels in Triton's interpreter (int8 dots are exact there).
+"""
+
+import pytest
+import torch
+
+from modernbert_kernels import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
+from modernbert_kernels.int8 import _int8_linear_op, _quantize_op
+from modernbert_kernels.reference import (
+    int8_linear_reference,
+    int8_matmul_reference,
+    quantize_per_row_reference,
+)
+
+BACKENDS = ["triton", "torch"]
+# Relative error of the fused epilogue vs float64, per output dtype.
+EPILOGUE_TOLERANCE = {torch.float16: 1e-3, torch.float32: 1e-5}
+# M, N, K: tile multiples and not (the interpreter runs 32x32x32 tiles).
+SHAPES = [(32, 64, 64), (50, 40, 48), (1, 96, 16), (77, 130, 144)]
+
+
+def random_int8(*shape, seed):
+    return torch.randint(-127, 128, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+
+
+def relative(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_triton_int8_gemm_is_bit_exact(m, n, k, poison_allocations):
+    from modernbert_kernels.triton.int8_matmul import int8_matmul
+
+    x_q, w_q = random_int8(m, k, seed=1), random_int8(n, k, seed=2)
+    acc = int8_matmul(x_q, w_q, epilogue="int32")
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.long(), int8_matmul_reference(x_q, w_q))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "geglu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_linear_epilogue(backend, m, n, k, with_bias, activation, out_dtype, poison_allocations):
+    if activation == "geglu" and n % 2:
+        pytest.skip("geglu needs an even width")
+    generator = torch.Generator().manual_seed(3)
+    x_q, w_q = random_int8(m, k, seed=4), random_int8(n, k, seed=5)
+    # Scales of realistic size: outputs of order 1 to 10.
+    x_scale = torch.rand(m, generator=generator) * 0.02 + 0.005
+    w_scale = torch.rand(n, generator=generator) * 0.02 + 0.005
+    bias = torch.randn(n, generator=generator) if with_bias else None
+    out = int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype=out_dtype, backend=backend)
+    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation)
+    assert out.dtype == out_dtype and out.shape == expected.shape
+    assert not out.isnan().any()
+    assert relative(out, expected) <= EPILOGUE_TOLERANCE[out_dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_per_token_round_trip(backend, poison_allocations):
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 96, generator=generator) * 3
+    x[3] = 0.0  # an all-zero row
+    x[7, 11] = 1e4  # a row with one huge outlier
+    q, scale = quantize_per_token(x, backend=backend)
+    ref_q, ref_scale = quantize_per_row_reference(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert not scale.isnan().any() and (scale > 0).all()
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(scale.double(), ref_scale, rtol=1e-6, atol=0)
+    error = (x.double() - q.double() * scale.double()[:, None]).abs()
+    assert (error <= scale.double()[:, None] / 2 * (1 + 1e-5)).all()
+    assert torch.equal(q[3], torch.zeros_like(q[3]))
+    assert q[7, 11] == 127
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_layernorm_and_smoothing_quantize(backend):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(33, 80, generator=generator) * 2 + 1
+    weight = torch.rand(80, generator=generator) + 0.5
+    smooth = torch.rand(80, generator=generator) + 0.5
+    q, scale = quantize_per_token(x, norm_weight=weight, eps=1e-5, smooth=smooth, backend=backend)
+    normed = torch.nn.functional.layer_norm(x.double(), (80,), weight.double(), None, 1e-5) * smooth.double()
+    ref_q, ref_scale = quantize_per_row_reference(normed)
+    torch.testing.assert_close(scale.double(), ref_scale, rtol=1e-5, atol=0)
+    # fp32 LayerNorm may land a value on the other side of a rounding boundary: off by one at most.
+    assert (q.int() - ref_q.int()).abs().max() <= 1
+    assert (q != ref_q).float().mean() < 0.01
+
+
+def test_quantize_per_channel():
+    w = torch.randn(24, 32)
+    q, scale = quantize_per_channel(w)
+    ref_q, ref_scale = quantize_per_row_reference(w)
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(scale.double(), ref_scale)
+
+
+def test_interleave_geglu_pairs_rows():
+    t = torch.arange(8)
+    assert interleave_geglu(t).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "geglu"])
+@pytest.mark.parametrize("calibrated", [False, True], ids=["plain", "smoothquant"])
+def test_int8_linear_module_tracks_float_layer_and_round_trips(activation, calibrated, tmp_path):
+    torch.manual_seed(8)
+    linear = torch.nn.Linear(128, 96)
+    x = torch.randn(4, 16, 128)
+    x[..., :3] *= 10  # outlier channels, as in real activations
+    float_out = linear(x)
+    if activation == "gelu":
+        float_out = torch.nn.functional.gelu(float_out)
+    if activation == "geglu":
+        a, b = float_out.chunk(2, -1)
+        float_out = torch.nn.functional.gelu(a) * b
+    layer = Int8Linear.from_float(linear, activation=activation, calibration=x if calibrated else None)
+    out = layer(x)
+    assert out.shape == float_out.shape and out.dtype == x.dtype
+    assert relative(out, float_out.double()) < 0.05
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    loaded = Int8Linear(128, 96, activation=activation, smoothed=calibrated)
+    loaded.load_state_dict(torch.load(tmp_path / "layer.pt"))
+    assert torch.equal(loaded(x), out)
+
+
+def test_bad_inputs():
+    x_q, w_q = random_int8(8, 32, seed=1), random_int8(16, 32, seed=2)
+    scales = torch.ones(8), torch.ones(16)
+    with pytest.raises(TypeError, match="x_q must be"):
+        int8_linear(x_q.float(), scales[0], w_q, scales[1])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        int8_linear(x_q[:, :24], scales[0], w_q[:, :24], scales[1])
+    with pytest.raises(ValueError, match="share K"):
+        int8_linear(x_q, scales[0], w_q[:, :16], scales[1])
+    with pytest.raises(ValueError, match="x_scale must be"):
+        int8_linear(x_q, torch.ones(7), w_q, scales[1])
+    with pytest.raises(ValueError, match="activation"):
+        int8_linear(x_q, *scales[:1], w_q, scales[1], activation="relu")
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize_per_token(x_q)
+    with pytest.raises(ValueError, match="norm_weight"):
+        quantize_per_token(torch.randn(4, 32), norm_weight=torch.ones(31))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = torch.randn(20, 32)
+    torch.library.opcheck(_quantize_op, (x, torch.rand(32) + 0.5, 1e-5, None, backend))
+    x_q, x_scale = quantize_per_token(x, backend=backend)
+    w_q, w_scale = quantize_per_channel(torch.randn(24, 32))
+    for activation in ("none", "geglu"):
+        torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, torch.randn(24), activation,
+                                                torch.float32, backend))
+
+
+def test_torch_compile_traces_int8_linear():
+    torch.manual_seed(9)
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 48), activation="gelu")
+    x = torch.randn(40, 64)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
