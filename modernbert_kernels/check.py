@@ -3,8 +3,8 @@
 ``python -m modernbert_kernels.check`` builds each kernel with ``triton.compile`` for sm_80 and
 sm_90 and reads registers, spills and shared memory from the cubin with the cuobjdump that ships
 with Triton. It fails on any spill, on shared memory above the arch's limit, and on an sm_90
-16-bit build that does not use wgmma. Run it without TRITON_INTERPRET (interpreted kernels
-cannot be compiled).
+tensor-core build (16-bit or int8, 64 or more rows per program) that does not use wgmma. Run it
+without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -23,9 +23,28 @@ import torch
 ARCHS = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # ModernBERT's local layers use 64-token blocks; 32 and 128 are the other sizes we tune for.
 SHIPPED_LAYOUT_BLOCKS = (32, 64, 128)
+# ModernBERT-base / -large hidden and intermediate widths, rounded up to the quantize kernel's block.
+QUANTIZE_WIDTHS = (1024, 2048, 4096)
+# Attention builds are checked with the heaviest specialization (window on, varlen).
+ATTENTION_FLAGS = dict(IS_VARLEN=True, HAS_WINDOW=True, HAS_KEY_MASK=False)
+
+
+@dataclasses.dataclass
+class Build:
+    """One kernel specialization to compile."""
+
+    kernel: object
+    dtype: str
+    shape: str
+    pointer_types: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    rows_per_program: int  # rows of the MMA's M side: wgmma needs 64
+    tensor_cores: bool  # False for fp32 (IEEE) dots and kernels without dots
 
 
 @dataclasses.dataclass
@@ -33,14 +52,13 @@ class KernelBuild:
     kernel: str
     arch: int
     dtype: str
-    head_dim: int
-    layout_block: int
+    shape: str
     config: str
     registers: int
     spill_bytes: int
     shared_bytes: int
     uses_wgmma: bool
-    rows_per_program: int
+    wants_wgmma: bool
 
     def problems(self) -> list[str]:
         found = []
@@ -48,8 +66,7 @@ class KernelBuild:
             found.append(f"spills {self.spill_bytes} bytes to local memory")
         if self.shared_bytes > SHARED_MEMORY_LIMIT[self.arch]:
             found.append(f"needs {self.shared_bytes} B of shared memory (limit {SHARED_MEMORY_LIMIT[self.arch]})")
-        # A warpgroup MMA needs 64 rows: programs that own fewer rows use mma.sync.
-        if self.arch >= 90 and self.dtype != "fp32" and self.rows_per_program >= 64 and not self.uses_wgmma:
+        if self.arch >= 90 and self.wants_wgmma and not self.uses_wgmma:
             found.append("does not use wgmma on sm_90")
         return found
 
@@ -60,22 +77,17 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def _signature(kernel, dtype_name: str, constexprs: dict):
-    """Argument types as a real launch would see them, with 16-byte alignment hints."""
+def _signature(kernel, pointer_types: dict, constexprs: dict):
+    """Argument types as a real launch would see them, with 16-byte alignment hints where a real
+    launch gets them (pointers and row strides of 16-element-aligned tensors)."""
     signature, attrs = {}, {}
     aligned = [["tt.divisibility", 16]]
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("Lse", "Delta"):
-            signature[name], attrs[(index,)] = "*fp32", aligned
-        elif name in ("RowOffsets", "ColIndices", "ColOffsets", "RowIndices", "CuSeqlens"):
-            signature[name], attrs[(index,)] = "*i32", aligned
-        elif name == "KeyMask":
-            signature[name], attrs[(index,)] = "*u8", aligned
-        elif name[0].isupper():
-            signature[name], attrs[(index,)] = f"*{dtype_name}", aligned
-        elif name == "sm_scale":
+        elif name in pointer_types:
+            signature[name], attrs[(index,)] = f"*{pointer_types[name]}", aligned
+        elif name in ("sm_scale", "eps"):
             signature[name] = "fp32"
         elif name.startswith("stride_") and name != "stride_mb":
             signature[name], attrs[(index,)] = "i32", aligned
@@ -84,22 +96,16 @@ def _signature(kernel, dtype_name: str, constexprs: dict):
     return signature, attrs
 
 
-def compile_kernel(kernel, arch: int, dtype: torch.dtype, head_dim: int, layout_block: int, config,
-                   flags: dict) -> KernelBuild:
+def compile_build(build: Build, arch: int) -> KernelBuild:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton.attention_common import dot_precision
-
-    constexprs = dict(
-        HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, DOT_PRECISION=dot_precision(dtype), **flags, **config.kwargs
-    )
-    signature, attrs = _signature(kernel, DTYPES[dtype], constexprs)
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    signature, attrs = _signature(build.kernel, build.pointer_types, build.constexprs)
+    source = ASTSource(fn=build.kernel, signature=signature, constexprs=build.constexprs, attrs=attrs)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": build.num_warps, "num_stages": build.num_stages},
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -108,23 +114,23 @@ def compile_kernel(kernel, arch: int, dtype: torch.dtype, head_dim: int, layout_
             [_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
         ).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    tile = "x".join(str(build.constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in build.constexprs)
     return KernelBuild(
-        kernel=kernel.__name__, arch=arch, dtype=DTYPES[dtype], head_dim=head_dim, layout_block=layout_block,
-        config=f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}",
+        kernel=build.kernel.__name__, arch=arch, dtype=build.dtype, shape=build.shape,
+        config=f"{tile} w{build.num_warps} s{build.num_stages}",
         registers=int(fields.get("REG", 0)),
+        # ptxas puts spills in the stack frame; both count.
         spill_bytes=int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
         # Triton kernels use dynamic shared memory, which cuobjdump does not see; metadata has it.
         shared_bytes=int(fields.get("SHARED", 0)) + compiled.metadata.shared,
         uses_wgmma="wgmma" in compiled.asm["ptx"],
-        # The dk/dv kernel owns key rows (BLOCK_N); the others own query rows (BLOCK_M).
-        rows_per_program=config.kwargs["BLOCK_N" if "dkdv" in kernel.__name__ else "BLOCK_M"],
+        wants_wgmma=build.tensor_cores and build.rows_per_program >= 64,
     )
 
 
-def shipped_builds(arch: int, quick: bool):
-    """(kernel, dtype, head_dim, layout_block, config) for every config the autotuner may pick."""
+def attention_builds(arch: int, quick: bool):
     from .triton.attention_bwd import block_sparse_attention_bwd_dkdv_kernel, block_sparse_attention_bwd_dq_kernel
-    from .triton.attention_common import configs_for
+    from .triton.attention_common import configs_for, dot_precision
     from .triton.attention_fwd import block_sparse_attention_fwd_kernel
 
     kernels = {
@@ -135,27 +141,58 @@ def shipped_builds(arch: int, quick: bool):
     head_dims = (64, 128) if quick else (32, 64, 128)
     layout_blocks = (64,) if quick else SHIPPED_LAYOUT_BLOCKS
     for kind, kernel in kernels.items():
-        for dtype in DTYPES:
+        for dtype, type_name in TYPE_NAMES.items():
+            pointers = {name: type_name for name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
+            pointers.update(Lse="fp32", Delta="fp32", KeyMask="u8")
+            pointers.update({name: "i32" for name in ("RowOffsets", "ColIndices", "ColOffsets", "RowIndices", "CuSeqlens")})
             for head_dim in head_dims:
                 for layout_block in layout_blocks:
                     chosen = configs_for(kind, layout_block, head_dim, dtype, arch)
                     if quick:  # the deepest pipeline of each tile: the likeliest to spill
                         chosen = [c for c in chosen if c.num_stages == max(x.num_stages for x in chosen)]
                     for config in chosen:
-                        yield kernel, dtype, head_dim, layout_block, config
+                        yield Build(
+                            kernel, type_name, f"d={head_dim} lb={layout_block}", pointers,
+                            dict(HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, DOT_PRECISION=dot_precision(dtype),
+                                 **ATTENTION_FLAGS, **config.kwargs),
+                            config.num_warps, config.num_stages,
+                            # dk/dv owns key rows (BLOCK_N); the others own query rows (BLOCK_M).
+                            rows_per_program=config.kwargs["BLOCK_N" if kind == "dkdv" else "BLOCK_M"],
+                            tensor_cores=dtype != torch.float32,
+                        )
 
 
-# The specialization every shipped build is checked with: the heaviest (all masks on).
-CHECK_FLAGS = dict(IS_VARLEN=True, HAS_WINDOW=True, HAS_KEY_MASK=False)
+def int8_builds(arch: int, quick: bool):
+    from .triton.int8_matmul import EPILOGUES, INT8_CONFIGS, int8_matmul_kernel
+    from .triton.quantize import quantize_rows_kernel
+
+    out_types = ("bf16",) if quick else ("bf16", "fp16")
+    epilogues = ("geglu",) if quick else ("gelu", "geglu")
+    for out_type in out_types:
+        pointers = dict(A="i8", B="i8", Out=out_type, AScale="fp32", BScale="fp32", Bias="fp32")
+        for epilogue in epilogues:
+            for config in INT8_CONFIGS:
+                yield Build(
+                    int8_matmul_kernel, f"i8->{out_type}", epilogue, pointers,
+                    dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=True, **config.kwargs),
+                    config.num_warps, config.num_stages, rows_per_program=config.kwargs["BLOCK_M"], tensor_cores=True,
+                )
+        for width in QUANTIZE_WIDTHS:
+            yield Build(
+                quantize_rows_kernel, f"{out_type}->i8", f"K<={width}",
+                dict(X=out_type, Q="i8", Scale="fp32", NormWeight=out_type, Smooth="fp32"),
+                dict(BLOCK_K=width, HAS_NORM=True, HAS_SMOOTH=True),
+                4 if width <= 2048 else 8, 1, rows_per_program=1, tensor_cores=False,
+            )
 
 
 def run_check(archs=ARCHS, quick: bool = False, progress=None) -> list[KernelBuild]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    plan = [(arch, *build) for arch in archs for build in shipped_builds(arch, quick)]
+    plan = [(arch, build) for arch in archs for source in (attention_builds, int8_builds) for build in source(arch, quick)]
     results = []
-    for step, (arch, kernel, dtype, head_dim, layout_block, config) in enumerate(plan):
-        results.append(compile_kernel(kernel, arch, dtype, head_dim, layout_block, config, CHECK_FLAGS))
+    for step, (arch, build) in enumerate(plan):
+        results.append(compile_build(build, arch))
         if progress:
             progress(step + 1, len(plan), results[-1])
     return results
@@ -164,15 +201,15 @@ def run_check(archs=ARCHS, quick: bool = False, progress=None) -> list[KernelBui
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
-    parser.add_argument("--quick", action="store_true", help="largest tiles only, head_dim 64/128, 64-token blocks")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes: deepest pipelines, 64-token blocks")
     args = parser.parse_args(argv)
 
     def progress(step, total, build):
         status = "; ".join(build.problems()) or "ok"
         print(
-            f"[{step:3d}/{total}] sm_{build.arch} {build.kernel:42s} {build.dtype} d={build.head_dim:<3d} "
-            f"lb={build.layout_block:<3d} {build.config:14s} regs={build.registers:3d} "
-            f"spill={build.spill_bytes} smem={build.shared_bytes:6d} wgmma={'y' if build.uses_wgmma else 'n'} {status}",
+            f"[{step:3d}/{total}] sm_{build.arch} {build.kernel:42s} {build.dtype:9s} {build.shape:13s} "
+            f"{build.config:18s} regs={build.registers:3d} spill={build.spill_bytes} smem={build.shared_bytes:6d} "
+            f"wgmma={'y' if build.uses_wgmma else 'n'} {status}",
             flush=True,
         )
 

@@ -54,14 +54,19 @@ def int8_matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = B + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    # Out-of-range rows and columns wrap around instead of being masked: masked loads stop
+    # software pipelining and cost registers (the compile check saw 0 -> 680 bytes of spills on
+    # sm_90). Their results are never stored.
+    rows_a = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rows_b = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    a_ptrs = A + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    # W is [N, K] with K contiguous, like nn.Linear: load [BLOCK_N, BLOCK_K] rows and transpose
+    # in the dot, which keeps the loads vectorized along K.
+    b_ptrs = B + rows_b[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k_start in range(0, K, BLOCK_K):
-        k_inside = offs_k + k_start < K
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_inside[None, :], other=0)
-        b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & k_inside[:, None], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    # The launcher picks BLOCK_K dividing K (a multiple of 16): no K mask either.
+    for _ in range(K // BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -92,25 +97,37 @@ def int8_matmul_kernel(
 
 
 def _configs():
-    # Candidates for A100/H100 int8 tensor cores; the compile check builds each for sm_80/sm_90.
-    shapes = [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)]
+    # Candidates for A100/H100 int8 tensor cores; the compile check builds each for sm_80 and
+    # sm_90. The fp32 epilogue (erf GELU) bounds the tile: 128x128 needs 8 warps, and 128x256 or
+    # 256x128 spill even with 8. BLOCK_K = 32 serves K that 64 does not divide; int8 MMAs need
+    # K >= 32 per tile.
+    shapes = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+              (64, 64, 128, 4, 3), (64, 64, 32, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
 
 
+def _k_divides(configs, named_args, **kwargs):
+    """The main loop has no K mask: keep the configs whose BLOCK_K divides K."""
+    return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+
+
 INT8_CONFIGS = _configs()
 # Not keyed on M: the encoder's token count changes every batch, and re-tuning each would cost more
 # than it wins; tile choice depends mostly on N and K.
-int8_matmul_tuned = triton.autotune(configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"])(
-    int8_matmul_kernel
-)
+int8_matmul_tuned = triton.autotune(
+    configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"], prune_configs_by={"early_config_prune": _k_divides},
+)(int8_matmul_kernel)
 
 
 def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None):
     """a_q [M, K] int8, b_q [N, K] int8 -> [M, N] (or [M, N / 2] for geglu) of out_dtype (int32 raw)."""
+    if a_q.shape[1] % 32:
+        # K is a multiple of 16 but int8 MMA tiles need 32: zero columns add nothing.
+        pad = 32 - a_q.shape[1] % 32
+        a_q, b_q = (torch.nn.functional.pad(t, (0, pad)) for t in (a_q, b_q))
     m, k = a_q.shape
     n = b_q.shape[0]
     code = EPILOGUES[epilogue]
@@ -127,6 +144,8 @@ def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, 
         int8_matmul_tuned[grid](*args, **flags)
     else:
         tile = tile or {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+        if k % tile["BLOCK_K"]:
+            raise ValueError(f"BLOCK_K={tile['BLOCK_K']} must divide K={k}")
         grid = (triton.cdiv(m, tile["BLOCK_M"]) * triton.cdiv(n, tile["BLOCK_N"]),)
         int8_matmul_kernel[grid](*args, **flags, **tile)
     return out
