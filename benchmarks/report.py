@@ -30,7 +30,7 @@ def _slug(text: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
-               "speedup_vs_baseline", "tflops"]
+               "speedup_vs_baseline", "tflops", "relative_error_vs_float"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []

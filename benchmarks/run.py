@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from benchmarks import attention
+from benchmarks import attention, int8_linear
 from benchmarks.report import write_report
 
-SUBJECTS = {"attention": attention.run}
+SUBJECTS = {"attention": attention.run, "int8_linear": int8_linear.run}
 
 
 def main(argv=None):

@@ -76,22 +76,22 @@ def _split_layout(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_bloc
     return _Groups(runs, rest_rows, rest_keys, rest_valid)
 
 
-def _block_major(x: torch.Tensor, num_blocks: int, block_size: int, layout_heads: int) -> torch.Tensor:
-    """[batch, heads, seq, ...] -> fp32 [layout_heads, num_blocks, batch, heads / layout_heads, block, ...].
+def _block_major(x: torch.Tensor, num_blocks: int, block_size: int, layout_heads: int, scale: float = 1.0) -> torch.Tensor:
+    """scale * [batch, heads, seq, ...] -> fp32 [layout_heads, num_blocks, batch, heads / layout_heads, block, ...].
 
     16-bit inputs are widened: the math is fp32 as in the kernels, and fp16 matmul on CPUs is far
-    slower than fp32. Sequences are zero-padded to whole blocks.
+    slower than fp32. Sequences are zero-padded to whole blocks. The reordering copy applies the
+    scale, so folding the softmax scale into q costs no extra pass.
     """
     batch, heads, seq_len = x.shape[:3]
     tail = x.shape[3:]
-    x = x.float()
     if num_blocks * block_size != seq_len:
         padded = x.new_zeros(batch, heads, num_blocks * block_size, *tail)
         padded[:, :, :seq_len] = x
         x = padded
     x = x.reshape(batch, layout_heads, heads // layout_heads, num_blocks, block_size, *tail)
-    order = (1, 3, 0, 2, 4) + tuple(range(5, x.dim()))
-    return x.permute(order).contiguous()
+    view = x.permute((1, 3, 0, 2, 4) + tuple(range(5, x.dim())))
+    return torch.mul(view, scale, out=torch.empty(view.shape, device=x.device, dtype=torch.float32))
 
 
 def _from_block_major(x: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -253,7 +253,8 @@ def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, windo
     layout_heads = row_offsets.shape[0]
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     # The scale is folded into q: one pass over [seq, dim] instead of one over the scores.
-    qb, kb, vb = (_block_major(t, num_blocks, block_size, layout_heads) for t in (q * scale, k, v))
+    qb = _block_major(q, num_blocks, block_size, layout_heads, scale)
+    kb, vb = (_block_major(t, num_blocks, block_size, layout_heads) for t in (k, v))
     out, lse = torch.empty_like(qb), torch.empty_like(qb[..., 0])
     for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks)):
         _forward_one_layout_head(qb[h], kb[h], vb[h], groups, masks, out[h], lse[h])
@@ -273,7 +274,8 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
     def blocks(t):
         return _block_major(t, num_blocks, block_size, layout_heads)
 
-    qb, kb, vb, dob, deltab = (blocks(t) for t in (q * scale, k, v, dout, delta))
+    qb = _block_major(q, num_blocks, block_size, layout_heads, scale)
+    kb, vb, dob, deltab = (blocks(t) for t in (k, v, dout, delta))
     # Padded query rows get lse = +inf: their probabilities are exactly 0.
     lse_b = blocks(torch.nn.functional.pad(lse, (0, num_blocks * block_size - seq_len), value=float("inf")))
     grads = [

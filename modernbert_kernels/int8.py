@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .attention import triton_status
-from .reference import round_half_away
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
@@ -43,10 +42,14 @@ def _quantize_rows_torch(x, norm_weight, eps, smooth):
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], norm_weight.float(), None, eps)
     if smooth is not None:
         x = x * smooth
-    amax = x.abs().amax(-1)
+    low, high = torch.aminmax(x, dim=-1)  # one pass instead of abs() then amax()
+    amax = torch.maximum(-low, high)
     scale = torch.where(amax > 0, amax / INT8_MAX, 1.0)
-    q = round_half_away(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    scaled = x / scale[:, None]
+    # Shift by +-0.5 and let the int8 cast truncate toward zero: round half away from zero,
+    # the rule of the kernels and the reference, in two passes.
+    scaled.add_(torch.full((), 0.5).copysign(scaled)).clamp_(-INT8_MAX, INT8_MAX)
+    return scaled.to(torch.int8), scale
 
 
 @torch.library.custom_op("modernbert_kernels::quantize_per_token", mutates_args=())
@@ -100,8 +103,8 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
-    # int32 * fp32 promotes to fp32 in one pass; the other factors are applied in place.
-    y = torch.mul(acc, w_scale).mul_(x_scale[:, None])
+    # Convert, then scale in place: a mixed int32 * fp32 multiply takes a slow casting path.
+    y = acc.float().mul_(w_scale).mul_(x_scale[:, None])
     if bias is not None:
         y.add_(bias)
     if activation == "gelu":
