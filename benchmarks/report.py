@@ -30,7 +30,7 @@ def _slug(text: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
-               "speedup_vs_baseline", "tflops", "relative_error_vs_float"]
+               "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "relative_error_vs_float"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -64,16 +64,22 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, stem: str) -> dict[str, Path]:
+def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, stem: str,
+                 ceilings: dict | None = None) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     date = datetime.date.today().isoformat()
     base = out / f"{stem}-{_slug(name)}-{date}"
-    meta = {"device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    meta = {"device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "ceilings": ceilings or {}}
     paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md"), "png": base.with_suffix(".png")}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    paths["md"].write_text(f"# {stem} on {name}, {date}\n\ntorch {meta['torch']}\n\n" + markdown_table(rows))
+    ceiling_line = ""
+    if ceilings:
+        ceiling_line = (f"Ceilings measured in this run: {ceilings['matmul_tflops']:.3g} TFLOP/s "
+                        f"({ceilings['matmul_dtype']} matmul), {ceilings['copy_gb_per_s']:.3g} GB/s (copy).\n\n")
+    paths["md"].write_text(f"# {stem} on {name}, {date}\n\ntorch {meta['torch']}\n\n{ceiling_line}" + markdown_table(rows))
     if not plot(rows, paths["png"]):
         del paths["png"]
     for path in paths.values():

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import attention, int8_linear
 from benchmarks.report import write_report
+from benchmarks.timing import device_ceilings
 
 SUBJECTS = {"attention": attention.run, "int8_linear": int8_linear.run}
 
@@ -29,10 +30,15 @@ def main(argv=None):
     def progress(message):
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
 
+    ceilings = device_ceilings(device)
+    progress(f"ceilings: {ceilings['matmul_tflops']:.2f} TFLOP/s {ceilings['matmul_dtype']} matmul, "
+             f"{ceilings['copy_gb_per_s']:.0f} GB/s copy")
     rows = []
     for name in args.only or sorted(SUBJECTS):
         rows += SUBJECTS[name](device, args.quick, progress=progress)
-    write_report(rows, args.out, device, "suite")
+    for row in rows:
+        row["pct_of_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
+    write_report(rows, args.out, device, "suite", ceilings)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,24 @@ def summarize(samples: list[float]) -> dict:
     ordered = sorted(samples)
     q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
     return {"median_ms": statistics.median(samples), "iqr_ms": q3 - q1, "min_ms": ordered[0], "runs": len(samples)}
+
+
+def device_ceilings(device: torch.device) -> dict:
+    """Measured once per run: a large dense matmul (fp32 on CPU, bf16 on GPU) and a copy.
+
+    Rows report their FLOP rate as a share of this matmul rate, so each result also reads as a
+    fraction of what the device does on the easiest possible work.
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul_ms = summarize(time_fn(lambda: torch.matmul(a, b), device))["median_ms"]
+    elements = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.empty(elements, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = summarize(time_fn(lambda: dst.copy_(src), device))["median_ms"]
+    return {
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "copy_gb_per_s": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9,  # bytes read + written
+    }

@@ -16,6 +16,7 @@ CPU path until the C++ kernels exist, and a portable fallback on any device.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -76,30 +77,52 @@ def _split_layout(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_bloc
     return _Groups(runs, rest_rows, rest_keys, rest_valid)
 
 
-def _block_major(x: torch.Tensor, num_blocks: int, block_size: int, layout_heads: int, scale: float = 1.0) -> torch.Tensor:
-    """scale * [batch, heads, seq, ...] -> fp32 [layout_heads, num_blocks, batch, heads / layout_heads, block, ...].
+_workspaces = threading.local()
+
+
+def _workspace(role: str, shape: tuple, device: torch.device) -> torch.Tensor:
+    """A reusable fp32 buffer per role and thread, on CPU.
+
+    Each call reorders q, k and v into fresh ~25 MB buffers at 8192 tokens; on the CI machine their
+    page faults cost ~20 ms of a 90 ms call (NOTES.md). CUDA's caching allocator already reuses memory.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    cache = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = cache.get(role)
+    if buffer is None or buffer.shape != shape:
+        buffer = cache[role] = torch.empty(shape, dtype=torch.float32)
+    return buffer
+
+
+def _block_major_view(x: torch.Tensor, layout_heads: int, block_size: int) -> torch.Tensor:
+    """[batch, heads, blocks * block, ...] -> view [layout_heads, blocks, batch, heads / layout_heads, block, ...]."""
+    batch, heads, padded = x.shape[:3]
+    tail = x.shape[3:]
+    x = x.reshape(batch, layout_heads, heads // layout_heads, padded // block_size, block_size, *tail)
+    return x.permute((1, 3, 0, 2, 4) + tuple(range(5, x.dim())))
+
+
+def _block_major(role: str, x: torch.Tensor, num_blocks: int, block_size: int, layout_heads: int,
+                 scale: float = 1.0) -> torch.Tensor:
+    """scale * x [batch, heads, seq, ...] as a contiguous fp32 block-major workspace (see above).
 
     16-bit inputs are widened: the math is fp32 as in the kernels, and fp16 matmul on CPUs is far
     slower than fp32. Sequences are zero-padded to whole blocks. The reordering copy applies the
     scale, so folding the softmax scale into q costs no extra pass.
     """
     batch, heads, seq_len = x.shape[:3]
-    tail = x.shape[3:]
     if num_blocks * block_size != seq_len:
-        padded = x.new_zeros(batch, heads, num_blocks * block_size, *tail)
+        padded = x.new_zeros(batch, heads, num_blocks * block_size, *x.shape[3:])
         padded[:, :, :seq_len] = x
         x = padded
-    x = x.reshape(batch, layout_heads, heads // layout_heads, num_blocks, block_size, *tail)
-    view = x.permute((1, 3, 0, 2, 4) + tuple(range(5, x.dim())))
-    return torch.mul(view, scale, out=torch.empty(view.shape, device=x.device, dtype=torch.float32))
+    view = _block_major_view(x, layout_heads, block_size)
+    return torch.mul(view, scale, out=_workspace(role, view.shape, x.device))
 
 
-def _from_block_major(x: torch.Tensor, seq_len: int) -> torch.Tensor:
-    layout_heads, num_blocks, batch, group, block_size = x.shape[:5]
-    tail = x.shape[5:]
-    order = (2, 0, 3, 1, 4) + tuple(range(5, x.dim()))
-    x = x.permute(order).reshape(batch, layout_heads * group, num_blocks * block_size, *tail)
-    return x[:, :, :seq_len]
+def _padded_output(batch, heads, num_blocks, block_size, tail, device):
+    """A [batch, heads, blocks * block, *tail] fp32 result buffer (returned to the caller, so fresh)."""
+    return torch.empty(batch, heads, num_blocks * block_size, *tail, device=device, dtype=torch.float32)
 
 
 class _Masks:
@@ -212,9 +235,10 @@ def _forward_one_layout_head(q, k, v, groups, masks, out, lse):
     lse.copy_(row_max.add_(torch.log(row_sum)).masked_fill_(~has_keys, float("inf")))
 
 
-def _backward_one_layout_head(dout, q, k, v, lse, delta, groups, masks):
-    """All [N, B, G, bs, D] (q scaled) or [N, B, G, bs]; returns (dq / scale, dk, dv)."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+def _backward_one_layout_head(dout, q, k, v, lse, delta, groups, masks, dq, dk, dv):
+    """All [N, B, G, bs, D] (q scaled) or [N, B, G, bs]; writes dq / scale, dk and dv."""
+    for grad in (dq, dk, dv):
+        grad.zero_()
     width = max([1] + [groups.rest_keys.shape[1]]) + len({r.offset for r in groups.runs})
     per_block = q.shape[1] * q.shape[2] * q.shape[3] * width * q.shape[3]
     for first, last in _chunks(q.shape[0], per_block):
@@ -239,7 +263,6 @@ def _backward_one_layout_head(dout, q, k, v, lse, delta, groups, masks):
                 for grad, tile in ((dk, dk_tile), (dv, dv_tile)):
                     per_slot = tile.reshape(shape).permute(0, 3, 1, 2, 4, 5).reshape(-1, *grad.shape[1:])
                     grad.index_add_(0, key_blocks, per_slot)
-    return dq, dk, dv
 
 
 def _layout_heads(row_offsets, col_indices, num_blocks):
@@ -253,14 +276,16 @@ def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, windo
     layout_heads = row_offsets.shape[0]
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     # The scale is folded into q: one pass over [seq, dim] instead of one over the scores.
-    qb = _block_major(q, num_blocks, block_size, layout_heads, scale)
-    kb, vb = (_block_major(t, num_blocks, block_size, layout_heads) for t in (k, v))
-    out, lse = torch.empty_like(qb), torch.empty_like(qb[..., 0])
+    qb = _block_major("q", q, num_blocks, block_size, layout_heads, scale)
+    kb, vb = (_block_major(role, t, num_blocks, block_size, layout_heads) for role, t in (("k", k), ("v", v)))
+    # The results are written straight into [batch, heads, seq] buffers through block-major views.
+    out = _padded_output(q.shape[0], q.shape[1], num_blocks, block_size, q.shape[3:], q.device)
+    lse = _padded_output(q.shape[0], q.shape[1], num_blocks, block_size, (), q.device)
+    out_blocks, lse_blocks = _block_major_view(out, layout_heads, block_size), _block_major_view(lse, layout_heads, block_size)
     for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks)):
-        _forward_one_layout_head(qb[h], kb[h], vb[h], groups, masks, out[h], lse[h])
+        _forward_one_layout_head(qb[h], kb[h], vb[h], groups, masks, out_blocks[h], lse_blocks[h])
     # Contiguous whatever q's strides are: the op's fake implementation promises it.
-    out = _from_block_major(out, seq_len).to(q.dtype).contiguous()
-    return out, _from_block_major(lse, seq_len).contiguous()
+    return out[:, :, :seq_len].to(q.dtype).contiguous(), lse[:, :, :seq_len].contiguous()
 
 
 def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale,
@@ -271,20 +296,20 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     delta = (dout.float() * out.float()).sum(-1)
 
-    def blocks(t):
-        return _block_major(t, num_blocks, block_size, layout_heads)
+    def blocks(role, t, scale=1.0):
+        return _block_major(role, t, num_blocks, block_size, layout_heads, scale)
 
-    qb = _block_major(q, num_blocks, block_size, layout_heads, scale)
-    kb, vb, dob, deltab = (blocks(t) for t in (k, v, dout, delta))
+    qb, kb, vb, dob, deltab = (blocks(*args) for args in (("q", q, scale), ("k", k), ("v", v), ("dout", dout),
+                                                        ("delta", delta)))
     # Padded query rows get lse = +inf: their probabilities are exactly 0.
-    lse_b = blocks(torch.nn.functional.pad(lse, (0, num_blocks * block_size - seq_len), value=float("inf")))
-    grads = [
-        _backward_one_layout_head(dob[h], qb[h], kb[h], vb[h], lse_b[h], deltab[h], groups, masks)
-        for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks))
-    ]
-    dq, dk, dv = (torch.stack(parts) for parts in zip(*grads))
-    dq = dq * scale
-    return tuple(_from_block_major(g, seq_len).to(q.dtype).contiguous() for g in (dq, dk, dv))
+    lse_b = blocks("lse", torch.nn.functional.pad(lse, (0, num_blocks * block_size - seq_len), value=float("inf")))
+    grads = [_padded_output(q.shape[0], q.shape[1], num_blocks, block_size, q.shape[3:], q.device) for _ in range(3)]
+    grad_blocks = [_block_major_view(g, layout_heads, block_size) for g in grads]
+    for h, groups in enumerate(_layout_heads(row_offsets, col_indices, num_blocks)):
+        _backward_one_layout_head(dob[h], qb[h], kb[h], vb[h], lse_b[h], deltab[h], groups, masks,
+                                  *(g[h] for g in grad_blocks))
+    grads[0].mul_(scale)
+    return tuple(g[:, :, :seq_len].to(q.dtype).contiguous() for g in grads)
 
 
 def _per_sequence(cu_seqlens, *tensors):
