@@ -9,7 +9,6 @@ window (create_block_mask), forward and forward+backward.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -103,15 +102,9 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
 
 
 def main(argv=None):
-    from benchmarks.report import write_report
+    from benchmarks.report import script_main
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/local")
-    args = parser.parse_args(argv)
-    rows = run(torch.device(args.device), args.quick, progress=print)
-    write_report(rows, args.out, torch.device(args.device), "attention")
+    script_main(run, __doc__, "attention", argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -85,3 +86,14 @@ def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, st
     for path in paths.values():
         print(f"wrote {path}")
     return paths
+
+
+def script_main(run, doc: str, stem: str, argv=None) -> None:
+    """The command line of one benchmark script: ``run(device, quick, progress)`` then a report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    write_report(run(device, args.quick, progress=print), args.out, device, stem)
