@@ -90,6 +90,11 @@ class ModernBertConfig:
             values.setdefault("global_rope_theta", rope["full_attention"].get("rope_theta", DEFAULT_GLOBAL_ROPE_THETA))
         if "sliding_attention" in rope:
             values.setdefault("local_rope_theta", rope["sliding_attention"].get("rope_theta", DEFAULT_LOCAL_ROPE_THETA))
+        # Derived on writing: the half window, the reverse label map, the model type.
+        if "sliding_window" in values and "local_attention" not in values:
+            values["local_attention"] = 2 * values["sliding_window"]
+        for derived in ("sliding_window", "label2id", "model_type"):
+            values.pop(derived, None)
         if values.get("id2label"):
             values["id2label"] = {int(k): v for k, v in values["id2label"].items()}
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

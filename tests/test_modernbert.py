@@ -1,0 +1,121 @@
+"""The encoder against transformers' ModernBERT: same random weights through save/from_pretrained."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import modernbert  # noqa: E402
+from modernbert import ModernBertConfig, ModernBertModel  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+            local_attention=32, global_attn_every_n_layers=2, max_position_embeddings=1024, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+HEADS = ["ModernBertForMaskedLM", "ModernBertForSequenceClassification", "ModernBertForTokenClassification",
+         "ModernBertForQuestionAnswering"]
+
+
+def hf_pair(tmp_path, class_name="ModernBertModel", seed=0, **config):
+    """A transformers model with random weights, and ours loaded from its saved folder."""
+    torch.manual_seed(seed)
+    hf_config = transformers.ModernBertConfig(**config, attn_implementation="sdpa")
+    hf_model = getattr(transformers, class_name)(hf_config).eval()
+    hf_model.save_pretrained(tmp_path)
+    ours = getattr(modernbert, class_name).from_pretrained(tmp_path)
+    return hf_model, ours
+
+
+def random_batch(lengths, seq_len, vocab, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), seq_len), generator=generator)
+    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("lengths, seq_len", [([200], 200), ([200, 150, 37], 200)], ids=["one", "padded_batch"])
+def test_last_hidden_state_matches_transformers_tiny(tmp_path, lengths, seq_len):
+    """local_attention=32 < 200 tokens, so the local layers really are local."""
+    hf_model, ours = hf_pair(tmp_path, **TINY)
+    ids, mask = random_batch(lengths, seq_len, TINY["vocab_size"])
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = ours(ids, mask)
+    real = mask.bool()
+    assert (actual[real] - expected[real]).abs().max() <= 1e-4
+    assert torch.equal(actual[~real], torch.zeros_like(actual[~real]))
+
+
+def test_base_config_at_1024_tokens_matches_transformers(tmp_path):
+    base = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    hf_model, ours = hf_pair(tmp_path, **base)  # ModernBERT-base shapes, a small vocabulary
+    assert ours.config.num_hidden_layers == 22 and ours.config.hidden_size == 768
+    ids, mask = random_batch([1024], 1024, 512)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = ours(ids, mask)
+    assert (actual - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("class_name", HEADS)
+def test_heads_match_transformers(tmp_path, class_name):
+    hf_model, ours = hf_pair(tmp_path, class_name, **TINY, classifier_pooling="mean")
+    ids, mask = random_batch([120, 77], 120, TINY["vocab_size"])
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask)
+        actual = ours(ids, mask)
+    real = mask.bool()
+    if class_name == "ModernBertForQuestionAnswering":
+        pairs = [(actual[0][real], expected.start_logits[real]), (actual[1][real], expected.end_logits[real])]
+    elif class_name == "ModernBertForSequenceClassification":
+        pairs = [(actual, expected.logits)]
+    else:
+        pairs = [(actual[real], expected.logits[real])]
+    for ours_logits, hf_logits in pairs:
+        assert ours_logits.shape == hf_logits.shape
+        assert (ours_logits - hf_logits).abs().max() <= 1e-4
+
+
+def test_packed_batch_equals_each_sequence_alone(tmp_path):
+    _, ours = hf_pair(tmp_path, **TINY)
+    ids, mask = random_batch([190, 64, 1, 130], 190, TINY["vocab_size"])
+    with torch.no_grad():
+        together = ours(ids, mask)
+        for row, length in enumerate([190, 64, 1, 130]):
+            alone = ours(ids[row : row + 1, :length])
+            assert (together[row, :length] - alone[0]).abs().max() <= 1e-5
+
+
+def test_save_and_load_round_trip(tmp_path):
+    _, ours = hf_pair(tmp_path / "hf", "ModernBertForMaskedLM", **TINY)
+    ours.save_pretrained(tmp_path / "ours")
+    again = modernbert.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours")
+    ids, mask = random_batch([50], 50, TINY["vocab_size"])
+    with torch.no_grad():
+        assert torch.equal(ours(ids, mask), again(ids, mask))
+    # transformers reads what we write
+    hf_again = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (hf_again(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() <= 1e-4
+
+
+def test_config_reads_legacy_and_transformers5_forms():
+    legacy = ModernBertConfig.from_dict({"num_hidden_layers": 6, "global_attn_every_n_layers": 3,
+                                         "global_rope_theta": 1e5, "local_rope_theta": 1e3})
+    assert legacy.layer_types == ["full_attention", "sliding_attention", "sliding_attention"] * 2
+    new = ModernBertConfig.from_dict({"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+                                      "rope_parameters": {"full_attention": {"rope_theta": 7.0},
+                                                          "sliding_attention": {"rope_theta": 3.0}}})
+    assert new.rope_theta(0) == 3.0 and new.rope_theta(1) == 7.0
+    assert ModernBertConfig.from_dict(new.to_dict()) == new
+    with pytest.raises(ValueError, match="layer_types"):
+        ModernBertConfig(num_hidden_layers=2, layer_types=["full_attention"])
+
+
+def test_bad_input():
+    model = ModernBertModel(ModernBertConfig(**{k: v for k, v in TINY.items()}))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
