@@ -8,6 +8,7 @@ from .heads import (
     ModernBertForTokenClassification,
 )
 from .model import ModernBertModel
+from .quantize import quantize_int8
 
 __all__ = [
     "ModernBertConfig",
@@ -16,4 +17,5 @@ __all__ = [
     "ModernBertForSequenceClassification",
     "ModernBertForTokenClassification",
     "ModernBertModel",
+    "quantize_int8",
 ]

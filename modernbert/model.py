@@ -96,6 +96,8 @@ class ModernBertMLP(nn.Module):
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if getattr(self.Wi, "activation", None) == "geglu":  # an Int8Linear with GeGLU in its epilogue
+            return self.Wo(self.drop(self.Wi(hidden)))
         activated, gate = self.Wi(hidden).chunk(2, dim=-1)
         return self.Wo(self.drop(self.act(activated) * gate))
 

@@ -119,3 +119,22 @@ def test_bad_input():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["plain", "smoothquant"])
+def test_quantize_int8_converts_every_linear_and_stays_close(tmp_path, calibrated):
+    from modernbert_kernels import Int8Linear
+
+    _, model = hf_pair(tmp_path, "ModernBertForSequenceClassification", **TINY)
+    ids, mask = random_batch([150, 90], 150, TINY["vocab_size"])
+    with torch.no_grad():
+        reference = model.model(ids, mask)
+        modernbert.quantize_int8(model, calibration=[(ids, mask)] if calibrated else None)
+        quantized = model.model(ids, mask)
+        logits = model(ids, mask)
+    converted = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(converted) == 4 * TINY["num_hidden_layers"] + 1
+    assert not any(type(m) is torch.nn.Linear for m in model.model.modules())
+    real = mask.bool()
+    cosine = torch.nn.functional.cosine_similarity(quantized[real], reference[real], dim=-1)
+    assert cosine.mean() >= 0.99 and logits.shape == (2, 2)

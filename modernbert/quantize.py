@@ -1,0 +1,63 @@
+"""quantize_int8(model): every linear layer of the encoder (and the head's dense) to W8A8 Int8Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modernbert_kernels import Int8Linear
+
+from .model import ModernBertModel
+
+
+def _targets(model: nn.Module):
+    """(parent, attribute, fused activation) of each linear layer to convert."""
+    encoder = model if isinstance(model, ModernBertModel) else model.model
+    for layer in encoder.layers:
+        yield layer.attn, "Wqkv", None
+        yield layer.attn, "Wo", None
+        # GeGLU is fused into Wi's epilogue when the MLP's activation is the exact GELU.
+        yield layer.mlp, "Wi", "geglu" if encoder.config.hidden_activation == "gelu" else None
+        yield layer.mlp, "Wo", None
+    head = getattr(model, "head", None)
+    if head is not None:
+        yield head, "dense", "gelu" if encoder.config.classifier_activation == "gelu" else None
+
+
+@torch.no_grad()
+def _activation_maxima(model: nn.Module, targets, calibration) -> dict:
+    """Per-input-channel max |x| of each target layer over the calibration batches (SmoothQuant)."""
+    maxima, hooks = {}, []
+    for parent, name, _ in targets:
+        def record(module, inputs, key=(id(parent), name)):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs().amax(0)
+            maxima[key] = x if key not in maxima else torch.maximum(maxima[key], x)
+        hooks.append(getattr(parent, name).register_forward_pre_hook(record))
+    try:
+        for batch in calibration:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
+
+
+def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5) -> nn.Module:
+    """Replace Wqkv, attention Wo, MLP Wi (with GeGLU fused) and Wo, and the head's dense layer by
+    Int8Linear, in place; returns the model.
+
+    ``calibration``: an iterable of ``input_ids`` or ``(input_ids, attention_mask)`` batches; when
+    given, each layer is smoothed (SmoothQuant, strength ``alpha``) with the per-channel maxima of
+    its inputs on them.
+    """
+    targets = list(_targets(model))
+    maxima = _activation_maxima(model, targets, calibration) if calibration is not None else {}
+    for parent, name, fused in targets:
+        linear = getattr(parent, name)
+        observed = maxima.get((id(parent), name))
+        setattr(parent, name, Int8Linear.from_float(
+            linear, activation=fused, calibration=None if observed is None else observed[None], alpha=alpha,
+        ))
+        if fused == "gelu":  # the head applies its activation itself otherwise
+            parent.act = nn.Identity()
+    return model
