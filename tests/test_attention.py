@@ -33,6 +33,7 @@ LAYOUTS = {
     "bigbird_per_head": lambda: layouts.bigbird(SEQ, 32, 32, 1, BLOCK, seed=0, num_heads=HEADS),
     "from_block_mask_per_head": lambda: layouts.from_block_mask(random_block_mask(SEQ, BLOCK, HEADS), BLOCK),
     "union": lambda: layouts.union(layouts.sliding_window(SEQ, 16, BLOCK), layouts.global_tokens(SEQ, 32, BLOCK)),
+    "dense": lambda: layouts.from_block_mask(torch.ones(5, 5, dtype=torch.bool), BLOCK),
 }
 
 
