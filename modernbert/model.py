@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modernbert_kernels import block_sparse_attention, layouts
+from modernbert_kernels import Int8Linear, block_sparse_attention, layouts
 
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
@@ -39,6 +39,14 @@ def activation(name: str):
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+def normed_linear(norm: nn.Module, linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """linear(norm(hidden)); an Int8Linear folds a bias-free LayerNorm into its quantization pass,
+    so the normalized activations are never written out."""
+    if isinstance(linear, Int8Linear) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
+        return linear(hidden, norm_weight=norm.weight, eps=norm.eps)
+    return linear(norm(hidden))
 
 
 class ModernBertEmbeddings(nn.Module):
@@ -78,8 +86,9 @@ class ModernBertAttention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         self.out_drop = nn.Dropout(config.attention_dropout) if config.attention_dropout > 0 else nn.Identity()
 
-    def forward(self, hidden: torch.Tensor, rotary, batch: PackedBatch, layout, backend=None) -> torch.Tensor:
-        qkv = self.Wqkv(hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
+    def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout,
+                backend=None) -> torch.Tensor:
+        qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         out = block_sparse_attention(q, k, v, layout, window=self.window, cu_seqlens=batch.cu_seqlens,
@@ -95,10 +104,11 @@ class ModernBertMLP(nn.Module):
         self.drop = nn.Dropout(config.mlp_dropout)
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        projected = normed_linear(norm, self.Wi, hidden)
         if getattr(self.Wi, "activation", None) == "geglu":  # an Int8Linear with GeGLU in its epilogue
-            return self.Wo(self.drop(self.Wi(hidden)))
-        activated, gate = self.Wi(hidden).chunk(2, dim=-1)
+            return self.Wo(self.drop(projected))
+        activated, gate = projected.chunk(2, dim=-1)
         return self.Wo(self.drop(self.act(activated) * gate))
 
 
@@ -112,8 +122,8 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp = ModernBertMLP(config)
 
     def forward(self, hidden, rotary, batch, layout, backend=None):
-        hidden = hidden + self.attn(self.attn_norm(hidden), rotary, batch, layout, backend)
-        return hidden + self.mlp(self.mlp_norm(hidden))
+        hidden = hidden + self.attn(hidden, self.attn_norm, rotary, batch, layout, backend)
+        return hidden + self.mlp(hidden, self.mlp_norm)
 
 
 class ModernBertModel(PretrainedMixin, nn.Module):

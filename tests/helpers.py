@@ -1,5 +1,6 @@
 """Shared test helpers: tolerances per dtype and the error measure they apply to."""
 
+import pytest
 import torch
 
 # Relative error (max |out - ref| / max |ref|) allowed against the float64 reference, per dtype.
@@ -9,3 +10,8 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+# Backends the CPU tests run: Triton's kernels in its interpreter, and the PyTorch path. On a GPU
+# machine (no TRITON_INTERPRET) the interpreter tests are skipped; the gpu tests cover Triton there.
+CPU_BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]

@@ -6,7 +6,7 @@ Without a GPU, backend="triton" runs the real kernels in Triton's interpreter (s
 import pytest
 import torch
 
-from helpers import TOLERANCES, relative_error
+from helpers import CPU_BACKENDS, TOLERANCES, relative_error
 from modernbert_kernels import block_sparse_attention, layouts
 from modernbert_kernels.reference import block_sparse_attention_reference
 
@@ -83,24 +83,24 @@ def check_against_reference(backend, layout, mode, window, dtype, head_dim=64, s
 @pytest.mark.parametrize("mode", ["padded", "key_padding", "varlen"])
 @pytest.mark.parametrize("window", [None, 40], ids=["nowindow", "window40"])
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_matches_reference(backend, layout_name, window, mode, dtype, poison_allocations):
     check_against_reference(backend, LAYOUTS[layout_name](), mode, window, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_head_dims(backend, head_dim, dtype, poison_allocations):
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "varlen", 40, dtype, head_dim)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_custom_scale(backend):
     check_against_reference(backend, LAYOUTS["bigbird_per_head"](), "padded", None, torch.float32, scale=0.37)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_large_logits(backend, poison_allocations):
     """Scores of several hundred: masked entries far above the row's LSE must not overflow.
 
@@ -111,7 +111,7 @@ def test_large_logits(backend, poison_allocations):
                             magnitude=6.0, tol=5e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rows_that_see_no_key_are_zero(backend, poison_allocations):
     q, k, v, _, _ = make_inputs("padded", torch.float32, 32)
     keep = torch.zeros(2, SEQ, dtype=torch.bool)  # batch item 0 has no real key at all
@@ -122,6 +122,7 @@ def test_rows_that_see_no_key_are_zero(backend, poison_allocations):
     assert out[1].abs().sum() > 0
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tile", [{"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 64, "BLOCK_N": 16}])
 @pytest.mark.parametrize("mode", ["padded", "varlen"])
 def test_triton_tiles_smaller_than_the_layout_block(tile, mode, poison_allocations):
@@ -145,6 +146,7 @@ def test_triton_tiles_smaller_than_the_layout_block(tile, mode, poison_allocatio
         assert relative_error(grad, ref_input.grad) <= TOLERANCES[torch.float32]
 
 
+@pytest.mark.interpreter
 def test_non_contiguous_inputs_from_a_fused_projection():
     """q, k, v sliced out of one fused [tokens, 3, heads, dim] projection, as in ModernBERT."""
     generator = torch.Generator().manual_seed(3)

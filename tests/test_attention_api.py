@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import CPU_BACKENDS
 from modernbert_kernels import block_sparse_attention, layouts
 from modernbert_kernels.attention import _attention_op, default_backend
 
@@ -91,7 +92,7 @@ def op_args(backend, varlen):
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend, varlen):
     torch.library.opcheck(_attention_op, op_args(backend, varlen))
 

@@ -5,6 +5,7 @@ Without a GPU, backend="triton" runs the kernels in Triton's interpreter (int8 d
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS
 
 from modernbert_kernels import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from modernbert_kernels.int8 import _int8_linear_op, _quantize_op
@@ -14,7 +15,6 @@ from modernbert_kernels.reference import (
     quantize_per_row_reference,
 )
 
-BACKENDS = ["triton", "torch"]
 # Relative error of the fused epilogue vs float64, per output dtype.
 EPILOGUE_TOLERANCE = {torch.float16: 1e-3, torch.float32: 1e-5}
 # M, N, K: tile multiples and not (the interpreter runs 32x32x32 tiles).
@@ -29,6 +29,7 @@ def relative(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("m, n, k", SHAPES)
 def test_triton_int8_gemm_is_bit_exact(m, n, k, poison_allocations):
     from modernbert_kernels.triton.int8_matmul import int8_matmul
@@ -43,7 +44,7 @@ def test_triton_int8_gemm_is_bit_exact(m, n, k, poison_allocations):
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "geglu"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("m, n, k", SHAPES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_int8_linear_epilogue(backend, m, n, k, with_bias, activation, out_dtype, poison_allocations):
     if activation == "geglu" and n % 2:
         pytest.skip("geglu needs an even width")
@@ -60,7 +61,7 @@ def test_int8_linear_epilogue(backend, m, n, k, with_bias, activation, out_dtype
     assert relative(out, expected) <= EPILOGUE_TOLERANCE[out_dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantize_per_token_round_trip(backend, poison_allocations):
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(40, 96, generator=generator) * 3
@@ -78,7 +79,7 @@ def test_quantize_per_token_round_trip(backend, poison_allocations):
     assert q[7, 11] == 127
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_layernorm_and_smoothing_quantize(backend):
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(33, 80, generator=generator) * 2 + 1
@@ -148,7 +149,7 @@ def test_bad_inputs():
         quantize_per_token(torch.randn(4, 32), norm_weight=torch.ones(31))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     x = torch.randn(20, 32)
     torch.library.opcheck(_quantize_op, (x, torch.rand(32) + 0.5, 1e-5, None, backend))
