@@ -17,6 +17,19 @@ from benchmarks.timing import device_ceilings
 SUBJECTS = {"attention": attention.run, "encoder": encoder.run, "int8_linear": int8_linear.run}
 
 
+def _progress_bar(total: int):
+    """A tqdm bar over the subjects when tqdm is installed (the [bench] extra), else plain lines."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class Lines:
+            write = staticmethod(lambda message: print(message, flush=True))
+            set_description = update = close = staticmethod(lambda *args: None)
+
+        return Lines()
+    return tqdm(total=total, unit="subject")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -27,15 +40,21 @@ def main(argv=None):
     device = torch.device(args.device)
     started = time.perf_counter()
 
+    subjects = args.only or sorted(SUBJECTS)
+    bar = _progress_bar(len(subjects))
+
     def progress(message):
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+        bar.write(f"[{time.perf_counter() - started:7.1f} s] {message}")
 
     ceilings = device_ceilings(device)
     progress(f"ceilings: {ceilings['matmul_tflops']:.2f} TFLOP/s {ceilings['matmul_dtype']} matmul, "
              f"{ceilings['copy_gb_per_s']:.0f} GB/s copy")
     rows = []
-    for name in args.only or sorted(SUBJECTS):
+    for name in subjects:
+        bar.set_description(name)
         rows += SUBJECTS[name](device, args.quick, progress=progress)
+        bar.update()
+    bar.close()
     for row in rows:
         row["pct_of_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
     write_report(rows, args.out, device, "suite", ceilings)

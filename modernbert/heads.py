@@ -22,11 +22,16 @@ class ModernBertPredictionHead(nn.Module):
 
 
 class _WithEncoder(PretrainedMixin, nn.Module):
-    def __init__(self, config: ModernBertConfig):
+    """Encoder + prediction head, and a dropout + linear classifier when ``num_outputs`` is given."""
+
+    def __init__(self, config: ModernBertConfig, num_outputs: int | None = None):
         super().__init__()
         self.config = config
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
+        if num_outputs is not None:
+            self.drop = nn.Dropout(config.classifier_dropout)
+            self.classifier = nn.Linear(config.hidden_size, num_outputs)
 
 
 class ModernBertForMaskedLM(_WithEncoder):
@@ -48,9 +53,7 @@ class ModernBertForSequenceClassification(_WithEncoder):
     """[batch, num_labels], pooling the first token ("cls") or the mean of real tokens ("mean")."""
 
     def __init__(self, config: ModernBertConfig):
-        super().__init__(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        super().__init__(config, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None):
         hidden = self.model(input_ids, attention_mask)
@@ -67,9 +70,7 @@ class ModernBertForTokenClassification(_WithEncoder):
     """[batch, seq, num_labels]."""
 
     def __init__(self, config: ModernBertConfig):
-        super().__init__(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        super().__init__(config, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None):
         return self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))
@@ -79,9 +80,7 @@ class ModernBertForQuestionAnswering(_WithEncoder):
     """(start_logits, end_logits), each [batch, seq]."""
 
     def __init__(self, config: ModernBertConfig):
-        super().__init__(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, 2)
+        super().__init__(config, 2)
 
     def forward(self, input_ids, attention_mask=None):
         logits = self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def test_kernels_compile_for_sm80_and_sm90_without_spills():
     # A fresh interpreter without TRITON_INTERPRET: interpreted kernels cannot be compiled.
