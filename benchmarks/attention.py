@@ -42,7 +42,30 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int):
         "sdpa_dense_masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
     }
     if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def sdpa_with(backend, attn_mask):
+            def call(q, k, v):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+            return call
+
+        found["sdpa_efficient_masked"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask)
+        found["sdpa_cudnn_masked"] = sdpa_with(SDPBackend.CUDNN_ATTENTION, mask)
+        if seq_len <= 4096:  # the math backend materializes [heads, seq, seq] scores
+            found["sdpa_math_masked"] = sdpa_with(SDPBackend.MATH, mask)
+        # Flash takes no arbitrary mask: dense attention without the window, the unmasked cost.
+        found["sdpa_flash_dense_unmasked"] = sdpa_with(SDPBackend.FLASH_ATTENTION, None)
+        try:
+            from flash_attn import flash_attn_func
+
+            found["flash_attn_window"] = lambda q, k, v: flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(window, window)
+            ).transpose(1, 2)
+        except ImportError:
+            pass
 
         block_mask = create_block_mask(
             lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window, None, None, seq_len, seq_len, device=device
@@ -85,7 +108,12 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
                         with torch.no_grad():
                             fn(q, k, v)
 
-                measured[name] = summarize(time_fn(step, device))
+                try:
+                    measured[name] = summarize(time_fn(step, device))
+                except RuntimeError as err:  # a baseline backend that cannot take this input
+                    if progress:
+                        progress(f"attention {pass_name} seq={seq_len} {name}: unavailable ({str(err)[:80]})")
+                    continue
                 if progress:
                     progress(f"attention {pass_name} seq={seq_len} {name}: {measured[name]['median_ms']:.2f} ms")
             flops = attention_flops(batch, heads, head_dim, pairs, backward)

@@ -10,6 +10,7 @@ and minimum per-token cosine of the last hidden state.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 
 import torch
@@ -22,15 +23,24 @@ PADDED_LENGTHS = [128, 256, 512, 1024, 1536, 2048, 3072, 4096]
 
 
 def models(device, dtype):
+    """{name: model}: transformers (sdpa, and flash_attention_2 where installed), ours, ours int8."""
     import transformers
 
     torch.manual_seed(0)
     hf_model = transformers.ModernBertModel(transformers.ModernBertConfig(**BASE, attn_implementation="sdpa"))
+    found = {}
     with tempfile.TemporaryDirectory() as folder:
         hf_model.save_pretrained(folder)
-        ours = ModernBertModel.from_pretrained(folder)
-        ours_int8 = quantize_int8(ModernBertModel.from_pretrained(folder))
-    return [m.to(device=device, dtype=dtype).eval() for m in (hf_model, ours)] + [ours_int8.to(device).eval()]
+        found["transformers_sdpa"] = hf_model
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            found["transformers_flash_attention_2"] = transformers.ModernBertModel.from_pretrained(
+                folder, attn_implementation="flash_attention_2", dtype=dtype
+            )
+        found["ours"] = ModernBertModel.from_pretrained(folder)
+        found["ours_int8"] = quantize_int8(ModernBertModel.from_pretrained(folder))
+    for name, model in found.items():
+        found[name] = (model.to(device) if name == "ours_int8" else model.to(device=device, dtype=dtype)).eval()
+    return found
 
 
 def batch(lengths, device):
@@ -44,7 +54,7 @@ def batch(lengths, device):
 
 def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hf_model, ours, ours_int8 = models(device, dtype)
+    found = models(device, dtype)
     cases = [("one sequence", [1024 if quick else 8192])]
     if not quick:
         cases.append(("padded batch 128..4096", PADDED_LENGTHS))
@@ -53,9 +63,9 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
         ids, mask = batch(lengths, device)
         tokens = int(mask.sum())
         providers = {
-            "transformers_sdpa": lambda: hf_model(input_ids=ids, attention_mask=mask).last_hidden_state,
-            "ours": lambda: ours(ids, mask),
-            "ours_int8": lambda: ours_int8(ids, mask),
+            name: (lambda m=model: m(input_ids=ids, attention_mask=mask).last_hidden_state)
+            if name.startswith("transformers") else (lambda m=model: m(ids, mask))
+            for name, model in found.items()
         }
         measured, outputs = {}, {}
         with torch.inference_mode():

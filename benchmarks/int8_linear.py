@@ -70,6 +70,16 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
             baseline = "fp32_linear" if device.type == "cpu" else "bf16_linear"
             providers = {baseline: lambda: expected(x), "int8": lambda: int8_layer(x),
                          "int8_smoothquant": lambda: smoothed_layer(x)}
+            if device.type == "cuda":  # the unfused baseline: torch._int_mm, then the epilogue in PyTorch
+                from modernbert_kernels import quantize_per_token
+                from modernbert_kernels.int8 import _epilogue_torch
+
+                def int_mm_unfused(layer=int8_layer):
+                    x_q, x_scale = quantize_per_token(x)
+                    acc = torch._int_mm(x_q, layer.weight_q.t())
+                    return _epilogue_torch(acc, x_scale, layer.weight_scale, layer.bias, layer.activation, x.dtype)
+
+                providers["int_mm_unfused_epilogue"] = int_mm_unfused
             if device.type == "cpu":
                 with warnings.catch_warnings():  # torch.ao.quantization is deprecated; it is the baseline asked for
                     warnings.simplefilter("ignore")
