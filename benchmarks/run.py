@@ -52,7 +52,10 @@ def main(argv=None):
     rows = []
     for name in subjects:
         bar.set_description(name)
-        rows += SUBJECTS[name](device, args.quick, progress=progress)
+        try:
+            rows += SUBJECTS[name](device, args.quick, progress=progress)
+        except ImportError as err:  # the encoder compares against transformers: the [hf] extra
+            progress(f"{name}: skipped, {err} (pip install -e '.[hf]')")
         bar.update()
     bar.close()
     for row in rows:
