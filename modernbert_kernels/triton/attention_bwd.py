@@ -19,13 +19,13 @@ from .attention_common import (
     dot_precision,
     first_index_at_or_above,
     all_configs,
-    interpreting,
+    autotuning,
+    fixed_launch,
     pruner,
     sequence_bounds,
     tile_mask,
     tile_needs_mask,
 )
-from .attention_fwd import default_tile
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def attention_backward(dout, q, k, v, out, lse, layout_tensors, layout_block, la
     )
     dq_args = (q, k, v, out, dout, dq, lse, delta, row_offsets, col_indices, cu, key_mask, *common)
     dkdv_args = (q, k, v, dout, dk, dv, lse, delta, col_offsets, row_indices, cu, key_mask, *common)
-    if tile is None and not interpreting():
+    if tile is None and autotuning():
         block_sparse_attention_bwd_dq_tuned[
             lambda meta: (triton.cdiv(seq_len_padded, meta["BLOCK_M"]), batch * heads)
         ](*dq_args, **flags)
@@ -228,9 +228,10 @@ def attention_backward(dout, q, k, v, out, lse, layout_tensors, layout_block, la
             lambda meta: (triton.cdiv(seq_len_padded, meta["BLOCK_N"]), batch * heads)
         ](*dkdv_args, **flags)
     else:
-        tile = tile or default_tile(layout_block)
-        block_sparse_attention_bwd_dq_kernel[(triton.cdiv(seq_len_padded, tile["BLOCK_M"]), batch * heads)](
-            *dq_args, **flags, **tile)
-        block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_padded, tile["BLOCK_N"]), batch * heads)](
-            *dkdv_args, **flags, **tile)
+        dq_launch = tile or fixed_launch("dq", layout_block, q.shape[-1], q.dtype, q.device)
+        dkdv_launch = tile or fixed_launch("dkdv", layout_block, q.shape[-1], q.dtype, q.device)
+        block_sparse_attention_bwd_dq_kernel[(triton.cdiv(seq_len_padded, dq_launch["BLOCK_M"]), batch * heads)](
+            *dq_args, **flags, **dq_launch)
+        block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(seq_len_padded, dkdv_launch["BLOCK_N"]), batch * heads)](
+            *dkdv_args, **flags, **dkdv_launch)
     return dq, dk, dv

@@ -17,6 +17,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """Autotune on GPUs, unless MODERNBERT_KERNELS_AUTOTUNE=0 (the GPU tests: one config, no search)."""
+    return not interpreting() and os.environ.get("MODERNBERT_KERNELS_AUTOTUNE", "1") != "0"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs default to TF32 on tensor cores (10-bit mantissa); fp32 users asked for fp32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -183,3 +188,13 @@ def pruner(kernel: str):
         return [c for c in configs if str(c) in wanted]
 
     return prune
+
+
+def fixed_launch(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch parameters when not autotuning: small tiles in the interpreter; on a GPU the first
+    candidate of configs_for() for its arch (spill-free per the compile check)."""
+    if interpreting():
+        return {"BLOCK_M": min(64, layout_block), "BLOCK_N": min(32, layout_block)}
+    major, minor = torch.cuda.get_device_capability(device)
+    config = configs_for(kernel, layout_block, head_dim, dtype, 10 * major + minor)[0]
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

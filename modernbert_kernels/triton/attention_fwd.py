@@ -16,7 +16,8 @@ from .attention_common import (
     dot_precision,
     first_index_at_or_above,
     all_configs,
-    interpreting,
+    autotuning,
+    fixed_launch,
     pruner,
     sequence_bounds,
     tile_mask,
@@ -111,11 +112,6 @@ block_sparse_attention_fwd_tuned = triton.autotune(
 )(block_sparse_attention_fwd_kernel)
 
 
-def default_tile(layout_block: int) -> dict:
-    """The tile used where autotuning is off (the interpreter) or not wanted."""
-    return {"BLOCK_M": min(64, layout_block), "BLOCK_N": min(32, layout_block)}
-
-
 def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, window, scale,
                       key_padding_mask, cu_seqlens, max_seqlen, tile=None):
     """Launch the forward kernel. Shapes were checked by the caller.
@@ -154,11 +150,11 @@ def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, wi
         HAS_WINDOW=window is not None, HAS_KEY_MASK=has_key_mask,
         DOT_PRECISION=dot_precision(q.dtype),
     )
-    if tile is None and not interpreting():
+    if tile is None and autotuning():
         grid = lambda meta: (triton.cdiv(seq_len_padded, meta["BLOCK_M"]), batch * heads)
         block_sparse_attention_fwd_tuned[grid](*args, **flags)
     else:
-        tile = tile or default_tile(layout_block)
-        grid = (triton.cdiv(seq_len_padded, tile["BLOCK_M"]), batch * heads)
-        block_sparse_attention_fwd_kernel[grid](*args, **flags, **tile)
+        launch = tile or fixed_launch("fwd", layout_block, head_dim, q.dtype, q.device)
+        grid = (triton.cdiv(seq_len_padded, launch["BLOCK_M"]), batch * heads)
+        block_sparse_attention_fwd_kernel[grid](*args, **flags, **launch)
     return out, lse

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import interpreting
+from .attention_common import autotuning, interpreting
 
 # Epilogues (constexpr): raw int32 accumulator (for exactness tests), or dequantized + activation.
 EPILOGUES = {"int32": 0, None: 1, "gelu": 2, "gelu_tanh": 3, "geglu": 4}
@@ -122,6 +122,14 @@ int8_matmul_tuned = triton.autotune(
 )(int8_matmul_kernel)
 
 
+def _fixed_launch(k: int) -> dict:
+    """Without autotuning: small tiles in the interpreter, else the first shipped config that fits K."""
+    if interpreting():
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+    config = _k_divides(INT8_CONFIGS, {"K": k})[0]
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None):
     """a_q [M, K] int8, b_q [N, K] int8 -> [M, N] (or [M, N / 2] for geglu) of out_dtype (int32 raw)."""
     if a_q.shape[1] % 32:
@@ -139,13 +147,13 @@ def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, 
     args = (a_q, b_q, out, dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
             dummy if bias is None else bias, m, n, k, a_q.stride(0), b_q.stride(0), out.stride(0))
     flags = dict(EPILOGUE=code, HAS_BIAS=bias is not None)
-    if tile is None and not interpreting():
+    if tile is None and autotuning():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         int8_matmul_tuned[grid](*args, **flags)
     else:
-        tile = tile or {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-        if k % tile["BLOCK_K"]:
-            raise ValueError(f"BLOCK_K={tile['BLOCK_K']} must divide K={k}")
-        grid = (triton.cdiv(m, tile["BLOCK_M"]) * triton.cdiv(n, tile["BLOCK_N"]),)
-        int8_matmul_kernel[grid](*args, **flags, **tile)
+        launch = tile or _fixed_launch(k)
+        if k % launch["BLOCK_K"]:
+            raise ValueError(f"BLOCK_K={launch['BLOCK_K']} must divide K={k}")
+        grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
+        int8_matmul_kernel[grid](*args, **flags, **launch)
     return out
