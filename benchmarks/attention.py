@@ -117,12 +117,16 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
                 if progress:
                     progress(f"attention {pass_name} seq={seq_len} {name}: {measured[name]['median_ms']:.2f} ms")
             flops = attention_flops(batch, heads, head_dim, pairs, backward)
+            # Compulsory traffic: q, k, v read and the output written (and for the backward, dO read
+            # and dq, dk, dv written, plus q, k, v, O read again).
+            tensor_bytes = batch * heads * seq_len * head_dim * q.element_size()
+            moved = tensor_bytes * (4 + (8 if backward else 0))
             base = measured[baseline_name]["median_ms"]
             for name, stats in measured.items():
                 rows.append({
                     "bench": "attention", "pass": pass_name, "provider": name, "baseline": baseline_name,
                     "seq_len": seq_len, "batch": batch, "heads": heads, "head_dim": head_dim, "window": window,
-                    "dtype": str(dtype).replace("torch.", ""), "useful_flops": flops,
+                    "dtype": str(dtype).replace("torch.", ""), "useful_flops": flops, "bytes": moved,
                     "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
                     **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
                 })

@@ -31,7 +31,7 @@ def _slug(text: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
-               "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "relative_error_vs_float",
+               "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "pct_of_copy_ceiling", "relative_error_vs_float",
                "tokens_per_s", "int8_cosine_mean"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

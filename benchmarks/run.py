@@ -60,6 +60,9 @@ def main(argv=None):
     bar.close()
     for row in rows:
         row["pct_of_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
+        if row.get("bytes"):
+            gb_per_s = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
+            row["pct_of_copy_ceiling"] = 100 * gb_per_s / ceilings["copy_gb_per_s"]
     write_report(rows, args.out, device, "suite", ceilings)
 
 

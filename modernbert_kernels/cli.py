@@ -14,10 +14,16 @@ def backend_table() -> list[tuple[str, str, bool, str]]:
     from .attention import triton_status
 
     triton_live, triton_why = triton_status()
+    int_mm = hasattr(torch, "_int_mm")
     return [
         ("block_sparse_attention", "triton", triton_live, triton_why),
-        ("block_sparse_attention", "torch", True, "gathered blocks in PyTorch: any device"),
+        ("block_sparse_attention", "torch", True, "visited tiles in PyTorch (dense layouts: fused SDPA): any device"),
         ("block_sparse_attention", "reference", True, "dense masked attention: the test oracle"),
+        ("int8_linear", "triton", triton_live, triton_why),
+        ("int8_linear", "torch", int_mm, "torch._int_mm + PyTorch epilogue" if int_mm else "torch has no _int_mm"),
+        ("quantize_per_token", "triton", triton_live, triton_why),
+        ("quantize_per_token", "torch", True, "PyTorch ops: any device"),
+        ("C++/CUDA extension", "cpu, cuda", False, "not built yet (issue #4)"),
     ]
 
 
