@@ -32,8 +32,20 @@ def _window_mask(seq_len, window, device):
     return (pos[:, None] - pos[None, :]).abs() <= window
 
 
-def providers(device: torch.device, seq_len: int, window: int, block_size: int):
+def _sdpa_with(backend, attn_mask):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    return call
+
+
+def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool):
     """name -> function(q, k, v) returning the attention output, for this device."""
+    from torch.nn.attention import SDPBackend
+
     layout = layouts.sliding_window(seq_len, window, block_size)
     backend = "triton" if device.type == "cuda" else "torch"
     mask = _window_mask(seq_len, window, device)
@@ -41,23 +53,19 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int):
         f"block_sparse_{backend}": lambda q, k, v: block_sparse_attention(q, k, v, layout, window=window, backend=backend),
         "sdpa_dense_masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
     }
+    # Each SDPA backend on its own, where present (an unusable one is skipped with a note).
+    if device.type == "cpu" and not quick:
+        found["sdpa_math_masked"] = _sdpa_with(SDPBackend.MATH, mask)
+        found["sdpa_flash_cpu_masked"] = _sdpa_with(SDPBackend.FLASH_ATTENTION, mask)
     if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        def sdpa_with(backend, attn_mask):
-            def call(q, k, v):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-            return call
-
-        found["sdpa_efficient_masked"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask)
-        found["sdpa_cudnn_masked"] = sdpa_with(SDPBackend.CUDNN_ATTENTION, mask)
+        found["sdpa_efficient_masked"] = _sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask)
+        found["sdpa_cudnn_masked"] = _sdpa_with(SDPBackend.CUDNN_ATTENTION, mask)
         if seq_len <= 4096:  # the math backend materializes [heads, seq, seq] scores
-            found["sdpa_math_masked"] = sdpa_with(SDPBackend.MATH, mask)
+            found["sdpa_math_masked"] = _sdpa_with(SDPBackend.MATH, mask)
         # Flash takes no arbitrary mask: dense attention without the window, the unmasked cost.
-        found["sdpa_flash_dense_unmasked"] = sdpa_with(SDPBackend.FLASH_ATTENTION, None)
+        found["sdpa_flash_dense_unmasked"] = _sdpa_with(SDPBackend.FLASH_ATTENTION, None)
         try:
             from flash_attn import flash_attn_func
 
@@ -84,7 +92,7 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
     rows = []
     for seq_len in seq_lens:
         pairs = visible_pairs(seq_len, window)
-        funcs = providers(device, seq_len, window, block_size)
+        funcs = providers(device, seq_len, window, block_size, quick)
         baseline_name = "sdpa_dense_masked"
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
