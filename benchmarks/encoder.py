@@ -56,6 +56,8 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     found = models(device, dtype)
     cases = [("one sequence", [1024 if quick else 8192])]
+    if device.type == "cuda":  # short contexts too: a batch of 8 x 512 tokens
+        cases.insert(0, ("batch 8 x 512", [512] * 8))
     if not quick:
         cases.append(("padded batch 128..4096", PADDED_LENGTHS))
     rows = []
