@@ -98,20 +98,23 @@ def test_opcheck(backend, varlen):
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
+    # Inductor reorders the projection's reductions, so compiled and eager agree to fp32 rounding,
+    # compared element-wise (a sum over all outputs would amplify that rounding with its magnitude).
     layout = layouts.sliding_window(128, 32, 32)
 
     def attention_block(x, w):
         q, k, v = (x @ w).unflatten(-1, (3, 2, 32)).permute(2, 0, 3, 1, 4).unbind(0)
-        return block_sparse_attention(q, k, v, layout, window=32, backend="torch").sum()
+        return block_sparse_attention(q, k, v, layout, window=32, backend="torch")
 
     x = torch.randn(2, 128, 64)
-    w = torch.randn(64, 192, requires_grad=True)
+    w = (torch.randn(64, 192) / 8).requires_grad_()
+    grad_out = torch.randn(2, 2, 128, 32)
     compiled = torch.compile(attention_block, fullgraph=True, backend="inductor")
-    loss = compiled(x, w)
-    loss.backward()
+    out = compiled(x, w)
+    out.backward(grad_out)
     grad_compiled = w.grad.clone()
     w.grad = None
     expected = attention_block(x, w)
-    expected.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(grad_compiled, w.grad, rtol=1e-5, atol=1e-4)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_compiled, w.grad, rtol=1e-4, atol=1e-4)
