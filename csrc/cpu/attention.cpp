@@ -1,0 +1,94 @@
+// CPU implementation of block_sparse_attention_forward_native: checks, then the work items
+// (batch, head, query block) spread over at::parallel_for, each thread with its own workspace.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "kernels.h"
+
+namespace modernbert_kernels {
+namespace {
+
+cpu::ElementType element_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return cpu::ElementType::Float32;
+    case at::kBFloat16: return cpu::ElementType::BFloat16;
+    default: return cpu::ElementType::Float16;
+  }
+}
+
+void token_strides(const at::Tensor& t, bool varlen, int64_t* stride) {
+  // (batch, head, token): [batch, heads, seq, dim] or [tokens, heads, dim] (batch unused).
+  stride[0] = varlen ? 0 : t.stride(0);
+  stride[1] = t.stride(1);
+  stride[2] = t.stride(varlen ? 0 : 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                                                         int64_t block_size, int64_t window, double scale,
+                                                         const std::optional<at::Tensor>& key_padding_mask,
+                                                         const std::optional<at::Tensor>& cu_seqlens,
+                                                         int64_t max_seqlen) {
+  check_attention_inputs(q, k, v, row_offsets, col_indices, block_size, key_padding_mask, cu_seqlens, at::kCPU);
+  const bool varlen = cu_seqlens.has_value();
+  const int64_t heads = q.size(1);
+  const int64_t batch = varlen ? cu_seqlens->numel() - 1 : q.size(0);
+  const int64_t seq_len = varlen ? max_seqlen : q.size(2);
+  const int64_t num_blocks = row_offsets.size(1) - 1;
+  TORCH_CHECK(seq_len <= num_blocks * block_size, "the layout covers ", num_blocks * block_size,
+              " tokens but the sequence length is ", seq_len);
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = varlen ? at::empty({heads, q.size(0)}, q.options().dtype(at::kFloat))
+                          : at::empty({batch, heads, seq_len}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+
+  cpu::AttentionForwardArgs args{};
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  args.dtype = element_type(q.scalar_type());
+  args.batch = batch;
+  args.heads = heads;
+  args.head_dim = q.size(-1);
+  args.seq_len = seq_len;
+  token_strides(q, varlen, args.q_stride);
+  token_strides(k, varlen, args.k_stride);
+  token_strides(v, varlen, args.v_stride);
+  token_strides(out, varlen, args.out_stride);
+  args.lse_stride[0] = varlen ? 0 : lse.stride(0);
+  args.lse_stride[1] = lse.stride(varlen ? 0 : 1);
+  args.cu_seqlens = varlen ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  args.key_padding = key_padding_mask.has_value() ? reinterpret_cast<const uint8_t*>(key_padding_mask->data_ptr<bool>())
+                                                  : nullptr;
+  args.row_offsets = row_offsets.data_ptr<int32_t>();
+  args.col_indices = col_indices.data_ptr<int32_t>();
+  args.layout_head_stride = row_offsets.size(0) == 1 ? 0 : row_offsets.size(1);
+  args.block_size = static_cast<int>(block_size);
+  args.window = window;
+  args.scale = static_cast<float>(scale);
+
+  const int64_t q_blocks = (seq_len + block_size - 1) / block_size;
+  const auto forward = cpu::kernels().attention_forward;
+  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Kept per thread: allocating (and page-faulting) it on every call costs more than small problems.
+    thread_local std::vector<float> workspace(cpu::kAttentionWorkspaceFloats);
+    forward(args, begin, end, workspace.data());
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modernbert_kernels, CPU, m) {
+  m.impl("block_sparse_attention_forward_native", &attention_forward_cpu);
+}
+
+}  // namespace modernbert_kernels

@@ -1,0 +1,293 @@
+// Block-sparse attention forward on the CPU, one work item = (batch, head, query block).
+//
+// For every key block the layout row visits, the key block is packed transposed (head_dim x keys)
+// so that scores come from an outer-product microkernel (4 query rows x 4 vectors of keys in
+// registers, broadcasting q); probabilities then multiply V rows the same way. Online softmax in
+// fp32, log2 domain (q is pre-scaled by scale * log2(e)). With a window, each 4-row tile only
+// computes the key columns its window reaches, so the work tracks the ideal FLOP count rather than
+// whole tiles. Included by the isa_*.cpp builds after vec.h.
+#pragma once
+
+namespace {
+
+constexpr int kRowTile = modernbert_kernels::cpu::kAttentionRowTile;  // query rows per microkernel call
+constexpr int kKeyVectors = 4;     // vectors of keys per score microkernel call
+constexpr int kOutVectors = 4;     // vectors of head_dim per P V microkernel call
+constexpr int kRowStride = modernbert_kernels::cpu::kMaxBlockSize;  // floats per score row
+
+using modernbert_kernels::cpu::AttentionForwardArgs;
+using modernbert_kernels::cpu::ElementType;
+using modernbert_kernels::cpu::kMaxBlockSize;
+using modernbert_kernels::cpu::kMaxHeadDim;
+
+inline float load_element(const void* base, int64_t index, ElementType dtype) {
+  switch (dtype) {
+    case ElementType::Float32: return static_cast<const float*>(base)[index];
+    case ElementType::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+    default: return half_to_float(static_cast<const uint16_t*>(base)[index]);
+  }
+}
+
+inline void store_element(void* base, int64_t index, float value, ElementType dtype) {
+  switch (dtype) {
+    case ElementType::Float32: static_cast<float*>(base)[index] = value; break;
+    case ElementType::BFloat16: static_cast<uint16_t*>(base)[index] = float_to_bf16(value); break;
+    default: static_cast<uint16_t*>(base)[index] = float_to_half(value); break;
+  }
+}
+
+// dst[i] = src[offset + i] * scale for i < n (n a multiple of kLanes), converting to fp32.
+inline void load_row(const void* src, int64_t offset, ElementType dtype, float scale, int n, float* dst) {
+  if (dtype == ElementType::Float32) {
+    const float* p = static_cast<const float*>(src) + offset;
+    for (int i = 0; i < n; i += kLanes) store(dst + i, load(p + i) * scale);
+  } else if (dtype == ElementType::BFloat16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
+    for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(p[i]) * scale;
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
+    for (int i = 0; i < n; ++i) dst[i] = half_to_float(p[i]) * scale;
+  }
+}
+
+// dst[offset + i] = values[i] * scale for i < n (a multiple of kLanes), converting from fp32.
+inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale, int n, const float* values) {
+  if (dtype == ElementType::Float32) {
+    float* p = static_cast<float*>(dst) + offset;
+    for (int i = 0; i < n; i += kLanes) store(p + i, load(values + i) * scale);
+  } else {
+    for (int i = 0; i < n; ++i) store_element(dst, offset + i, values[i] * scale, dtype);
+  }
+}
+
+// scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j.
+// q rows are head_dim apart; kt rows kRowStride apart.
+template <int Vectors>
+inline void score_microkernel(const float* q, const float* kt, int head_dim, int j, float* scores) {
+  vfloat acc[kRowTile][Vectors] = {};
+  for (int d = 0; d < head_dim; ++d) {
+    vfloat keys[Vectors];
+#pragma GCC unroll 4
+    for (int c = 0; c < Vectors; ++c) keys[c] = load(kt + d * kRowStride + j + c * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowTile; ++r) {
+      vfloat qv = splat(q[r * head_dim + d]);
+#pragma GCC unroll 4
+      for (int c = 0; c < Vectors; ++c) acc[r][c] += qv * keys[c];
+    }
+  }
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c]);
+}
+
+// Scores for columns [j_begin, j_end) (multiples of kLanes), kKeyVectors vectors at a time.
+inline void score_tile(const float* q, const float* kt, int head_dim, int j_begin, int j_end, float* scores) {
+  int j = j_begin;
+  for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
+    score_microkernel<kKeyVectors>(q, kt, head_dim, j, scores);
+  switch ((j_end - j) / kLanes) {
+    case 3: score_microkernel<3>(q, kt, head_dim, j, scores); break;
+    case 2: score_microkernel<2>(q, kt, head_dim, j, scores); break;
+    case 1: score_microkernel<1>(q, kt, head_dim, j, scores); break;
+    default: break;
+  }
+}
+
+// out[r] = out[r] * rescale[r] + sum_{j in [j_begin, j_end)} probs[r][j] * v[j] for kRowTile rows.
+inline void accumulate_tile(const float* probs, const float* v, int64_t v_stride, int head_dim, int j_begin,
+                            int j_end, const float* rescale, float* out) {
+  for (int d = 0; d < head_dim; d += kOutVectors * kLanes) {
+    vfloat acc[kRowTile][kOutVectors];
+    const int vectors = head_dim - d >= kOutVectors * kLanes ? kOutVectors : (head_dim - d) / kLanes;
+    if (vectors == kOutVectors) {
+      for (int r = 0; r < kRowTile; ++r)
+        for (int c = 0; c < kOutVectors; ++c) acc[r][c] = load(out + r * head_dim + d + c * kLanes) * rescale[r];
+      for (int j = j_begin; j < j_end; ++j) {
+        vfloat values[kOutVectors];
+#pragma GCC unroll 4
+        for (int c = 0; c < kOutVectors; ++c) values[c] = load(v + j * v_stride + d + c * kLanes);
+#pragma GCC unroll 4
+        for (int r = 0; r < kRowTile; ++r) {
+          vfloat p = splat(probs[r * kRowStride + j]);
+#pragma GCC unroll 4
+          for (int c = 0; c < kOutVectors; ++c) acc[r][c] += p * values[c];
+        }
+      }
+      for (int r = 0; r < kRowTile; ++r)
+        for (int c = 0; c < kOutVectors; ++c) store(out + r * head_dim + d + c * kLanes, acc[r][c]);
+    } else {  // head_dim not a multiple of kOutVectors vectors (e.g. 32 with 16 lanes)
+      for (int c = 0; c < vectors; ++c) {
+        vfloat part[kRowTile];
+        for (int r = 0; r < kRowTile; ++r) part[r] = load(out + r * head_dim + d + c * kLanes) * rescale[r];
+        for (int j = j_begin; j < j_end; ++j) {
+          vfloat values = load(v + j * v_stride + d + c * kLanes);
+#pragma GCC unroll 4
+          for (int r = 0; r < kRowTile; ++r) part[r] += splat(probs[r * kRowStride + j]) * values;
+        }
+        for (int r = 0; r < kRowTile; ++r) store(out + r * head_dim + d + c * kLanes, part[r]);
+      }
+    }
+  }
+}
+
+void attention_forward_items(const AttentionForwardArgs& a, int64_t begin, int64_t end, float* workspace) {
+  const int bs = a.block_size;
+  const int head_dim = static_cast<int>(a.head_dim);
+  const int64_t num_q_blocks = (a.seq_len + bs - 1) / bs;
+  const bool varlen = a.cu_seqlens != nullptr;
+  const bool windowed = a.window >= 0;
+  const float q_scale = a.scale * 1.4426950408889634f;
+  const float inf = __builtin_inff();
+
+  // Workspace: q tile, output accumulators, scores, row max / sum, then the key block cache.
+  float* q_tile = workspace;                                         // [bs + kRowTile][head_dim]
+  float* acc = q_tile + (kMaxBlockSize + kRowTile) * kMaxHeadDim;    // [bs + kRowTile][head_dim]
+  float* scores = acc + (kMaxBlockSize + kRowTile) * kMaxHeadDim;    // [kRowTile][kRowStride]
+  float* row_max = scores + kRowTile * kRowStride;                   // [bs + kRowTile]
+  float* row_sum = row_max + kMaxBlockSize + kRowTile;               // [bs + kRowTile]
+  float* cache = row_sum + kMaxBlockSize + kRowTile;
+  struct KeySlot {
+    int64_t tag = -1;  // (batch, head, key block) packed in this slot
+    int64_t last_use = 0;
+    bool any_masked_key = false;
+  } slots[modernbert_kernels::cpu::kKeyCacheSlots];
+  int64_t clock = 0;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t q_block = item % num_q_blocks;
+    const int64_t head = (item / num_q_blocks) % a.heads;
+    const int64_t batch = item / (num_q_blocks * a.heads);
+    const int64_t seq_start = varlen ? a.cu_seqlens[batch] : 0;
+    const int64_t seq_len = varlen ? a.cu_seqlens[batch + 1] - seq_start : a.seq_len;
+    const int64_t i0 = q_block * bs;
+    if (i0 >= seq_len) continue;
+    const int rows = static_cast<int>(seq_len - i0 < bs ? seq_len - i0 : bs);
+    const int padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
+
+    auto token_offset = [&](const int64_t* stride, int64_t token) {
+      return (varlen ? 0 : batch * stride[0]) + head * stride[1] + (seq_start + token) * stride[2];
+    };
+    for (int r = 0; r < padded_rows; ++r) {
+      float* dst = q_tile + r * head_dim;
+      if (r < rows) {
+        load_row(a.q, token_offset(a.q_stride, i0 + r), a.dtype, q_scale, head_dim, dst);
+      } else {
+        for (int d = 0; d < head_dim; ++d) dst[d] = 0.f;
+      }
+      float* o = acc + r * head_dim;
+      for (int d = 0; d < head_dim; ++d) o[d] = 0.f;
+      row_max[r] = -inf;
+      row_sum[r] = 0.f;
+    }
+
+    const int32_t* row_offsets = a.row_offsets + head * a.layout_head_stride;
+    const int64_t q_last = i0 + rows - 1;
+    for (int32_t e = row_offsets[q_block]; e < row_offsets[q_block + 1]; ++e) {
+      const int64_t j0 = int64_t(a.col_indices[e]) * bs;
+      if (j0 >= seq_len) break;  // sorted: the rest lie past the sequence
+      const int keys = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
+      if (windowed && (j0 > q_last + a.window || j0 + keys - 1 < i0 - a.window)) continue;
+      const int padded_keys = (keys + kLanes - 1) / kLanes * kLanes;
+
+      const int64_t tag = (batch * a.heads + head) * num_q_blocks + j0 / bs;
+      int slot = 0;
+      for (int s = 0; s < modernbert_kernels::cpu::kKeyCacheSlots; ++s) {
+        if (slots[s].tag == tag) {
+          slot = s;
+          break;
+        }
+        if (slots[s].last_use < slots[slot].last_use) slot = s;
+      }
+      float* k_t = cache + slot * modernbert_kernels::cpu::kKeySlotFloats;  // [head_dim][kRowStride]
+      float* v_tile = k_t + kMaxHeadDim * kRowStride;                      // [bs][head_dim], 16-bit inputs
+      float* key_bias = v_tile + kMaxBlockSize * kMaxHeadDim;              // [kRowStride]
+      if (slots[slot].tag != tag) {
+        slots[slot].tag = tag;
+        for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
+          load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
+          for (int d = 0; d < head_dim; ++d) k_t[d * kRowStride + j] = scores[d];
+        }
+        for (int j = keys; j < padded_keys; ++j)
+          for (int d = 0; d < head_dim; ++d) k_t[d * kRowStride + j] = 0.f;
+        if (a.dtype != ElementType::Float32) {
+          for (int j = 0; j < keys; ++j)
+            load_row(a.v, token_offset(a.v_stride, j0 + j), a.dtype, 1.f, head_dim, v_tile + j * head_dim);
+        }
+        // Keys past the sequence or padded out get -inf added to their scores.
+        bool any_masked_key = padded_keys != keys;
+        for (int j = 0; j < padded_keys; ++j) {
+          bool real = j < keys && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + j0 + j]);
+          key_bias[j] = real ? 0.f : -inf;
+          any_masked_key |= !real;
+        }
+        slots[slot].any_masked_key = any_masked_key;
+      }
+      slots[slot].last_use = ++clock;
+      const bool any_masked_key = slots[slot].any_masked_key;
+      const bool fp32 = a.dtype == ElementType::Float32;
+      const float* v_rows = fp32 ? static_cast<const float*>(a.v) + token_offset(a.v_stride, j0) : v_tile;
+      const int64_t v_row_stride = fp32 ? a.v_stride[2] : head_dim;
+
+      for (int r0 = 0; r0 < rows; r0 += kRowTile) {
+        const int64_t first = i0 + r0;
+        const int64_t last = first + kRowTile - 1;
+        int j_begin = 0, j_end = padded_keys;
+        if (windowed) {  // only the columns some row of this tile can see
+          const int64_t lo = first - a.window - j0, hi = last + a.window - j0 + 1;
+          if (lo > 0) j_begin = static_cast<int>(lo < padded_keys ? lo : padded_keys) / kLanes * kLanes;
+          if (hi < j_end) j_end = hi <= 0 ? 0 : static_cast<int>((hi + kLanes - 1) / kLanes * kLanes);
+          if (j_end > padded_keys) j_end = padded_keys;
+        }
+        if (j_begin >= j_end) continue;
+        score_tile(q_tile + r0 * head_dim, k_t, head_dim, j_begin, j_end, scores);
+
+        float rescale[kRowTile];
+        for (int r = 0; r < kRowTile; ++r) {
+          float* s = scores + r * kRowStride;
+          const int64_t i = first + r;
+          const bool tile_needs_window = windowed && (j0 + j_begin < i - a.window || j0 + j_end - 1 > i + a.window);
+          vfloat running_max = splat(-inf);
+          for (int j = j_begin; j < j_end; j += kLanes) {
+            vfloat sv = load(s + j);
+            if (any_masked_key) sv += load(key_bias + j);
+            if (tile_needs_window) {
+              vint column = iota() + static_cast<int>(j0 + j - i);  // key - query, |.| <= window to keep
+              const int window = static_cast<int>(a.window);
+              sv = select((column >= -window) & (column <= window), sv, splat(-inf));
+            }
+            store(s + j, sv);
+            running_max = vmax(running_max, sv);
+          }
+          const float new_max = reduce_max(running_max) > row_max[r0 + r] ? reduce_max(running_max) : row_max[r0 + r];
+          if (new_max == -inf) {  // nothing visible yet for this row: leave it untouched
+            rescale[r] = 1.f;
+            for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
+            continue;
+          }
+          vfloat sum = splat(0.f);
+          for (int j = j_begin; j < j_end; j += kLanes) {
+            vfloat p = vexp2(load(s + j) - new_max);
+            store(s + j, p);
+            sum += p;
+          }
+          rescale[r] = vexp2(splat(row_max[r0 + r] - new_max))[0];
+          row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + reduce_sum(sum);
+          row_max[r0 + r] = new_max;
+        }
+        accumulate_tile(scores, v_rows, v_row_stride, head_dim, j_begin, j_end < keys ? j_end : keys, rescale,
+                        acc + r0 * head_dim);
+      }
+    }
+
+    const float ln2 = 0.69314718055994531f;
+    for (int r = 0; r < rows; ++r) {
+      const float total = row_sum[r];
+      const float inverse = total > 0.f ? 1.f / total : 0.f;
+      store_row(a.out, token_offset(a.out_stride, i0 + r), a.dtype, inverse, head_dim, acc + r * head_dim);
+      a.lse[(varlen ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + i0 + r] =
+          total > 0.f ? (row_max[r] + __builtin_log2f(total)) * ln2 : inf;
+    }
+  }
+}
+
+}  // namespace

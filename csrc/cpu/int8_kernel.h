@@ -1,0 +1,133 @@
+// The element-wise halves of the CPU int8 linear: per-token quantization (optionally fused with a
+// bias-free LayerNorm and SmoothQuant smoothing) and the GEMM epilogue (both scales, bias, GELU or
+// GeGLU, output cast). Included by the isa_*.cpp builds after vec.h and attention_kernel.h.
+#pragma once
+
+namespace {
+
+using modernbert_kernels::cpu::Activation;
+using modernbert_kernels::cpu::Int8EpilogueArgs;
+using modernbert_kernels::cpu::QuantizeArgs;
+
+inline vfloat activate(vfloat y, Activation activation) {
+  if (activation == Activation::Gelu) return vgelu(y);
+  if (activation == Activation::GeluTanh) return vgelu_tanh(y);
+  return y;
+}
+
+void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t n = a.n;
+  const bool geglu = a.activation == Activation::Geglu;
+  const int64_t out_cols = geglu ? n / 2 : n;
+  float row_buffer[kLanes];
+  // 16-bit outputs are computed into fp32 staging, then converted.
+  float local[4096];
+  float* staging = out_cols <= 4096 ? local : new float[out_cols];
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const int32_t* acc = a.acc + m * a.acc_stride;
+    const float xs = a.x_scale[m];
+    float* dst = a.out_dtype == ElementType::Float32 ? static_cast<float*>(a.out) + m * a.out_stride : staging;
+    int64_t c = 0;
+    if (!geglu) {
+      for (; c + kLanes <= n; c += kLanes) {
+        vfloat y = __builtin_convertvector(load_int(acc + c), vfloat) * (load(a.w_scale + c) * xs);
+        if (a.bias) y += load(a.bias + c);
+        store(dst + c, activate(y, a.activation));
+      }
+      if (c < n) {  // tail: one vector with the missing lanes zero
+        vfloat y = splat(0.f);
+        for (int64_t l = 0; c + l < n; ++l)
+          y[l] = float(acc[c + l]) * (a.w_scale[c + l] * xs) + (a.bias ? a.bias[c + l] : 0.f);
+        store(row_buffer, activate(y, a.activation));
+        for (int64_t l = 0; c + l < n; ++l) dst[c + l] = row_buffer[l];
+      }
+    } else {
+      // Interleaved pairs (gate, up): out[i] = gelu(y[2i]) * y[2i + 1].
+      vint even, odd;
+      for (int l = 0; l < kLanes; ++l) {
+        even[l] = 2 * l;
+        odd[l] = 2 * l + 1;
+      }
+      int64_t i = 0;
+      for (; 2 * (i + kLanes) <= n; i += kLanes) {
+        const int64_t col = 2 * i;
+        vfloat lo = __builtin_convertvector(load_int(acc + col), vfloat) * (load(a.w_scale + col) * xs);
+        vfloat hi = __builtin_convertvector(load_int(acc + col + kLanes), vfloat) * (load(a.w_scale + col + kLanes) * xs);
+        if (a.bias) {
+          lo += load(a.bias + col);
+          hi += load(a.bias + col + kLanes);
+        }
+        vfloat gate = __builtin_shuffle(lo, hi, even);
+        vfloat up = __builtin_shuffle(lo, hi, odd);
+        store(dst + i, vgelu(gate) * up);
+      }
+      if (i < out_cols) {
+        vfloat gate = splat(0.f), up = splat(0.f);
+        for (int64_t l = 0; i + l < out_cols; ++l) {
+          const int64_t col = 2 * (i + l);
+          gate[l] = float(acc[col]) * (a.w_scale[col] * xs) + (a.bias ? a.bias[col] : 0.f);
+          up[l] = float(acc[col + 1]) * (a.w_scale[col + 1] * xs) + (a.bias ? a.bias[col + 1] : 0.f);
+        }
+        store(row_buffer, vgelu(gate) * up);
+        for (int64_t l = 0; i + l < out_cols; ++l) dst[i + l] = row_buffer[l];
+      }
+    }
+    if (a.out_dtype != ElementType::Float32)
+      for (int64_t i = 0; i < out_cols; ++i) store_element(a.out, m * a.out_stride + i, staging[i], a.out_dtype);
+  }
+  if (staging != local) delete[] staging;
+}
+
+void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end, float* x) {
+  const int64_t k = a.k;
+  const int kv = static_cast<int>(k / kLanes * kLanes);  // vectorized prefix; the rest is scalar
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    load_row(a.x, m * a.x_stride, a.dtype, 1.f, kv, x);
+    for (int64_t i = kv; i < k; ++i) x[i] = load_element(a.x, m * a.x_stride + i, a.dtype);
+    if (a.norm_weight) {  // two-pass mean / variance in fp32
+      vfloat sum = splat(0.f);
+      for (int i = 0; i < kv; i += kLanes) sum += load(x + i);
+      float total = reduce_sum(sum);
+      for (int64_t i = kv; i < k; ++i) total += x[i];
+      const float mean = total / float(k);
+      vfloat squares = splat(0.f);
+      for (int i = 0; i < kv; i += kLanes) {
+        vfloat centered = load(x + i) - mean;
+        squares += centered * centered;
+      }
+      float square_total = reduce_sum(squares);
+      for (int64_t i = kv; i < k; ++i) square_total += (x[i] - mean) * (x[i] - mean);
+      const float rstd = 1.f / __builtin_sqrtf(square_total / float(k) + a.eps);
+      for (int i = 0; i < kv; i += kLanes) store(x + i, (load(x + i) - mean) * rstd * load(a.norm_weight + i));
+      for (int64_t i = kv; i < k; ++i) x[i] = (x[i] - mean) * rstd * a.norm_weight[i];
+    }
+    if (a.smooth) {
+      for (int i = 0; i < kv; i += kLanes) store(x + i, load(x + i) * load(a.smooth + i));
+      for (int64_t i = kv; i < k; ++i) x[i] *= a.smooth[i];
+    }
+    vfloat vamax = splat(0.f);
+    for (int i = 0; i < kv; i += kLanes) vamax = vmax(vamax, vabs(load(x + i)));
+    float amax = reduce_max(vamax);
+    for (int64_t i = kv; i < k; ++i) amax = __builtin_fabsf(x[i]) > amax ? __builtin_fabsf(x[i]) : amax;
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    a.scale[m] = scale;
+    int8_t* q = a.q + m * k;
+    // Round half away from zero: add +-1/2, clamp, truncate (the rule of the reference).
+    for (int i = 0; i < kv; i += kLanes) {
+      vfloat y = load(x + i) / scale;
+      y += select(y < 0.f, splat(-0.5f), splat(0.5f));
+      vint t = __builtin_convertvector(vmin(vmax(y, splat(-127.f)), splat(127.f)), vint);
+      typedef signed char vbyte __attribute__((vector_size(kLanes)));
+      vbyte bytes = __builtin_convertvector(t, vbyte);
+      __builtin_memcpy(q + i, &bytes, kLanes);
+    }
+    for (int64_t i = kv; i < k; ++i) {
+      float y = x[i] / scale;
+      y += y < 0.f ? -0.5f : 0.5f;
+      y = y < -127.f ? -127.f : (y > 127.f ? 127.f : y);
+      q[i] = int8_t(y);
+    }
+  }
+}
+
+}  // namespace

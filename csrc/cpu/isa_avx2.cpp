@@ -1,0 +1,14 @@
+// The CPU kernels built for AVX2 + FMA (8 floats per vector); chosen at run time by dispatch.cpp.
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+#define MBK_LANES 8
+#include "vec.h"
+#include "attention_kernel.h"
+#include "int8_kernel.h"
+
+namespace modernbert_kernels::cpu {
+extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, int8_epilogue_rows, quantize_rows};
+}
+#endif  // __x86_64__

@@ -1,0 +1,14 @@
+// The CPU kernels built for AVX-512 (16 floats per vector); chosen at run time by dispatch.cpp.
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#define MBK_LANES 16
+#include "vec.h"
+#include "attention_kernel.h"
+#include "int8_kernel.h"
+
+namespace modernbert_kernels::cpu {
+extern const KernelTable kAvx512Kernels = {"avx512", attention_forward_items, int8_epilogue_rows, quantize_rows};
+}
+#endif  // __x86_64__

@@ -1,0 +1,93 @@
+// Plain-data descriptions of the CPU kernels' work, shared by the torch-facing code (attention.cpp,
+// int8_linear.cpp) and the ISA-specific kernel builds (isa_*.cpp). Nothing here includes torch, so
+// the kernel translation units can be compiled for AVX-512 / AVX2 without mixing ISA-specific code
+// into inline functions that other translation units also define.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace modernbert_kernels::cpu {
+
+enum class ElementType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+constexpr int kMaxBlockSize = 128;
+constexpr int kMaxHeadDim = 128;
+
+struct AttentionForwardArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // natural log; +inf for a query that sees no key
+  ElementType dtype;
+  int64_t batch, heads, head_dim;
+  int64_t seq_len;  // padded length, or max_seqlen for a varlen batch
+  // Element strides of q / k / v / out along (batch, head, token); head_dim has unit stride.
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  int64_t lse_stride[2];       // (batch, head); tokens are contiguous
+  const int32_t* cu_seqlens;   // varlen when set: sequence b holds tokens cu[b] .. cu[b + 1]
+  const uint8_t* key_padding;  // [batch, seq_len], 1 = real key; or null
+  const int32_t* row_offsets;  // [layout_heads, num_blocks + 1]
+  const int32_t* col_indices;
+  int64_t layout_head_stride;  // 0 when one layout serves every head
+  int block_size;
+  int64_t window;  // < 0: no window
+  float scale;
+};
+
+// Work item = (batch, head, query block); a call handles items [begin, end) with a private
+// workspace of kAttentionWorkspaceFloats floats. Consecutive items of one head share key blocks
+// (a window visits blocks m - 1, m, m + 1), so packed key blocks are kept in a small LRU cache.
+constexpr int kAttentionRowTile = 4;
+constexpr int kKeyCacheSlots = 6;
+// Per slot: keys transposed [head_dim][block], values as fp32 [block][head_dim], key bias [block].
+constexpr size_t kKeySlotFloats = 2 * kMaxHeadDim * kMaxBlockSize + kMaxBlockSize;
+// q tile and output accumulators, scores, row max and sum, then the key cache.
+constexpr size_t kAttentionWorkspaceFloats = 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim +
+                                            kAttentionRowTile * kMaxBlockSize + 2 * (kMaxBlockSize + kAttentionRowTile) +
+                                            kKeyCacheSlots * kKeySlotFloats;
+using AttentionForwardFn = void (*)(const AttentionForwardArgs&, int64_t begin, int64_t end, float* workspace);
+
+enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Geglu = 3 };
+
+struct Int8EpilogueArgs {
+  const int32_t* acc;  // [rows, n] int32, row stride acc_stride
+  int64_t acc_stride;
+  const float* x_scale;  // [rows]
+  const float* w_scale;  // [n]
+  const float* bias;     // [n] or null
+  void* out;             // [rows, n or n / 2], row stride out_stride
+  int64_t out_stride;
+  ElementType out_dtype;
+  Activation activation;
+  int64_t n;
+};
+using Int8EpilogueFn = void (*)(const Int8EpilogueArgs&, int64_t row_begin, int64_t row_end);
+
+struct QuantizeArgs {
+  const void* x;  // [rows, k], row stride x_stride
+  int64_t x_stride;
+  ElementType dtype;
+  int64_t k;
+  const float* norm_weight;  // bias-free LayerNorm weight [k] or null (no LayerNorm)
+  float eps;
+  const float* smooth;  // [k] or null
+  int8_t* q;            // [rows, k] contiguous
+  float* scale;         // [rows]
+};
+// A call handles rows [begin, end) with a private workspace of k floats.
+using QuantizeFn = void (*)(const QuantizeArgs&, int64_t row_begin, int64_t row_end, float* workspace);
+
+struct KernelTable {
+  const char* isa;
+  AttentionForwardFn attention_forward;
+  Int8EpilogueFn int8_epilogue;
+  QuantizeFn quantize_rows;
+};
+
+// The best build this CPU can run, chosen once at first use (not at build time, so one wheel
+// serves every x86-64 machine).
+const KernelTable& kernels();
+
+}  // namespace modernbert_kernels::cpu

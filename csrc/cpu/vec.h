@@ -1,0 +1,156 @@
+// Portable SIMD through GCC/Clang vector extensions: the including translation unit sets the
+// target ISA (#pragma GCC target) and kLanes, and the compiler emits AVX-512, AVX2 or SSE2 code
+// from the same source. Everything here has internal linkage, so the ISA builds never share a
+// symbol. Include only after every system header the translation unit needs.
+#pragma once
+
+#ifndef MBK_LANES
+#error "define MBK_LANES (floats per vector) before including vec.h"
+#endif
+
+namespace {
+
+constexpr int kLanes = MBK_LANES;
+typedef float vfloat __attribute__((vector_size(kLanes * 4)));
+typedef int vint __attribute__((vector_size(kLanes * 4)));
+// Unaligned views for loads and stores.
+typedef float vfloat_u __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int vint_u __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
+inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
+inline vint load_int(const int* p) { return *reinterpret_cast<const vint_u*>(p); }
+// x - (+0) is x for every x (x + 0 is not, for -0), so this folds to a bare broadcast.
+inline vfloat splat(float x) { return x - vfloat{}; }
+
+inline vint iota() {
+  vint v;
+  for (int i = 0; i < kLanes; ++i) v[i] = i;
+  return v;
+}
+
+inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
+
+inline float reduce_max(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+inline float reduce_sum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
+
+// floor() through truncation: converts toward zero, then steps down where that rounded up.
+inline vfloat vfloor(vfloat x) {
+  vfloat t = __builtin_convertvector(__builtin_convertvector(x, vint), vfloat);
+  return t - select(t > x, splat(1.f), splat(0.f));
+}
+
+// 2^x to ~2e-7 relative: x = n + f with |f| <= 1/2, 2^f by its degree-6 Taylor series in f ln 2
+// (truncation error (ln 2 / 2)^7 / 7! = 1.2e-7), 2^n built in the exponent bits. Exactly 0 below
+// -126, so masked scores (-inf) contribute nothing.
+inline vfloat vexp2(vfloat x) {
+  vfloat xc = vmin(vmax(x, splat(-126.f)), splat(127.f));
+  vfloat n = vfloor(xc + 0.5f);
+  vfloat f = (xc - n) * 0.69314718055994531f;
+  vfloat p = splat(1.f / 720.f);
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof(bits));
+  return select(x < -126.f, splat(0.f), p * two_n);
+}
+
+inline vfloat vexp(vfloat x) { return vexp2(x * 1.4426950408889634f); }
+
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
+inline vfloat verf(vfloat x) {
+  vfloat z = vabs(x);
+  vfloat t = 1.f / (1.f + 0.3275911f * z);
+  vfloat poly = splat(1.061405429f);
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  vfloat r = 1.f - poly * t * vexp(-z * z);
+  return select(x < 0.f, -r, r);
+}
+
+inline vfloat vgelu(vfloat x) { return 0.5f * x * (1.f + verf(x * 0.70710678118654752f)); }
+
+// gelu with the tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1), saturating cleanly.
+inline vfloat vgelu_tanh(vfloat x) {
+  vfloat u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+  vfloat tanh_u = 1.f - 2.f / (vexp(2.f * u) + 1.f);
+  return 0.5f * x * (1.f + tanh_u);
+}
+
+// Scalar conversions for the 16-bit storage types (round to nearest even; inputs are finite or inf).
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1fu) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: value = mantissa * 2^-24
+    float f = float(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_half(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return uint16_t(sign | 0x7e00u);
+  if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past 65504: inf
+  if (magnitude < 0x38800000u) {  // below the smallest normal half: round to a multiple of 2^-24
+    float a;
+    __builtin_memcpy(&a, &magnitude, 4);
+    // Adding 0.5 forces the sum's low mantissa bits to hold a * 2^24, rounded to nearest even.
+    float shifted = a + 0.5f;
+    uint32_t sbits;
+    __builtin_memcpy(&sbits, &shifted, 4);
+    return uint16_t(sign | (sbits - 0x3f000000u));  // 0x400 when it rounds up to the smallest normal
+  }
+  uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+  return uint16_t(sign | ((rounded - (112u << 23)) >> 13));
+}
+
+}  // namespace

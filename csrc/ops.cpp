@@ -1,0 +1,32 @@
+// Schemas of the native (C++/CUDA) kernels, defined once. The public ops
+// (modernbert_kernels::block_sparse_attention, ::int8_linear, ::quantize_per_token) are defined in
+// Python, where they also carry the Triton implementations, fake tensors and autograd; their
+// backend="cpu" / "cuda" branches call these. CPU implementations live in cpu/, CUDA ones in cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(modernbert_kernels, m) {
+  m.def(
+      "block_sparse_attention_forward_native(Tensor q, Tensor k, Tensor v, Tensor row_offsets, "
+      "Tensor col_indices, int block_size, int window, float scale, Tensor? key_padding_mask, "
+      "Tensor? cu_seqlens, int max_seqlen) -> (Tensor, Tensor)");
+  m.def(
+      "block_sparse_attention_backward_native(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor row_offsets, Tensor col_indices, Tensor col_offsets, Tensor row_indices, "
+      "int block_size, int window, float scale, Tensor? key_padding_mask, Tensor? cu_seqlens, "
+      "int max_seqlen) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "int8_linear_native(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
+      "str activation, ScalarType out_dtype) -> Tensor");
+  m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");
+  // Which CPU kernel build this machine runs (avx512, avx2 or baseline), for `modernbert-kernels info`.
+  m.def("cpu_isa() -> str", [] { return std::string(modernbert_kernels::cpu::kernels().isa); });
+}
+
+// Importing modernbert_kernels._C runs the registrations above; the module itself is empty.
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,45 @@
+"""The C++/CUDA extension (csrc/, built as ``modernbert_kernels._C``): whether it loaded, and why not.
+
+Importing ``_C`` registers the native kernels as ``torch.ops.modernbert_kernels.*_native``; the
+public ops call them for ``backend="cpu"`` and ``backend="cuda"``. A pure-Python install (no
+compiler at build time, or MODERNBERT_KERNELS_BUILD_EXTENSION=0) works without them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as err:
+        return False, f"the C++ extension is not built ({err}); reinstall with a compiler and torch present"
+    return True, f"C++ kernels ({torch.ops.modernbert_kernels.cpu_isa()} build)"
+
+
+def cpu_status() -> tuple[bool, str]:
+    """(the native CPU kernels are usable, why / why not)."""
+    return _load()
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(the native CUDA kernels are usable, why / why not)."""
+    loaded, why = _load()
+    if not loaded:
+        return False, why
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("modernbert_kernels::int8_linear_native", "CUDA"):
+        return False, "the extension was built without CUDA kernels (rebuild with FORCE_CUDA=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, "CUDA C++ kernels"
+
+
+def status(device_type: str) -> tuple[bool, str]:
+    return cuda_status() if device_type == "cuda" else cpu_status()
+
+
+_load()  # registers torch.ops.modernbert_kernels.*_native on import, when built
