@@ -1,8 +1,9 @@
 """Block-sparse attention vs dense baselines with the same mask (sliding window, ModernBERT's local layers).
 
-CPU: backend="torch" (gathered blocks) vs F.scaled_dot_product_attention with the equivalent
-boolean mask. GPU: backend="triton" vs SDPA with the mask and FlexAttention with the same
-window (create_block_mask), forward and forward+backward.
+CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
+F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
+backend="cuda" (the C++ extension's CUDA kernel) vs SDPA with the mask and FlexAttention with the
+same window (create_block_mask), forward and forward+backward.
 
     python -m benchmarks.attention --device cpu --out benchmarks/results/local
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import summarize, time_fn
-from modernbert_kernels import block_sparse_attention, layouts
+from modernbert_kernels import block_sparse_attention, layouts, native
 
 
 def visible_pairs(seq_len: int, window: int) -> int:
@@ -47,12 +48,19 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
     from torch.nn.attention import SDPBackend
 
     layout = layouts.sliding_window(seq_len, window, block_size)
-    backend = "triton" if device.type == "cuda" else "torch"
+    ours = ["triton"] if device.type == "cuda" else []
+    if native.status(device.type)[0]:  # the C++ extension's kernel for this device
+        ours.append(device.type)
+    if device.type == "cpu":
+        ours.append("torch")
     mask = _window_mask(seq_len, window, device)
     found = {
-        f"block_sparse_{backend}": lambda q, k, v: block_sparse_attention(q, k, v, layout, window=window, backend=backend),
-        "sdpa_dense_masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        f"block_sparse_{backend}": (
+            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, backend=backend)
+        )
+        for backend in ours
     }
+    found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # Each SDPA backend on its own, where present (an unusable one is skipped with a note).
     if device.type == "cpu" and not quick:
         found["sdpa_math_masked"] = _sdpa_with(SDPBackend.MATH, mask)

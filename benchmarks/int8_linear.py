@@ -1,6 +1,7 @@
 """Int8Linear (W8A8, fused epilogue) vs float linear layers at ModernBERT-base shapes.
 
-CPU: vs fp32 nn.Linear (+ activation) and vs torch.ao dynamic quantization of the same layer.
+CPU: vs fp32 nn.Linear (+ activation) and vs torch.ao dynamic quantization of the same layer;
+"int8" is the default backend (the C++ kernels when built), "int8_torch_path" the PyTorch one.
 GPU: vs bf16 F.linear (+ activation) and vs torch._int_mm with an unfused epilogue.
 Also reports each int8 layer's relative error against the float layer, with and without
 SmoothQuant smoothing, on activations with a few outlier channels.
@@ -23,6 +24,7 @@ LAYERS = [
     ("Wqkv", 768, 2304, None),
     ("Wi+GeGLU", 768, 2 * 1152, "geglu"),
     ("mlp.Wo", 1152, 768, None),
+    ("attn.Wo", 768, 768, None),
 ]
 
 
@@ -81,6 +83,14 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
 
                 providers["int_mm_unfused_epilogue"] = int_mm_unfused
             if device.type == "cpu":
+                from modernbert_kernels import int8_linear, quantize_per_token
+
+                def int8_torch_path(layer=int8_layer):
+                    x_q, x_scale = quantize_per_token(x, backend="torch")
+                    return int8_linear(x_q, x_scale, layer.weight_q, layer.weight_scale, layer.bias, layer.activation,
+                                       x.dtype, backend="torch")
+
+                providers["int8_torch_path"] = int8_torch_path
                 with warnings.catch_warnings():  # torch.ao.quantization is deprecated; it is the baseline asked for
                     warnings.simplefilter("ignore")
                     dynamic = torch.ao.quantization.quantize_dynamic(

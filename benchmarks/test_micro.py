@@ -7,15 +7,19 @@
 import pytest
 import torch
 
-from modernbert_kernels import Int8Linear, block_sparse_attention, layouts
+from modernbert_kernels import Int8Linear, block_sparse_attention, layouts, native
+
+BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not native.cpu_status()[0], reason=native.cpu_status()[1])),
+            "torch"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seq_len", [2048, 8192])
-def test_sliding_window_attention_torch_backend(benchmark, seq_len):
+def test_sliding_window_attention(benchmark, seq_len, backend):
     layout = layouts.sliding_window(seq_len, 64, 64)
     q, k, v = (torch.randn(1, 12, seq_len, 64) for _ in range(3))
     with torch.no_grad():
-        benchmark(block_sparse_attention, q, k, v, layout, window=64, backend="torch")
+        benchmark(block_sparse_attention, q, k, v, layout, window=64, backend=backend)
 
 
 @pytest.mark.parametrize("activation", [None, "geglu"])

@@ -13,11 +13,12 @@ from typing import Optional
 
 import torch
 
-from . import gathered
+from . import gathered, native
 from .layout import BlockSparseLayout
 from .reference import block_sparse_attention_reference
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "cpu", "cuda", "torch", "reference")
+NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ extension's kernels, one per device type
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -38,8 +39,11 @@ def triton_status() -> tuple[bool, str]:
 
 
 def default_backend(device: torch.device) -> str:
+    """Triton on CUDA; else the C++ kernels for the device; else the PyTorch path."""
     if device.type == "cuda" and triton_status()[0]:
         return "triton"
+    if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
+        return device.type
     return "torch"
 
 
@@ -53,6 +57,10 @@ def _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, k
             q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0],
             window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )
+    if backend in NATIVE_BACKENDS:
+        return torch.ops.modernbert_kernels.block_sparse_attention_forward_native(
+            q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens, max_seqlen
         )
     return gathered.gathered_forward(q, k, v, row_offsets, col_indices, block_size, window_or_none, scale,
                                      key_padding_mask, cu_seqlens)
@@ -99,6 +107,13 @@ def _attention_backward_op(
             row_offsets.shape[0], window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         )
+    if backend == "cuda":
+        return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(
+            dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
+            key_padding_mask, cu_seqlens, max_seqlen,
+        )
+    # backend "cpu" has no C++ backward yet: the gathered PyTorch path (sparse too) takes the
+    # forward's out and lse, which follow the same conventions.
     return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
                                       window_or_none, scale, key_padding_mask, cu_seqlens)
 
@@ -231,8 +246,9 @@ def block_sparse_attention(
     Query i sees key j when the layout visits their tile, ``|i - j| <= window`` (if given), and
     key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen). A query that
     sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
-    ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (gathered blocks in
-    PyTorch, any device) or "reference" (dense); None picks the fastest available.
+    ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
+    extension's kernels), "torch" (gathered blocks in PyTorch, any device) or "reference" (dense);
+    None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
     backend = default_backend(q.device) if backend is None else backend
@@ -249,6 +265,14 @@ def block_sparse_attention(
 
         if not usable or (q.device.type != "cuda" and not interpreting()):
             raise ValueError(f"backend='triton' is not available for {q.device} tensors: {why}")
+    if backend in NATIVE_BACKENDS:
+        usable, why = native.status(backend)
+        if q.device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {q.device} tensors")
+        if not usable:
+            raise ValueError(f"backend={backend!r} is not available: {why}")
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -5,6 +5,10 @@ sm_90 and reads registers, spills and shared memory from the cubin with the cuob
 with Triton. It fails on any spill, on shared memory above the arch's limit, and on an sm_90
 tensor-core build (16-bit or int8, 64 or more rows per program) that does not use wgmma. Run it
 without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+
+When the C++ extension was built with CUDA kernels (FORCE_CUDA=1), their cubins are read from the
+shared library the same way: every kernel must exist for each arch, spill nothing and fit its
+static shared memory in 48 KiB.
 """
 
 from __future__ import annotations
@@ -198,6 +202,57 @@ def run_check(archs=ARCHS, quick: bool = False, progress=None) -> list[KernelBui
     return results
 
 
+STATIC_SHARED_LIMIT = 48 * 1024
+
+
+@dataclasses.dataclass
+class NativeBuild:
+    """One CUDA kernel of the C++ extension, as cuobjdump reads it from the shared library."""
+
+    kernel: str
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+
+    def problems(self) -> list[str]:
+        found = [f"spills {self.spill_bytes} bytes to local memory"] if self.spill_bytes else []
+        if self.shared_bytes > STATIC_SHARED_LIMIT:
+            found.append(f"needs {self.shared_bytes} B of static shared memory (limit 48 KiB)")
+        return found
+
+
+def native_cuda_builds(archs=ARCHS) -> list[NativeBuild] | None:
+    """Resource usage of the extension's CUDA kernels; None when it was built without them."""
+    from . import native
+
+    if not native.cpu_status()[0]:
+        return None
+    from . import _C
+
+    dump = subprocess.run(
+        [_cuobjdump(), "--dump-resource-usage", _C.__file__], capture_output=True, text=True, check=False
+    ).stdout
+    results, arch, kernel = [], None, None
+    for line in dump.splitlines():
+        if match := re.match(r"\s*arch = sm_(\d+)", line):
+            arch = int(match.group(1))
+        elif match := re.match(r"\s*Function (\S+):", line):
+            # Mangled names: keep the kernel's own name and its template arguments' gist.
+            found = re.search(r"(attention_(?:forward|dq|dkdv)_kernel|int8_linear_kernel|quantize_rows_kernel)I(\w+?)E",
+                              match.group(1))
+            kernel = f"{found.group(1)}<{found.group(2)}>" if found else match.group(1)
+        elif (match := re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", line)) and arch and kernel:
+            registers, shared, local = (int(g) for g in match.groups())
+            results.append(NativeBuild(kernel, arch, registers, local, shared))
+    if not results:
+        return None
+    missing = set(archs) - {b.arch for b in results}
+    if missing:
+        raise RuntimeError(f"the extension's CUDA kernels were not built for sm_{sorted(missing)}")
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
@@ -214,6 +269,13 @@ def main(argv=None) -> int:
         )
 
     results = run_check(tuple(args.arch or ARCHS), args.quick, progress)
+    native_builds = native_cuda_builds(tuple(args.arch or ARCHS))
+    if native_builds is None:
+        print("C++ extension: no CUDA kernels built (FORCE_CUDA=1 builds them)")
+    for build in native_builds or []:
+        print(f"sm_{build.arch} native {build.kernel:40s} regs={build.registers:3d} spill={build.spill_bytes} "
+              f"smem={build.shared_bytes:6d} {'; '.join(build.problems()) or 'ok'}")
+    results = results + (native_builds or [])
     failed = [b for b in results if b.problems()]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

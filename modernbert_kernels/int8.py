@@ -3,8 +3,9 @@
 Weights are quantized once per output channel; activations per token, on the fly (fused with the
 LayerNorm that precedes them where the caller has one). Both ops are torch.library custom ops
 with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, or the interpreter),
-``backend="torch"`` runs ``torch._int_mm`` plus a PyTorch epilogue (the CPU path until the C++
-kernels exist). The reference (float64) lives in reference.py.
+``backend="cpu"`` / ``"cuda"`` the C++ extension's kernels (on CPU: oneDNN's int8 GEMM in
+cache-sized row chunks, each followed at once by a vectorized epilogue), ``backend="torch"``
+``torch._int_mm`` plus a PyTorch epilogue. The reference (float64) lives in reference.py.
 """
 
 from __future__ import annotations
@@ -14,20 +15,32 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import triton_status
+from . import native
+from .attention import NATIVE_BACKENDS, triton_status
 
+BACKENDS = ("triton", "cpu", "cuda", "torch")
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
 
 
 def _default_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and triton_status()[0] else "torch"
+    if device.type == "cuda" and triton_status()[0]:
+        return "triton"
+    if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
+        return device.type
+    return "torch"
 
 
 def _check_backend(backend: str, device: torch.device) -> str:
     backend = _default_backend(device) if backend is None else backend
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend in NATIVE_BACKENDS:
+        usable, why = native.status(backend)
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {device} tensors")
+        if not usable:
+            raise ValueError(f"backend={backend!r} is not available: {why}")
     if backend == "triton":
         from .triton.attention_common import interpreting
 
@@ -60,6 +73,8 @@ def _quantize_op(
         from .triton.quantize import quantize_rows
 
         return quantize_rows(x, norm_weight, eps, smooth)
+    if backend in NATIVE_BACKENDS:
+        return torch.ops.modernbert_kernels.quantize_per_token_native(x, norm_weight, eps, smooth)
     return _quantize_rows_torch(x, norm_weight, eps, smooth)
 
 
@@ -136,6 +151,8 @@ def _int8_linear_op(
         from .triton.int8_matmul import int8_matmul
 
         return int8_matmul(x_q, w_q, x_scale, w_scale, bias, act, out_dtype)
+    if backend in NATIVE_BACKENDS:
+        return torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, act, out_dtype)
 
 
@@ -183,7 +200,7 @@ def int8_linear(
         raise ValueError(f"geglu needs an even number of weight rows, got {n}")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
-    x_q, w_q = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_q, w_q))
+    x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
     return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
                            _check_backend(backend, x_q.device))
 

@@ -2,17 +2,15 @@
 
 Importing ``_C`` registers the native kernels as ``torch.ops.modernbert_kernels.*_native``; the
 public ops call them for ``backend="cpu"`` and ``backend="cuda"``. A pure-Python install (no
-compiler at build time, or MODERNBERT_KERNELS_BUILD_EXTENSION=0) works without them.
+compiler at build time, or MODERNBERT_KERNELS_BUILD_EXTENSION=0) works without them. The answers
+are computed once at import, so torch.compile sees constants.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.cache
 def _load() -> tuple[bool, str]:
     try:
         from . import _C  # noqa: F401
@@ -21,17 +19,22 @@ def _load() -> tuple[bool, str]:
     return True, f"C++ kernels ({torch.ops.modernbert_kernels.cpu_isa()} build)"
 
 
+_CPU_STATUS = _load()
+_CUDA_BUILT = _CPU_STATUS[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "modernbert_kernels::int8_linear_native", "CUDA"
+)
+
+
 def cpu_status() -> tuple[bool, str]:
     """(the native CPU kernels are usable, why / why not)."""
-    return _load()
+    return _CPU_STATUS
 
 
 def cuda_status() -> tuple[bool, str]:
     """(the native CUDA kernels are usable, why / why not)."""
-    loaded, why = _load()
-    if not loaded:
-        return False, why
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("modernbert_kernels::int8_linear_native", "CUDA"):
+    if not _CPU_STATUS[0]:
+        return _CPU_STATUS
+    if not _CUDA_BUILT:
         return False, "the extension was built without CUDA kernels (rebuild with FORCE_CUDA=1)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
@@ -40,6 +43,3 @@ def cuda_status() -> tuple[bool, str]:
 
 def status(device_type: str) -> tuple[bool, str]:
     return cuda_status() if device_type == "cuda" else cpu_status()
-
-
-_load()  # registers torch.ops.modernbert_kernels.*_native on import, when built

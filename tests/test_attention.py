@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import CPU_BACKENDS, TOLERANCES, relative_error
-from modernbert_kernels import block_sparse_attention, layouts
+from modernbert_kernels import block_sparse_attention, layouts, native
 from modernbert_kernels.reference import block_sparse_attention_reference
 
 HEADS = 2
@@ -155,7 +155,7 @@ def test_non_contiguous_inputs_from_a_fused_projection():
     cu = torch.tensor([0] + VARLEN_LENGTHS, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     layout = layouts.sliding_window(SEQ, 40, BLOCK)
     ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=40, cu_seqlens=cu)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch") + (("cpu",) if native.cpu_status()[0] else ()):
         out = block_sparse_attention(q, k, v, layout, window=40, cu_seqlens=cu, backend=backend)
         assert relative_error(out, ref) <= TOLERANCES[torch.float32]
 

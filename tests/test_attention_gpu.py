@@ -1,10 +1,12 @@
-"""Triton kernels compiled for the real GPU (autotuned configs), bf16 and fp16, against float64."""
+"""GPU kernels (Triton, and the C++ extension's CUDA fallback when built with FORCE_CUDA=1), bf16,
+fp16 and fp32, against float64."""
 
 import pytest
 import torch
 
 from helpers import TOLERANCES, relative_error
-from modernbert_kernels import block_sparse_attention, layouts
+from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token
+from modernbert_kernels.reference import int8_linear_reference, int8_matmul_reference, quantize_per_row_reference
 from modernbert_kernels.reference import block_sparse_attention_reference
 
 pytestmark = pytest.mark.gpu
@@ -27,12 +29,19 @@ GPU_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+GPU_BACKENDS = [
+    "triton",
+    pytest.param("cuda", marks=pytest.mark.skipif(not native.cuda_status()[0], reason=native.cuda_status()[1])),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("mode", ["padded", "varlen"])
 @pytest.mark.parametrize("window", [None, 64], ids=["nowindow", "window64"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("layout_name", list(GPU_LAYOUTS))
-def test_triton_on_gpu(layout_name, head_dim, window, mode, dtype):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
     layout = GPU_LAYOUTS[layout_name]()
     generator = torch.Generator(device="cuda").manual_seed(0)
     extra = {}
@@ -47,7 +56,7 @@ def test_triton_on_gpu(layout_name, head_dim, window, mode, dtype):
         extra["key_padding_mask"] = keep
     q, k, v, dout = (torch.randn(shape, device="cuda", generator=generator).to(dtype) for _ in range(4))
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, layout, window=window, backend="triton", **extra)
+    out = block_sparse_attention(*inputs, layout, window=window, backend=backend, **extra)
     out.backward(dout)
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
     ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, **extra)
@@ -65,3 +74,36 @@ def test_torch_compile_autotuned_on_gpu():
     fn = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, window=64).float().sum(), fullgraph=True)
     fn(q, k, v).backward()
     assert q.grad is not None and not q.grad.isnan().any()
+
+
+CUDA_ONLY = pytest.mark.skipif(not native.cuda_status()[0], reason=native.cuda_status()[1])
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("m, n, k", [(64, 64, 32), (77, 130, 144), (1, 96, 16), (300, 258, 784)])
+def test_cuda_int8_linear_exact_and_epilogues(m, n, k):
+    generator = torch.Generator().manual_seed(m)
+    x_q = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+    exact = int8_linear(x_q.cuda(), ones_m, w_q.cuda(), ones_n, out_dtype=torch.float32, backend="cuda")
+    assert torch.equal(exact.cpu().double(), int8_matmul_reference(x_q, w_q).double())
+    x_scale, w_scale = torch.rand(m, generator=generator) * 0.02, torch.rand(n, generator=generator) * 0.02
+    bias = torch.randn(n, generator=generator)
+    for activation in (None, "gelu", "gelu_tanh", "geglu"):
+        for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+            out = int8_linear(x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), bias.cuda(), activation,
+                              out_dtype=out_dtype, backend="cuda")
+            expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation)
+            assert out.dtype == out_dtype
+            assert relative_error(out.cpu(), expected) <= tol, (activation, out_dtype)
+
+
+@CUDA_ONLY
+def test_cuda_quantize_matches_reference():
+    x = torch.randn(40, 96, device="cuda") * 3
+    x[3] = 0.0
+    q, scale = quantize_per_token(x, backend="cuda")
+    ref_q, ref_scale = quantize_per_row_reference(x.cpu())
+    assert torch.equal(q.cpu(), ref_q)
+    torch.testing.assert_close(scale.cpu().double(), ref_scale, rtol=1e-6, atol=0)
