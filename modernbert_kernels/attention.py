@@ -107,13 +107,11 @@ def _attention_backward_op(
             row_offsets.shape[0], window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         )
-    if backend == "cuda":
+    if backend in NATIVE_BACKENDS:
         return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(
-            dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
-            key_padding_mask, cu_seqlens, max_seqlen,
+            dout.contiguous(), q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
+            window, scale, key_padding_mask, cu_seqlens, max_seqlen,
         )
-    # backend "cpu" has no C++ backward yet: the gathered PyTorch path (sparse too) takes the
-    # forward's out and lse, which follow the same conventions.
     return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
                                       window_or_none, scale, key_padding_mask, cu_seqlens)
 

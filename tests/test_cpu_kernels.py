@@ -23,15 +23,24 @@ def random_qkv(shape, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [None, 5, 70], ids=["nowindow", "window5", "window70"])
 @pytest.mark.parametrize("block_size", [16, 64, 128])
-def test_block_sizes_and_dtypes_varlen(block_size, window, dtype, poison_allocations):
+def test_block_sizes_and_dtypes_varlen_forward_and_backward(block_size, window, dtype, poison_allocations):
     lengths = [300, 1, 0, 129]
     layout = layouts.union(layouts.sliding_window(300, 64, block_size), layouts.global_tokens(300, block_size, block_size))
     q, k, v = random_qkv((sum(lengths), 3, 64), dtype, seed=block_size)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    out = block_sparse_attention(q, k, v, layout, window=window, cu_seqlens=cu, backend="cpu")
-    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=window, cu_seqlens=cu)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=window, cu_seqlens=cu, backend="cpu")
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, cu_seqlens=cu)
+    ref.backward(dout.double())
     assert out.dtype == dtype
-    assert relative_error(out, ref) <= TOLERANCES[dtype]
+    for name, actual, expected in [("out", out, ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
+    ]:
+        assert actual.dtype == dtype, name
+        assert relative_error(actual, expected) <= TOLERANCES[dtype], name
 
 
 @pytest.mark.parametrize("head_dim", [32, 128])

@@ -15,7 +15,7 @@ constexpr int kKeyVectors = 4;     // vectors of keys per score microkernel call
 constexpr int kOutVectors = 4;     // vectors of head_dim per P V microkernel call
 constexpr int kRowStride = modernbert_kernels::cpu::kMaxBlockSize;  // floats per score row
 
-using modernbert_kernels::cpu::AttentionForwardArgs;
+using modernbert_kernels::cpu::AttentionArgs;
 using modernbert_kernels::cpu::ElementType;
 using modernbert_kernels::cpu::kMaxBlockSize;
 using modernbert_kernels::cpu::kMaxHeadDim;
@@ -34,6 +34,48 @@ inline void store_element(void* base, int64_t index, float value, ElementType dt
     case ElementType::BFloat16: static_cast<uint16_t*>(base)[index] = float_to_bf16(value); break;
     default: static_cast<uint16_t*>(base)[index] = float_to_half(value); break;
   }
+}
+
+// A few packed blocks kept per call, least recently used evicted: consecutive work items of one
+// head share most of their blocks (a window visits blocks m - 1, m, m + 1).
+template <int Slots>
+struct BlockCache {
+  int64_t tags[Slots];
+  int64_t last_use[Slots];
+  int64_t clock = 0;
+  BlockCache() {
+    for (int s = 0; s < Slots; ++s) tags[s] = -1, last_use[s] = 0;
+  }
+  // The slot holding tag; sets *hit, or picks the least recently used slot for it.
+  int find(int64_t tag, bool* hit) {
+    int slot = 0;
+    for (int s = 0; s < Slots; ++s) {
+      if (tags[s] == tag) {
+        slot = s;
+        break;
+      }
+      if (last_use[s] < last_use[slot]) slot = s;
+    }
+    *hit = tags[slot] == tag;
+    tags[slot] = tag;
+    last_use[slot] = ++clock;
+    return slot;
+  }
+};
+
+// The kLanes-aligned columns [*begin, *end) of a block starting at token block_start (padded to
+// `padded` columns) that some row of the tile [first, first + kRowTile) sees through the window;
+// false when there are none.
+inline bool visible_columns(int64_t first, int64_t block_start, int padded, int64_t window, int* begin, int* end) {
+  *begin = 0;
+  *end = padded;
+  if (window >= 0) {
+    const int64_t lo = first - window - block_start, hi = first + kRowTile - 1 + window - block_start + 1;
+    if (lo > 0) *begin = static_cast<int>(lo < padded ? lo : padded) / kLanes * kLanes;
+    if (hi < padded) *end = hi <= 0 ? 0 : static_cast<int>((hi + kLanes - 1) / kLanes * kLanes);
+    if (*end > padded) *end = padded;
+  }
+  return *begin < *end;
 }
 
 // dst[i] = src[offset + i] * scale for i < n (n a multiple of kLanes), converting to fp32.
@@ -130,7 +172,7 @@ inline void accumulate_tile(const float* probs, const float* v, int64_t v_stride
   }
 }
 
-void attention_forward_items(const AttentionForwardArgs& a, int64_t begin, int64_t end, float* workspace) {
+void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end, float* workspace) {
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const int64_t num_q_blocks = (a.seq_len + bs - 1) / bs;
@@ -146,12 +188,8 @@ void attention_forward_items(const AttentionForwardArgs& a, int64_t begin, int64
   float* row_max = scores + kRowTile * kRowStride;                   // [bs + kRowTile]
   float* row_sum = row_max + kMaxBlockSize + kRowTile;               // [bs + kRowTile]
   float* cache = row_sum + kMaxBlockSize + kRowTile;
-  struct KeySlot {
-    int64_t tag = -1;  // (batch, head, key block) packed in this slot
-    int64_t last_use = 0;
-    bool any_masked_key = false;
-  } slots[modernbert_kernels::cpu::kKeyCacheSlots];
-  int64_t clock = 0;
+  BlockCache<modernbert_kernels::cpu::kKeyCacheSlots> slots;
+  bool any_masked_key_in[modernbert_kernels::cpu::kKeyCacheSlots] = {};
 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t q_block = item % num_q_blocks;
@@ -189,20 +227,12 @@ void attention_forward_items(const AttentionForwardArgs& a, int64_t begin, int64
       if (windowed && (j0 > q_last + a.window || j0 + keys - 1 < i0 - a.window)) continue;
       const int padded_keys = (keys + kLanes - 1) / kLanes * kLanes;
 
-      const int64_t tag = (batch * a.heads + head) * num_q_blocks + j0 / bs;
-      int slot = 0;
-      for (int s = 0; s < modernbert_kernels::cpu::kKeyCacheSlots; ++s) {
-        if (slots[s].tag == tag) {
-          slot = s;
-          break;
-        }
-        if (slots[s].last_use < slots[slot].last_use) slot = s;
-      }
+      bool cached;
+      const int slot = slots.find((batch * a.heads + head) * num_q_blocks + j0 / bs, &cached);
       float* k_t = cache + slot * modernbert_kernels::cpu::kKeySlotFloats;  // [head_dim][kRowStride]
       float* v_tile = k_t + kMaxHeadDim * kRowStride;                      // [bs][head_dim], 16-bit inputs
       float* key_bias = v_tile + kMaxBlockSize * kMaxHeadDim;              // [kRowStride]
-      if (slots[slot].tag != tag) {
-        slots[slot].tag = tag;
+      if (!cached) {
         for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
           load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
           for (int d = 0; d < head_dim; ++d) k_t[d * kRowStride + j] = scores[d];
@@ -220,25 +250,17 @@ void attention_forward_items(const AttentionForwardArgs& a, int64_t begin, int64
           key_bias[j] = real ? 0.f : -inf;
           any_masked_key |= !real;
         }
-        slots[slot].any_masked_key = any_masked_key;
+        any_masked_key_in[slot] = any_masked_key;
       }
-      slots[slot].last_use = ++clock;
-      const bool any_masked_key = slots[slot].any_masked_key;
+      const bool any_masked_key = any_masked_key_in[slot];
       const bool fp32 = a.dtype == ElementType::Float32;
       const float* v_rows = fp32 ? static_cast<const float*>(a.v) + token_offset(a.v_stride, j0) : v_tile;
       const int64_t v_row_stride = fp32 ? a.v_stride[2] : head_dim;
 
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t first = i0 + r0;
-        const int64_t last = first + kRowTile - 1;
-        int j_begin = 0, j_end = padded_keys;
-        if (windowed) {  // only the columns some row of this tile can see
-          const int64_t lo = first - a.window - j0, hi = last + a.window - j0 + 1;
-          if (lo > 0) j_begin = static_cast<int>(lo < padded_keys ? lo : padded_keys) / kLanes * kLanes;
-          if (hi < j_end) j_end = hi <= 0 ? 0 : static_cast<int>((hi + kLanes - 1) / kLanes * kLanes);
-          if (j_end > padded_keys) j_end = padded_keys;
-        }
-        if (j_begin >= j_end) continue;
+        int j_begin, j_end;
+        if (!visible_columns(first, j0, padded_keys, a.window, &j_begin, &j_end)) continue;
         score_tile(q_tile + r0 * head_dim, k_t, head_dim, j_begin, j_end, scores);
 
         float rescale[kRowTile];

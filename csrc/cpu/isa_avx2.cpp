@@ -6,9 +6,11 @@
 #define MBK_LANES 8
 #include "vec.h"
 #include "attention_kernel.h"
+#include "attention_backward_kernel.h"
 #include "int8_kernel.h"
 
 namespace modernbert_kernels::cpu {
-extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, int8_epilogue_rows, quantize_rows};
+extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, attention_backward_items,
+                                      int8_epilogue_rows, quantize_rows};
 }
 #endif  // __x86_64__

@@ -14,22 +14,29 @@ enum class ElementType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 constexpr int kMaxBlockSize = 128;
 constexpr int kMaxHeadDim = 128;
 
-struct AttentionForwardArgs {
+struct AttentionArgs {
   const void* q;
   const void* k;
   const void* v;
-  void* out;
-  float* lse;  // natural log; +inf for a query that sees no key
+  void* out;         // forward: written; backward: read (the forward's output)
+  const void* dout;  // backward only
+  void* dq;          // backward only: dq, dk, dv share grad_stride
+  void* dk;
+  void* dv;
+  float* lse;    // natural log; +inf for a query that sees no key
+  float* delta;  // backward: rowsum(dout * out), indexed like lse
   ElementType dtype;
   int64_t batch, heads, head_dim;
   int64_t seq_len;  // padded length, or max_seqlen for a varlen batch
-  // Element strides of q / k / v / out along (batch, head, token); head_dim has unit stride.
-  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  // Element strides along (batch, head, token); head_dim has unit stride.
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], grad_stride[3];
   int64_t lse_stride[2];       // (batch, head); tokens are contiguous
   const int32_t* cu_seqlens;   // varlen when set: sequence b holds tokens cu[b] .. cu[b + 1]
   const uint8_t* key_padding;  // [batch, seq_len], 1 = real key; or null
   const int32_t* row_offsets;  // [layout_heads, num_blocks + 1]
   const int32_t* col_indices;
+  const int32_t* col_offsets;  // the transposed layout (backward)
+  const int32_t* row_indices;
   int64_t layout_head_stride;  // 0 when one layout serves every head
   int block_size;
   int64_t window;  // < 0: no window
@@ -47,7 +54,21 @@ constexpr size_t kKeySlotFloats = 2 * kMaxHeadDim * kMaxBlockSize + kMaxBlockSiz
 constexpr size_t kAttentionWorkspaceFloats = 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim +
                                             kAttentionRowTile * kMaxBlockSize + 2 * (kMaxBlockSize + kAttentionRowTile) +
                                             kKeyCacheSlots * kKeySlotFloats;
-using AttentionForwardFn = void (*)(const AttentionForwardArgs&, int64_t begin, int64_t end, float* workspace);
+using AttentionForwardFn = void (*)(const AttentionArgs&, int64_t begin, int64_t end, float* workspace);
+
+// The backward runs in two passes over work items: (batch, head, query block) computing dq and
+// delta, then (batch, head, key block) computing dk and dv over the transposed layout (no atomics).
+enum class BackwardPass : int { Dq = 0, DkDv = 1 };
+constexpr int kBackwardCacheSlots = 4;
+// Per slot: two blocks transposed [head_dim][block], two as fp32 rows [block][head_dim], two vectors.
+constexpr size_t kBackwardSlotFloats = 4 * kMaxHeadDim * kMaxBlockSize + 2 * kMaxBlockSize;
+// Two row tiles, two accumulators, two score tiles, two row statistics, then the cache.
+constexpr size_t kAttentionBackwardWorkspaceFloats = 4 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim +
+                                                    2 * kAttentionRowTile * kMaxBlockSize +
+                                                    2 * (kMaxBlockSize + kAttentionRowTile) +
+                                                    kBackwardCacheSlots * kBackwardSlotFloats;
+using AttentionBackwardFn = void (*)(const AttentionArgs&, BackwardPass pass, int64_t begin, int64_t end,
+                                     float* workspace);
 
 enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Geglu = 3 };
 
@@ -82,6 +103,7 @@ using QuantizeFn = void (*)(const QuantizeArgs&, int64_t row_begin, int64_t row_
 struct KernelTable {
   const char* isa;
   AttentionForwardFn attention_forward;
+  AttentionBackwardFn attention_backward;
   Int8EpilogueFn int8_epilogue;
   QuantizeFn quantize_rows;
 };

@@ -1,0 +1,206 @@
+// Block-sparse attention backward on the CPU, in two passes (no atomics):
+//   dq pass, one work item per (batch, head, query block): recomputes P = exp(scale q k^T - lse)
+//     for the visited key blocks, dS = P * (dO v^T - delta), dq = scale dS k; writes delta.
+//   dk/dv pass, one item per (batch, head, key block) over the transposed layout: the same P and
+//     dS seen from the keys' side, dv = P^T dO, dk = scale dS^T q.
+// Both reuse the forward's microkernels: scores come from score_tile on transposed packed blocks,
+// products with rows from accumulate_tile. Included by the isa_*.cpp builds after attention_kernel.h.
+#pragma once
+
+namespace {
+
+using modernbert_kernels::cpu::BackwardPass;
+
+struct BackwardWorkspace {
+  float* rows_a;  // [bs + kRowTile][head_dim]: q (dq pass) or k (dk/dv pass), scaled by scale * log2(e)
+  float* rows_b;  // dO or v
+  float* acc_a;   // dq, or dk
+  float* acc_b;   // dv
+  float* s;       // [kRowTile][kRowStride] scores, then P
+  float* dp;      // dP, then dS
+  float* stat_a;  // [bs + kRowTile]: lse * log2(e) per query (dq pass) or key validity (dk/dv pass)
+  float* stat_b;  // delta per query (dq pass)
+  float* cache;
+
+  explicit BackwardWorkspace(float* w) {
+    const int tile = (kMaxBlockSize + kRowTile) * kMaxHeadDim;
+    rows_a = w, rows_b = w + tile, acc_a = w + 2 * tile, acc_b = w + 3 * tile;
+    s = w + 4 * tile;
+    dp = s + kRowTile * kRowStride;
+    stat_a = dp + kRowTile * kRowStride;
+    stat_b = stat_a + kMaxBlockSize + kRowTile;
+    cache = stat_b + kMaxBlockSize + kRowTile;
+  }
+};
+
+// A packed block of the other side: two operands transposed ([head_dim][kRowStride]) for the
+// scores, the same two as fp32 rows ([bs][head_dim]) for the products, two per-column vectors.
+struct PackedBlock {
+  float *t_a, *t_b, *rows_a, *rows_b, *vec_a, *vec_b;
+  PackedBlock(float* cache, int slot) {
+    float* base = cache + slot * modernbert_kernels::cpu::kBackwardSlotFloats;
+    t_a = base, t_b = base + kMaxHeadDim * kRowStride;
+    rows_a = base + 2 * kMaxHeadDim * kRowStride, rows_b = rows_a + kMaxBlockSize * kMaxHeadDim;
+    vec_a = rows_b + kMaxBlockSize * kMaxHeadDim, vec_b = vec_a + kRowStride;
+  }
+};
+
+void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t begin, int64_t end,
+                              float* workspace) {
+  const int bs = a.block_size;
+  const int head_dim = static_cast<int>(a.head_dim);
+  const int64_t num_blocks = (a.seq_len + bs - 1) / bs;
+  const bool varlen = a.cu_seqlens != nullptr;
+  const float log2e = 1.4426950408889634f;
+  const float inf = __builtin_inff();
+  const bool dq_pass = pass == BackwardPass::Dq;
+  BackwardWorkspace w(workspace);
+  BlockCache<modernbert_kernels::cpu::kBackwardCacheSlots> slots;
+  float ones[kRowTile];
+  for (int r = 0; r < kRowTile; ++r) ones[r] = 1.f;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t block = item % num_blocks;
+    const int64_t head = (item / num_blocks) % a.heads;
+    const int64_t batch = item / (num_blocks * a.heads);
+    const int64_t seq_start = varlen ? a.cu_seqlens[batch] : 0;
+    const int64_t seq_len = varlen ? a.cu_seqlens[batch + 1] - seq_start : a.seq_len;
+    const int64_t i0 = block * bs;  // this item's rows: queries (dq pass) or keys (dk/dv pass)
+    if (i0 >= seq_len) continue;
+    const int rows = static_cast<int>(seq_len - i0 < bs ? seq_len - i0 : bs);
+    const int padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
+    auto offset = [&](const int64_t* stride, int64_t token) {
+      return (varlen ? 0 : batch * stride[0]) + head * stride[1] + (seq_start + token) * stride[2];
+    };
+    auto stat_index = [&](int64_t token) {
+      return (varlen ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + token;
+    };
+
+    // This item's own rows: (q, dO, lse, delta) or (k, v, key validity).
+    const void* own_a = dq_pass ? a.q : a.k;
+    const int64_t* own_a_stride = dq_pass ? a.q_stride : a.k_stride;
+    const void* own_b = dq_pass ? a.dout : a.v;
+    const int64_t* own_b_stride = dq_pass ? a.dout_stride : a.v_stride;
+    for (int r = 0; r < padded_rows; ++r) {
+      float* ra = w.rows_a + r * head_dim;
+      float* rb = w.rows_b + r * head_dim;
+      for (int d = 0; d < head_dim; ++d) w.acc_a[r * head_dim + d] = w.acc_b[r * head_dim + d] = 0.f;
+      if (r >= rows) {
+        for (int d = 0; d < head_dim; ++d) ra[d] = rb[d] = 0.f;
+        w.stat_a[r] = dq_pass ? inf : 0.f;
+        w.stat_b[r] = 0.f;
+        continue;
+      }
+      load_row(own_a, offset(own_a_stride, i0 + r), a.dtype, a.scale * log2e, head_dim, ra);
+      load_row(own_b, offset(own_b_stride, i0 + r), a.dtype, 1.f, head_dim, rb);
+      if (dq_pass) {
+        // delta = rowsum(dO * O), kept for the dk/dv pass.
+        load_row(a.out, offset(a.out_stride, i0 + r), a.dtype, 1.f, head_dim, w.s);
+        vfloat sum = splat(0.f);
+        for (int d = 0; d < head_dim; d += kLanes) sum += load(w.s + d) * load(rb + d);
+        const int64_t stat = stat_index(i0 + r);
+        w.stat_b[r] = a.delta[stat] = reduce_sum(sum);
+        w.stat_a[r] = a.lse[stat] * log2e;
+      } else {
+        const bool real = a.key_padding == nullptr || a.key_padding[batch * a.seq_len + i0 + r];
+        w.stat_a[r] = real ? 1.f : 0.f;
+      }
+    }
+
+    // The other side's blocks: key blocks of the layout row, or query blocks of the transposed one.
+    const int32_t* offsets = (dq_pass ? a.row_offsets : a.col_offsets) + head * a.layout_head_stride;
+    const int32_t* indices = dq_pass ? a.col_indices : a.row_indices;
+    for (int32_t e = offsets[block]; e < offsets[block + 1]; ++e) {
+      const int64_t j0 = int64_t(indices[e]) * bs;
+      if (j0 >= seq_len) break;
+      const int cols = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
+      if (a.window >= 0 && (j0 > i0 + rows - 1 + a.window || j0 + cols - 1 < i0 - a.window)) continue;
+      const int padded_cols = (cols + kLanes - 1) / kLanes * kLanes;
+
+      bool cached;
+      const int slot = slots.find((batch * a.heads + head) * num_blocks + j0 / bs, &cached);
+      PackedBlock other(w.cache, slot);
+      if (!cached) {
+        // dq pass: keys (k^T, v^T, k rows, key bias); dk/dv pass: queries (q^T, dO^T, q rows,
+        // dO rows, lse * log2(e), delta).
+        const void* src_a = dq_pass ? a.k : a.q;
+        const int64_t* src_a_stride = dq_pass ? a.k_stride : a.q_stride;
+        const void* src_b = dq_pass ? a.v : a.dout;
+        const int64_t* src_b_stride = dq_pass ? a.v_stride : a.dout_stride;
+        for (int j = 0; j < padded_cols; ++j) {
+          float* ra = other.rows_a + j * head_dim;
+          float* rb = other.rows_b + j * head_dim;
+          if (j < cols) {
+            load_row(src_a, offset(src_a_stride, j0 + j), a.dtype, 1.f, head_dim, ra);
+            load_row(src_b, offset(src_b_stride, j0 + j), a.dtype, 1.f, head_dim, rb);
+          } else {
+            for (int d = 0; d < head_dim; ++d) ra[d] = rb[d] = 0.f;
+          }
+          for (int d = 0; d < head_dim; ++d) {
+            other.t_a[d * kRowStride + j] = ra[d];
+            other.t_b[d * kRowStride + j] = rb[d];
+          }
+          if (dq_pass) {
+            const bool real = j < cols && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + j0 + j]);
+            other.vec_a[j] = real ? 0.f : -inf;  // key bias
+          } else {
+            other.vec_a[j] = j < cols ? a.lse[stat_index(j0 + j)] * log2e : inf;
+            other.vec_b[j] = j < cols ? a.delta[stat_index(j0 + j)] : 0.f;
+          }
+        }
+      }
+
+      for (int r0 = 0; r0 < rows; r0 += kRowTile) {
+        const int64_t first = i0 + r0;
+        int c_begin, c_end;
+        if (!visible_columns(first, j0, padded_cols, a.window, &c_begin, &c_end)) continue;
+        score_tile(w.rows_a + r0 * head_dim, other.t_a, head_dim, c_begin, c_end, w.s);
+        score_tile(w.rows_b + r0 * head_dim, other.t_b, head_dim, c_begin, c_end, w.dp);
+        for (int r = 0; r < kRowTile; ++r) {
+          float* s = w.s + r * kRowStride;
+          float* dp = w.dp + r * kRowStride;
+          const int64_t i = first + r;
+          const bool row_live = dq_pass ? true : w.stat_a[r0 + r] != 0.f;
+          for (int c = c_begin; c < c_end; c += kLanes) {
+            vfloat sv = load(s + c);
+            if (a.window >= 0) {
+              vint distance = iota() + static_cast<int>(j0 + c - i);
+              const int window = static_cast<int>(a.window);
+              sv = select((distance >= -window) & (distance <= window), sv, splat(-inf));
+            }
+            vfloat p, ds;
+            if (dq_pass) {
+              p = vexp2(sv + load(other.vec_a + c) - w.stat_a[r0 + r]);
+              ds = p * (load(dp + c) - w.stat_b[r0 + r]);
+            } else {
+              p = vexp2(sv - load(other.vec_a + c));
+              ds = p * (load(dp + c) - load(other.vec_b + c));
+              if (!row_live) p = ds = splat(0.f);
+            }
+            store(s + c, p);
+            store(dp + c, ds);
+          }
+        }
+        const int c_stop = c_end < cols ? c_end : cols;
+        if (dq_pass) {
+          accumulate_tile(w.dp, other.rows_a, head_dim, head_dim, c_begin, c_stop, ones, w.acc_a + r0 * head_dim);
+        } else {
+          accumulate_tile(w.dp, other.rows_a, head_dim, head_dim, c_begin, c_stop, ones, w.acc_a + r0 * head_dim);
+          accumulate_tile(w.s, other.rows_b, head_dim, head_dim, c_begin, c_stop, ones, w.acc_b + r0 * head_dim);
+        }
+      }
+    }
+
+    for (int r = 0; r < rows; ++r) {
+      const int64_t grad = offset(a.grad_stride, i0 + r);
+      if (dq_pass) {
+        store_row(a.dq, grad, a.dtype, a.scale, head_dim, w.acc_a + r * head_dim);
+      } else {
+        store_row(a.dk, grad, a.dtype, a.scale, head_dim, w.acc_a + r * head_dim);
+        store_row(a.dv, grad, a.dtype, 1.f, head_dim, w.acc_b + r * head_dim);
+      }
+    }
+  }
+}
+
+}  // namespace
