@@ -44,6 +44,11 @@ class ModernBertConfig:
     classifier_activation: str = "gelu"
     tie_word_embeddings: bool = True
     id2label: dict | None = None
+    # Compression (issue #7; absent from Hugging Face's ModernBERT, written only when set):
+    # heads removed per layer, by their original index (transformers' PretrainedConfig name), and
+    # ALBERT-style sharing: the layers split into num_hidden_groups runs that share one set of weights.
+    pruned_heads: dict | None = None
+    num_hidden_groups: int | None = None
     # Keys this class does not model (architectures, torch_dtype, ...), kept for round trips.
     extra: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -59,6 +64,15 @@ class ModernBertConfig:
             ]
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if self.num_hidden_groups is not None and (
+            self.num_hidden_groups < 1 or self.num_hidden_layers % self.num_hidden_groups
+        ):
+            raise ValueError(f"num_hidden_groups={self.num_hidden_groups} must divide num_hidden_layers="
+                             f"{self.num_hidden_layers}")
+        if self.pruned_heads:
+            self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items()}
+            if self.num_hidden_groups is not None:
+                raise ValueError("pruned_heads and num_hidden_groups cannot be combined")
         if self.classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
 
@@ -74,6 +88,12 @@ class ModernBertConfig:
     @property
     def num_labels(self) -> int:
         return len(self.id2label) if self.id2label else 2
+
+    def layer_group(self, layer: int) -> int:
+        """The index of the weights layer ``layer`` runs with (itself unless layers are shared)."""
+        if self.num_hidden_groups is None:
+            return layer
+        return layer * self.num_hidden_groups // self.num_hidden_layers
 
     def is_global(self, layer: int) -> bool:
         return self.layer_types[layer] == "full_attention"
@@ -110,9 +130,10 @@ class ModernBertConfig:
             "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
         }
-        if values["id2label"] is None:
-            del values["id2label"]
-        else:
+        for optional in ("id2label", "pruned_heads", "num_hidden_groups"):
+            if not values[optional]:
+                del values[optional]
+        if self.id2label is not None:
             values["label2id"] = {v: k for k, v in self.id2label.items()}
         return values
 

@@ -33,6 +33,10 @@ class _WithEncoder(PretrainedMixin, nn.Module):
             self.drop = nn.Dropout(config.classifier_dropout)
             self.classifier = nn.Linear(config.hidden_size, num_outputs)
 
+    def prune_heads(self, heads_to_prune: dict) -> None:
+        """``{layer: [head indices]}``: see ModernBertModel.prune_heads."""
+        self.model.prune_heads(heads_to_prune)
+
 
 class ModernBertForMaskedLM(_WithEncoder):
     """Logits over the vocabulary for every position: [batch, seq, vocab_size]."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from modernbert_kernels import Int8Linear, block_sparse_attention, layouts
@@ -69,31 +70,87 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [tokens, heads, head_dim]; computed in fp32 like transformers, returned in x's dtype."""
+    """x [tokens, ..., head_dim] (q and k stacked in one call: [tokens, 2, heads, head_dim]);
+    computed in fp32 like transformers, returned in x's dtype.
+
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves, instead of transformers'
+    cat / neg / two full products / sum: three passes over x instead of five.
+    """
     x32 = x.float()
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos_half, sin_half = cos[:, :half].reshape(shape).float(), sin[:, :half].reshape(shape).float()
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = torch.cat((torch.addcmul(x1 * cos_half, x2, sin_half, value=-1),
+                         torch.addcmul(x2 * cos_half, x1, sin_half)), dim=-1)
+    return rotated.to(x.dtype)
 
 
 class ModernBertAttention(nn.Module):
     def __init__(self, config: ModernBertConfig, layer: int):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.is_global = config.is_global(layer)
-        self.window = None if self.is_global else config.sliding_window
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.head_dim = config.head_dim
+        pruned = set((config.pruned_heads or {}).get(layer, ()))
+        # The original indices of the heads this layer still has (all of them unless pruned).
+        self.heads = [h for h in range(config.num_attention_heads) if h not in pruned]
+        if not self.heads:
+            raise ValueError(f"layer {layer} has every head pruned")
+        inner = len(self.heads) * self.head_dim
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * inner, bias=config.attention_bias)
+        self.Wo = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
         self.out_drop = nn.Dropout(config.attention_dropout) if config.attention_dropout > 0 else nn.Identity()
+        # Optional [num_heads] multipliers of the heads' outputs: head_importance() sets them to
+        # ones that require grad, reading the gradient of the loss with respect to each head.
+        self.head_gate: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout,
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout, window,
                 backend=None) -> torch.Tensor:
         qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = block_sparse_attention(q, k, v, layout, window=self.window, cu_seqlens=batch.cu_seqlens,
+        q, k = apply_rotary(qkv[:, :2], *rotary).unbind(1)
+        v = qkv[:, 2]
+        out = block_sparse_attention(q, k, v, layout, window=window, cu_seqlens=batch.cu_seqlens,
                                      max_seqlen=batch.max_seqlen, backend=backend)
+        if self.head_gate is not None:
+            out = out * self.head_gate[:, None].to(out.dtype)
         return self.out_drop(self.Wo(out.reshape(hidden.shape[0], -1)))
+
+    @torch.no_grad()
+    def prune(self, heads) -> None:
+        """Remove the heads with these original indices: their rows of Wqkv, their columns of Wo."""
+        if not isinstance(self.Wqkv, nn.Linear) or not isinstance(self.Wo, nn.Linear):
+            raise TypeError("prune heads before quantize_int8: int8 layers cannot be sliced")
+        unknown = set(heads) - set(self.heads)
+        if unknown:
+            raise ValueError(f"heads {sorted(unknown)} are not in this layer (it has {self.heads})")
+        keep = [i for i, h in enumerate(self.heads) if h not in set(heads)]
+        if not keep:
+            raise ValueError("cannot prune every head of a layer")
+        d, inner = self.head_dim, self.num_heads * self.head_dim
+        columns = torch.cat([torch.arange(i * d, (i + 1) * d) for i in keep])
+        rows = torch.cat([columns + part * inner for part in range(3)])  # q, k, v parts of Wqkv
+        self.Wqkv = _sliced_linear(self.Wqkv, rows=rows)
+        self.Wo = _sliced_linear(self.Wo, columns=columns)
+        self.heads = [self.heads[i] for i in keep]
+        self.head_gate = None
+
+
+def _sliced_linear(linear: nn.Linear, rows=None, columns=None) -> nn.Linear:
+    weight = linear.weight
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, columns] if columns is not None else weight
+    bias = linear.bias
+    if bias is not None and rows is not None:
+        bias = bias[rows]
+    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    sliced.weight.copy_(weight)
+    if bias is not None:
+        sliced.bias.copy_(bias)
+    return sliced
 
 
 class ModernBertMLP(nn.Module):
@@ -121,22 +178,46 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = ModernBertMLP(config)
 
-    def forward(self, hidden, rotary, batch, layout, backend=None):
-        hidden = hidden + self.attn(hidden, self.attn_norm, rotary, batch, layout, backend)
+    def forward(self, hidden, rotary, batch, layout, window, backend=None):
+        hidden = hidden + self.attn(hidden, self.attn_norm, rotary, batch, layout, window, backend)
         return hidden + self.mlp(hidden, self.mlp_norm)
 
 
 class ModernBertModel(PretrainedMixin, nn.Module):
-    """input_ids [batch, seq] (+ attention_mask) -> last hidden state [batch, seq, hidden]."""
+    """input_ids [batch, seq] (+ attention_mask) -> last hidden state [batch, seq, hidden].
+
+    With ``config.num_hidden_groups`` (ALBERT-style sharing) ``layers`` holds one module per group
+    and layer i runs ``layers[config.layer_group(i)]``, so shared weights are stored once.
+    """
 
     def __init__(self, config: ModernBertConfig):
         super().__init__()
         self.config = config
         self.embeddings = ModernBertEmbeddings(config)
-        self.layers = nn.ModuleList(ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        groups = config.num_hidden_groups or config.num_hidden_layers
+        first_layer = {config.layer_group(i): i for i in reversed(range(config.num_hidden_layers))}
+        self.layers = nn.ModuleList(ModernBertEncoderLayer(config, first_layer[g]) for g in range(groups))
         self.final_norm = layer_norm(config)
         self.attention_backend: str | None = None  # None: the fastest for the device
+        # Recompute each layer's activations in the backward instead of storing them (training only).
+        self.gradient_checkpointing = False
         self._layouts: dict = {}
+
+    def layer_sequence(self):
+        """(layer index, the module it runs) for every layer in order."""
+        for i in range(self.config.num_hidden_layers):
+            yield i, self.layers[self.config.layer_group(i)]
+
+    def prune_heads(self, heads_to_prune: dict) -> None:
+        """Remove attention heads: ``{layer: [original head indices]}``. Recorded in
+        ``config.pruned_heads`` so save_pretrained / from_pretrained round-trip the smaller model."""
+        if self.config.num_hidden_groups is not None:
+            raise ValueError("pruning heads of a model with shared layers is not supported")
+        pruned = dict(self.config.pruned_heads or {})
+        for layer, heads in heads_to_prune.items():
+            self.layers[int(layer)].attn.prune(list(heads))
+            pruned[int(layer)] = sorted(set(pruned.get(int(layer), [])) | set(heads))
+        self.config.pruned_heads = pruned
 
     def _layout(self, is_global: bool, max_seqlen: int):
         num_blocks = max(1, -(-max_seqlen // ATTENTION_BLOCK))
@@ -155,12 +236,20 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         """The encoder on a packed token stream: input_ids [total_tokens] -> [total_tokens, hidden]."""
         hidden = self.embeddings(input_ids)
         rotary = {}
-        for layer_index, layer in enumerate(self.layers):
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer_index, layer in self.layer_sequence():
             theta = self.config.rope_theta(layer_index)
             if theta not in rotary:
                 rotary[theta] = rotary_cos_sin(batch.positions, self.config.head_dim, theta, hidden.dtype)
-            layout = self._layout(self.config.is_global(layer_index), batch.max_seqlen)
-            hidden = layer(hidden, rotary[theta], batch, layout, self.attention_backend)
+            is_global = self.config.is_global(layer_index)
+            layout = self._layout(is_global, batch.max_seqlen)
+            window = None if is_global else self.config.sliding_window
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, rotary[theta], batch, layout, window, self.attention_backend, use_reentrant=False
+                )
+            else:
+                hidden = layer(hidden, rotary[theta], batch, layout, window, self.attention_backend)
         return self.final_norm(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

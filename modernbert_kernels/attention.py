@@ -249,7 +249,12 @@ def block_sparse_attention(
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
-    backend = default_backend(q.device) if backend is None else backend
+    if backend is None:
+        backend = default_backend(q.device)
+        if backend == "cpu" and window is None and key_padding_mask is None and layout.density() == 1.0:
+            # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
+            # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
+            backend = "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

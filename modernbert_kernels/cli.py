@@ -65,9 +65,14 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device and which backends are live")
     sub.add_parser("check", help="cross-compile every Triton kernel for sm_80 and sm_90", add_help=False)
     sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks.run)", add_help=False)
+    sub.add_parser("finetune", help="fine-tune a ModernBERT classifier (python -m modernbert.train)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "finetune":
+        from modernbert.train import main as finetune_main
+
+        return finetune_main(rest)
     if args.command == "check":
         from .check import main as check_main
 

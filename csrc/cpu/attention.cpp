@@ -85,10 +85,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   token_strides(out, varlen, args.out_stride);
   set_lse(args, lse, varlen);
   const int64_t blocks = (args.seq_len + block_size - 1) / block_size;
+  const size_t slot_floats = cpu::attention_slot_floats(args.block_size, static_cast<int>(args.head_dim),
+                                                        args.dtype == cpu::ElementType::Float32);
+  args.cache_slots = cpu::attention_cache_slots(blocks, slot_floats);
+  const size_t workspace_floats = cpu::attention_workspace_floats(args.cache_slots, slot_floats);
   const auto forward = cpu::kernels().attention_forward;
   at::parallel_for(0, args.batch * args.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     // Kept per thread: allocating (and page-faulting) it on every call costs more than small problems.
-    thread_local std::vector<float> workspace(cpu::kAttentionWorkspaceFloats);
+    thread_local std::vector<float> workspace;
+    if (workspace.size() < workspace_floats) workspace.resize(workspace_floats);
     forward(args, begin, end, workspace.data());
   });
   return {out, lse};

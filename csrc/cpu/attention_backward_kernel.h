@@ -55,7 +55,7 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
   const float inf = __builtin_inff();
   const bool dq_pass = pass == BackwardPass::Dq;
   BackwardWorkspace w(workspace);
-  BlockCache<modernbert_kernels::cpu::kBackwardCacheSlots> slots;
+  BlockCache slots(modernbert_kernels::cpu::kBackwardCacheSlots);
   float ones[kRowTile];
   for (int r = 0; r < kRowTile; ++r) ones[r] = 1.f;
 
@@ -154,8 +154,8 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
         const int64_t first = i0 + r0;
         int c_begin, c_end;
         if (!visible_columns(first, j0, padded_cols, a.window, &c_begin, &c_end)) continue;
-        score_tile(w.rows_a + r0 * head_dim, other.t_a, head_dim, c_begin, c_end, w.s);
-        score_tile(w.rows_b + r0 * head_dim, other.t_b, head_dim, c_begin, c_end, w.dp);
+        score_tile(w.rows_a + r0 * head_dim, other.t_a, kRowStride, head_dim, c_begin, c_end, w.s);
+        score_tile(w.rows_b + r0 * head_dim, other.t_b, kRowStride, head_dim, c_begin, c_end, w.dp);
         for (int r = 0; r < kRowTile; ++r) {
           float* s = w.s + r * kRowStride;
           float* dp = w.dp + r * kRowStride;

@@ -38,18 +38,18 @@ inline void store_element(void* base, int64_t index, float value, ElementType dt
 
 // A few packed blocks kept per call, least recently used evicted: consecutive work items of one
 // head share most of their blocks (a window visits blocks m - 1, m, m + 1).
-template <int Slots>
 struct BlockCache {
-  int64_t tags[Slots];
-  int64_t last_use[Slots];
+  int slots;
+  int64_t tags[modernbert_kernels::cpu::kMaxCacheSlots];
+  int64_t last_use[modernbert_kernels::cpu::kMaxCacheSlots];
   int64_t clock = 0;
-  BlockCache() {
-    for (int s = 0; s < Slots; ++s) tags[s] = -1, last_use[s] = 0;
+  explicit BlockCache(int count) : slots(count) {
+    for (int s = 0; s < slots; ++s) tags[s] = -1, last_use[s] = 0;
   }
   // The slot holding tag; sets *hit, or picks the least recently used slot for it.
   int find(int64_t tag, bool* hit) {
     int slot = 0;
-    for (int s = 0; s < Slots; ++s) {
+    for (int s = 0; s < slots; ++s) {
       if (tags[s] == tag) {
         slot = s;
         break;
@@ -103,17 +103,19 @@ inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale,
 }
 
 // scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j.
-// q rows are head_dim apart; kt rows kRowStride apart.
+// q rows are head_dim apart; kt rows kt_stride apart; score rows kRowStride apart.
 template <int Vectors>
-inline void score_microkernel(const float* q, const float* kt, int head_dim, int j, float* scores) {
+inline void score_microkernel(const float* q, const float* kt, int kt_stride, int head_dim, int j, float* scores) {
   vfloat acc[kRowTile][Vectors] = {};
-  for (int d = 0; d < head_dim; ++d) {
+  const float* k_column = kt + j;
+  const ptrdiff_t row = head_dim;
+  for (const float *qd = q, *q_end = q + head_dim; qd != q_end; ++qd, k_column += kt_stride) {
     vfloat keys[Vectors];
 #pragma GCC unroll 4
-    for (int c = 0; c < Vectors; ++c) keys[c] = load(kt + d * kRowStride + j + c * kLanes);
+    for (int c = 0; c < Vectors; ++c) keys[c] = load(k_column + c * kLanes);
 #pragma GCC unroll 4
     for (int r = 0; r < kRowTile; ++r) {
-      vfloat qv = splat(q[r * head_dim + d]);
+      vfloat qv = splat(qd[r * row]);
 #pragma GCC unroll 4
       for (int c = 0; c < Vectors; ++c) acc[r][c] += qv * keys[c];
     }
@@ -123,52 +125,52 @@ inline void score_microkernel(const float* q, const float* kt, int head_dim, int
 }
 
 // Scores for columns [j_begin, j_end) (multiples of kLanes), kKeyVectors vectors at a time.
-inline void score_tile(const float* q, const float* kt, int head_dim, int j_begin, int j_end, float* scores) {
+inline void score_tile(const float* q, const float* kt, int kt_stride, int head_dim, int j_begin, int j_end,
+                       float* scores) {
   int j = j_begin;
   for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
-    score_microkernel<kKeyVectors>(q, kt, head_dim, j, scores);
+    score_microkernel<kKeyVectors>(q, kt, kt_stride, head_dim, j, scores);
   switch ((j_end - j) / kLanes) {
-    case 3: score_microkernel<3>(q, kt, head_dim, j, scores); break;
-    case 2: score_microkernel<2>(q, kt, head_dim, j, scores); break;
-    case 1: score_microkernel<1>(q, kt, head_dim, j, scores); break;
+    case 3: score_microkernel<3>(q, kt, kt_stride, head_dim, j, scores); break;
+    case 2: score_microkernel<2>(q, kt, kt_stride, head_dim, j, scores); break;
+    case 1: score_microkernel<1>(q, kt, kt_stride, head_dim, j, scores); break;
     default: break;
   }
 }
 
 // out[r] = out[r] * rescale[r] + sum_{j in [j_begin, j_end)} probs[r][j] * v[j] for kRowTile rows.
+template <int Vectors>
+inline void accumulate_microkernel(const float* probs, const float* v, int64_t v_stride, int head_dim, int j_begin,
+                                   int j_end, const float* rescale, float* out) {
+  vfloat acc[kRowTile][Vectors];
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) acc[r][c] = load(out + r * head_dim + c * kLanes) * rescale[r];
+  const float* value_row = v + j_begin * v_stride;
+  for (const float *p = probs + j_begin, *p_end = probs + j_end; p != p_end; ++p, value_row += v_stride) {
+    vfloat values[Vectors];
+#pragma GCC unroll 4
+    for (int c = 0; c < Vectors; ++c) values[c] = load(value_row + c * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowTile; ++r) {
+      vfloat pr = splat(p[r * kRowStride]);
+#pragma GCC unroll 4
+      for (int c = 0; c < Vectors; ++c) acc[r][c] += pr * values[c];
+    }
+  }
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) store(out + r * head_dim + c * kLanes, acc[r][c]);
+}
+
 inline void accumulate_tile(const float* probs, const float* v, int64_t v_stride, int head_dim, int j_begin,
                             int j_end, const float* rescale, float* out) {
-  for (int d = 0; d < head_dim; d += kOutVectors * kLanes) {
-    vfloat acc[kRowTile][kOutVectors];
-    const int vectors = head_dim - d >= kOutVectors * kLanes ? kOutVectors : (head_dim - d) / kLanes;
-    if (vectors == kOutVectors) {
-      for (int r = 0; r < kRowTile; ++r)
-        for (int c = 0; c < kOutVectors; ++c) acc[r][c] = load(out + r * head_dim + d + c * kLanes) * rescale[r];
-      for (int j = j_begin; j < j_end; ++j) {
-        vfloat values[kOutVectors];
-#pragma GCC unroll 4
-        for (int c = 0; c < kOutVectors; ++c) values[c] = load(v + j * v_stride + d + c * kLanes);
-#pragma GCC unroll 4
-        for (int r = 0; r < kRowTile; ++r) {
-          vfloat p = splat(probs[r * kRowStride + j]);
-#pragma GCC unroll 4
-          for (int c = 0; c < kOutVectors; ++c) acc[r][c] += p * values[c];
-        }
-      }
-      for (int r = 0; r < kRowTile; ++r)
-        for (int c = 0; c < kOutVectors; ++c) store(out + r * head_dim + d + c * kLanes, acc[r][c]);
-    } else {  // head_dim not a multiple of kOutVectors vectors (e.g. 32 with 16 lanes)
-      for (int c = 0; c < vectors; ++c) {
-        vfloat part[kRowTile];
-        for (int r = 0; r < kRowTile; ++r) part[r] = load(out + r * head_dim + d + c * kLanes) * rescale[r];
-        for (int j = j_begin; j < j_end; ++j) {
-          vfloat values = load(v + j * v_stride + d + c * kLanes);
-#pragma GCC unroll 4
-          for (int r = 0; r < kRowTile; ++r) part[r] += splat(probs[r * kRowStride + j]) * values;
-        }
-        for (int r = 0; r < kRowTile; ++r) store(out + r * head_dim + d + c * kLanes, part[r]);
-      }
-    }
+  int d = 0;
+  for (; d + kOutVectors * kLanes <= head_dim; d += kOutVectors * kLanes)
+    accumulate_microkernel<kOutVectors>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d);
+  switch ((head_dim - d) / kLanes) {  // head_dim 32 with 16 lanes: two vectors
+    case 3: accumulate_microkernel<3>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
+    case 2: accumulate_microkernel<2>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
+    case 1: accumulate_microkernel<1>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
+    default: break;
   }
 }
 
@@ -188,8 +190,10 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
   float* row_max = scores + kRowTile * kRowStride;                   // [bs + kRowTile]
   float* row_sum = row_max + kMaxBlockSize + kRowTile;               // [bs + kRowTile]
   float* cache = row_sum + kMaxBlockSize + kRowTile;
-  BlockCache<modernbert_kernels::cpu::kKeyCacheSlots> slots;
-  bool any_masked_key_in[modernbert_kernels::cpu::kKeyCacheSlots] = {};
+  const bool fp32 = a.dtype == ElementType::Float32;
+  const size_t slot_floats = modernbert_kernels::cpu::attention_slot_floats(bs, head_dim, fp32);
+  BlockCache slots(a.cache_slots);
+  bool any_masked_key_in[modernbert_kernels::cpu::kMaxCacheSlots] = {};
 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t q_block = item % num_q_blocks;
@@ -229,17 +233,17 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
 
       bool cached;
       const int slot = slots.find((batch * a.heads + head) * num_q_blocks + j0 / bs, &cached);
-      float* k_t = cache + slot * modernbert_kernels::cpu::kKeySlotFloats;  // [head_dim][kRowStride]
-      float* v_tile = k_t + kMaxHeadDim * kRowStride;                      // [bs][head_dim], 16-bit inputs
-      float* key_bias = v_tile + kMaxBlockSize * kMaxHeadDim;              // [kRowStride]
+      float* k_t = cache + slot * slot_floats;                    // [head_dim][bs]
+      float* key_bias = k_t + head_dim * bs;                       // [bs]
+      float* v_tile = key_bias + bs;                               // [bs][head_dim], 16-bit inputs only
       if (!cached) {
         for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
           load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
-          for (int d = 0; d < head_dim; ++d) k_t[d * kRowStride + j] = scores[d];
+          for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = scores[d];
         }
         for (int j = keys; j < padded_keys; ++j)
-          for (int d = 0; d < head_dim; ++d) k_t[d * kRowStride + j] = 0.f;
-        if (a.dtype != ElementType::Float32) {
+          for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = 0.f;
+        if (!fp32) {
           for (int j = 0; j < keys; ++j)
             load_row(a.v, token_offset(a.v_stride, j0 + j), a.dtype, 1.f, head_dim, v_tile + j * head_dim);
         }
@@ -253,7 +257,6 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
         any_masked_key_in[slot] = any_masked_key;
       }
       const bool any_masked_key = any_masked_key_in[slot];
-      const bool fp32 = a.dtype == ElementType::Float32;
       const float* v_rows = fp32 ? static_cast<const float*>(a.v) + token_offset(a.v_stride, j0) : v_tile;
       const int64_t v_row_stride = fp32 ? a.v_stride[2] : head_dim;
 
@@ -261,7 +264,7 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
         const int64_t first = i0 + r0;
         int j_begin, j_end;
         if (!visible_columns(first, j0, padded_keys, a.window, &j_begin, &j_end)) continue;
-        score_tile(q_tile + r0 * head_dim, k_t, head_dim, j_begin, j_end, scores);
+        score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);
 
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {

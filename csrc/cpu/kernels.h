@@ -41,19 +41,36 @@ struct AttentionArgs {
   int block_size;
   int64_t window;  // < 0: no window
   float scale;
+  int cache_slots;  // forward: packed key blocks kept per thread (attention_cache_slots)
 };
 
 // Work item = (batch, head, query block); a call handles items [begin, end) with a private
-// workspace of kAttentionWorkspaceFloats floats. Consecutive items of one head share key blocks
-// (a window visits blocks m - 1, m, m + 1), so packed key blocks are kept in a small LRU cache.
+// workspace of attention_workspace_floats(...) floats. Packed key blocks are kept in an LRU cache:
+// consecutive items of one head share key blocks (a window visits blocks m - 1, m, m + 1; a dense
+// row visits all of them, so the cache holds a whole head's keys when they fit its budget).
 constexpr int kAttentionRowTile = 4;
-constexpr int kKeyCacheSlots = 6;
-// Per slot: keys transposed [head_dim][block], values as fp32 [block][head_dim], key bias [block].
-constexpr size_t kKeySlotFloats = 2 * kMaxHeadDim * kMaxBlockSize + kMaxBlockSize;
+constexpr int kMaxCacheSlots = 1024;
+constexpr size_t kCacheBudgetFloats = size_t(8) << 20 >> 2;  // 8 MiB per thread
+
+// Per slot: keys transposed [head_dim][block], values as fp32 [block][head_dim] (16-bit inputs
+// only), key bias [block].
+inline size_t attention_slot_floats(int block_size, int head_dim, bool fp32) {
+  return size_t(head_dim) * block_size * (fp32 ? 1 : 2) + block_size;
+}
+
+inline int attention_cache_slots(int64_t num_blocks, size_t slot_floats) {
+  int64_t slots = int64_t(kCacheBudgetFloats / slot_floats);
+  slots = slots < num_blocks ? slots : num_blocks;
+  slots = slots < 6 ? 6 : slots;
+  return int(slots < kMaxCacheSlots ? slots : kMaxCacheSlots);
+}
+
 // q tile and output accumulators, scores, row max and sum, then the key cache.
-constexpr size_t kAttentionWorkspaceFloats = 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim +
-                                            kAttentionRowTile * kMaxBlockSize + 2 * (kMaxBlockSize + kAttentionRowTile) +
-                                            kKeyCacheSlots * kKeySlotFloats;
+inline size_t attention_workspace_floats(int cache_slots, size_t slot_floats) {
+  return 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim + kAttentionRowTile * kMaxBlockSize +
+         2 * (kMaxBlockSize + kAttentionRowTile) + size_t(cache_slots) * slot_floats;
+}
+
 using AttentionForwardFn = void (*)(const AttentionArgs&, int64_t begin, int64_t end, float* workspace);
 
 // The backward runs in two passes over work items: (batch, head, query block) computing dq and

@@ -31,34 +31,35 @@ inline vint iota() {
 
 inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 
-inline float reduce_max(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-inline float reduce_sum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
-inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
+inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
 
-// floor() through truncation: converts toward zero, then steps down where that rounded up.
-inline vfloat vfloor(vfloat x) {
-  vfloat t = __builtin_convertvector(__builtin_convertvector(x, vint), vfloat);
-  return t - select(t > x, splat(1.f), splat(0.f));
+// Butterfly reduction: log2(kLanes) shuffle + op steps; every lane ends with the result.
+template <typename Op>
+inline float reduce(vfloat v, Op op) {
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    vint partner;
+    for (int i = 0; i < kLanes; ++i) partner[i] = i ^ width;
+    v = op(v, __builtin_shuffle(v, partner));
+  }
+  return v[0];
 }
 
-// 2^x to ~2e-7 relative: x = n + f with |f| <= 1/2, 2^f by its degree-6 Taylor series in f ln 2
-// (truncation error (ln 2 / 2)^7 / 7! = 1.2e-7), 2^n built in the exponent bits. Exactly 0 below
-// -126, so masked scores (-inf) contribute nothing.
+inline float reduce_max(vfloat v) { return reduce(v, vmax); }
+inline float reduce_sum(vfloat v) { return reduce(v, vadd); }
+
+inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
+
+// 2^x to ~2e-7 relative: x = n + f with n = round(x) and |f| <= 1/2, 2^f by its degree-6 Taylor
+// series in f ln 2 (truncation error (ln 2 / 2)^7 / 7! = 1.2e-7), 2^n built in the exponent bits.
+// Rounding adds 1.5 * 2^23, whose float has unit spacing, so the sum's low bits hold n.
+// Exactly 0 below -126, so masked scores (-inf) contribute nothing.
 inline vfloat vexp2(vfloat x) {
+  constexpr float kRoundingShift = 12582912.f;  // 1.5 * 2^23
   vfloat xc = vmin(vmax(x, splat(-126.f)), splat(127.f));
-  vfloat n = vfloor(xc + 0.5f);
+  vfloat shifted = xc + kRoundingShift;
+  vfloat n = shifted - kRoundingShift;
   vfloat f = (xc - n) * 0.69314718055994531f;
   vfloat p = splat(1.f / 720.f);
   p = p * f + 1.f / 120.f;
@@ -67,7 +68,9 @@ inline vfloat vexp2(vfloat x) {
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vint bits;
+  __builtin_memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;
   vfloat two_n;
   __builtin_memcpy(&two_n, &bits, sizeof(bits));
   return select(x < -126.f, splat(0.f), p * two_n);
