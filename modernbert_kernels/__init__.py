@@ -1,5 +1,7 @@
 """modernbert-kernels: block-sparse attention and fused int8 matmul kernels for BERT-style encoders."""
 
+from importlib import metadata as _metadata
+
 from . import layouts
 from .attention import block_sparse_attention
 from .int8 import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
@@ -15,4 +17,7 @@ __all__ = [
     "quantize_per_channel",
     "quantize_per_token",
 ]
-__version__ = "0.1.0"
+try:  # the installed distribution's version, with its build tag (e.g. 0.1.0+cu130torch2.14)
+    __version__ = _metadata.version("modernbert-kernels")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.1.0"
