@@ -102,6 +102,9 @@ class ModernBertAttention(nn.Module):
         # Optional [num_heads] multipliers of the heads' outputs: head_importance() sets them to
         # ones that require grad, reading the gradient of the loss with respect to each head.
         self.head_gate: torch.Tensor | None = None
+        # The dtype q, k, v enter the attention in (None: the hidden states'); quantize_int8 can set
+        # bf16 so the attention's matmuls use bf16 units (AMX, tensor cores) in an int8 model.
+        self.attention_dtype: torch.dtype | None = None
 
     @property
     def num_heads(self) -> int:
@@ -112,8 +115,10 @@ class ModernBertAttention(nn.Module):
         qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
         q, k = apply_rotary(qkv[:, :2], *rotary).unbind(1)
         v = qkv[:, 2]
+        if self.attention_dtype is not None and self.attention_dtype != q.dtype:
+            q, k, v = (t.to(self.attention_dtype) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, layout, window=window, cu_seqlens=batch.cu_seqlens,
-                                     max_seqlen=batch.max_seqlen, backend=backend)
+                                     max_seqlen=batch.max_seqlen, backend=backend).to(hidden.dtype)
         if self.head_gate is not None:
             out = out * self.head_gate[:, None].to(out.dtype)
         return self.out_drop(self.Wo(out.reshape(hidden.shape[0], -1)))

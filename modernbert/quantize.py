@@ -42,14 +42,20 @@ def _activation_maxima(model: nn.Module, targets, calibration) -> dict:
     return maxima
 
 
-def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5) -> nn.Module:
+def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5,
+                  attention_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace Wqkv, attention Wo, MLP Wi (with GeGLU fused) and Wo, and the head's dense layer by
     Int8Linear, in place; returns the model.
 
     ``calibration``: an iterable of ``input_ids`` or ``(input_ids, attention_mask)`` batches; when
     given, each layer is smoothed (SmoothQuant, strength ``alpha``) with the per-channel maxima of
-    its inputs on them.
+    its inputs on them. ``attention_dtype=torch.bfloat16`` also runs the attention itself on bf16
+    q, k, v (fp32 accumulation and softmax), as int8 deployments usually do: the linear layers are
+    int8 and the attention is then the largest fp32 cost left (see benchmarks/NOTES.md).
     """
+    encoder = model if isinstance(model, ModernBertModel) else model.model
+    for layer in encoder.layers:
+        layer.attn.attention_dtype = attention_dtype
     targets = list(_targets(model))
     maxima = _activation_maxima(model, targets, calibration) if calibration is not None else {}
     for parent, name, fused in targets:

@@ -140,6 +140,31 @@ def test_quantize_int8_converts_every_linear_and_stays_close(tmp_path, calibrate
     assert cosine.mean() >= 0.99 and logits.shape == (2, 2)
 
 
+def test_int8_with_bf16_attention(tmp_path, monkeypatch):
+    import modernbert_kernels.attention as attention
+
+    _, model = hf_pair(tmp_path, "ModernBertForSequenceClassification", **TINY)
+    ids, mask = random_batch([150, 90], 150, TINY["vocab_size"])
+    seen = []
+    original = attention.block_sparse_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr("modernbert.model.block_sparse_attention", recording)
+    with torch.no_grad():
+        reference = model.model(ids, mask)
+        modernbert.quantize_int8(model, attention_dtype=torch.bfloat16)
+        seen.clear()
+        quantized = model.model(ids, mask)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert quantized.dtype == torch.float32
+    real = mask.bool()
+    cosine = torch.nn.functional.cosine_similarity(quantized[real], reference[real], dim=-1)
+    assert cosine.mean() >= 0.99
+
+
 def test_example_classifies_sentences_end_to_end(tmp_path, monkeypatch, capsys):
     """A folder as transformers writes it (random tiny weights, a real WordPiece tokenizer)."""
     import importlib.util
