@@ -293,8 +293,11 @@ def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, windo
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
     if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
+        # bf16 stays bf16 (the kernel accumulates in fp32 and uses bf16 matmul units); fp16 has
+        # none on CPUs and is computed in fp32.
+        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.float(), k.float(), v.float(), 0.0, False, scale=scale
+            q.to(work), k.to(work), v.to(work), 0.0, False, scale=scale
         )
         return out.to(q.dtype).contiguous(), lse.float().contiguous()
     layout_heads = row_offsets.shape[0]
@@ -317,8 +320,9 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
     if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
+        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, scale=scale
+            *(t.to(work) for t in (dout, q, k, v, out)), lse, 0.0, False, scale=scale
         )
         return tuple(g.to(q.dtype).contiguous() for g in grads)
     layout_heads = row_offsets.shape[0]

@@ -142,3 +142,20 @@ def test_native_op_errors_are_clear():
         )
     with pytest.raises(ValueError, match="runs on cpu tensors"):
         block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), layout, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_dense_layout_bf16_forward_and_backward(backend):
+    """Dense layouts in bf16 (the torch path hands them to PyTorch's fused kernel in bf16)."""
+    q, k, v = random_qkv((2, 2, 192, 64), torch.bfloat16, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).bfloat16()
+    layout = layouts.from_block_mask(torch.ones(3, 3, dtype=torch.bool), 64)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, backend=backend)
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout)
+    ref.backward(dout.double())
+    assert out.dtype == torch.bfloat16
+    for actual, expected in [(out, ref)] + [(t.grad, r.grad) for t, r in zip(inputs, ref_inputs)]:
+        assert relative_error(actual, expected) <= TOLERANCES[torch.bfloat16]
