@@ -1,5 +1,5 @@
 // Schemas of the native (C++/CUDA) kernels, defined once. The public ops
-// (modernbert_kernels::block_sparse_attention, ::int8_linear, ::quantize_per_token) are defined in
+// (modernbert_kernels::block_sparse_attention, ::int8_linear, ::quantize_per_token, ::rotary_embedding) are defined in
 // Python, where they also carry the Triton implementations, fake tensors and autograd; their
 // backend="cpu" / "cuda" branches call these. CPU implementations live in cpu/, CUDA ones in cuda/.
 #include <Python.h>
@@ -22,6 +22,8 @@ TORCH_LIBRARY(modernbert_kernels, m) {
   m.def(
       "int8_linear_native(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
       "str activation, ScalarType out_dtype) -> Tensor");
+  // out may be x itself (in place).
+  m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");
   // Which CPU kernel build this machine runs (avx512, avx2 or baseline), for `modernbert-kernels info`.
   m.def("cpu_isa() -> str", [] { return std::string(modernbert_kernels::cpu::kernels().isa); });

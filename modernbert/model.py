@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from modernbert_kernels import Int8Linear, block_sparse_attention, layouts
+from modernbert_kernels import Int8Linear, block_sparse_attention, layouts, rotary_embedding
 
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
@@ -62,28 +62,11 @@ class ModernBertEmbeddings(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [tokens, head_dim] for RoPE with base ``theta`` (half-split layout, as transformers)."""
+    """fp32 cos, sin [tokens, head_dim / 2] of RoPE with base ``theta`` (half-split pairs), rounded
+    through ``dtype`` first as transformers' cos / sin tables are, so 16-bit models match it."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [tokens, ..., head_dim] (q and k stacked in one call: [tokens, 2, heads, head_dim]);
-    computed in fp32 like transformers, returned in x's dtype.
-
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves, instead of transformers'
-    cat / neg / two full products / sum: three passes over x instead of five.
-    """
-    x32 = x.float()
-    half = x.shape[-1] // 2
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    cos_half, sin_half = cos[:, :half].reshape(shape).float(), sin[:, :half].reshape(shape).float()
-    x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = torch.cat((torch.addcmul(x1 * cos_half, x2, sin_half, value=-1),
-                         torch.addcmul(x2 * cos_half, x1, sin_half)), dim=-1)
-    return rotated.to(x.dtype)
+    angles = positions.float()[:, None] * inv_freq
+    return angles.cos().to(dtype).float(), angles.sin().to(dtype).float()
 
 
 class ModernBertAttention(nn.Module):
@@ -113,7 +96,12 @@ class ModernBertAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout, window,
                 backend=None) -> torch.Tensor:
         qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
-        q, k = apply_rotary(qkv[:, :2], *rotary).unbind(1)
+        rope_backend = None if backend == "reference" else backend
+        if qkv.requires_grad and torch.is_grad_enabled():
+            q, k = rotary_embedding(qkv[:, :2], *rotary, backend=rope_backend).unbind(1)
+        else:  # inference: q and k are turned where they are, no new [tokens, 2, heads, dim] tensor
+            rotary_embedding(qkv[:, :2], *rotary, inplace=True, backend=rope_backend)
+            q, k = qkv[:, 0], qkv[:, 1]
         v = qkv[:, 2]
         if self.attention_dtype is not None and self.attention_dtype != q.dtype:
             q, k, v = (t.to(self.attention_dtype) for t in (q, k, v))

@@ -6,6 +6,7 @@ from . import layouts
 from .attention import block_sparse_attention
 from .int8 import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from .layout import BlockSparseLayout
+from .rotary import rotary_embedding
 
 __all__ = [
     "BlockSparseLayout",
@@ -16,6 +17,7 @@ __all__ = [
     "layouts",
     "quantize_per_channel",
     "quantize_per_token",
+    "rotary_embedding",
 ]
 try:  # the installed distribution's version, with its build tag (e.g. 0.1.0+cu130torch2.14)
     __version__ = _metadata.version("modernbert-kernels")

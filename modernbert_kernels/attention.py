@@ -18,6 +18,7 @@ from .layout import BlockSparseLayout
 from .reference import block_sparse_attention_reference
 
 BACKENDS = ("triton", "cpu", "cuda", "torch", "reference")
+OP_BACKENDS = BACKENDS[:-1]  # the int8 and rotary ops have no separate reference backend
 NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ extension's kernels, one per device type
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -45,6 +46,26 @@ def default_backend(device: torch.device) -> str:
     if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
         return device.type
     return "torch"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend an element-wise or int8 op runs on (``None``: the default for the device),
+    with a clear error when it cannot run on ``device`` here."""
+    backend = default_backend(device) if backend is None else backend
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS} or None, got {backend!r}")
+    if backend in NATIVE_BACKENDS:
+        usable, why = native.status(backend)
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {device} tensors")
+        if not usable:
+            raise ValueError(f"backend={backend!r} is not available: {why}")
+    if backend == "triton":
+        from .triton.attention_common import interpreting
+
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' is not available for {device} tensors: {triton_status()[1]}")
+    return backend
 
 
 def _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,

@@ -190,10 +190,24 @@ def int8_builds(arch: int, quick: bool):
             )
 
 
+def rotary_builds(arch: int, quick: bool):
+    from .triton.rotary import rotary_kernel, rows_per_program
+
+    for dtype in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        for head_dim in (64,) if quick else (32, 64, 128):
+            block_half = head_dim // 2
+            yield Build(
+                rotary_kernel, dtype, f"head_dim={head_dim}", dict(X=dtype, Out=dtype, Cos="fp32", Sin="fp32"),
+                dict(BLOCK_ROWS=rows_per_program(block_half), BLOCK_HALF=block_half),
+                4, 1, rows_per_program=rows_per_program(block_half), tensor_cores=False,
+            )
+
+
 def run_check(archs=ARCHS, quick: bool = False, progress=None) -> list[KernelBuild]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    plan = [(arch, build) for arch in archs for source in (attention_builds, int8_builds) for build in source(arch, quick)]
+    sources = (attention_builds, int8_builds, rotary_builds)
+    plan = [(arch, build) for arch in archs for source in sources for build in source(arch, quick)]
     results = []
     for step, (arch, build) in enumerate(plan):
         results.append(compile_build(build, arch))
@@ -239,7 +253,7 @@ def native_cuda_builds(archs=ARCHS) -> list[NativeBuild] | None:
             arch = int(match.group(1))
         elif match := re.match(r"\s*Function (\S+):", line):
             # Mangled names: keep the kernel's own name and its template arguments' gist.
-            found = re.search(r"(attention_(?:forward|dq|dkdv)_kernel|int8_linear_kernel|quantize_rows_kernel)I(\w+?)E",
+            found = re.search(r"(attention_(?:forward|dq|dkdv)_kernel|int8_linear_kernel|quantize_rows_kernel|rotary_kernel)I(\w+?)E",
                               match.group(1))
             kernel = f"{found.group(1)}<{found.group(2)}>" if found else match.group(1)
         elif (match := re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", line)) and arch and kernel:

@@ -288,18 +288,27 @@ def _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask) -> bo
     )
 
 
+def _fused_cpu_attention(q, k, v, scale):
+    """PyTorch's fused CPU attention on [batch, heads, seq, dim] views: (out, lse) laid out as it
+    chooses (for a varlen sequence's views: [seq, heads, dim] memory, the varlen layout itself).
+
+    bf16 stays bf16 (the kernel accumulates in fp32 and uses bf16 matmul units); fp16 has none on
+    CPUs and is computed in fp32.
+    """
+    work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.to(work), k.to(work), v.to(work), 0.0, False, scale=scale
+    )
+    return out.to(q.dtype), lse.float()
+
+
 def gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask):
     """q, k, v [batch, heads, seq, dim] -> (out like q, lse [batch, heads, seq] fp32)."""
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
     if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
-        # bf16 stays bf16 (the kernel accumulates in fp32 and uses bf16 matmul units); fp16 has
-        # none on CPUs and is computed in fp32.
-        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.to(work), k.to(work), v.to(work), 0.0, False, scale=scale
-        )
-        return out.to(q.dtype).contiguous(), lse.float().contiguous()
+        out, lse = _fused_cpu_attention(q, k, v, scale)
+        return out.contiguous(), lse.contiguous()
     layout_heads = row_offsets.shape[0]
     masks = _Masks(block_size, seq_len, num_blocks, window, key_padding_mask, q.device)
     # The scale is folded into q: one pass over [seq, dim] instead of one over the scores.
@@ -320,7 +329,7 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
     if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
-        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32  # as the forward
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(t.to(work) for t in (dout, q, k, v, out)), lse, 0.0, False, scale=scale
         )
@@ -356,11 +365,23 @@ def gathered_forward(q, k, v, row_offsets, col_indices, block_size, window, scal
     if cu_seqlens is None:
         return gathered_forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale,
                                        key_padding_mask)
+    def dense(start, end):
+        blocks = -(-(end - start) // block_size)
+        return q.device.type == "cpu" and _dense(row_offsets, col_indices, blocks, window, None)
+
+    bounds = cu_seqlens.tolist()
+    if len(bounds) == 2 and bounds[1] > 0 and dense(0, bounds[1]):
+        # One dense sequence: the fused kernel's output already is the [tokens, heads, dim] result.
+        o, l = _fused_cpu_attention(*next(_per_sequence(cu_seqlens, q, k, v))[2], scale)
+        return o[0].transpose(0, 1).contiguous(), l[0].contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
     for start, end, seq in _per_sequence(cu_seqlens, q, k, v):
         if end > start:
-            o, l = gathered_forward_padded(*seq, row_offsets, col_indices, block_size, window, scale, None)
+            if dense(start, end):  # straight from the fused kernel's layout into out
+                o, l = _fused_cpu_attention(*seq, scale)
+            else:
+                o, l = gathered_forward_padded(*seq, row_offsets, col_indices, block_size, window, scale, None)
             out[start:end] = o[0].transpose(0, 1)
             lse[:, start:end] = l[0]
     return out, lse

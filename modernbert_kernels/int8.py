@@ -15,38 +15,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import native
-from .attention import NATIVE_BACKENDS, triton_status
+from .attention import NATIVE_BACKENDS, resolve_backend
 
-BACKENDS = ("triton", "cpu", "cuda", "torch")
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
-
-
-def _default_backend(device: torch.device) -> str:
-    if device.type == "cuda" and triton_status()[0]:
-        return "triton"
-    if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
-        return device.type
-    return "torch"
-
-
-def _check_backend(backend: str, device: torch.device) -> str:
-    backend = _default_backend(device) if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend in NATIVE_BACKENDS:
-        usable, why = native.status(backend)
-        if device.type != backend:
-            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {device} tensors")
-        if not usable:
-            raise ValueError(f"backend={backend!r} is not available: {why}")
-    if backend == "triton":
-        from .triton.attention_common import interpreting
-
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend='triton' is not available for {device} tensors: {triton_status()[1]}")
-    return backend
 
 
 def _quantize_rows_torch(x, norm_weight, eps, smooth):
@@ -107,7 +79,7 @@ def quantize_per_token(
         raise TypeError(f"smooth must be float32, got {smooth.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _quantize_op(x, norm_weight, eps, smooth, _check_backend(backend, x.device))
+    return _quantize_op(x, norm_weight, eps, smooth, resolve_backend(backend, x.device))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +174,7 @@ def int8_linear(
         raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
     return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
-                           _check_backend(backend, x_q.device))
+                           resolve_backend(backend, x_q.device))
 
 
 def interleave_geglu(t: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,17 @@ def int8_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, activation=None
     if activation == "geglu":
         return torch.nn.functional.gelu(y[:, 0::2]) * y[:, 1::2]
     return y
+
+
+def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, half-split layout, in float64: x [tokens, ..., head_dim], cos / sin [tokens, head_dim / 2].
+
+    Written as transformers writes it (x * cos + rotate_half(x) * sin with the angles repeated over
+    both halves), not as the kernels do (a 2 x 2 rotation per pair), so the two can disagree.
+    """
+    x = x.double()
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    cos_full = torch.cat((cos, cos), dim=-1).double().reshape(shape)
+    sin_full = torch.cat((sin, sin), dim=-1).double().reshape(shape)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos_full + torch.cat((-x2, x1), dim=-1) * sin_full

@@ -169,3 +169,21 @@ def test_torch_backend_tile_groups(min_run, mode, monkeypatch, poison_allocation
     monkeypatch.setattr(gathered, "_MIN_RUN", min_run)
     for name in ("union", "bigbird_per_head", "dilated"):
         check_against_reference("torch", LAYOUTS[name](), mode, 40, torch.float32)
+
+
+@pytest.mark.parametrize("lengths", [[SEQ], [70, 0, SEQ]], ids=["one_sequence", "three_sequences"])
+def test_dense_varlen_on_the_fused_cpu_kernel(lengths, poison_allocations):
+    """Dense layouts on the torch path go to PyTorch's fused kernel; a lone sequence's output is
+    taken from its layout as it is, several are copied into place."""
+    generator = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(sum(lengths), HEADS, 64, generator=generator) for _ in range(4))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, LAYOUTS["dense"](), cu_seqlens=cu, backend="torch")
+    out.backward(dout)
+    assert out.is_contiguous()
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, LAYOUTS["dense"](), cu_seqlens=cu)
+    ref.backward(dout.double())
+    for actual, expected in [(out, ref)] + [(t.grad, r.grad) for t, r in zip(inputs, ref_inputs)]:
+        assert relative_error(actual, expected) <= TOLERANCES[torch.float32]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers import TOLERANCES, relative_error
-from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token
+from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token, rotary_embedding
 from modernbert_kernels.reference import int8_linear_reference, int8_matmul_reference, quantize_per_row_reference
-from modernbert_kernels.reference import block_sparse_attention_reference
+from modernbert_kernels.reference import block_sparse_attention_reference, rotary_embedding_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -107,3 +107,20 @@ def test_cuda_quantize_matches_reference():
     ref_q, ref_scale = quantize_per_row_reference(x.cpu())
     assert torch.equal(q.cpu(), ref_q)
     torch.testing.assert_close(scale.cpu().double(), ref_scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("tokens, heads, head_dim", [(1000, 12, 64), (77, 4, 128), (5, 3, 40)])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_rotary_on_gpu(backend, tokens, heads, head_dim, dtype):
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=generator).to("cuda", dtype)
+    angles = (torch.rand(tokens, head_dim // 2, generator=generator) * 100).cuda()
+    cos, sin = angles.cos(), angles.sin()
+    expected = rotary_embedding_reference(qkv[:, :2].cpu(), cos.cpu(), sin.cpu())
+    out = rotary_embedding(qkv[:, :2], cos, sin, backend=backend)
+    assert relative_error(out.cpu(), expected) <= TOLERANCES[dtype]
+    v = qkv[:, 2].clone()
+    rotary_embedding(qkv[:, :2], cos, sin, inplace=True, backend=backend)
+    assert relative_error(qkv[:, :2].cpu(), expected) <= TOLERANCES[dtype]
+    assert torch.equal(qkv[:, 2], v)

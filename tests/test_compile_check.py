@@ -34,5 +34,5 @@ def test_native_cuda_kernels_build_for_both_archs_without_spills():
     assert {b.arch for b in builds} >= {80, 90}
     kernels = {b.kernel.split("<")[0] for b in builds}
     assert kernels == {"attention_forward_kernel", "attention_dq_kernel", "attention_dkdv_kernel",
-                       "int8_linear_kernel", "quantize_rows_kernel"}
+                       "int8_linear_kernel", "quantize_rows_kernel", "rotary_kernel"}
     assert not [b for b in builds if b.problems()]

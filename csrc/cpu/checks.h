@@ -68,4 +68,41 @@ inline void check_int8_linear_inputs(const at::Tensor& x_q, const at::Tensor& x_
   TORCH_CHECK(activation != "geglu" || w_q.size(0) % 2 == 0, "geglu needs an even number of weight rows");
 }
 
+// x and out [tokens, groups, head_dim] (unit stride along head_dim, same dtype), cos and sin
+// contiguous fp32 [tokens, head_dim / 2] on x's device.
+inline void check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3, "x must be [tokens, groups, head_dim], got ", x.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(),
+              "out must match x's shape, dtype and device");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  TORCH_CHECK(x.stride(2) == 1 && out.stride(2) == 1, "x and out need unit stride along head_dim");
+  TORCH_CHECK(x.size(2) % 2 == 0, "head_dim must be even, got ", x.size(2));
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == x.device(),
+                "cos and sin must be contiguous fp32 on ", x.device());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == x.size(0) && t->size(1) == x.size(2) / 2,
+                "cos and sin must be [tokens, head_dim / 2] = [", x.size(0), ", ", x.size(2) / 2, "], got ", t->sizes());
+  }
+}
+
+// Checks, then fills the fields the CPU and CUDA RotaryArgs share (all but the dtype).
+template <typename RotaryArgs>
+void set_rotary_args(RotaryArgs& args, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& out) {
+  check_rotary_inputs(x, cos, sin, out);
+  args.x = x.data_ptr();
+  args.out = out.data_ptr();
+  args.tokens = x.size(0);
+  args.groups = x.size(1);
+  args.head_dim = x.size(2);
+  for (int d = 0; d < 2; ++d) {
+    args.x_stride[d] = x.stride(d);
+    args.out_stride[d] = out.stride(d);
+  }
+  args.cos = cos.data_ptr<float>();
+  args.sin = sin.data_ptr<float>();
+}
+
 }  // namespace modernbert_kernels

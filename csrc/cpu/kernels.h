@@ -117,12 +117,25 @@ struct QuantizeArgs {
 // A call handles rows [begin, end) with a private workspace of k floats.
 using QuantizeFn = void (*)(const QuantizeArgs&, int64_t row_begin, int64_t row_end, float* workspace);
 
+// Rotary position embedding (half-split pairs (i, i + head_dim / 2)) of rows (token, group).
+struct RotaryArgs {
+  const void* x;  // [tokens, groups, head_dim], element strides (token, group), unit along head_dim
+  void* out;      // like x; may be x itself (each row is read whole before it is written)
+  ElementType dtype;
+  int64_t tokens, groups, head_dim;
+  int64_t x_stride[2], out_stride[2];
+  const float* cos;  // [tokens, head_dim / 2] contiguous
+  const float* sin;
+};
+using RotaryFn = void (*)(const RotaryArgs&, int64_t token_begin, int64_t token_end);
+
 struct KernelTable {
   const char* isa;
   AttentionForwardFn attention_forward;
   AttentionBackwardFn attention_backward;
   Int8EpilogueFn int8_epilogue;
   QuantizeFn quantize_rows;
+  RotaryFn rotary;
 };
 
 // The best build this CPU can run, chosen once at first use (not at build time, so one wheel

@@ -75,4 +75,17 @@ struct QuantizeArgs {
 
 cudaError_t launch_quantize_rows(const QuantizeArgs& args, cudaStream_t stream);
 
+// Rotary position embedding of rows (token, group): pair (i, i + head_dim / 2) turns by angle i.
+struct RotaryArgs {
+  const void* x;  // [tokens, groups, head_dim], element strides (token, group), unit along head_dim
+  void* out;      // like x; may be x itself
+  ElementType dtype;
+  int64_t tokens, groups, head_dim;
+  int64_t x_stride[2], out_stride[2];
+  const float* cos;  // [tokens, head_dim / 2] contiguous
+  const float* sin;
+};
+
+cudaError_t launch_rotary(const RotaryArgs& args, cudaStream_t stream);
+
 }  // namespace modernbert_kernels::cuda

@@ -188,9 +188,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x,
   return {q, scale};
 }
 
+void rotary_embedding_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda(), "expected CUDA tensors, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::RotaryArgs args{};
+  set_rotary_args(args, x, cos, sin, out);
+  args.dtype = element_type(x.scalar_type());
+  check_launch(cuda::launch_rotary(args, c10::cuda::getCurrentCUDAStream()), "rotary embedding");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modernbert_kernels, CUDA, m) {
+  m.impl("rotary_embedding_native", &rotary_embedding_cuda);
   m.impl("block_sparse_attention_forward_native", &attention_forward_cuda);
   m.impl("block_sparse_attention_backward_native", &attention_backward_cuda);
   m.impl("int8_linear_native", &int8_linear_cuda);
