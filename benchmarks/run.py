@@ -10,11 +10,13 @@ import time
 
 import torch
 
-from benchmarks import attention, encoder, int8_linear
+from benchmarks import attention, encoder, int8_linear, rotary
 from benchmarks.report import write_report
 from benchmarks.timing import device_ceilings
 
-SUBJECTS = {"attention": attention.run, "encoder": encoder.run, "int8_linear": int8_linear.run}
+SUBJECTS = {
+    "attention": attention.run, "encoder": encoder.run, "int8_linear": int8_linear.run, "rotary": rotary.run,
+}
 
 
 def _progress_bar(total: int):

@@ -29,8 +29,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         c, s = cos[:, None], sin[:, None]
         # Both halves are computed before either is written: out may be x.
-        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        out.copy_(rotated)
+        y1, y2 = torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)
+        out[..., :half] = y1
+        out[..., half:] = y2
 
 
 @torch.library.custom_op("modernbert_kernels::rotary_embedding", mutates_args=())
