@@ -57,6 +57,7 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
                 "bench": "rotary", "pass": "forward", "provider": provider, "baseline": baseline,
                 "seq_len": tokens, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": str(dtype).replace("torch.", ""),
                 "useful_flops": 3.0 * elements, "bytes": moved,
+                "tflops": 3.0 * elements / (stats["median_ms"] * 1e-3) / 1e12,
                 "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9,
                 **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
             })
