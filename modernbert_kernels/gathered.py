@@ -330,9 +330,10 @@ def gathered_backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, 
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
     if q.device.type == "cpu" and _dense(row_offsets, col_indices, num_blocks, window, key_padding_mask):
-        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32  # as the forward
+        # As the forward: contiguous inputs (454 vs 418 ms median for [1, 12, 4096, 64] fp32 from qkv slices).
+        work = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *(t.to(work) for t in (dout, q, k, v, out)), lse, 0.0, False, scale=scale
+            *(t.to(work).contiguous() for t in (dout, q, k, v, out)), lse, 0.0, False, scale=scale
         )
         return tuple(g.to(q.dtype).contiguous() for g in grads)
     layout_heads = row_offsets.shape[0]
