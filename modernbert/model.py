@@ -225,6 +225,18 @@ class ModernBertModel(PretrainedMixin, nn.Module):
                 self._layouts[key] = layouts.sliding_window(tokens, self.config.sliding_window, ATTENTION_BLOCK)
         return self._layouts[key]
 
+    @torch.compiler.disable
+    def unpad(self, attention_mask: torch.Tensor) -> PackedBatch:
+        """Pack the batch and build the layouts its longest sequence needs (cached per length).
+
+        Everything that depends on the data's values happens here: under torch.compile the graph
+        breaks at this call only, and the layers compile into one graph.
+        """
+        batch = pack(attention_mask)
+        for is_global in (False, True):
+            self._layout(is_global, batch.max_seqlen)
+        return batch
+
     def forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """The encoder on a packed token stream: input_ids [total_tokens] -> [total_tokens, hidden]."""
         hidden = self.embeddings(input_ids)
@@ -252,6 +264,6 @@ class ModernBertModel(PretrainedMixin, nn.Module):
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-        batch = pack(attention_mask)
+        batch = self.unpad(attention_mask)
         packed = self.forward_packed(input_ids.reshape(-1)[batch.indices], batch)
         return unpack(packed, batch)

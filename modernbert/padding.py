@@ -21,7 +21,8 @@ def pack(attention_mask: torch.Tensor) -> PackedBatch:
     """attention_mask [batch, seq] (1 = real token) -> where the real tokens are.
 
     Tokens keep their order; positions restart at 0 for every sequence, so a right-padded batch
-    gets the positions it would have unpadded.
+    gets the positions it would have unpadded. Two host reads (the real tokens' positions and
+    the longest length): the only ones of an encoder forward.
     """
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")

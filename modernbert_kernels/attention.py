@@ -9,6 +9,8 @@ dispatches inside; the reference backend bypasses the ops and uses plain autogra
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from typing import Optional
 
 import torch
@@ -168,6 +170,56 @@ def _backward(ctx, dout, dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _reads_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int | None) -> bool:
+    """Whether the input checks read cu_seqlens' values on the host.
+
+    Never while compiling or capturing a CUDA graph (there are no values to read). On CUDA with
+    ``max_seqlen`` given, not either: the read would be a device-to-host sync in every layer, so
+    the values are trusted unless MODERNBERT_KERNELS_CHECK_CU_SEQLENS=1 asks for the check.
+    Elsewhere the values are checked, once per tensor (see _checked_cu_seqlens).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if cu_seqlens.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        return max_seqlen is None or os.environ.get("MODERNBERT_KERNELS_CHECK_CU_SEQLENS", "0") == "1"
+    return True
+
+
+# id(cu_seqlens) -> (weak reference, version counter, total tokens, longest sequence): an encoder
+# passes one cu_seqlens to every layer, so its values are read once per forward, not per layer.
+_checked: dict[int, tuple] = {}
+
+
+def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int | None) -> int:
+    """Check that cu_seqlens runs from 0 to ``total_tokens`` without decreasing; the longest
+    sequence bounds ``max_seqlen``. Returns max_seqlen (the longest sequence when None)."""
+    # Inference tensors have no version counter (and cannot be changed outside inference mode).
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    entry = _checked.get(id(cu_seqlens))
+    if entry is not None and entry[0]() is cu_seqlens and entry[1:3] == (version, total_tokens):
+        longest = entry[3]
+    else:
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != total_tokens:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at total_tokens={total_tokens}, got {bounds[0]}..{bounds[-1]}"
+            )
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if min(lengths) < 0:
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        longest = max(lengths)
+        for key in [key for key, (ref, *_) in _checked.items() if ref() is None]:
+            del _checked[key]
+        _checked[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, total_tokens, longest)
+    if max_seqlen is None:
+        return longest
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+    return max_seqlen
+
+
 def _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -206,22 +258,14 @@ def _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seq
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must hold at least 2 entries (batch + 1)")
-        if not torch.compiler.is_compiling():
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-                raise ValueError(
-                    f"cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}, got {bounds[0]}..{bounds[-1]}"
-                )
-            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-            if min(lengths) < 0:
-                raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-            longest = max(lengths)
-            if max_seqlen is None:
-                max_seqlen = longest
-            elif max_seqlen < longest:
-                raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+        if _reads_cu_seqlens(cu_seqlens, max_seqlen):
+            max_seqlen = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
         elif max_seqlen is None:
-            raise ValueError("max_seqlen is required with cu_seqlens under torch.compile")
+            raise ValueError("max_seqlen is required with cu_seqlens under torch.compile or CUDA-graph capture")
+        elif not torch.compiler.is_compiling() and (
+            not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0
+        ):
+            raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
         seq_len = max_seqlen
     else:
         if max_seqlen is not None:
