@@ -8,6 +8,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_problem() -> str | None:
+    """Triton < 3.7's interpreter calls int() on one-element arrays, which numpy >= 2.4 refuses:
+    every interpreter test would fail with an unhelpful TypeError."""
+    import numpy
+    import triton
+
+    triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run under numpy {numpy.__version__}: "
+                "install with -c constraints/torch2.11-triton3.6.txt (numpy<2.4)")
+    return None
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") == "1" and (problem := _interpreter_problem()):
+        raise pytest.UsageError(problem)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_interpreter = pytest.mark.skip(reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1")

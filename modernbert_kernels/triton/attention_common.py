@@ -129,14 +129,29 @@ _TILES = {
     },
 }
 # (arch family, precision, kernel, head_dim, BLOCK_M, BLOCK_N, warps, stages) that the compile
-# check found spilling at some layout block; excluded at every layout block.
+# check found spilling at some layout block, under Triton 3.8 or 3.6 (the GPU machines' version:
+# ptxas sees different code from each); excluded at every layout block and every Triton version,
+# so one table is clean on both (benchmarks/NOTES.md, "Two Triton versions").
 _SPILLS = {
+    # Triton 3.8
     (90, "16bit", "dkdv", 128, 64, 128, 8, 2),
     (90, "16bit", "dkdv", 128, 64, 128, 8, 3),
     (90, "fp32", "dkdv", 128, 32, 32, 4, 1),
     (80, "fp32", "fwd", 64, 32, 32, 4, 1),
     (80, "fp32", "fwd", 128, 16, 32, 4, 2),
     (80, "fp32", "dkdv", 128, 16, 16, 4, 2),
+    # Triton 3.6
+    (90, "fp32", "fwd", 64, 32, 32, 4, 1),
+    (90, "fp32", "fwd", 128, 16, 32, 4, 2),
+    (90, "fp32", "dkdv", 64, 32, 32, 4, 1),
+    (90, "fp32", "dkdv", 128, 32, 16, 4, 2),
+    (80, "16bit", "fwd", 128, 64, 32, 8, 3),
+    (80, "16bit", "dkdv", 32, 64, 32, 8, 2),
+    (80, "16bit", "dkdv", 32, 64, 32, 8, 3),
+    (80, "16bit", "dkdv", 128, 64, 32, 8, 2),
+    (80, "fp32", "dq", 128, 16, 32, 4, 2),
+    (80, "fp32", "dkdv", 32, 32, 32, 4, 1),
+    (80, "fp32", "dkdv", 64, 32, 32, 4, 1),
 }
 
 
