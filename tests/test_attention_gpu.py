@@ -4,6 +4,7 @@ fp16 and fp32, against float64."""
 import pytest
 import torch
 
+from benchmarks import gpu_cases
 from helpers import TOLERANCES, relative_error
 from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token, rotary_embedding
 from modernbert_kernels.reference import int8_linear_reference, int8_matmul_reference, quantize_per_row_reference
@@ -20,6 +21,7 @@ def one_config(request, monkeypatch):
         monkeypatch.setenv("MODERNBERT_KERNELS_AUTOTUNE", "0")
 
 SEQ = 1000
+# The layouts of the matrix; gpu_cases.MATRIX_LAYOUT_BLOCKS lists their blocks for the suite's plan.
 GPU_LAYOUTS = {
     "sliding_window_64": lambda: layouts.sliding_window(SEQ, 64, 64),
     "sliding_window_128": lambda: layouts.sliding_window(SEQ, 100, 128),
@@ -35,10 +37,14 @@ GPU_BACKENDS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("mode", ["padded", "varlen"])
-@pytest.mark.parametrize("window", [None, 64], ids=["nowindow", "window64"])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+assert {name: layout().block_size for name, layout in GPU_LAYOUTS.items()} == gpu_cases.MATRIX_LAYOUT_BLOCKS
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
+@pytest.mark.parametrize("window", gpu_cases.MATRIX_WINDOWS, ids=["nowindow", "window64"])
+@pytest.mark.parametrize("head_dim", gpu_cases.MATRIX_HEAD_DIMS)
 @pytest.mark.parametrize("layout_name", list(GPU_LAYOUTS))
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
@@ -109,8 +115,8 @@ def test_cuda_quantize_matches_reference():
     torch.testing.assert_close(scale.cpu().double(), ref_scale, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("tokens, heads, head_dim", [(1000, 12, 64), (77, 4, 128), (5, 3, 40)])
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("tokens, heads, head_dim", gpu_cases.MATRIX_ROTARY)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_rotary_on_gpu(backend, tokens, heads, head_dim, dtype):
     generator = torch.Generator().manual_seed(0)
