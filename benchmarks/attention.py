@@ -3,7 +3,8 @@
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
 backend="cuda" (the C++ extension's CUDA kernel) vs SDPA with the mask and FlexAttention with the
-same window (create_block_mask), forward and forward+backward.
+same window (create_block_mask), forward and forward+backward. FlexAttention is timed on the CPU
+as well (compiled by inductor for the CPU).
 
     python -m benchmarks.attention --device cpu --out benchmarks/results/local
 """
@@ -66,8 +67,6 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         found["sdpa_math_masked"] = _sdpa_with(SDPBackend.MATH, mask)
         found["sdpa_flash_cpu_masked"] = _sdpa_with(SDPBackend.FLASH_ATTENTION, mask)
     if device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
         found["sdpa_efficient_masked"] = _sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask)
         found["sdpa_cudnn_masked"] = _sdpa_with(SDPBackend.CUDNN_ATTENTION, mask)
         if seq_len <= 4096:  # the math backend materializes [heads, seq, seq] scores
@@ -83,17 +82,30 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         except ImportError:
             pass
 
-        block_mask = create_block_mask(
-            lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window, None, None, seq_len, seq_len, device=device
-        )
-        compiled_flex = torch.compile(flex_attention)
-        found["flex_attention"] = lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+    found["flex_attention"] = _flex_attention(seq_len, window, device)
     return found
 
 
-def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
+def _flex_attention(seq_len: int, window: int, device: torch.device):
+    """torch.compile(flex_attention) with the same window as a block mask (CPU too: inductor's
+    C++ template). Its first call compiles (~13 s on the 2-core CPU), which the warm-up absorbs."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(
+        lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window, None, None, seq_len, seq_len, device=device
+    )
+    compiled_flex = torch.compile(flex_attention)
+    return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+
+
+# The GPU suite's headline sizes (benchmarks/gpu_suite.py, stage b).
+HEADLINE_SEQ_LENS = [4096, 8192, 16384]
+
+
+def run(device: torch.device, quick: bool, progress=None, headline: bool = False) -> list[dict]:
     if device.type == "cuda":
-        dtype, seq_lens, passes = torch.bfloat16, [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384], ["fwd", "fwd+bwd"]
+        seq_lens = HEADLINE_SEQ_LENS if headline else [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]
+        dtype, passes = torch.bfloat16, ["fwd", "fwd+bwd"]
     else:
         dtype, seq_lens, passes = torch.float32, [8192] if quick else [2048, 8192], ["fwd"] if quick else ["fwd", "fwd+bwd"]
     batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
