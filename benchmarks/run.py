@@ -41,6 +41,7 @@ def main(argv=None):
                         help="the GPU suite's headline sizes: attention at 4k/8k/16k, the MLP's int8 layers, "
                              "the encoder at 8 x 512 and 8192 (implies --only attention int8_linear encoder)")
     parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument("--stem", help="report file name's first part (default: suite, or headline)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -55,7 +56,7 @@ def main(argv=None):
     progress(f"ceilings: {ceilings['matmul_tflops']:.2f} TFLOP/s {ceilings['matmul_dtype']} matmul, "
              f"{ceilings['copy_gb_per_s']:.0f} GB/s copy")
     rows = []
-    stem = "headline" if args.headline else "suite"
+    stem = args.stem or ("headline" if args.headline else "suite")
     for name in subjects:
         bar.set_description(name)
         options = {"headline": True} if args.headline else {}

@@ -17,14 +17,16 @@ def test_plan_prints_every_stage_and_fits_the_budget():
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--plan"], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("environment", "smoke", "headline", "matrix", "extension"):
+    for stage in ("environment", "smoke", "headline_attention", "headline_int8_linear", "headline_encoder",
+                  "matrix", "extension"):
         assert f"\n{stage} " in result.stdout
     assert "fits: yes" in result.stdout
     stages = gpu_suite.stages()
     assert sum(s.budget_s for s in stages if s.budget_s) + gpu_suite.EXTENSION_MIN_S <= gpu_suite.TOTAL_BUDGET_S
     assert all(s.compile_estimate_s() <= s.budget_s for s in stages if s.budget_s)
     # The order is the priority: smoke before the numbers, the numbers before the wide matrix.
-    assert [s.name for s in stages] == ["environment", "smoke", "headline", "matrix", "extension"]
+    assert [s.name for s in stages] == ["environment", "smoke", "headline_attention", "headline_int8_linear",
+                                        "headline_encoder", "matrix", "extension"]
 
 
 def test_plan_counts_the_compiles_of_the_tested_cases():
