@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from modernbert_kernels import Int8Linear, block_sparse_attention, layouts, rotary_embedding
+from modernbert_kernels.rotary import ROTARY
 
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
@@ -96,7 +97,8 @@ class ModernBertAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout, window,
                 backend=None) -> torch.Tensor:
         qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
-        rope_backend = None if backend == "reference" else backend
+        # An attention-only backend ("reference") turns q and k with the device's default.
+        rope_backend = backend if backend in ROTARY.backends else None
         if qkv.requires_grad and torch.is_grad_enabled():
             q, k = rotary_embedding(qkv[:, :2], *rotary, backend=rope_backend).unbind(1)
         else:  # inference: q and k are turned where they are, no new [tokens, 2, heads, dim] tensor

@@ -209,7 +209,7 @@ def read_jsonl(path: str | Path, tokenizer=None, max_length: int | None = None) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="modernbert-kernels finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="modernbert-finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a folder with config.json + model.safetensors")
     parser.add_argument("--train", required=True, help="JSONL training examples")
     parser.add_argument("--eval", help="JSONL evaluation examples")

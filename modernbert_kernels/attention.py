@@ -8,85 +8,86 @@ dispatches inside; the reference backend bypasses the ops and uses plain autogra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from . import gathered, native
+from . import backends, gathered
 from .layout import BlockSparseLayout
 from .reference import block_sparse_attention_reference
 
-BACKENDS = ("triton", "cpu", "cuda", "torch", "reference")
-OP_BACKENDS = BACKENDS[:-1]  # the int8 and rotary ops have no separate reference backend
-NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ extension's kernels, one per device type
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
-def triton_status() -> tuple[bool, str]:
-    """(usable on this machine, why not)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return False, f"triton is not installed ({err})"
-    from .triton.attention_common import interpreting
+@dataclasses.dataclass(frozen=True)
+class AttentionKernels:
+    """One backend's forward ``(q, k, v, row_offsets, col_indices, block_size, window, scale,
+    key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and backward ``(dout, q, k, v, out,
+    lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
+    key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``; ``window < 0``: no window."""
 
-    if interpreting():
-        return True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    return True, f"CUDA device: {torch.cuda.get_device_name()}"
+    forward: Callable
+    backward: Callable
 
 
-def default_backend(device: torch.device) -> str:
-    """Triton on CUDA; else the C++ kernels for the device; else the PyTorch path."""
-    if device.type == "cuda" and triton_status()[0]:
-        return "triton"
-    if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
-        return device.type
-    return "torch"
+ATTENTION = backends.op("block_sparse_attention")
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend an element-wise or int8 op runs on (``None``: the default for the device),
-    with a clear error when it cannot run on ``device`` here."""
-    backend = default_backend(device) if backend is None else backend
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"backend must be one of {OP_BACKENDS} or None, got {backend!r}")
-    if backend in NATIVE_BACKENDS:
-        usable, why = native.status(backend)
-        if device.type != backend:
-            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {device} tensors")
-        if not usable:
-            raise ValueError(f"backend={backend!r} is not available: {why}")
-    if backend == "triton":
-        from .triton.attention_common import interpreting
+def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
+                    max_seqlen):
+    from .triton.attention_fwd import attention_forward
 
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend='triton' is not available for {device} tensors: {triton_status()[1]}")
-    return backend
+    return attention_forward(
+        q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=None if window < 0 else window,
+        scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    )
 
 
-def _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
-                 cu_seqlens, max_seqlen, backend):
-    window_or_none = None if window < 0 else window
-    if backend == "triton":
-        from .triton.attention_fwd import attention_forward
+def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
+                     window, scale, key_padding_mask, cu_seqlens, max_seqlen):
+    from .triton.attention_bwd import attention_backward
 
-        return attention_forward(
-            q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0],
-            window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )
-    if backend in NATIVE_BACKENDS:
-        return torch.ops.modernbert_kernels.block_sparse_attention_forward_native(
-            q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens, max_seqlen
-        )
-    return gathered.gathered_forward(q, k, v, row_offsets, col_indices, block_size, window_or_none, scale,
-                                     key_padding_mask, cu_seqlens)
+    return attention_backward(
+        dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
+        row_offsets.shape[0], window=None if window < 0 else window, scale=scale, key_padding_mask=key_padding_mask,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    )
+
+
+def _native_forward(*args):
+    return torch.ops.modernbert_kernels.block_sparse_attention_forward_native(*args)
+
+
+def _native_backward(dout, *args):
+    return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(dout.contiguous(), *args)
+
+
+def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
+                   max_seqlen):
+    return gathered.gathered_forward(q, k, v, row_offsets, col_indices, block_size, None if window < 0 else window,
+                                     scale, key_padding_mask, cu_seqlens)
+
+
+def _torch_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window,
+                    scale, key_padding_mask, cu_seqlens, max_seqlen):
+    return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
+                                      None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
+
+
+ATTENTION.add("triton", "forward, dq and dk/dv kernels (autotuned on GPUs)",
+              AttentionKernels(_triton_forward, _triton_backward))
+ATTENTION.add("cpu", "C++ forward and backward (dq pass, then dk/dv over the transposed layout)",
+              AttentionKernels(_native_forward, _native_backward))
+ATTENTION.add("cuda", "C++/CUDA forward, dq and dk/dv kernels", AttentionKernels(_native_forward, _native_backward))
+ATTENTION.add("torch", "visited tiles in PyTorch (dense layouts on CPU: PyTorch's fused attention)",
+              AttentionKernels(_torch_forward, _torch_backward))
+# Dense masked attention under plain autograd: block_sparse_attention() calls it directly.
+ATTENTION.add("reference", "dense masked attention, the test oracle", block_sparse_attention_reference)
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -102,8 +103,8 @@ def _attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse). ``window < 0`` means no window."""
-    return _run_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
-                        cu_seqlens, max_seqlen, backend)
+    return ATTENTION[backend].forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
+                                      cu_seqlens, max_seqlen)
 
 
 @_attention_op.register_fake
@@ -121,22 +122,8 @@ def _attention_backward_op(
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    window_or_none = None if window < 0 else window
-    if backend == "triton":
-        from .triton.attention_bwd import attention_backward
-
-        return attention_backward(
-            dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
-            row_offsets.shape[0], window=window_or_none, scale=scale, key_padding_mask=key_padding_mask,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )
-    if backend in NATIVE_BACKENDS:
-        return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(
-            dout.contiguous(), q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
-            window, scale, key_padding_mask, cu_seqlens, max_seqlen,
-        )
-    return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
-                                      window_or_none, scale, key_padding_mask, cu_seqlens)
+    return ATTENTION[backend].backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
+                                       block_size, window, scale, key_padding_mask, cu_seqlens, max_seqlen)
 
 
 @_attention_backward_op.register_fake
@@ -145,25 +132,21 @@ def _(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indice
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
-_NON_TENSOR_INPUTS = ("block_size", "window", "scale", "key_padding_mask", "cu_seqlens", "max_seqlen", "backend")
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_offsets, col_indices, col_offsets, row_indices = inputs[:7]
+    (q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale, key_padding_mask,
+     cu_seqlens, max_seqlen, backend) = inputs
     out, lse = output
-    extras = dict(zip(_NON_TENSOR_INPUTS, inputs[7:]))
-    ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices)
-    ctx.extras = extras
+    ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask,
+                          cu_seqlens)
+    ctx.options = (block_size, window, scale, max_seqlen, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *layout_tensors = ctx.saved_tensors
-    e = ctx.extras
-    dq, dk, dv = _attention_backward_op(
-        dout, q, k, v, out, lse, *layout_tensors, e["block_size"], e["window"], e["scale"],
-        e["key_padding_mask"], e["cu_seqlens"], e["max_seqlen"], e["backend"],
-    )
+    q, k, v, out, lse, *layout_tensors, key_padding_mask, cu_seqlens = ctx.saved_tensors
+    block_size, window, scale, max_seqlen, backend = ctx.options
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, *layout_tensors, block_size, window, scale,
+                                        key_padding_mask, cu_seqlens, max_seqlen, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -315,32 +298,19 @@ def block_sparse_attention(
     """
     seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
     if backend is None:
-        backend = default_backend(q.device)
+        backend = backends.default_backend(q.device)
         if backend == "cpu" and window is None and key_padding_mask is None and layout.density() == 1.0:
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
             # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
             backend = "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    backend = ATTENTION.resolve(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
         return block_sparse_attention_reference(
             q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
         )
-    if backend == "triton":
-        usable, why = triton_status()
-        from .triton.attention_common import interpreting
-
-        if not usable or (q.device.type != "cuda" and not interpreting()):
-            raise ValueError(f"backend='triton' is not available for {q.device} tensors: {why}")
-    if backend in NATIVE_BACKENDS:
-        usable, why = native.status(backend)
-        if q.device.type != backend:
-            raise ValueError(f"backend={backend!r} runs on {backend} tensors, got {q.device} tensors")
-        if not usable:
-            raise ValueError(f"backend={backend!r} is not available: {why}")
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.contiguous()
+    if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

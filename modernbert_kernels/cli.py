@@ -1,4 +1,9 @@
-"""`modernbert-kernels info | check | bench`."""
+"""`modernbert-kernels info | check`.
+
+The package imports nothing from the encoder (``modernbert``) or the benchmark suite: fine-tuning
+has its own entry point (``modernbert-finetune``) and the suite runs from a checkout
+(``python -m benchmarks.run``, see benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
@@ -8,31 +13,14 @@ import sys
 
 import torch
 
+from . import backends
+
 
 def backend_table() -> list[tuple[str, str, bool, str]]:
-    """(op, backend, live, why) for every backend of every op."""
-    from . import native
-    from .attention import triton_status
+    """(op, backend, live, what it runs [why live or not]) for every backend of every op."""
+    from . import attention, int8, rotary  # noqa: F401  (importing an op module registers its backends)
 
-    triton_live, triton_why = triton_status()
-    cpu_live, cpu_why = native.cpu_status()
-    cuda_live, cuda_why = native.cuda_status()
-    int_mm = hasattr(torch, "_int_mm")
-    return [
-        ("block_sparse_attention", "triton", triton_live, triton_why),
-        ("block_sparse_attention", "cpu", cpu_live, cpu_why + ("; backward: the torch path" if cpu_live else "")),
-        ("block_sparse_attention", "cuda", cuda_live, cuda_why),
-        ("block_sparse_attention", "torch", True, "visited tiles in PyTorch (dense layouts: fused SDPA): any device"),
-        ("block_sparse_attention", "reference", True, "dense masked attention: the test oracle"),
-        ("int8_linear", "triton", triton_live, triton_why),
-        ("int8_linear", "cpu", cpu_live, cpu_why),
-        ("int8_linear", "cuda", cuda_live, cuda_why),
-        ("int8_linear", "torch", int_mm, "torch._int_mm + PyTorch epilogue" if int_mm else "torch has no _int_mm"),
-        ("quantize_per_token", "triton", triton_live, triton_why),
-        ("quantize_per_token", "cpu", cpu_live, cpu_why),
-        ("quantize_per_token", "cuda", cuda_live, cuda_why),
-        ("quantize_per_token", "torch", True, "PyTorch ops: any device"),
-    ]
+    return backends.table()
 
 
 def info() -> int:
@@ -49,13 +37,11 @@ def info() -> int:
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}; CPU threads: {torch.get_num_threads()}")
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        from .attention import default_backend
-
-        print(f"default backend on {device}: {default_backend(torch.device(device))}")
+        print(f"default backend on {device}: {backends.default_backend(torch.device(device))}")
     print()
-    print(f"{'op':24s} {'backend':10s} {'live':5s} why")
-    for op, backend, live, why in backend_table():
-        print(f"{op:24s} {backend:10s} {'yes' if live else 'no':5s} {why}")
+    print(f"{'op':24s} {'backend':10s} {'live':5s} what")
+    for op, backend, live, what in backend_table():
+        print(f"{op:24s} {backend:10s} {'yes' if live else 'no':5s} {what}")
     return 0
 
 
@@ -64,26 +50,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends are live")
     sub.add_parser("check", help="cross-compile every Triton kernel for sm_80 and sm_90", add_help=False)
-    sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks.run)", add_help=False)
-    sub.add_parser("finetune", help="fine-tune a ModernBERT classifier (python -m modernbert.train)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
-    if args.command == "finetune":
-        from modernbert.train import main as finetune_main
+    from .check import main as check_main
 
-        return finetune_main(rest)
-    if args.command == "check":
-        from .check import main as check_main
-
-        return check_main(rest)
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError:
-        print("the benchmark suite lives in the source tree: run this from a checkout", file=sys.stderr)
-        return 2
-    bench_main(rest)
-    return 0
+    return check_main(rest)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ The visited tiles are split into groups that each cost one batched matmul:
 - the rest (global columns, random blocks, short runs): key blocks gathered per query block.
 
 Groups are merged with an online softmax, as the kernels merge key blocks, and the forward returns
-the log-sum-exp so that the backward recomputes probabilities instead of storing them. This is the
-CPU path until the C++ kernels exist, and a portable fallback on any device.
+the log-sum-exp so that the backward recomputes probabilities instead of storing them. The portable
+fallback on any device; on the CPU, dense layouts go to PyTorch's fused attention kernel.
 """
 
 from __future__ import annotations

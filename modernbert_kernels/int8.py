@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import NATIVE_BACKENDS, resolve_backend
+from . import backends
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
@@ -37,17 +37,30 @@ def _quantize_rows_torch(x, norm_weight, eps, smooth):
     return scaled.to(torch.int8), scale
 
 
+QUANTIZE = backends.op("quantize_per_token")
+QUANTIZE.add("torch", "PyTorch ops (aminmax, one rounding pass)", _quantize_rows_torch)
+
+
+@QUANTIZE.implements("triton", "one program per row, LayerNorm and smoothing fused")
+def _quantize_rows_triton(x, norm_weight, eps, smooth):
+    from .triton.quantize import quantize_rows
+
+    return quantize_rows(x, norm_weight, eps, smooth)
+
+
+def _quantize_rows_native(x, norm_weight, eps, smooth):
+    return torch.ops.modernbert_kernels.quantize_per_token_native(x, norm_weight, eps, smooth)
+
+
+QUANTIZE.add("cpu", "C++ rows in parallel, LayerNorm and smoothing fused", _quantize_rows_native)
+QUANTIZE.add("cuda", "C++/CUDA, a block per row", _quantize_rows_native)
+
+
 @torch.library.custom_op("modernbert_kernels::quantize_per_token", mutates_args=())
 def _quantize_op(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from .triton.quantize import quantize_rows
-
-        return quantize_rows(x, norm_weight, eps, smooth)
-    if backend in NATIVE_BACKENDS:
-        return torch.ops.modernbert_kernels.quantize_per_token_native(x, norm_weight, eps, smooth)
-    return _quantize_rows_torch(x, norm_weight, eps, smooth)
+    return QUANTIZE[backend](x, norm_weight, eps, smooth)
 
 
 @_quantize_op.register_fake
@@ -79,7 +92,7 @@ def quantize_per_token(
         raise TypeError(f"smooth must be float32, got {smooth.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _quantize_op(x, norm_weight, eps, smooth, resolve_backend(backend, x.device))
+    return _quantize_op(x, norm_weight, eps, smooth, QUANTIZE.resolve(backend, x.device))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,19 +126,37 @@ def _int_mm(x_q, w_q):
     return torch.matmul(x_q.int(), w_q.int().t())
 
 
+INT8_LINEAR = backends.op("int8_linear")
+
+
+@INT8_LINEAR.implements("triton", "int8 tensor-core GEMM, dequantization, bias and activation in the epilogue")
+def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+    from .triton.int8_matmul import int8_matmul
+
+    return int8_matmul(x_q, w_q, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype)
+
+
+def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+    return torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+
+
+INT8_LINEAR.add("cpu", "oneDNN int8 GEMM in cache-sized row chunks, each with its vectorized epilogue",
+                _int8_linear_native)
+INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_native)
+
+
+@INT8_LINEAR.implements("torch", "torch._int_mm, then the epilogue in PyTorch")
+def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+    return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, None if activation == "none" else activation,
+                           out_dtype)
+
+
 @torch.library.custom_op("modernbert_kernels::int8_linear", mutates_args=())
 def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
 ) -> torch.Tensor:
-    act = None if activation == "none" else activation
-    if backend == "triton":
-        from .triton.int8_matmul import int8_matmul
-
-        return int8_matmul(x_q, w_q, x_scale, w_scale, bias, act, out_dtype)
-    if backend in NATIVE_BACKENDS:
-        return torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
-    return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, act, out_dtype)
+    return INT8_LINEAR[backend](x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
 @_int8_linear_op.register_fake
@@ -174,7 +205,7 @@ def int8_linear(
         raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
     return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
-                           resolve_backend(backend, x_q.device))
+                           INT8_LINEAR.resolve(backend, x_q.device))
 
 
 def interleave_geglu(t: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,6 @@ class BlockSparseLayout:
     def density(self) -> float:
         return self.nnz / (self.num_heads * self.num_blocks * self.num_blocks)
 
-    def max_blocks_per_row(self) -> int:
-        return int((self.row_offsets[:, 1:] - self.row_offsets[:, :-1]).max())
-
     def _validate(self) -> None:
         offsets = self.row_offsets
         heads, num_blocks = self.num_heads, self.num_blocks

@@ -11,27 +11,43 @@ from __future__ import annotations
 
 import torch
 
-from .attention import NATIVE_BACKENDS, resolve_backend
+from . import backends
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+ROTARY = backends.op("rotary_embedding")
+
+
+@ROTARY.implements("triton", "one pass over q and k, both halves of each pair in registers")
+def _rotate_triton(x, cos, sin, out):
+    from .triton.rotary import rotary
+
+    rotary(x, cos, sin, out)
+
+
+def _rotate_native(x, cos, sin, out):
+    torch.ops.modernbert_kernels.rotary_embedding_native(x, cos, sin, out)
+
+
+ROTARY.add("cpu", "C++ one pass, vectorized per row", _rotate_native)
+ROTARY.add("cuda", "C++/CUDA one pass", _rotate_native)
+
+
+@ROTARY.implements("torch", "PyTorch ops (addcmul per half)")
+def _rotate_torch(x, cos, sin, out):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, None], sin[:, None]
+    # Both halves are computed before either is written: out may be x.
+    y1, y2 = torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)
+    out[..., :half] = y1
+    out[..., half:] = y2
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, backend: str) -> None:
     """x, out [tokens, groups, head_dim]; out may be x."""
-    if backend == "triton":
-        from .triton.rotary import rotary
-
-        rotary(x, cos, sin, out)
-    elif backend in NATIVE_BACKENDS:
-        torch.ops.modernbert_kernels.rotary_embedding_native(x, cos, sin, out)
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        c, s = cos[:, None], sin[:, None]
-        # Both halves are computed before either is written: out may be x.
-        y1, y2 = torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)
-        out[..., :half] = y1
-        out[..., half:] = y2
+    ROTARY[backend](x, cos, sin, out)
 
 
 @torch.library.custom_op("modernbert_kernels::rotary_embedding", mutates_args=())
@@ -96,7 +112,7 @@ def rotary_embedding(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("inplace=True cannot record a gradient; use inplace=False when x requires grad")
-    backend = resolve_backend(backend, x.device)
+    backend = ROTARY.resolve(backend, x.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     try:
         rows = x.view(tokens, -1, head_dim)  # a view: in-place writes reach x

@@ -5,7 +5,8 @@ import torch
 
 from helpers import CPU_BACKENDS
 from modernbert_kernels import block_sparse_attention, layouts
-from modernbert_kernels.attention import _attention_op, default_backend
+from modernbert_kernels.attention import _attention_op
+from modernbert_kernels.backends import default_backend
 
 LAYOUT = layouts.sliding_window(128, 32, 32)
 

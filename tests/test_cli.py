@@ -18,3 +18,33 @@ def test_info_reports_each_backend(capsys):
         else:
             assert (op, "triton", live) in rows
     assert "torch " + torch.__version__ in out.replace(",", "")
+
+
+def test_info_is_the_registry(capsys):
+    """Every (op, backend) the registry holds is a row of `info`, live as the backend says, and
+    nothing else is: the table cannot go stale."""
+    from modernbert_kernels import backends
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines().index(next(line for line in out.splitlines() if line.startswith("op ")))
+    rows = {tuple(line.split()[:3]) for line in out.splitlines()[header + 1:] if line.split()}
+    expected = {(op, backend, "yes" if backends.BACKENDS[backend].status()[0] else "no")
+                for op, entry in backends.OPS.items() for backend in entry.backends}
+    assert rows == expected
+    assert {op for op, _, _ in rows} == {"block_sparse_attention", "int8_linear", "quantize_per_token",
+                                         "rotary_embedding"}
+
+
+def test_kernel_package_imports_neither_the_encoder_nor_the_benchmarks():
+    import ast
+    from pathlib import Path
+
+    import modernbert_kernels
+
+    for path in Path(modernbert_kernels.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                assert name.split(".")[0] not in ("modernbert", "benchmarks"), f"{path} imports {name}"

@@ -9,7 +9,7 @@ import sys
 sys.modules["modernbert_kernels._C"] = None  # as if the extension had not been built
 import torch
 from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token
-from modernbert_kernels.attention import default_backend
+from modernbert_kernels.backends import default_backend
 live, why = native.cpu_status()
 assert not live and "not built" in why, why
 assert default_backend(torch.device("cpu")) == "torch"

@@ -191,7 +191,7 @@ def test_finetune_cli(tmp_path):
     data = make_dataset(16, seed=6, seq_len=128, region=16)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(d) for d in data))
     result = subprocess.run(
-        [sys.executable, "-m", "modernbert_kernels.cli", "finetune", "--model", str(tmp_path / "model"),
+        [sys.executable, "-m", "modernbert.train", "--model", str(tmp_path / "model"),
          "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "train.jsonl"),
          "--out", str(tmp_path / "out"), "--max-steps", "3", "--batch-size", "4"],
         capture_output=True, text=True, timeout=300, check=False,

@@ -42,7 +42,7 @@ void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t ro
         for (int64_t l = 0; c + l < n; ++l) dst[c + l] = row_buffer[l];
       }
     } else {
-      // Interleaved pairs (gate, up): out[i] = gelu(y[2i]) * y[2i + 1].
+      // Interleaved pairs (activated, gate): out[i] = gelu(y[2i]) * y[2i + 1].
       vint even, odd;
       for (int l = 0; l < kLanes; ++l) {
         even[l] = 2 * l;
@@ -57,18 +57,18 @@ void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t ro
           lo += load(a.bias + col);
           hi += load(a.bias + col + kLanes);
         }
-        vfloat gate = __builtin_shuffle(lo, hi, even);
-        vfloat up = __builtin_shuffle(lo, hi, odd);
-        store(dst + i, vgelu(gate) * up);
+        vfloat activated = __builtin_shuffle(lo, hi, even);
+        vfloat gate = __builtin_shuffle(lo, hi, odd);
+        store(dst + i, vgelu(activated) * gate);
       }
       if (i < out_cols) {
-        vfloat gate = splat(0.f), up = splat(0.f);
+        vfloat activated = splat(0.f), gate = splat(0.f);
         for (int64_t l = 0; i + l < out_cols; ++l) {
           const int64_t col = 2 * (i + l);
-          gate[l] = float(acc[col]) * (a.w_scale[col] * xs) + (a.bias ? a.bias[col] : 0.f);
-          up[l] = float(acc[col + 1]) * (a.w_scale[col + 1] * xs) + (a.bias ? a.bias[col + 1] : 0.f);
+          activated[l] = float(acc[col]) * (a.w_scale[col] * xs) + (a.bias ? a.bias[col] : 0.f);
+          gate[l] = float(acc[col + 1]) * (a.w_scale[col + 1] * xs) + (a.bias ? a.bias[col + 1] : 0.f);
         }
-        store(row_buffer, vgelu(gate) * up);
+        store(row_buffer, vgelu(activated) * gate);
         for (int64_t l = 0; i + l < out_cols; ++l) dst[i + l] = row_buffer[l];
       }
     }

@@ -75,20 +75,20 @@ __global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearArgs a)
   __syncthreads();
 
   Out* out = static_cast<Out*>(a.out);
-  if (a.activation == Activation::Geglu) {  // interleaved (gate, up) column pairs
+  if (a.activation == Activation::Geglu) {  // interleaved (activated, gate) column pairs
     const int64_t out_cols = a.n / 2;
     for (int idx = threadIdx.x; idx < kTileM * kTileN / 2; idx += kThreads) {
       const int r = idx / (kTileN / 2), c = 2 * (idx % (kTileN / 2));
       const int64_t m = m0 + r, n = n0 + c;
       if (m >= a.m || n >= a.n) continue;  // n and a.n are even: n + 1 is inside too
       const float xs = a.x_scale[m];
-      float gate = float(acc_s[r][c]) * (a.w_scale[n] * xs);
-      float up = float(acc_s[r][c + 1]) * (a.w_scale[n + 1] * xs);
+      float activated = float(acc_s[r][c]) * (a.w_scale[n] * xs);
+      float gate = float(acc_s[r][c + 1]) * (a.w_scale[n + 1] * xs);
       if (a.bias) {
-        gate += a.bias[n];
-        up += a.bias[n + 1];
+        activated += a.bias[n];
+        gate += a.bias[n + 1];
       }
-      out[m * out_cols + n / 2] = from_float<Out>(gelu(gate) * up);
+      out[m * out_cols + n / 2] = from_float<Out>(gelu(activated) * gate);
     }
     return;
   }

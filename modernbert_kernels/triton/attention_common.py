@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import interpreting
+
 # Softmax runs in base 2 (exp2 is one MUFU instruction); LSE is stored in natural log.
 LOG2E = tl.constexpr(1.4426950408889634)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def autotuning() -> bool:
-    """Autotune on GPUs, unless MODERNBERT_KERNELS_AUTOTUNE=0 (the GPU tests: one config, no search)."""
-    return not interpreting() and os.environ.get("MODERNBERT_KERNELS_AUTOTUNE", "1") != "0"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -86,11 +77,6 @@ def tile_mask(q_pos, k_pos, seq_len, window, KeyMaskRow,
         keep = tl.load(KeyMaskRow + k_pos, mask=k_pos < seq_len, other=0)
         visible = visible & (keep != 0)
     return visible
-
-
-def check_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
 
 
 # Tile candidates per arch family, kernel and precision, as (BLOCK_M, BLOCK_N, num_warps, stages).

@@ -11,12 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import autotuning
 from .attention_common import (
     LOG2E,
     dot_precision,
     first_index_at_or_above,
     all_configs,
-    autotuning,
     fixed_launch,
     pruner,
     sequence_bounds,

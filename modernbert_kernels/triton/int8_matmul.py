@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import autotuning, interpreting
+from ..backends import autotuning, interpreting
 
-# Epilogues (constexpr): raw int32 accumulator (for exactness tests), or dequantized + activation.
-EPILOGUES = {"int32": 0, None: 1, "gelu": 2, "gelu_tanh": 3, "geglu": 4}
+# Epilogues (constexpr): dequantized + activation, numbered as the C++ kernels' Activation enum
+# (csrc/cpu/kernels.h), or the raw int32 accumulator (for exactness tests).
+EPILOGUES = {None: 0, "gelu": 1, "gelu_tanh": 2, "geglu": 3, "int32": 4}
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def int8_matmul_kernel(
         b_ptrs += BLOCK_K
 
     row_ok = offs_m < M
-    if EPILOGUE == 0:
+    if EPILOGUE == 4:
         tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc,
                  mask=row_ok[:, None] & (offs_n[None, :] < N))
     else:
@@ -81,11 +82,11 @@ def int8_matmul_kernel(
         y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
         if HAS_BIAS:
             y += tl.load(Bias + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 2:
+        if EPILOGUE == 1:
             y = gelu_erf(y)
-        if EPILOGUE == 3:
+        if EPILOGUE == 2:
             y = gelu_tanh(y)
-        if EPILOGUE == 4:
+        if EPILOGUE == 3:
             activated, gate = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
             half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + half[None, :],
@@ -140,7 +141,7 @@ def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, 
     n = b_q.shape[0]
     code = EPILOGUES[epilogue]
     out_cols = n // 2 if epilogue == "geglu" else n
-    out = torch.empty(m, out_cols, device=a_q.device, dtype=torch.int32 if code == 0 else out_dtype)
+    out = torch.empty(m, out_cols, device=a_q.device, dtype=torch.int32 if epilogue == "int32" else out_dtype)
     if m == 0 or out_cols == 0:
         return out
     dummy = a_q.new_empty(0, dtype=torch.float32)

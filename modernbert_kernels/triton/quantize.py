@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import interpreting
+from ..backends import interpreting
 
 INT8_MAX = tl.constexpr(127.0)
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import interpreting
+from ..backends import interpreting
 
 
 @triton.jit

@@ -1,0 +1,142 @@
+"""The one registry of backends: which exist, which are live on this machine, which one an op runs on.
+
+A backend is a family of implementations ("triton", "cpu", "cuda", "torch", "reference") with a
+status (live here, and why or why not) and the device types whose tensors it takes. An op is a
+named table ``{backend: implementation}``: each op module registers its implementations with
+``Op.implements`` and calls ``Op.resolve`` to turn a user's ``backend=`` into a name it can run,
+with one set of errors for every op. ``modernbert-kernels info`` is generated from this registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from . import native
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: the Triton kernels run in Triton's interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """Autotune on GPUs, unless MODERNBERT_KERNELS_AUTOTUNE=0 (the GPU tests: one config, no search)."""
+    return not interpreting() and os.environ.get("MODERNBERT_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable on this machine, why / why not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not installed ({err})"
+    if interpreting():
+        return True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, f"CUDA device: {torch.cuda.get_device_name()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    status: Callable[[], tuple[bool, str]]
+    device_types: Callable[[], tuple[str, ...]] | None  # None: tensors on any device
+
+    def check(self, device: torch.device) -> None:
+        """A clear error when this backend cannot run on ``device`` tensors here."""
+        if self.device_types is not None and device.type not in self.device_types():
+            live, why = self.status()
+            if self.name == "triton":
+                raise ValueError(f"backend='triton' is not available for {device} tensors: {why}")
+            raise ValueError(f"backend={self.name!r} runs on {self.device_types()[0]} tensors, got {device} tensors")
+        live, why = self.status()
+        if not live:
+            raise ValueError(f"backend={self.name!r} is not available: {why}")
+
+
+BACKENDS = {
+    "triton": Backend("triton", triton_status, lambda: ("cuda", "cpu") if interpreting() else ("cuda",)),
+    "cpu": Backend("cpu", native.cpu_status, lambda: ("cpu",)),
+    "cuda": Backend("cuda", native.cuda_status, lambda: ("cuda",)),
+    "torch": Backend("torch", lambda: (True, "PyTorch ops: any device"), None),
+    "reference": Backend("reference", lambda: (True, "plain PyTorch, the test oracle: any device"), None),
+}
+NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ extension's kernels, one per device type
+
+
+def default_backend(device: torch.device) -> str:
+    """Triton on CUDA; else the C++ kernels for the device; else the PyTorch path."""
+    if device.type == "cuda" and triton_status()[0]:
+        return "triton"
+    if device.type in NATIVE_BACKENDS and native.status(device.type)[0]:
+        return device.type
+    return "torch"
+
+
+@dataclasses.dataclass
+class Implementation:
+    fn: Callable
+    summary: str
+
+
+class Op:
+    """One op's implementations by backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.implementations: dict[str, Implementation] = {}
+
+    def add(self, backend: str, summary: str, fn) -> None:
+        """Register ``fn`` (a function, or whatever the op's dispatch expects) for ``backend``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.implementations[backend] = Implementation(fn, summary)
+
+    def implements(self, backend: str, summary: str):
+        """Decorator form of ``add``."""
+
+        def register(fn):
+            self.add(backend, summary, fn)
+            return fn
+
+        return register
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(name for name in BACKENDS if name in self.implementations)
+
+    def resolve(self, backend: str | None, device: torch.device) -> str:
+        """The backend to run on ``device`` (``None``: the default for the device), or a clear
+        error saying why ``backend`` cannot run here."""
+        backend = default_backend(device) if backend is None else backend
+        if backend not in self.implementations:
+            raise ValueError(f"backend must be one of {self.backends} or None, got {backend!r}")
+        BACKENDS[backend].check(device)
+        return backend
+
+    def __getitem__(self, backend: str) -> Callable:
+        return self.implementations[backend].fn
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry of op ``name`` (made on first use)."""
+    return OPS.setdefault(name, Op(name))
+
+
+def table() -> list[tuple[str, str, bool, str]]:
+    """(op, backend, live, what it runs / why not) for every registered implementation."""
+    rows = []
+    for name, entry in OPS.items():
+        for backend in entry.backends:
+            live, why = BACKENDS[backend].status()
+            summary = entry.implementations[backend].summary
+            rows.append((name, backend, live, f"{summary} [{why}]"))
+    return rows
