@@ -5,7 +5,7 @@ from importlib import metadata as _metadata
 from . import layouts
 from .attention import block_sparse_attention
 from .int8 import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
-from .layout import BlockSparseLayout
+from .block_sparse_layout import BlockSparseLayout
 from .rotary import rotary_embedding
 
 __all__ = [

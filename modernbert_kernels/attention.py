@@ -11,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import weakref
 from typing import Callable, Optional
 
 import torch
 
-from . import backends, gathered
-from .layout import BlockSparseLayout
+from . import backends, torch_backend
+from .block_sparse_layout import BlockSparseLayout
 from .reference import block_sparse_attention_reference
+from .tensor_cache import TensorCache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)  # every backend's; the Triton tile tables are built for these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +29,13 @@ class AttentionKernels:
     """One backend's forward ``(q, k, v, row_offsets, col_indices, block_size, window, scale,
     key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and backward ``(dout, q, k, v, out,
     lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
-    key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``; ``window < 0``: no window."""
+    key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``, run through the custom ops
+    (``window < 0``: no window); or ``differentiable``, a function with block_sparse_attention's
+    own signature that plain autograd differentiates (the reference)."""
 
-    forward: Callable
-    backward: Callable
+    forward: Callable | None = None
+    backward: Callable | None = None
+    differentiable: Callable | None = None
 
 
 ATTENTION = backends.op("block_sparse_attention")
@@ -69,14 +72,14 @@ def _native_backward(dout, *args):
 
 def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
                    max_seqlen):
-    return gathered.gathered_forward(q, k, v, row_offsets, col_indices, block_size, None if window < 0 else window,
-                                     scale, key_padding_mask, cu_seqlens)
+    return torch_backend.attention_forward(q, k, v, row_offsets, col_indices, block_size,
+                                           None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
 
 
 def _torch_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window,
                     scale, key_padding_mask, cu_seqlens, max_seqlen):
-    return gathered.gathered_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
-                                      None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
+    return torch_backend.attention_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
+                                            None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
 
 
 ATTENTION.add("triton", "forward, dq and dk/dv kernels (autotuned on GPUs)",
@@ -86,8 +89,8 @@ ATTENTION.add("cpu", "C++ forward and backward (dq pass, then dk/dv over the tra
 ATTENTION.add("cuda", "C++/CUDA forward, dq and dk/dv kernels", AttentionKernels(_native_forward, _native_backward))
 ATTENTION.add("torch", "visited tiles in PyTorch (dense layouts on CPU: PyTorch's fused attention)",
               AttentionKernels(_torch_forward, _torch_backward))
-# Dense masked attention under plain autograd: block_sparse_attention() calls it directly.
-ATTENTION.add("reference", "dense masked attention, the test oracle", block_sparse_attention_reference)
+ATTENTION.add("reference", "dense masked attention under plain autograd, the test oracle",
+              AttentionKernels(differentiable=block_sparse_attention_reference))
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -170,32 +173,27 @@ def _reads_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int | None) -> bool:
     return True
 
 
-# id(cu_seqlens) -> (weak reference, version counter, total tokens, longest sequence): an encoder
-# passes one cu_seqlens to every layer, so its values are read once per forward, not per layer.
-_checked: dict[int, tuple] = {}
+# (total tokens) -> longest sequence, per cu_seqlens tensor: an encoder passes one cu_seqlens to
+# every layer, so its values are read once per forward, not per layer.
+_checked_lengths = TensorCache()
+
+
+def _longest_sequence(cu_seqlens: torch.Tensor, total_tokens: int) -> int:
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total_tokens:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at total_tokens={total_tokens}, got {bounds[0]}..{bounds[-1]}"
+        )
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return max(lengths)
 
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int | None) -> int:
     """Check that cu_seqlens runs from 0 to ``total_tokens`` without decreasing; the longest
     sequence bounds ``max_seqlen``. Returns max_seqlen (the longest sequence when None)."""
-    # Inference tensors have no version counter (and cannot be changed outside inference mode).
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    entry = _checked.get(id(cu_seqlens))
-    if entry is not None and entry[0]() is cu_seqlens and entry[1:3] == (version, total_tokens):
-        longest = entry[3]
-    else:
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != total_tokens:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at total_tokens={total_tokens}, got {bounds[0]}..{bounds[-1]}"
-            )
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-        if min(lengths) < 0:
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        longest = max(lengths)
-        for key in [key for key, (ref, *_) in _checked.items() if ref() is None]:
-            del _checked[key]
-        _checked[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, total_tokens, longest)
+    longest = _checked_lengths.get(cu_seqlens, total_tokens, lambda: _longest_sequence(cu_seqlens, total_tokens))
     if max_seqlen is None:
         return longest
     if max_seqlen < longest:
@@ -293,20 +291,22 @@ def block_sparse_attention(
     key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen). A query that
     sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
-    extension's kernels), "torch" (gathered blocks in PyTorch, any device) or "reference" (dense);
+    extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
     if backend is None:
         backend = backends.default_backend(q.device)
-        if backend == "cpu" and window is None and key_padding_mask is None and layout.density() == 1.0:
+        if (backend == "cpu" and window is None and key_padding_mask is None
+                and backends.layout_is_dense(*layout.tensors_on(q.device)[:2], -(-seq_len // layout.block_size))):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
             # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
             backend = "torch"
     backend = ATTENTION.resolve(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend == "reference":
-        return block_sparse_attention_reference(
+    kernels = ATTENTION[backend]
+    if kernels.differentiable is not None:
+        return kernels.differentiable(
             q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
         )
     if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:

@@ -5,6 +5,7 @@ status (live here, and why or why not) and the device types whose tensors it tak
 named table ``{backend: implementation}``: each op module registers its implementations with
 ``Op.implements`` and calls ``Op.resolve`` to turn a user's ``backend=`` into a name it can run,
 with one set of errors for every op. ``modernbert-kernels info`` is generated from this registry.
+The backend choices that depend on the layout ask one question, ``layout_is_dense``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import native
+from .tensor_cache import TensorCache
 
 
 def interpreting() -> bool:
@@ -41,6 +43,27 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA device: {torch.cuda.get_device_name()}"
 
 
+_density = TensorCache()
+
+
+def layout_is_dense(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks: int) -> bool:
+    """Whether every head's first ``num_blocks`` query blocks visit all of its first ``num_blocks``
+    key blocks: plain attention over a sequence of that many blocks, which dense kernels (PyTorch's
+    fused attention) run faster than a block-sparse walk. Read once per layout and length."""
+
+    def compute() -> bool:
+        counts = row_offsets[:, 1 : num_blocks + 1] - row_offsets[:, :num_blocks]
+        if not bool((counts >= num_blocks).all()):
+            return False
+        return all(
+            int((col_indices[int(row_offsets[h, 0]) : int(row_offsets[h, num_blocks])] < num_blocks).sum())
+            == num_blocks * num_blocks
+            for h in range(row_offsets.shape[0])
+        )
+
+    return _density.get(row_offsets, (num_blocks, id(col_indices), col_indices._version), compute)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
@@ -49,12 +72,11 @@ class Backend:
 
     def check(self, device: torch.device) -> None:
         """A clear error when this backend cannot run on ``device`` tensors here."""
+        live, why = self.status()
         if self.device_types is not None and device.type not in self.device_types():
-            live, why = self.status()
             if self.name == "triton":
                 raise ValueError(f"backend='triton' is not available for {device} tensors: {why}")
             raise ValueError(f"backend={self.name!r} runs on {self.device_types()[0]} tensors, got {device} tensors")
-        live, why = self.status()
         if not live:
             raise ValueError(f"backend={self.name!r} is not available: {why}")
 

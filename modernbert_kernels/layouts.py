@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import BlockSparseLayout
+from .block_sparse_layout import BlockSparseLayout
 
 
 def _num_blocks(seq_len: int, block_size: int) -> int:

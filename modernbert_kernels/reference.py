@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .layout import BlockSparseLayout
+from .block_sparse_layout import BlockSparseLayout
 
 
 def attention_mask(

@@ -164,9 +164,9 @@ def test_non_contiguous_inputs_from_a_fused_projection():
 @pytest.mark.parametrize("mode", ["key_padding", "varlen"])
 def test_torch_backend_tile_groups(min_run, mode, monkeypatch, poison_allocations):
     """The torch path computes diagonal runs as slices and the rest by gathering: both must agree."""
-    from modernbert_kernels import gathered
+    from modernbert_kernels.torch_backend import plan
 
-    monkeypatch.setattr(gathered, "_MIN_RUN", min_run)
+    monkeypatch.setattr(plan, "MIN_RUN", min_run)
     for name in ("union", "bigbird_per_head", "dilated"):
         check_against_reference("torch", LAYOUTS[name](), mode, 40, torch.float32)
 

@@ -4,12 +4,27 @@
 //   dk/dv pass, one item per (batch, head, key block) over the transposed layout: the same P and
 //     dS seen from the keys' side, dv = P^T dO, dk = scale dS^T q.
 // Both reuse the forward's microkernels: scores come from score_tile on transposed packed blocks,
-// products with rows from accumulate_tile. Included by the isa_*.cpp builds after attention_kernel.h.
+// products with rows from accumulate_tile. Included by the isa_*.cpp builds.
 #pragma once
+
+#include "attention_kernel.h"
 
 namespace {
 
+using modernbert_kernels::AttentionBackwardParams;
 using modernbert_kernels::cpu::BackwardPass;
+
+// Two row operands read together: (q, dO) on the queries' side, (k, v) on the keys' side.
+struct RowPair {
+  const void* a;
+  const int64_t* a_stride;
+  const void* b;
+  const int64_t* b_stride;
+};
+
+inline RowPair row_pair(const AttentionBackwardParams& p, bool queries) {
+  return queries ? RowPair{p.q, p.q_stride, p.dout, p.dout_stride} : RowPair{p.k, p.k_stride, p.v, p.v_stride};
+}
 
 struct BackwardWorkspace {
   float* rows_a;  // [bs + kRowTile][head_dim]: q (dq pass) or k (dk/dv pass), scaled by scale * log2(e)
@@ -45,12 +60,11 @@ struct PackedBlock {
   }
 };
 
-void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t begin, int64_t end,
+void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pass, int64_t begin, int64_t end,
                               float* workspace) {
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const int64_t num_blocks = (a.seq_len + bs - 1) / bs;
-  const bool varlen = a.cu_seqlens != nullptr;
   const float log2e = 1.4426950408889634f;
   const float inf = __builtin_inff();
   const bool dq_pass = pass == BackwardPass::Dq;
@@ -60,27 +74,14 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
   for (int r = 0; r < kRowTile; ++r) ones[r] = 1.f;
 
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t block = item % num_blocks;
-    const int64_t head = (item / num_blocks) % a.heads;
-    const int64_t batch = item / (num_blocks * a.heads);
-    const int64_t seq_start = varlen ? a.cu_seqlens[batch] : 0;
-    const int64_t seq_len = varlen ? a.cu_seqlens[batch + 1] - seq_start : a.seq_len;
-    const int64_t i0 = block * bs;  // this item's rows: queries (dq pass) or keys (dk/dv pass)
-    if (i0 >= seq_len) continue;
-    const int rows = static_cast<int>(seq_len - i0 < bs ? seq_len - i0 : bs);
-    const int padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
-    auto offset = [&](const int64_t* stride, int64_t token) {
-      return (varlen ? 0 : batch * stride[0]) + head * stride[1] + (seq_start + token) * stride[2];
-    };
-    auto stat_index = [&](int64_t token) {
-      return (varlen ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + token;
-    };
+    const WorkItem it(a, item, num_blocks);  // rows: queries (dq pass) or keys (dk/dv pass)
+    if (it.empty()) continue;
+    const int64_t block = it.block, head = it.head, batch = it.batch, seq_len = it.seq_len, i0 = it.i0;
+    const int rows = it.rows, padded_rows = it.padded_rows;
+    auto offset = [&](const int64_t* stride, int64_t token) { return it.offset(a, stride, token); };
 
     // This item's own rows: (q, dO, lse, delta) or (k, v, key validity).
-    const void* own_a = dq_pass ? a.q : a.k;
-    const int64_t* own_a_stride = dq_pass ? a.q_stride : a.k_stride;
-    const void* own_b = dq_pass ? a.dout : a.v;
-    const int64_t* own_b_stride = dq_pass ? a.dout_stride : a.v_stride;
+    const RowPair own = row_pair(a, dq_pass);
     for (int r = 0; r < padded_rows; ++r) {
       float* ra = w.rows_a + r * head_dim;
       float* rb = w.rows_b + r * head_dim;
@@ -91,19 +92,18 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
         w.stat_b[r] = 0.f;
         continue;
       }
-      load_row(own_a, offset(own_a_stride, i0 + r), a.dtype, a.scale * log2e, head_dim, ra);
-      load_row(own_b, offset(own_b_stride, i0 + r), a.dtype, 1.f, head_dim, rb);
+      load_row(own.a, offset(own.a_stride, i0 + r), a.dtype, a.scale * log2e, head_dim, ra);
+      load_row(own.b, offset(own.b_stride, i0 + r), a.dtype, 1.f, head_dim, rb);
       if (dq_pass) {
         // delta = rowsum(dO * O), kept for the dk/dv pass.
         load_row(a.out, offset(a.out_stride, i0 + r), a.dtype, 1.f, head_dim, w.s);
         vfloat sum = splat(0.f);
         for (int d = 0; d < head_dim; d += kLanes) sum += load(w.s + d) * load(rb + d);
-        const int64_t stat = stat_index(i0 + r);
+        const int64_t stat = it.stat(a, i0 + r);
         w.stat_b[r] = a.delta[stat] = reduce_sum(sum);
         w.stat_a[r] = a.lse[stat] * log2e;
       } else {
-        const bool real = a.key_padding == nullptr || a.key_padding[batch * a.seq_len + i0 + r];
-        w.stat_a[r] = real ? 1.f : 0.f;
+        w.stat_a[r] = it.key_is_real(a, i0 + r) ? 1.f : 0.f;
       }
     }
 
@@ -123,16 +123,13 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
       if (!cached) {
         // dq pass: keys (k^T, v^T, k rows, key bias); dk/dv pass: queries (q^T, dO^T, q rows,
         // dO rows, lse * log2(e), delta).
-        const void* src_a = dq_pass ? a.k : a.q;
-        const int64_t* src_a_stride = dq_pass ? a.k_stride : a.q_stride;
-        const void* src_b = dq_pass ? a.v : a.dout;
-        const int64_t* src_b_stride = dq_pass ? a.v_stride : a.dout_stride;
+        const RowPair src = row_pair(a, !dq_pass);
         for (int j = 0; j < padded_cols; ++j) {
           float* ra = other.rows_a + j * head_dim;
           float* rb = other.rows_b + j * head_dim;
           if (j < cols) {
-            load_row(src_a, offset(src_a_stride, j0 + j), a.dtype, 1.f, head_dim, ra);
-            load_row(src_b, offset(src_b_stride, j0 + j), a.dtype, 1.f, head_dim, rb);
+            load_row(src.a, offset(src.a_stride, j0 + j), a.dtype, 1.f, head_dim, ra);
+            load_row(src.b, offset(src.b_stride, j0 + j), a.dtype, 1.f, head_dim, rb);
           } else {
             for (int d = 0; d < head_dim; ++d) ra[d] = rb[d] = 0.f;
           }
@@ -141,11 +138,10 @@ void attention_backward_items(const AttentionArgs& a, BackwardPass pass, int64_t
             other.t_b[d * kRowStride + j] = rb[d];
           }
           if (dq_pass) {
-            const bool real = j < cols && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + j0 + j]);
-            other.vec_a[j] = real ? 0.f : -inf;  // key bias
+            other.vec_a[j] = j < cols && it.key_is_real(a, j0 + j) ? 0.f : -inf;  // key bias
           } else {
-            other.vec_a[j] = j < cols ? a.lse[stat_index(j0 + j)] * log2e : inf;
-            other.vec_b[j] = j < cols ? a.delta[stat_index(j0 + j)] : 0.f;
+            other.vec_a[j] = j < cols ? a.lse[it.stat(a, j0 + j)] * log2e : inf;
+            other.vec_b[j] = j < cols ? a.delta[it.stat(a, j0 + j)] : 0.f;
           }
         }
       }

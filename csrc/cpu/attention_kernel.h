@@ -5,36 +5,22 @@
 // registers, broadcasting q); probabilities then multiply V rows the same way. Online softmax in
 // fp32, log2 domain (q is pre-scaled by scale * log2(e)). With a window, each 4-row tile only
 // computes the key columns its window reaches, so the work tracks the ideal FLOP count rather than
-// whole tiles. Included by the isa_*.cpp builds after vec.h.
+// whole tiles. Included by the isa_*.cpp builds.
 #pragma once
+
+#include "kernels.h"
+#include "rows.h"
 
 namespace {
 
 constexpr int kRowTile = modernbert_kernels::cpu::kAttentionRowTile;  // query rows per microkernel call
 constexpr int kKeyVectors = 4;     // vectors of keys per score microkernel call
 constexpr int kOutVectors = 4;     // vectors of head_dim per P V microkernel call
-constexpr int kRowStride = modernbert_kernels::cpu::kMaxBlockSize;  // floats per score row
+constexpr int kRowStride = modernbert_kernels::kMaxBlockSize;  // floats per score row
 
-using modernbert_kernels::cpu::AttentionArgs;
-using modernbert_kernels::cpu::ElementType;
-using modernbert_kernels::cpu::kMaxBlockSize;
-using modernbert_kernels::cpu::kMaxHeadDim;
-
-inline float load_element(const void* base, int64_t index, ElementType dtype) {
-  switch (dtype) {
-    case ElementType::Float32: return static_cast<const float*>(base)[index];
-    case ElementType::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
-    default: return half_to_float(static_cast<const uint16_t*>(base)[index]);
-  }
-}
-
-inline void store_element(void* base, int64_t index, float value, ElementType dtype) {
-  switch (dtype) {
-    case ElementType::Float32: static_cast<float*>(base)[index] = value; break;
-    case ElementType::BFloat16: static_cast<uint16_t*>(base)[index] = float_to_bf16(value); break;
-    default: static_cast<uint16_t*>(base)[index] = float_to_half(value); break;
-  }
-}
+using modernbert_kernels::AttentionParams;
+using modernbert_kernels::kMaxBlockSize;
+using modernbert_kernels::kMaxHeadDim;
 
 // A few packed blocks kept per call, least recently used evicted: consecutive work items of one
 // head share most of their blocks (a window visits blocks m - 1, m, m + 1).
@@ -78,29 +64,35 @@ inline bool visible_columns(int64_t first, int64_t block_start, int padded, int6
   return *begin < *end;
 }
 
-// dst[i] = src[offset + i] * scale for i < n (n a multiple of kLanes), converting to fp32.
-inline void load_row(const void* src, int64_t offset, ElementType dtype, float scale, int n, float* dst) {
-  if (dtype == ElementType::Float32) {
-    const float* p = static_cast<const float*>(src) + offset;
-    for (int i = 0; i < n; i += kLanes) store(dst + i, load(p + i) * scale);
-  } else if (dtype == ElementType::BFloat16) {
-    const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
-    for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(p[i]) * scale;
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
-    for (int i = 0; i < n; ++i) dst[i] = half_to_float(p[i]) * scale;
-  }
-}
+// One work item: the block-th block of rows (queries, or keys in the dk/dv pass) of one
+// (batch, head), with where its sequence lies.
+struct WorkItem {
+  int64_t block, head, batch, seq_start, seq_len;
+  int64_t i0;            // the item's first row
+  int rows, padded_rows;  // rows in the block (the last may be short), rounded up to kRowTile
 
-// dst[offset + i] = values[i] * scale for i < n (a multiple of kLanes), converting from fp32.
-inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale, int n, const float* values) {
-  if (dtype == ElementType::Float32) {
-    float* p = static_cast<float*>(dst) + offset;
-    for (int i = 0; i < n; i += kLanes) store(p + i, load(values + i) * scale);
-  } else {
-    for (int i = 0; i < n; ++i) store_element(dst, offset + i, values[i] * scale, dtype);
+  WorkItem(const AttentionParams& a, int64_t item, int64_t num_blocks)
+      : block(item % num_blocks), head((item / num_blocks) % a.heads), batch(item / (num_blocks * a.heads)) {
+    seq_start = a.cu_seqlens ? a.cu_seqlens[batch] : 0;
+    seq_len = a.cu_seqlens ? a.cu_seqlens[batch + 1] - seq_start : a.seq_len;
+    i0 = block * a.block_size;
+    const int64_t left = seq_len - i0;
+    rows = left <= 0 ? 0 : static_cast<int>(left < a.block_size ? left : a.block_size);
+    padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
   }
-}
+  bool empty() const { return rows == 0; }
+  // Element offset of token t of this sequence in a tensor with (batch, head, token) strides.
+  int64_t offset(const AttentionParams& a, const int64_t* stride, int64_t t) const {
+    return (a.cu_seqlens ? 0 : batch * stride[0]) + head * stride[1] + (seq_start + t) * stride[2];
+  }
+  // Index of token t's entry in lse (and delta).
+  int64_t stat(const AttentionParams& a, int64_t t) const {
+    return (a.cu_seqlens ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + t;
+  }
+  bool key_is_real(const AttentionParams& a, int64_t t) const {
+    return t < seq_len && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + t]);
+  }
+};
 
 // scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j.
 // q rows are head_dim apart; kt rows kt_stride apart; score rows kRowStride apart.
@@ -130,12 +122,9 @@ inline void score_tile(const float* q, const float* kt, int kt_stride, int head_
   int j = j_begin;
   for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
     score_microkernel<kKeyVectors>(q, kt, kt_stride, head_dim, j, scores);
-  switch ((j_end - j) / kLanes) {
-    case 3: score_microkernel<3>(q, kt, kt_stride, head_dim, j, scores); break;
-    case 2: score_microkernel<2>(q, kt, kt_stride, head_dim, j, scores); break;
-    case 1: score_microkernel<1>(q, kt, kt_stride, head_dim, j, scores); break;
-    default: break;
-  }
+  with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
+    score_microkernel<decltype(vectors)::value>(q, kt, kt_stride, head_dim, j, scores);
+  });
 }
 
 // out[r] = out[r] * rescale[r] + sum_{j in [j_begin, j_end)} probs[r][j] * v[j] for kRowTile rows.
@@ -166,19 +155,17 @@ inline void accumulate_tile(const float* probs, const float* v, int64_t v_stride
   int d = 0;
   for (; d + kOutVectors * kLanes <= head_dim; d += kOutVectors * kLanes)
     accumulate_microkernel<kOutVectors>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d);
-  switch ((head_dim - d) / kLanes) {  // head_dim 32 with 16 lanes: two vectors
-    case 3: accumulate_microkernel<3>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
-    case 2: accumulate_microkernel<2>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
-    case 1: accumulate_microkernel<1>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale, out + d); break;
-    default: break;
-  }
+  // head_dim 32 with 16 lanes: two vectors
+  with_tail_vectors((head_dim - d) / kLanes, [&](auto vectors) {
+    accumulate_microkernel<decltype(vectors)::value>(probs, v + d, v_stride, head_dim, j_begin, j_end, rescale,
+                                                     out + d);
+  });
 }
 
-void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end, float* workspace) {
+void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t begin, int64_t end, float* workspace) {
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const int64_t num_q_blocks = (a.seq_len + bs - 1) / bs;
-  const bool varlen = a.cu_seqlens != nullptr;
   const bool windowed = a.window >= 0;
   const float q_scale = a.scale * 1.4426950408889634f;
   const float inf = __builtin_inff();
@@ -192,23 +179,15 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
   float* cache = row_sum + kMaxBlockSize + kRowTile;
   const bool fp32 = a.dtype == ElementType::Float32;
   const size_t slot_floats = modernbert_kernels::cpu::attention_slot_floats(bs, head_dim, fp32);
-  BlockCache slots(a.cache_slots);
+  BlockCache slots(cache_slots);
   bool any_masked_key_in[modernbert_kernels::cpu::kMaxCacheSlots] = {};
 
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t q_block = item % num_q_blocks;
-    const int64_t head = (item / num_q_blocks) % a.heads;
-    const int64_t batch = item / (num_q_blocks * a.heads);
-    const int64_t seq_start = varlen ? a.cu_seqlens[batch] : 0;
-    const int64_t seq_len = varlen ? a.cu_seqlens[batch + 1] - seq_start : a.seq_len;
-    const int64_t i0 = q_block * bs;
-    if (i0 >= seq_len) continue;
-    const int rows = static_cast<int>(seq_len - i0 < bs ? seq_len - i0 : bs);
-    const int padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
-
-    auto token_offset = [&](const int64_t* stride, int64_t token) {
-      return (varlen ? 0 : batch * stride[0]) + head * stride[1] + (seq_start + token) * stride[2];
-    };
+    const WorkItem it(a, item, num_q_blocks);
+    if (it.empty()) continue;
+    const int64_t q_block = it.block, head = it.head, batch = it.batch, seq_len = it.seq_len, i0 = it.i0;
+    const int rows = it.rows, padded_rows = it.padded_rows;
+    auto token_offset = [&](const int64_t* stride, int64_t token) { return it.offset(a, stride, token); };
     for (int r = 0; r < padded_rows; ++r) {
       float* dst = q_tile + r * head_dim;
       if (r < rows) {
@@ -250,7 +229,7 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
         // Keys past the sequence or padded out get -inf added to their scores.
         bool any_masked_key = padded_keys != keys;
         for (int j = 0; j < padded_keys; ++j) {
-          bool real = j < keys && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + j0 + j]);
+          const bool real = j < keys && it.key_is_real(a, j0 + j);
           key_bias[j] = real ? 0.f : -inf;
           any_masked_key |= !real;
         }
@@ -309,7 +288,7 @@ void attention_forward_items(const AttentionArgs& a, int64_t begin, int64_t end,
       const float total = row_sum[r];
       const float inverse = total > 0.f ? 1.f / total : 0.f;
       store_row(a.out, token_offset(a.out_stride, i0 + r), a.dtype, inverse, head_dim, acc + r * head_dim);
-      a.lse[(varlen ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + i0 + r] =
+      a.lse[it.stat(a, i0 + r)] =
           total > 0.f ? (row_max[r] + __builtin_log2f(total)) * ln2 : inf;
     }
   }

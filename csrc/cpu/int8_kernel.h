@@ -1,13 +1,16 @@
 // The element-wise halves of the CPU int8 linear: per-token quantization (optionally fused with a
 // bias-free LayerNorm and SmoothQuant smoothing) and the GEMM epilogue (both scales, bias, GELU or
-// GeGLU, output cast). Included by the isa_*.cpp builds after vec.h and attention_kernel.h.
+// GeGLU, output cast). Included by the isa_*.cpp builds.
 #pragma once
+
+#include "../params.h"
+#include "rows.h"
 
 namespace {
 
-using modernbert_kernels::cpu::Activation;
-using modernbert_kernels::cpu::Int8EpilogueArgs;
-using modernbert_kernels::cpu::QuantizeArgs;
+using modernbert_kernels::Activation;
+using modernbert_kernels::Int8LinearParams;
+using modernbert_kernels::QuantizeParams;
 
 inline vfloat activate(vfloat y, Activation activation) {
   if (activation == Activation::Gelu) return vgelu(y);
@@ -15,7 +18,7 @@ inline vfloat activate(vfloat y, Activation activation) {
   return y;
 }
 
-void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t row_end) {
+void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int64_t row_begin, int64_t row_end) {
   const int64_t n = a.n;
   const bool geglu = a.activation == Activation::Geglu;
   const int64_t out_cols = geglu ? n / 2 : n;
@@ -24,9 +27,9 @@ void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t ro
   float local[4096];
   float* staging = out_cols <= 4096 ? local : new float[out_cols];
   for (int64_t m = row_begin; m < row_end; ++m) {
-    const int32_t* acc = a.acc + m * a.acc_stride;
+    const int32_t* acc = acc_rows + (m - row_begin) * n;
     const float xs = a.x_scale[m];
-    float* dst = a.out_dtype == ElementType::Float32 ? static_cast<float*>(a.out) + m * a.out_stride : staging;
+    float* dst = a.out_dtype == ElementType::Float32 ? static_cast<float*>(a.out) + m * out_cols : staging;
     int64_t c = 0;
     if (!geglu) {
       for (; c + kLanes <= n; c += kLanes) {
@@ -73,12 +76,12 @@ void int8_epilogue_rows(const Int8EpilogueArgs& a, int64_t row_begin, int64_t ro
       }
     }
     if (a.out_dtype != ElementType::Float32)
-      for (int64_t i = 0; i < out_cols; ++i) store_element(a.out, m * a.out_stride + i, staging[i], a.out_dtype);
+      for (int64_t i = 0; i < out_cols; ++i) store_element(a.out, m * out_cols + i, staging[i], a.out_dtype);
   }
   if (staging != local) delete[] staging;
 }
 
-void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end, float* x) {
+void quantize_rows(const QuantizeParams& a, int64_t row_begin, int64_t row_end, float* x) {
   const int64_t k = a.k;
   const int kv = static_cast<int>(k / kLanes * kLanes);  // vectorized prefix; the rest is scalar
   for (int64_t m = row_begin; m < row_end; ++m) {

@@ -1,12 +1,13 @@
 // Rotary position embedding on rows of [tokens, groups, head_dim]: the pair (i, i + head_dim / 2)
 // of each row turns by the token's angle i. One pass over the rows, in place when out == x: each
-// position is read before it is written and never read again. Included by the isa_*.cpp builds
-// after vec.h.
+// position is read before it is written and never read again. Included by the isa_*.cpp builds.
 #pragma once
+
+#include "rows.h"
 
 namespace {
 
-using modernbert_kernels::cpu::RotaryArgs;
+using modernbert_kernels::RotaryParams;
 
 // Pairs [begin, half) of one row, one at a time, through the storage type's conversions.
 template <typename Load, typename Store>
@@ -18,7 +19,7 @@ inline void rotate_pairs(int64_t begin, int64_t half, const float* c, const floa
   }
 }
 
-void rotary_rows(const RotaryArgs& a, int64_t token_begin, int64_t token_end) {
+void rotary_rows(const RotaryParams& a, int64_t token_begin, int64_t token_end) {
   const int64_t half = a.head_dim / 2;
   for (int64_t t = token_begin; t < token_end; ++t) {
     const float* c = a.cos + t * half;

@@ -8,6 +8,8 @@
 #error "define MBK_LANES (floats per vector) before including vec.h"
 #endif
 
+#include <cstdint>
+
 namespace {
 
 constexpr int kLanes = MBK_LANES;
@@ -101,59 +103,67 @@ inline vfloat vgelu_tanh(vfloat x) {
 }
 
 // Scalar conversions for the 16-bit storage types (round to nearest even; inputs are finite or inf).
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = uint32_t(h) << 16;
+inline uint32_t bits_of(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  return bits;
+}
+
+inline float float_of(uint32_t bits) {
   float f;
   __builtin_memcpy(&f, &bits, 4);
   return f;
 }
 
+inline float bf16_to_float(uint16_t h) { return float_of(uint32_t(h) << 16); }
+
 inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
+  uint32_t bits = bits_of(f);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return uint16_t(bits >> 16);
 }
 
 inline float half_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  uint32_t bits;
-  if (exponent == 0x1fu) {
-    bits = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {  // subnormal: value = mantissa * 2^-24
-    float f = float(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0x1fu) return float_of(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return float_of(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  if (mantissa == 0) return float_of(sign);
+  const float f = float(mantissa) * 5.9604644775390625e-8f;  // subnormal: mantissa * 2^-24
+  return sign ? -f : f;
 }
 
 inline uint16_t float_to_half(float f) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
-  uint32_t magnitude = bits & 0x7fffffffu;
+  const uint32_t bits = bits_of(f);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7fffffffu;
   if (magnitude > 0x7f800000u) return uint16_t(sign | 0x7e00u);
   if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past 65504: inf
   if (magnitude < 0x38800000u) {  // below the smallest normal half: round to a multiple of 2^-24
-    float a;
-    __builtin_memcpy(&a, &magnitude, 4);
     // Adding 0.5 forces the sum's low mantissa bits to hold a * 2^24, rounded to nearest even.
-    float shifted = a + 0.5f;
-    uint32_t sbits;
-    __builtin_memcpy(&sbits, &shifted, 4);
-    return uint16_t(sign | (sbits - 0x3f000000u));  // 0x400 when it rounds up to the smallest normal
+    const uint32_t shifted = bits_of(float_of(magnitude) + 0.5f);
+    return uint16_t(sign | (shifted - 0x3f000000u));  // 0x400 when it rounds up to the smallest normal
   }
-  uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+  const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
   return uint16_t(sign | ((rounded - (112u << 23)) >> 13));
+}
+
+// Calls f(VectorCount<n>{}) for n = count in 1..3: the tails of loops that step 4 vectors.
+template <int N>
+struct VectorCount {
+  static constexpr int value = N;
+};
+
+template <typename F>
+inline void with_tail_vectors(int count, F&& f) {
+  switch (count) {
+    case 3: f(VectorCount<3>{}); break;
+    case 2: f(VectorCount<2>{}); break;
+    case 1: f(VectorCount<1>{}); break;
+    default: break;
+  }
 }
 
 }  // namespace

@@ -40,7 +40,7 @@ __device__ __forceinline__ void stage_tile(int8_t (*dst)[kTileM][16], const int8
 }
 
 template <typename Out>
-__global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearArgs a) {
+__global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearParams a) {
   __shared__ __align__(32) int8_t x_s[kSlices][kTileM][16];
   __shared__ __align__(32) int8_t w_s[kSlices][kTileN][16];
   __shared__ __align__(32) int acc_s[kTileM][kAccStride];
@@ -118,7 +118,7 @@ __device__ __forceinline__ float block_reduce(float value, bool take_max, float*
 
 // One block per row: (LayerNorm,) smoothing, absmax, then round half away from zero.
 template <typename T>
-__global__ void __launch_bounds__(kQuantizeThreads) quantize_rows_kernel(QuantizeArgs a) {
+__global__ void __launch_bounds__(kQuantizeThreads) quantize_rows_kernel(QuantizeParams a) {
   __shared__ float scratch[kQuantizeThreads / 32];
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_rows_kernel(Quantiz
 
 }  // namespace
 
-cudaError_t launch_int8_linear(const Int8LinearArgs& args, cudaStream_t stream) {
+cudaError_t launch_int8_linear(const Int8LinearParams& args, cudaStream_t stream) {
   if (args.m == 0 || args.n == 0) return cudaSuccess;
   if (args.k % 16 != 0) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((args.n + kTileN - 1) / kTileN), static_cast<unsigned>((args.m + kTileM - 1) / kTileM));
@@ -165,7 +165,7 @@ cudaError_t launch_int8_linear(const Int8LinearArgs& args, cudaStream_t stream) 
   });
 }
 
-cudaError_t launch_quantize_rows(const QuantizeArgs& args, cudaStream_t stream) {
+cudaError_t launch_quantize_rows(const QuantizeParams& args, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
   return dispatch_element_type(args.dtype, [&](auto* typed) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(typed)>;

@@ -11,7 +11,7 @@ namespace {
 constexpr int kRotaryThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kRotaryThreads) rotary_kernel(RotaryArgs a) {
+__global__ void __launch_bounds__(kRotaryThreads) rotary_kernel(RotaryParams a) {
   const int64_t half = a.head_dim / 2;
   const int64_t pairs = a.tokens * a.groups * half;
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < pairs; p += int64_t(gridDim.x) * blockDim.x) {
@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kRotaryThreads) rotary_kernel(RotaryArgs a) {
 
 }  // namespace
 
-cudaError_t launch_rotary(const RotaryArgs& args, cudaStream_t stream) {
+cudaError_t launch_rotary(const RotaryParams& args, cudaStream_t stream) {
   const int64_t pairs = args.tokens * args.groups * (args.head_dim / 2);
   if (pairs == 0) return cudaSuccess;
   // Enough blocks to fill any current GPU; the loop covers the rest.

@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting
+from ..attention import SUPPORTED_HEAD_DIMS
+from ..backends import autotuning, interpreting
 
 # Softmax runs in base 2 (exp2 is one MUFU instruction); LSE is stored in natural log.
 LOG2E = tl.constexpr(1.4426950408889634)
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -28,6 +28,53 @@ def sequence_bounds(CuSeqlens, batch, seq_len_padded, IS_VARLEN: tl.constexpr):
         start = batch * 0
         length = seq_len_padded + batch * 0
     return start.to(tl.int64), length
+
+
+@triton.jit
+def program_rows(CuSeqlens, num_heads, seq_len_padded, BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """This program's batch (int64), head, sequence (start, length) and first row: the rows are
+    axis-0 tiles of BLOCK tokens (queries, or keys for dk/dv), axis 1 is batch * heads."""
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    seq_start, seq_len = sequence_bounds(CuSeqlens, batch, seq_len_padded, IS_VARLEN)
+    return batch.to(tl.int64), pid_bh % num_heads, seq_start, seq_len, tl.program_id(0) * BLOCK
+
+
+@triton.jit
+def sequence_offset(batch64, head, seq_start, stride_b, stride_h, stride_t):
+    """Element offset of token 0 of this (batch, head)'s sequence in a tensor with these strides."""
+    return batch64 * stride_b + head.to(tl.int64) * stride_h + seq_start * stride_t
+
+
+@triton.jit
+def sequence_base(X, batch64, head, seq_start, stride_b, stride_h, stride_t):
+    """Pointer to token 0 of this (batch, head)'s sequence in X."""
+    return X + sequence_offset(batch64, head, seq_start, stride_b, stride_h, stride_t)
+
+
+@triton.jit
+def load_rows(Base, positions, stride_t, offs_d, seq_len):
+    """Rows ``positions`` of the sequence at Base as a [len(positions), HEAD_DIM] tile, zeros
+    past its end."""
+    return tl.load(Base + positions[:, None] * stride_t + offs_d[None, :],
+                   mask=(positions < seq_len)[:, None], other=0.0)
+
+
+@triton.jit
+def layout_entries(Offsets, Indices, head, layout_head_stride, start, seq_len, LAYOUT_BLOCK: tl.constexpr):
+    """[lo, hi): the entries of the layout row (or transposed row) of the block holding token
+    ``start``, cut to the blocks inside the sequence."""
+    row = Offsets + head * layout_head_stride + start // LAYOUT_BLOCK
+    lo = tl.load(row)
+    return lo, first_index_at_or_above(Indices, lo, tl.load(row + 1), tl.cdiv(seq_len, LAYOUT_BLOCK))
+
+
+@triton.jit
+def sub_tile_start(Indices, t, LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of sub-tile t of the walk: entry t // (LAYOUT_BLOCK // BLOCK) of Indices names
+    the layout block, t % (LAYOUT_BLOCK // BLOCK) the BLOCK-token tile inside it."""
+    SUB_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK
+    return tl.load(Indices + t // SUB_TILES) * LAYOUT_BLOCK + (t % SUB_TILES) * BLOCK
 
 
 @triton.jit
@@ -199,3 +246,49 @@ def fixed_launch(kernel: str, layout_block: int, head_dim: int, dtype: torch.dty
     major, minor = torch.cuda.get_device_capability(device)
     config = configs_for(kernel, layout_block, head_dim, dtype, 10 * major + minor)[0]
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class AttentionLaunch:
+    """The arguments the forward, dq and dk/dv kernels share, built once per call: problem sizes,
+    the (batch, token, head) strides of q, k, v and of the contiguous result tensor (out, or dq
+    with dk and dv), lse strides, key mask, layout stride, and the constexpr flags."""
+
+    def __init__(self, q, k, v, result, lse, layout_tensors, layout_block, layout_heads, *,
+                 window, scale, key_padding_mask, cu_seqlens, max_seqlen):
+        varlen = cu_seqlens is not None
+        self.heads = q.shape[1]
+        if varlen:
+            self.batch, self.seq_len_padded = cu_seqlens.numel() - 1, max_seqlen
+            strides = [(0, t.stride(0), t.stride(1)) for t in (q, k, v, result)]
+            lse_strides = (0, lse.stride(0))
+        else:
+            self.batch, self.seq_len_padded = q.shape[0], q.shape[2]
+            strides = [(t.stride(0), t.stride(2), t.stride(1)) for t in (q, k, v, result)]
+            lse_strides = (lse.stride(0), lse.stride(1))
+        has_key_mask = key_padding_mask is not None
+        self.key_mask = (key_padding_mask.to(torch.uint8).contiguous() if has_key_mask
+                         else q.new_empty(0, dtype=torch.uint8))
+        self.cu_seqlens = cu_seqlens if varlen else q.new_empty(0, dtype=torch.int32)
+        row_offsets = layout_tensors[0]
+        self.scalars = (
+            *strides[0], *strides[1], *strides[2], *strides[3], *lse_strides,
+            self.key_mask.stride(0) if has_key_mask else 0,
+            0 if layout_heads == 1 else row_offsets.shape[1],
+            self.heads, self.seq_len_padded, -1 if window is None else window, scale,
+        )
+        self.flags = dict(
+            HEAD_DIM=q.shape[-1], LAYOUT_BLOCK=layout_block, IS_VARLEN=varlen,
+            HAS_WINDOW=window is not None, HAS_KEY_MASK=has_key_mask, DOT_PRECISION=dot_precision(q.dtype),
+        )
+        self.head_dim, self.layout_block, self.dtype, self.device = q.shape[-1], layout_block, q.dtype, q.device
+
+    def run(self, kernel: str, jit_fn, tuned_fn, tensors, tile_axis: str, tile=None):
+        """Launch ``kernel`` ("fwd", "dq", "dkdv") over (row tiles of tile_axis, batch * heads):
+        autotuned, or with ``tile`` / the arch's first candidate."""
+        args = (*tensors, self.cu_seqlens, self.key_mask, *self.scalars)
+        rows = lambda block: (triton.cdiv(self.seq_len_padded, block), self.batch * self.heads)
+        if tile is None and autotuning():
+            tuned_fn[lambda meta: rows(meta[tile_axis])](*args, **self.flags)
+        else:
+            launch = tile or fixed_launch(kernel, self.layout_block, self.head_dim, self.dtype, self.device)
+            jit_fn[rows(launch[tile_axis])](*args, **self.flags, **launch)

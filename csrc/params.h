@@ -1,0 +1,90 @@
+// The native kernels' ABI: plain-data descriptions of each op's work, shared by the CPU kernels
+// (cpu/), the CUDA kernels (cuda/) and the one place that fills them from tensors
+// (tensor_params.h). Torch-free, so the ISA-specific CPU builds and the .cu files (which include
+// only the CUDA runtime) can use it.
+#pragma once
+
+#include <cstdint>
+
+namespace modernbert_kernels {
+
+enum class ElementType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// Numbered as EPILOGUES in modernbert_kernels/int8.py (4 there, int32 output, never gets here).
+enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Geglu = 3 };
+
+constexpr int kMaxBlockSize = 128;
+constexpr int kMaxHeadDim = 128;
+
+// Element strides are along (batch, head, token); head_dim has unit stride. A varlen batch
+// (cu_seqlens set) packs its tokens along one axis: the batch stride is 0 and sequence b holds
+// tokens cu_seqlens[b] .. cu_seqlens[b + 1].
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;   // the forward writes it, the backward reads it
+  float* lse;  // natural log; +inf for a query that sees no key
+  ElementType dtype;
+  int64_t batch, heads, head_dim;
+  int64_t seq_len;  // padded length, or max_seqlen for a varlen batch
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  int64_t lse_stride[2];       // (batch, head); tokens are contiguous
+  const int32_t* cu_seqlens;   // or null
+  const uint8_t* key_padding;  // [batch, seq_len], 1 = real key; or null
+  const int32_t* row_offsets;  // [layout_heads, num_blocks + 1]: key blocks of each query block
+  const int32_t* col_indices;
+  int64_t layout_head_stride;  // 0 when one layout serves every head
+  int block_size;
+  int64_t window;  // < 0: no window
+  float scale;
+};
+
+struct AttentionBackwardParams : AttentionParams {
+  const void* dout;
+  void* dq;  // dq, dk and dv share grad_stride
+  void* dk;
+  void* dv;
+  float* delta;  // rowsum(dout * out), indexed like lse
+  int64_t dout_stride[3], grad_stride[3];
+  const int32_t* col_offsets;  // the transposed layout: query blocks of each key block
+  const int32_t* row_indices;
+};
+
+struct Int8LinearParams {
+  const int8_t* x_q;  // [m, k] row-major
+  const int8_t* w_q;  // [n, k] row-major
+  const float* x_scale;  // [m]
+  const float* w_scale;  // [n]
+  const float* bias;     // [n] or null
+  void* out;             // [m, n], or [m, n / 2] for geglu, row-major
+  ElementType out_dtype;
+  Activation activation;
+  int64_t m, n, k;
+};
+
+// Per-token int8 quantization, optionally after a bias-free LayerNorm and SmoothQuant smoothing.
+struct QuantizeParams {
+  const void* x;  // [rows, k], row stride x_stride
+  int64_t x_stride;
+  ElementType dtype;
+  int64_t rows, k;
+  const float* norm_weight;  // [k] or null (no LayerNorm)
+  float eps;
+  const float* smooth;  // [k] or null
+  int8_t* q;            // [rows, k] contiguous
+  float* scale;         // [rows]
+};
+
+// Rotary position embedding of rows (token, group): pair (i, i + head_dim / 2) turns by angle i.
+struct RotaryParams {
+  const void* x;  // [tokens, groups, head_dim], element strides (token, group), unit along head_dim
+  void* out;      // like x; may be x itself (each row is read whole before it is written)
+  ElementType dtype;
+  int64_t tokens, groups, head_dim;
+  int64_t x_stride[2], out_stride[2];
+  const float* cos;  // [tokens, head_dim / 2] contiguous
+  const float* sin;
+};
+
+}  // namespace modernbert_kernels

@@ -1,0 +1,48 @@
+"""Values computed from a tensor's contents, kept while the tensor lives and is not changed.
+
+An encoder passes the same cu_seqlens and layout tensors to every layer: what is derived from
+their values on the host (checks, plans) is computed once, not once per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable, Hashable
+
+
+@dataclasses.dataclass
+class _Entry:
+    ref: weakref.ref
+    version: int | None
+    values: dict
+
+
+class TensorCache:
+    """``get(tensor, key, compute)``: ``compute()`` once per (tensor, key), again after the tensor
+    changes in place (its version counter moves); entries go when the tensor does."""
+
+    def __init__(self):
+        self._entries: dict[int, _Entry] = {}
+
+    def get(self, tensor, key: Hashable, compute: Callable):
+        # Inference tensors have no version counter (and cannot be changed outside inference mode).
+        version = None if tensor.is_inference() else tensor._version
+        entry = self._entries.get(id(tensor))
+        if entry is None or entry.ref() is not tensor or entry.version != version:
+            entry = _Entry(weakref.ref(tensor, self._forget(id(tensor))), version, {})
+            self._entries[id(tensor)] = entry
+        if key not in entry.values:
+            entry.values[key] = compute()
+        return entry.values[key]
+
+    def _forget(self, tensor_id: int):
+        def forget(ref):
+            entry = self._entries.get(tensor_id)
+            if entry is not None and entry.ref is ref:
+                del self._entries[tensor_id]
+
+        return forget
+
+    def __len__(self) -> int:
+        return len(self._entries)
