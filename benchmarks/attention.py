@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import block_sparse_attention, layouts, native
 
@@ -156,15 +157,10 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             # and dq, dk, dv written, plus q, k, v, O read again).
             tensor_bytes = batch * heads * seq_len * head_dim * q.element_size()
             moved = tensor_bytes * (4 + (8 if backward else 0))
-            base = measured[baseline_name]["median_ms"]
-            for name, stats in measured.items():
-                rows.append({
-                    "bench": "attention", "pass": pass_name, "provider": name, "baseline": baseline_name,
-                    "seq_len": seq_len, "batch": batch, "heads": heads, "head_dim": head_dim, "window": window,
-                    "dtype": str(dtype).replace("torch.", ""), "useful_flops": flops, "bytes": moved,
-                    "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
-                    **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
-                })
+            rows += result_rows(
+                "attention", pass_name, measured, baseline_name, flops=flops, bytes_moved=moved, seq_len=seq_len,
+                batch=batch, heads=heads, head_dim=head_dim, window=window, dtype=str(dtype).replace("torch.", ""),
+            )
     return rows
 
 

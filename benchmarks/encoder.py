@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 
+from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_cpu, time_fn
 from modernbert import ModernBertModel, quantize_int8
 
@@ -95,17 +96,17 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             for name, out in outputs.items() if name.startswith("ours_int8")
         }
         parity = (outputs["ours"][real].float() - outputs["transformers_sdpa"][real].float()).abs().max().item()
-        base = measured["transformers_sdpa"]["median_ms"]
-        for name, stats in measured.items():
-            rows.append({
-                "bench": "encoder", "pass": case, "provider": name, "baseline": "transformers_sdpa",
-                "seq_len": max(lengths), "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
-                "tokens_per_s": tokens / (stats["median_ms"] * 1e-3), "tflops": 0.0,
+
+        def fields(name):
+            return {
+                "tokens_per_s": tokens / (measured[name]["median_ms"] * 1e-3),
                 "max_abs_diff_vs_transformers": parity if name == "ours" else None,
                 "int8_cosine_mean": cosine[name].mean().item() if name in cosine else None,
                 "int8_cosine_min": cosine[name].min().item() if name in cosine else None,
-                **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
-            })
+            }
+
+        rows += result_rows("encoder", case, measured, "transformers_sdpa", seq_len=max(lengths), tokens=tokens,
+                            dtype=str(dtype).replace("torch.", ""), per_provider=fields)
     return rows
 
 

@@ -1,6 +1,7 @@
 """What the GPU suite compiles: the smoke cases and the wide test matrix, as data.
 
-tests/test_gpu_smoke.py and tests/test_attention_gpu.py parametrize over these tables, and
+tests/test_gpu_smoke.py and the gpu tests of tests/test_attention.py and test_rotary.py parametrize
+over these tables, and
 ``benchmarks/gpu_suite.sh --plan`` counts the distinct Triton specializations each stage compiles
 from the same tables, so the plan cannot drift from what runs. A specialization is one kernel
 compiled for one set of constexprs: with MODERNBERT_KERNELS_AUTOTUNE=0 (the GPU tests) that is one
@@ -70,7 +71,7 @@ def encoder_graph_specializations() -> set:
     return forwards | RotaryCase("bf16", 64).specializations() | Int8Case("bf16", "geglu", 768).specializations()
 
 
-# (c) the wide matrix of tests/test_attention_gpu.py: layout name -> layout block.
+# (c) the wide matrix of the gpu tests in tests/test_attention.py: layout name -> layout block.
 MATRIX_LAYOUT_BLOCKS = {
     "sliding_window_64": 64, "sliding_window_128": 128, "bigbird_per_head": 64, "global_tokens": 64, "fixed_32": 32,
 }

@@ -34,6 +34,8 @@ from benchmarks import gpu_cases
 TOTAL_BUDGET_S = 540  # 9 minutes: the device call's 10-minute limit less the machine's start
 COMPILE_S = 1.5  # seconds per Triton compile on one host core (estimate; sm_90, cold cache)
 MATRIX_WORKERS = 8  # pytest-xdist workers for the matrix (16 cores: compiles are single-threaded)
+# The GPU tests of each op (marked gpu), one file per op.
+MATRIX_TESTS = ("tests/test_attention.py", "tests/test_int8.py", "tests/test_rotary.py")
 EXTENSION_MIN_S = 45  # below this the CUDA extension cannot even build: the stage is skipped
 
 
@@ -196,7 +198,7 @@ def run_suite(out: Path) -> int:
         statuses.append(runner.run(stage, [command], stage.budget_s))
 
     parallel = ["-n", str(MATRIX_WORKERS)] if importlib.util.find_spec("xdist") else []
-    matrix = _pytest(out, "matrix", "-m", "gpu", *parallel, "tests/test_attention_gpu.py")
+    matrix = _pytest(out, "matrix", "-m", "gpu", *parallel, *MATRIX_TESTS)
     statuses.append(runner.run(planned["matrix"], [matrix], planned["matrix"].budget_s))
 
     left = TOTAL_BUDGET_S - runner.elapsed()
@@ -207,7 +209,7 @@ def run_suite(out: Path) -> int:
         build_env = {"FORCE_CUDA": "1", "MODERNBERT_KERNELS_BUILD_EXTENSION": "1",
                      "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(os.cpu_count() or 8)}
         build = [python, "setup.py", "-q", "build_ext", "--inplace"]
-        tests = _pytest(out, "extension", "-m", "gpu", "-k", "cuda", "tests/test_attention_gpu.py")
+        tests = _pytest(out, "extension", "-m", "gpu", "-k", "cuda", *MATRIX_TESTS)
         statuses.append(runner.run(planned["extension"], [build, tests], left, env=build_env))
     print(json.dumps(runner.records, indent=2))
     return 0 if all(status == "passed" for status in statuses) else 1

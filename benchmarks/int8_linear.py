@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import Int8Linear
 
@@ -107,15 +108,11 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             flops = 2.0 * tokens * k * n
             # Compulsory traffic of the int8 layer: float activations in, int8 weights, output out.
             moved = tokens * k * x.element_size() + n * k + tokens * (n // 2 if activation == "geglu" else n) * x.element_size()
-            base = measured[baseline]["median_ms"]
-            for provider, stats in measured.items():
-                rows.append({
-                    "bench": "int8_linear", "pass": name, "provider": provider, "baseline": baseline,
-                    "seq_len": tokens, "M": tokens, "K": k, "N": n, "activation": activation or "none",
-                    "useful_flops": flops, "bytes": moved, "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
-                    "relative_error_vs_float": errors.get(provider, 0.0),
-                    **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
-                })
+            rows += result_rows(
+                "int8_linear", name, measured, baseline, flops=flops, bytes_moved=moved, seq_len=tokens, M=tokens,
+                K=k, N=n, activation=activation or "none",
+                per_provider=lambda provider: {"relative_error_vs_float": errors.get(provider, 0.0)},
+            )
     return rows
 
 

@@ -25,6 +25,25 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def result_rows(bench: str, pass_name: str, measured: dict, baseline: str, *, flops: float = 0.0,
+                bytes_moved: float | None = None, per_provider=None, **fields) -> list[dict]:
+    """One row per provider of ``measured`` ({provider: timing stats}): the stats, the given fields,
+    throughput (TFLOP/s from ``flops``, GB/s from ``bytes_moved``) and the speedup over ``baseline``
+    measured in the same run. ``per_provider(provider)`` adds provider-specific fields."""
+    base = measured[baseline]["median_ms"]
+    rows = []
+    for provider, stats in measured.items():
+        seconds = stats["median_ms"] * 1e-3
+        row = {"bench": bench, "pass": pass_name, "provider": provider, "baseline": baseline, **fields,
+               "useful_flops": flops, "tflops": flops / seconds / 1e12}
+        if bytes_moved is not None:
+            row.update(bytes=bytes_moved, gb_per_s=bytes_moved / seconds / 1e9)
+        row.update(per_provider(provider) if per_provider else {})
+        row.update(stats, baseline_median_ms=base, speedup_vs_baseline=base / stats["median_ms"])
+        rows.append(row)
+    return rows
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 

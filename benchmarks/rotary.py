@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import rotary_embedding
 
@@ -51,16 +52,10 @@ def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
         # Read q and k, write them, read both angle tables once.
         moved = 2 * elements * qkv.element_size() + 2 * tokens * (HEAD_DIM // 2) * 4
         baseline = "transformers" if "transformers" in measured else "torch_path"
-        base = measured[baseline]["median_ms"]
-        for provider, stats in measured.items():
-            rows.append({
-                "bench": "rotary", "pass": "forward", "provider": provider, "baseline": baseline,
-                "seq_len": tokens, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": str(dtype).replace("torch.", ""),
-                "useful_flops": 3.0 * elements, "bytes": moved,
-                "tflops": 3.0 * elements / (stats["median_ms"] * 1e-3) / 1e12,
-                "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9,
-                **stats, "baseline_median_ms": base, "speedup_vs_baseline": base / stats["median_ms"],
-            })
+        rows += result_rows(
+            "rotary", "forward", measured, baseline, flops=3.0 * elements, bytes_moved=moved, seq_len=tokens,
+            heads=HEADS, head_dim=HEAD_DIM, dtype=str(dtype).replace("torch.", ""),
+        )
     return rows
 
 

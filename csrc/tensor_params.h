@@ -1,6 +1,6 @@
 // Tensors -> the kernels' parameter structs (params.h), with every argument check, for the CPU
-// and the CUDA entry points alike. Each prepare_* also allocates the op's outputs, so both devices
-// return the same shapes; the caller only picks the device and runs its kernel.
+// and the CUDA entry points alike (ops.h). The op's outputs are allocated here too, so both
+// devices return the same shapes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -101,13 +101,16 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   }
 }
 
+}  // namespace detail
+
+// Checks the inputs of block_sparse_attention_{forward,backward}_native for `device` tensors.
 inline AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
                                         int64_t block_size, int64_t window, double scale,
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                         at::DeviceType device) {
-  check_attention_inputs(q, k, v, row_offsets, col_indices, block_size, key_padding_mask, cu_seqlens, device);
+  detail::check_attention_inputs(q, k, v, row_offsets, col_indices, block_size, key_padding_mask, cu_seqlens, device);
   const bool varlen = cu_seqlens.has_value();
   AttentionParams p{};
   p.q = q.data_ptr();
@@ -136,47 +139,32 @@ inline AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k
   return p;
 }
 
-inline void set_lse(AttentionParams& p, const at::Tensor& lse, bool varlen) {
+inline void set_lse(AttentionParams& p, const at::Tensor& lse) {
+  const bool varlen = p.cu_seqlens != nullptr;
   p.lse = lse.data_ptr<float>();
   p.lse_stride[0] = varlen ? 0 : lse.stride(0);
   p.lse_stride[1] = lse.stride(varlen ? 0 : 1);
 }
 
-}  // namespace detail
-
-// out like q; lse [batch, heads, seq] (or [heads, total_tokens] for a varlen batch), fp32.
-inline AttentionForward prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const at::Tensor& row_offsets, const at::Tensor& col_indices,
-                                                  int64_t block_size, int64_t window, double scale,
-                                                  const std::optional<at::Tensor>& key_padding_mask,
-                                                  const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-                                                  at::DeviceType device) {
-  AttentionForward call;
-  call.params = detail::attention_params(q, k, v, row_offsets, col_indices, block_size, window, scale,
-                                         key_padding_mask, cu_seqlens, max_seqlen, device);
-  const bool varlen = cu_seqlens.has_value();
-  const AttentionParams& p = call.params;
-  call.out = at::empty(q.sizes(), q.options());
-  call.lse = varlen ? at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat))
-                    : at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(at::kFloat));
+// The forward's outputs: out like q; lse [batch, heads, seq] (or [heads, total_tokens] for a
+// varlen batch), fp32.
+inline AttentionForward attention_forward_outputs(const AttentionParams& params, const at::Tensor& q) {
+  const bool varlen = params.cu_seqlens != nullptr;
+  AttentionForward call{at::empty(q.sizes(), q.options()),
+                        varlen ? at::empty({params.heads, q.size(0)}, q.options().dtype(at::kFloat))
+                               : at::empty({params.batch, params.heads, params.seq_len}, q.options().dtype(at::kFloat)),
+                        params};
   call.params.out = call.out.data_ptr();
   token_strides(call.out, varlen, call.params.out_stride);
-  detail::set_lse(call.params, call.lse, varlen);
+  set_lse(call.params, call.lse);
   return call;
 }
 
-// dq, dk, dv like q; delta like lse (written by the dq pass, read by the dk / dv pass).
-inline AttentionBackward prepare_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& row_offsets, const at::Tensor& col_indices, const at::Tensor& col_offsets,
-    const at::Tensor& row_indices, int64_t block_size, int64_t window, double scale,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-    at::DeviceType device) {
-  AttentionBackward call;
-  AttentionBackwardParams& p = call.params;
-  static_cast<AttentionParams&>(p) = detail::attention_params(q, k, v, row_offsets, col_indices, block_size, window,
-                                                              scale, key_padding_mask, cu_seqlens, max_seqlen, device);
-  const bool varlen = cu_seqlens.has_value();
+// The backward's inputs beyond the forward's (checked) and outputs: dq, dk, dv like q; delta like
+// lse (written by the dq pass, read by the dk / dv pass).
+inline AttentionBackward attention_backward_outputs(const AttentionParams& params, const at::Tensor& dout,
+                                                    const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                                                    const at::Tensor& col_offsets, const at::Tensor& row_indices) {
   for (const at::Tensor* t : {&dout, &out}) {
     TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->stride(-1) == 1 &&
                     t->device() == q.device(),
@@ -188,13 +176,17 @@ inline AttentionBackward prepare_attention_backward(
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device() == q.device(),
                 "layout tensors must be contiguous int32 on ", q.device());
   }
+  const bool varlen = params.cu_seqlens != nullptr;
+  AttentionBackward call;
+  AttentionBackwardParams& p = call.params;
+  static_cast<AttentionParams&>(p) = params;
   call.dq = at::empty(q.sizes(), q.options());
   call.dk = at::empty(q.sizes(), q.options());
   call.dv = at::empty(q.sizes(), q.options());
   call.delta = at::empty_like(lse);
   p.out = const_cast<void*>(out.data_ptr());
   token_strides(out, varlen, p.out_stride);
-  detail::set_lse(p, lse, varlen);
+  set_lse(p, lse);
   p.dout = dout.data_ptr();
   token_strides(dout, varlen, p.dout_stride);
   p.dq = call.dq.data_ptr();

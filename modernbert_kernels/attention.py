@@ -43,7 +43,7 @@ ATTENTION = backends.op("block_sparse_attention")
 
 def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
                     max_seqlen):
-    from .triton.attention_fwd import attention_forward
+    from .triton.attention_kernel import attention_forward
 
     return attention_forward(
         q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=None if window < 0 else window,
@@ -53,7 +53,7 @@ def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window, scale
 
 def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
                      window, scale, key_padding_mask, cu_seqlens, max_seqlen):
-    from .triton.attention_bwd import attention_backward
+    from .triton.attention_kernel import attention_backward
 
     return attention_backward(
         dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
@@ -298,7 +298,7 @@ def block_sparse_attention(
     if backend is None:
         backend = backends.default_backend(q.device)
         if (backend == "cpu" and window is None and key_padding_mask is None
-                and backends.layout_is_dense(*layout.tensors_on(q.device)[:2], -(-seq_len // layout.block_size))):
+                and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
             # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
             backend = "torch"

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from . import native
-from .tensor_cache import TensorCache
 
 
 def interpreting() -> bool:
@@ -43,25 +42,11 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA device: {torch.cuda.get_device_name()}"
 
 
-_density = TensorCache()
-
-
-def layout_is_dense(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks: int) -> bool:
-    """Whether every head's first ``num_blocks`` query blocks visit all of its first ``num_blocks``
-    key blocks: plain attention over a sequence of that many blocks, which dense kernels (PyTorch's
-    fused attention) run faster than a block-sparse walk. Read once per layout and length."""
-
-    def compute() -> bool:
-        counts = row_offsets[:, 1 : num_blocks + 1] - row_offsets[:, :num_blocks]
-        if not bool((counts >= num_blocks).all()):
-            return False
-        return all(
-            int((col_indices[int(row_offsets[h, 0]) : int(row_offsets[h, num_blocks])] < num_blocks).sum())
-            == num_blocks * num_blocks
-            for h in range(row_offsets.shape[0])
-        )
-
-    return _density.get(row_offsets, (num_blocks, id(col_indices), col_indices._version), compute)
+def layout_is_dense(layout, num_blocks: int) -> bool:
+    """Whether ``layout`` (a BlockSparseLayout) over a sequence of ``num_blocks`` blocks is plain
+    dense attention, which dense kernels (PyTorch's fused attention) run faster than a block-sparse
+    walk. Known from the layout's construction: no tensor read, a constant under torch.compile."""
+    return num_blocks <= layout.dense_blocks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ class BlockSparseLayout:
         self.col_offsets, self.row_indices = _transpose_csr(
             self.row_offsets, self.col_indices, self.num_blocks
         )
+        self.dense_blocks = dense_prefix_blocks(self.row_offsets, self.col_indices)
         self._device_copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -181,6 +182,24 @@ class BlockSparseLayout:
         )
         col_indices = torch.nonzero(block_mask.reshape(-1, num_blocks))[:, 1]
         return cls(per_head.to(torch.int32), col_indices.to(torch.int32), block_size)
+
+
+def dense_prefix_blocks(row_offsets: torch.Tensor, col_indices: torch.Tensor) -> int:
+    """The largest n such that, in every head, query blocks 0..n-1 all visit key blocks 0..n-1:
+    over a sequence of at most n blocks the layout is plain dense attention."""
+    heads, num_blocks = row_offsets.shape[0], row_offsets.shape[1] - 1
+    if num_blocks == 0 or col_indices.numel() == 0:
+        return 0
+    counts = (row_offsets[:, 1:] - row_offsets[:, :-1]).reshape(-1).long()
+    rows = torch.repeat_interleave(torch.arange(heads * num_blocks, device=row_offsets.device), counts)
+    position = torch.arange(col_indices.numel(), device=row_offsets.device) - row_offsets[:, :-1].reshape(-1).long()[rows]
+    # Leading entries of a row that are 0, 1, 2, ...: the key blocks it visits without a gap.
+    mismatch = col_indices.long() != position
+    leading = counts.clone()
+    leading.scatter_reduce_(0, rows[mismatch], position[mismatch], "amin")
+    # Dense over n blocks: every row r < n of every head leads with at least n such entries.
+    shortest = leading.reshape(heads, num_blocks).amin(0).cummin(0).values
+    return int((shortest >= torch.arange(1, num_blocks + 1, device=row_offsets.device)).sum())
 
 
 def _transpose_csr(

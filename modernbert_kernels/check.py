@@ -49,6 +49,10 @@ class Build:
     num_stages: int
     rows_per_program: int  # rows of the MMA's M side: wgmma needs 64
     tensor_cores: bool  # False for fp32 (IEEE) dots and kernels without dots
+    name: str = ""  # as reported; the kernel's own name when empty
+
+    def __post_init__(self):
+        self.name = self.name or self.kernel.__name__
 
 
 @dataclasses.dataclass
@@ -120,7 +124,7 @@ def compile_build(build: Build, arch: int) -> KernelBuild:
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     tile = "x".join(str(build.constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in build.constexprs)
     return KernelBuild(
-        kernel=build.kernel.__name__, arch=arch, dtype=build.dtype, shape=build.shape,
+        kernel=build.name, arch=arch, dtype=build.dtype, shape=build.shape,
         config=f"{tile} w{build.num_warps} s{build.num_stages}",
         registers=int(fields.get("REG", 0)),
         # ptxas puts spills in the stack frame; both count.
@@ -133,22 +137,16 @@ def compile_build(build: Build, arch: int) -> KernelBuild:
 
 
 def attention_builds(arch: int, quick: bool):
-    from .triton.attention_bwd import block_sparse_attention_bwd_dkdv_kernel, block_sparse_attention_bwd_dq_kernel
     from .triton.attention_common import configs_for, dot_precision
-    from .triton.attention_fwd import block_sparse_attention_fwd_kernel
+    from .triton.attention_kernel import PASSES, block_sparse_attention_kernel
 
-    kernels = {
-        "fwd": block_sparse_attention_fwd_kernel,
-        "dq": block_sparse_attention_bwd_dq_kernel,
-        "dkdv": block_sparse_attention_bwd_dkdv_kernel,
-    }
     head_dims = (64, 128) if quick else (32, 64, 128)
     layout_blocks = (64,) if quick else SHIPPED_LAYOUT_BLOCKS
-    for kind, kernel in kernels.items():
+    for kind, pass_number in PASSES.items():
         for dtype, type_name in TYPE_NAMES.items():
             pointers = {name: type_name for name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
             pointers.update(Lse="fp32", Delta="fp32", KeyMask="u8")
-            pointers.update({name: "i32" for name in ("RowOffsets", "ColIndices", "ColOffsets", "RowIndices", "CuSeqlens")})
+            pointers.update({name: "i32" for name in ("Offsets", "Indices", "CuSeqlens")})
             for head_dim in head_dims:
                 for layout_block in layout_blocks:
                     chosen = configs_for(kind, layout_block, head_dim, dtype, arch)
@@ -156,13 +154,13 @@ def attention_builds(arch: int, quick: bool):
                         chosen = [c for c in chosen if c.num_stages == max(x.num_stages for x in chosen)]
                     for config in chosen:
                         yield Build(
-                            kernel, type_name, f"d={head_dim} lb={layout_block}", pointers,
+                            block_sparse_attention_kernel, type_name, f"d={head_dim} lb={layout_block}", pointers,
                             dict(HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, DOT_PRECISION=dot_precision(dtype),
-                                 **ATTENTION_FLAGS, **config.kwargs),
+                                 PASS=pass_number, **ATTENTION_FLAGS, **config.kwargs),
                             config.num_warps, config.num_stages,
                             # dk/dv owns key rows (BLOCK_N); the others own query rows (BLOCK_M).
                             rows_per_program=config.kwargs["BLOCK_N" if kind == "dkdv" else "BLOCK_M"],
-                            tensor_cores=dtype != torch.float32,
+                            tensor_cores=dtype != torch.float32, name=f"block_sparse_attention[{kind}]",
                         )
 
 

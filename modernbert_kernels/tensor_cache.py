@@ -11,6 +11,12 @@ import weakref
 from typing import Callable, Hashable
 
 
+def version(tensor) -> int | None:
+    """The tensor's version counter (moved by in-place changes); None for inference tensors, which
+    have none (and cannot be changed outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 @dataclasses.dataclass
 class _Entry:
     ref: weakref.ref
@@ -26,11 +32,10 @@ class TensorCache:
         self._entries: dict[int, _Entry] = {}
 
     def get(self, tensor, key: Hashable, compute: Callable):
-        # Inference tensors have no version counter (and cannot be changed outside inference mode).
-        version = None if tensor.is_inference() else tensor._version
+        current = version(tensor)
         entry = self._entries.get(id(tensor))
-        if entry is None or entry.ref() is not tensor or entry.version != version:
-            entry = _Entry(weakref.ref(tensor, self._forget(id(tensor))), version, {})
+        if entry is None or entry.ref() is not tensor or entry.version != current:
+            entry = _Entry(weakref.ref(tensor, self._forget(id(tensor))), current, {})
             self._entries[id(tensor)] = entry
         if key not in entry.values:
             entry.values[key] = compute()

@@ -51,3 +51,11 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
+
+
+@pytest.fixture(autouse=True)
+def one_config_on_gpu(request, monkeypatch):
+    """GPU correctness tests run one shipped config per kernel: autotuning each of the ~100 problem
+    classes would spend minutes of a rare GPU session compiling. Tests named *autotuned* tune."""
+    if "gpu" in request.keywords and "autotuned" not in request.node.name:
+        monkeypatch.setenv("MODERNBERT_KERNELS_AUTOTUNE", "0")

@@ -22,3 +22,19 @@ CPU_BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not native.cpu_status()[0], reason=native.cpu_status()[1])),
     "torch",
 ]
+
+# The C++ CPU kernels, where the extension is built.
+CPU_EXTENSION = pytest.mark.skipif(not native.cpu_status()[0], reason=native.cpu_status()[1])
+# Backends the GPU tests run (marked gpu: skipped without a CUDA device): Triton's kernels, and the
+# C++ extension's CUDA kernels when it was built with them (FORCE_CUDA=1).
+GPU_BACKENDS = [
+    "triton",
+    pytest.param("cuda", marks=pytest.mark.skipif(not native.cuda_status()[0], reason=native.cuda_status()[1])),
+]
+CUDA_EXTENSION = pytest.mark.skipif(not native.cuda_status()[0], reason=native.cuda_status()[1])
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def random_qkv(shape, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(3)]

@@ -6,7 +6,8 @@ Without a GPU, backend="triton" runs the real kernels in Triton's interpreter (s
 import pytest
 import torch
 
-from helpers import CPU_BACKENDS, TOLERANCES, relative_error
+from benchmarks import gpu_cases
+from helpers import CPU_BACKENDS, CPU_EXTENSION, DTYPES, GPU_BACKENDS, TOLERANCES, random_qkv, relative_error
 from modernbert_kernels import block_sparse_attention, layouts, native
 from modernbert_kernels.reference import block_sparse_attention_reference
 
@@ -127,8 +128,7 @@ def test_rows_that_see_no_key_are_zero(backend, poison_allocations):
 @pytest.mark.parametrize("mode", ["padded", "varlen"])
 def test_triton_tiles_smaller_than_the_layout_block(tile, mode, poison_allocations):
     """Autotuned tiles may split a layout block; every split must give the same answer."""
-    from modernbert_kernels.triton.attention_bwd import attention_backward
-    from modernbert_kernels.triton.attention_fwd import attention_forward
+    from modernbert_kernels.triton.attention_kernel import attention_backward, attention_forward
 
     layout = layouts.sliding_window(SEQ, 50, 64)
     q, k, v, dout, extra = make_inputs(mode, torch.float32, 32)
@@ -187,3 +187,150 @@ def test_dense_varlen_on_the_fused_cpu_kernel(lengths, poison_allocations):
     ref.backward(dout.double())
     for actual, expected in [(out, ref)] + [(t.grad, r.grad) for t, r in zip(inputs, ref_inputs)]:
         assert relative_error(actual, expected) <= TOLERANCES[torch.float32]
+
+
+# The C++ CPU kernels beyond the shared matrix above: every layout block size, bf16, the LSE, errors.
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("window", [None, 5, 70], ids=["nowindow", "window5", "window70"])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_block_sizes_and_dtypes_varlen_forward_and_backward(block_size, window, dtype, poison_allocations):
+    lengths = [300, 1, 0, 129]
+    layout = layouts.union(layouts.sliding_window(300, 64, block_size), layouts.global_tokens(300, block_size, block_size))
+    q, k, v = random_qkv((sum(lengths), 3, 64), dtype, seed=block_size)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=window, cu_seqlens=cu, backend="cpu")
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, cu_seqlens=cu)
+    ref.backward(dout.double())
+    assert out.dtype == dtype
+    for name, actual, expected in [("out", out, ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
+    ]:
+        assert actual.dtype == dtype, name
+        assert relative_error(actual, expected) <= TOLERANCES[dtype], name
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_padded_bf16_with_key_padding(head_dim, poison_allocations):
+    q, k, v = random_qkv((2, 2, 200, head_dim), torch.bfloat16, seed=head_dim)
+    keep = torch.ones(2, 200, dtype=torch.bool)
+    keep[0, 150:] = False
+    keep[1, :64] = False  # a whole key block padded out
+    layout = layouts.bigbird(200, 32, 32, 2, 32, seed=1, num_heads=2)
+    out = block_sparse_attention(q, k, v, layout, key_padding_mask=keep, backend="cpu")
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, key_padding_mask=keep)
+    assert relative_error(out, ref) <= TOLERANCES[torch.bfloat16]
+
+
+def native_op_inputs(seq_len, seed):
+    """fp32 q, k, v [1, 2, seq_len, 64], a sliding-window layout and its CSR tensors on the CPU."""
+    layout = layouts.sliding_window(seq_len, 32, 32)
+    return random_qkv((1, 2, seq_len, 64), torch.float32, seed), layout, layout.tensors_on(torch.device("cpu"))[:2]
+
+
+@CPU_EXTENSION
+def test_lse_matches_reference():
+    (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(96, seed=4)
+    out, lse = torch.ops.modernbert_kernels.block_sparse_attention_forward_native(
+        q, k, v, row_offsets, col_indices, 32, 20, 0.125, None, None, 0
+    )
+    mask = layout.to_dense_mask(96)[0]
+    pos = torch.arange(96)
+    mask &= (pos[:, None] - pos[None, :]).abs() <= 20
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=CPU_EXTENSION), "torch"])
+def test_dense_layout_bf16_forward_and_backward(backend):
+    """Dense layouts in bf16 (the torch path hands them to PyTorch's fused kernel in bf16)."""
+    q, k, v = random_qkv((2, 2, 192, 64), torch.bfloat16, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).bfloat16()
+    layout = layouts.from_block_mask(torch.ones(3, 3, dtype=torch.bool), 64)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, backend=backend)
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout)
+    ref.backward(dout.double())
+    assert out.dtype == torch.bfloat16
+    for actual, expected in [(out, ref)] + [(t.grad, r.grad) for t, r in zip(inputs, ref_inputs)]:
+        assert relative_error(actual, expected) <= TOLERANCES[torch.bfloat16]
+
+
+@CPU_EXTENSION
+def test_native_attention_op_errors_are_clear():
+    (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(64, seed=0)
+    forward = torch.ops.modernbert_kernels.block_sparse_attention_forward_native
+    with pytest.raises(RuntimeError, match="head_dim must be 32, 64 or 128"):
+        forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, 1.0, None, None, 0)
+    with pytest.raises(RuntimeError, match="layout covers 64 tokens"):
+        big = [t.repeat(1, 1, 2, 1) for t in (q, k, v)]
+        forward(*big, row_offsets, col_indices, 32, -1, 1.0, None, None, 0)
+    with pytest.raises(RuntimeError, match="int32"):
+        forward(q, k, v, row_offsets.long(), col_indices, 32, -1, 1.0, None, None, 0)
+    with pytest.raises(ValueError, match="runs on cpu tensors"):
+        block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), layout, backend="cpu")
+
+
+# GPU (marked gpu): Triton, and the CUDA fallback when built, bf16 / fp16 / fp32 against float64.
+GPU_SEQ = 1000
+# The layouts of the matrix; gpu_cases.MATRIX_LAYOUT_BLOCKS lists their blocks for the suite's plan.
+GPU_LAYOUTS = {
+    "sliding_window_64": lambda: layouts.sliding_window(GPU_SEQ, 64, 64),
+    "sliding_window_128": lambda: layouts.sliding_window(GPU_SEQ, 100, 128),
+    "bigbird_per_head": lambda: layouts.bigbird(GPU_SEQ, 64, 64, 2, 64, seed=1, num_heads=4),
+    "global_tokens": lambda: layouts.global_tokens(GPU_SEQ, 64, 64),
+    "fixed_32": lambda: layouts.fixed(GPU_SEQ, 128, 32, 32),
+}
+assert {name: layout().block_size for name, layout in GPU_LAYOUTS.items()} == gpu_cases.MATRIX_LAYOUT_BLOCKS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
+@pytest.mark.parametrize("window", gpu_cases.MATRIX_WINDOWS, ids=["nowindow", "window64"])
+@pytest.mark.parametrize("head_dim", gpu_cases.MATRIX_HEAD_DIMS)
+@pytest.mark.parametrize("layout_name", list(GPU_LAYOUTS))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
+    layout = GPU_LAYOUTS[layout_name]()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    extra = {}
+    if mode == "varlen":
+        lengths = [GPU_SEQ, 333, 1, 640]
+        shape = (sum(lengths), 4, head_dim)
+        extra["cu_seqlens"] = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    else:
+        shape = (2, 4, GPU_SEQ, head_dim)
+        keep = torch.ones(2, GPU_SEQ, dtype=torch.bool, device="cuda")
+        keep[1, 700:] = False
+        extra["key_padding_mask"] = keep
+    q, k, v, dout = (torch.randn(shape, device="cuda", generator=generator).to(dtype) for _ in range(4))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=window, backend=backend, **extra)
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, **extra)
+    ref.backward(dout.double())
+    for name, actual, expected in [("out", out, ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
+    ]:
+        assert not torch.isnan(actual).any(), name
+        assert relative_error(actual, expected) <= TOLERANCES[dtype], name
+
+
+@pytest.mark.gpu
+def test_torch_compile_autotuned_on_gpu():
+    layout = layouts.sliding_window(512, 64, 64)
+    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fn = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, window=64).float().sum(), fullgraph=True)
+    fn(q, k, v).backward()
+    assert q.grad is not None and not q.grad.isnan().any()

@@ -5,7 +5,7 @@ Without a GPU, backend="triton" runs the kernels in Triton's interpreter (int8 d
 
 import pytest
 import torch
-from helpers import CPU_BACKENDS
+from helpers import CPU_BACKENDS, CPU_EXTENSION, CUDA_EXTENSION, relative_error
 
 from modernbert_kernels import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from modernbert_kernels.int8 import _int8_linear_op, _quantize_op
@@ -166,3 +166,69 @@ def test_torch_compile_traces_int8_linear():
     x = torch.randn(40, 64)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_accumulation_is_exact(out_dtype):
+    """Unit scales and no bias: the output is the integer matmul itself (exact in fp32 for
+    |values| < 2^24; bf16 is its correctly rounded value)."""
+    generator = torch.Generator().manual_seed(9)
+    x_q = torch.randint(-127, 128, (300, 1024), generator=generator, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (130, 1024), generator=generator, dtype=torch.int8)
+    out = int8_linear(x_q, torch.ones(300), w_q, torch.ones(130), out_dtype=out_dtype, backend="cpu")
+    expected = int8_matmul_reference(x_q, w_q)
+    assert expected.abs().max() < 2**24
+    assert torch.equal(out, expected.to(torch.float32).to(out_dtype))
+
+
+@CPU_EXTENSION
+def test_quantize_bf16_input_with_layernorm():
+    generator = torch.Generator().manual_seed(10)
+    x = (torch.randn(64, 200, generator=generator) * 3).bfloat16()
+    weight = torch.rand(200, generator=generator) + 0.5
+    q, scale = quantize_per_token(x, norm_weight=weight, backend="cpu")
+    q_torch, scale_torch = quantize_per_token(x, norm_weight=weight, backend="torch")
+    torch.testing.assert_close(scale, scale_torch, rtol=1e-5, atol=0)
+    assert (q.int() - q_torch.int()).abs().max() <= 1
+
+
+@CPU_EXTENSION
+def test_native_int8_op_errors_are_clear():
+    with pytest.raises(RuntimeError, match="share K"):
+        torch.ops.modernbert_kernels.int8_linear_native(
+            torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), torch.zeros(8, 16, dtype=torch.int8), torch.ones(8),
+            None, "none", torch.float32,
+        )
+
+
+@pytest.mark.gpu
+@CUDA_EXTENSION
+@pytest.mark.parametrize("m, n, k", [(64, 64, 32), (77, 130, 144), (1, 96, 16), (300, 258, 784)])
+def test_cuda_int8_linear_exact_and_epilogues(m, n, k):
+    generator = torch.Generator().manual_seed(m)
+    x_q = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+    exact = int8_linear(x_q.cuda(), ones_m, w_q.cuda(), ones_n, out_dtype=torch.float32, backend="cuda")
+    assert torch.equal(exact.cpu().double(), int8_matmul_reference(x_q, w_q).double())
+    x_scale, w_scale = torch.rand(m, generator=generator) * 0.02, torch.rand(n, generator=generator) * 0.02
+    bias = torch.randn(n, generator=generator)
+    for activation in (None, "gelu", "gelu_tanh", "geglu"):
+        for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+            out = int8_linear(x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), bias.cuda(), activation,
+                              out_dtype=out_dtype, backend="cuda")
+            expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation)
+            assert out.dtype == out_dtype
+            assert relative_error(out.cpu(), expected) <= tol, (activation, out_dtype)
+
+
+@pytest.mark.gpu
+@CUDA_EXTENSION
+def test_cuda_quantize_matches_reference():
+    x = torch.randn(40, 96, device="cuda") * 3
+    x[3] = 0.0
+    q, scale = quantize_per_token(x, backend="cuda")
+    ref_q, ref_scale = quantize_per_row_reference(x.cpu())
+    assert torch.equal(q.cpu(), ref_q)
+    torch.testing.assert_close(scale.cpu().double(), ref_scale, rtol=1e-6, atol=0)

@@ -3,7 +3,8 @@ and not, gradients, and refused input."""
 
 import pytest
 import torch
-from helpers import CPU_BACKENDS, TOLERANCES, relative_error
+from benchmarks import gpu_cases
+from helpers import CPU_BACKENDS, DTYPES, GPU_BACKENDS, TOLERANCES, relative_error
 
 from modernbert_kernels import rotary_embedding
 from modernbert_kernels.reference import rotary_embedding_reference
@@ -135,3 +136,21 @@ def test_native_op_checks_its_arguments():
         torch.ops.modernbert_kernels.rotary_embedding_native(x, good, good, torch.empty(8, 4, 62))
     with pytest.raises(RuntimeError, match="unit stride"):
         torch.ops.modernbert_kernels.rotary_embedding_native(torch.randn(8, 64, 4).transpose(1, 2), good, good, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("tokens, heads, head_dim", gpu_cases.MATRIX_ROTARY)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_rotary_on_gpu(backend, tokens, heads, head_dim, dtype):
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=generator).to("cuda", dtype)
+    angles = (torch.rand(tokens, head_dim // 2, generator=generator) * 100).cuda()
+    cos, sin = angles.cos(), angles.sin()
+    expected = rotary_embedding_reference(qkv[:, :2].cpu(), cos.cpu(), sin.cpu())
+    out = rotary_embedding(qkv[:, :2], cos, sin, backend=backend)
+    assert relative_error(out.cpu(), expected) <= TOLERANCES[dtype]
+    v = qkv[:, 2].clone()
+    rotary_embedding(qkv[:, :2], cos, sin, inplace=True, backend=backend)
+    assert relative_error(qkv[:, :2].cpu(), expected) <= TOLERANCES[dtype]
+    assert torch.equal(qkv[:, 2], v)

@@ -94,24 +94,32 @@ struct WorkItem {
   }
 };
 
+// acc[r][c] += sum_{i < n} a[r * a_row + i] * b[i * b_step + c * kLanes] for kRowTile rows and
+// Vectors vectors: the outer-product step both products of attention are made of (a scalar of each
+// row broadcast against vectors of one row of b), accumulators in registers.
+template <int Vectors>
+inline void outer_product_microkernel(const float* a, ptrdiff_t a_row, const float* b, ptrdiff_t b_step, int n,
+                                      vfloat (&acc)[kRowTile][Vectors]) {
+  const float* b_row = b;
+  for (const float *ai = a, *a_end = a + n; ai != a_end; ++ai, b_row += b_step) {
+    vfloat columns[Vectors];
+#pragma GCC unroll 4
+    for (int c = 0; c < Vectors; ++c) columns[c] = load(b_row + c * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowTile; ++r) {
+      vfloat scalar = splat(ai[r * a_row]);
+#pragma GCC unroll 4
+      for (int c = 0; c < Vectors; ++c) acc[r][c] += scalar * columns[c];
+    }
+  }
+}
+
 // scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j.
 // q rows are head_dim apart; kt rows kt_stride apart; score rows kRowStride apart.
 template <int Vectors>
 inline void score_microkernel(const float* q, const float* kt, int kt_stride, int head_dim, int j, float* scores) {
   vfloat acc[kRowTile][Vectors] = {};
-  const float* k_column = kt + j;
-  const ptrdiff_t row = head_dim;
-  for (const float *qd = q, *q_end = q + head_dim; qd != q_end; ++qd, k_column += kt_stride) {
-    vfloat keys[Vectors];
-#pragma GCC unroll 4
-    for (int c = 0; c < Vectors; ++c) keys[c] = load(k_column + c * kLanes);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRowTile; ++r) {
-      vfloat qv = splat(qd[r * row]);
-#pragma GCC unroll 4
-      for (int c = 0; c < Vectors; ++c) acc[r][c] += qv * keys[c];
-    }
-  }
+  outer_product_microkernel<Vectors>(q, head_dim, kt + j, kt_stride, head_dim, acc);
   for (int r = 0; r < kRowTile; ++r)
     for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c]);
 }
@@ -134,18 +142,8 @@ inline void accumulate_microkernel(const float* probs, const float* v, int64_t v
   vfloat acc[kRowTile][Vectors];
   for (int r = 0; r < kRowTile; ++r)
     for (int c = 0; c < Vectors; ++c) acc[r][c] = load(out + r * head_dim + c * kLanes) * rescale[r];
-  const float* value_row = v + j_begin * v_stride;
-  for (const float *p = probs + j_begin, *p_end = probs + j_end; p != p_end; ++p, value_row += v_stride) {
-    vfloat values[Vectors];
-#pragma GCC unroll 4
-    for (int c = 0; c < Vectors; ++c) values[c] = load(value_row + c * kLanes);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRowTile; ++r) {
-      vfloat pr = splat(p[r * kRowStride]);
-#pragma GCC unroll 4
-      for (int c = 0; c < Vectors; ++c) acc[r][c] += pr * values[c];
-    }
-  }
+  outer_product_microkernel<Vectors>(probs + j_begin, kRowStride, v + j_begin * v_stride, v_stride, j_end - j_begin,
+                                     acc);
   for (int r = 0; r < kRowTile; ++r)
     for (int c = 0; c < Vectors; ++c) store(out + r * head_dim + c * kLanes, acc[r][c]);
 }

@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "../tensor_params.h"
+#include "../ops.h"
 #include "kernels.h"
 
 namespace modernbert_kernels {
@@ -24,49 +24,43 @@ int64_t chunk_rows(int64_t n) {
   return (rows + 31) / 32 * 32;
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
-                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                           c10::string_view activation, at::ScalarType out_dtype) {
-  const Int8Linear call = prepare_int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, at::kCPU);
-  const Int8LinearParams& p = call.params;
-  const int64_t m = p.m, n = p.n;
-  if (m == 0 || n == 0) return call.out;
-  const at::Tensor w_t = w_q.t();
-  const auto epilogue = cpu::kernels().int8_epilogue;
-  // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
-  // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
-  // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
-  const int64_t chunk = std::min(m, chunk_rows(n));
-  const int64_t chunks = (m + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor acc = at::empty({chunk, n}, x_q.options().dtype(at::kInt));
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
-      at::Tensor acc_rows = acc.narrow(0, 0, rows);
-      at::_int_mm_out(acc_rows, x_q.narrow(0, m0, rows), w_t);
-      epilogue(p, acc_rows.data_ptr<int32_t>(), m0, m0 + rows);
-    }
-  });
-  return call.out;
-}
+struct CpuInt8 {
+  static constexpr at::DeviceType kDevice = at::kCPU;
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight,
-                                                          double eps, const std::optional<at::Tensor>& smooth) {
-  const Quantize call = prepare_quantize(x, norm_weight, eps, smooth, at::kCPU);
-  const QuantizeParams& p = call.params;
-  const auto quantize = cpu::kernels().quantize_rows;
-  at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(p.k);
-    quantize(p, begin, end, row.data());
-  });
-  return {call.q, call.scale};
-}
+  static void int8_linear(const Int8LinearParams& p, const at::Tensor& x_q, const at::Tensor& w_q) {
+    const int64_t m = p.m, n = p.n;
+    const at::Tensor w_t = w_q.t();
+    const auto epilogue = cpu::kernels().int8_epilogue;
+    // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
+    // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
+    // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
+    const int64_t chunk = std::min(m, chunk_rows(n));
+    const int64_t chunks = (m + chunk - 1) / chunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor acc = at::empty({chunk, n}, x_q.options().dtype(at::kInt));
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
+        at::Tensor acc_rows = acc.narrow(0, 0, rows);
+        at::_int_mm_out(acc_rows, x_q.narrow(0, m0, rows), w_t);
+        epilogue(p, acc_rows.data_ptr<int32_t>(), m0, m0 + rows);
+      }
+    });
+  }
+
+  static void quantize(const QuantizeParams& p) {
+    const auto quantize = cpu::kernels().quantize_rows;
+    at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(p.k);
+      quantize(p, begin, end, row.data());
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modernbert_kernels, CPU, m) {
-  m.impl("int8_linear_native", &int8_linear_cpu);
-  m.impl("quantize_per_token_native", &quantize_per_token_cpu);
+  m.impl("int8_linear_native", &int8_linear_op<CpuInt8>);
+  m.impl("quantize_per_token_native", &quantize_per_token_op<CpuInt8>);
 }
 
 }  // namespace modernbert_kernels

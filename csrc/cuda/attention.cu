@@ -74,6 +74,18 @@ __device__ __forceinline__ void stage_rows(float (*dst)[D + 1], const void* src,
   }
 }
 
+// Keys and values [chunk, end) of the tile's sequence into shared memory, between barriers: the
+// previous stage is consumed before it is overwritten, and this one is complete before it is read.
+template <typename T, int D>
+__device__ __forceinline__ void stage_keys_and_values(float (*k_s)[D + 1], float (*v_s)[D + 1],
+                                                      const AttentionParams& a, const RowTile& t, int64_t chunk,
+                                                      int64_t end) {
+  __syncthreads();
+  stage_rows<T, D, kChunk>(k_s, a.k, a.k_stride, a, t, chunk, end, 1.f);
+  stage_rows<T, D, kChunk>(v_s, a.v, a.v_stride, a, t, chunk, end, 1.f);
+  __syncthreads();
+}
+
 // Calls visit(chunk, end) for each stage [chunk, min(chunk + kChunk, end)) of the tokens the
 // tile's rows may see: the blocks of the tile's layout row (offsets / indices: the layout, or its
 // transpose for dk / dv), cut to the sequence and to the window around the tile. Uniform across
@@ -106,14 +118,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
   const int warp = t.warp, lane = t.lane;
   stage_rows<T, D, kWarps>(q_s, a.q, a.q_stride, a, t, t.row0, t.seq.length, a.scale * kLog2e);
 
-  float row_max = -INFINITY, row_sum = 0.f, acc[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float row_max = -INFINITY, row_sum = 0.f, acc[kPerLane] = {};
   for_each_visible_chunk(a, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
-    __syncthreads();  // the previous chunk is consumed
-    stage_rows<T, D, kChunk>(k_s, a.k, a.k_stride, a, t, chunk, end, 1.f);
-    stage_rows<T, D, kChunk>(v_s, a.v, a.v_stride, a, t, chunk, end, 1.f);
-    __syncthreads();
+    stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside()) return;
     const int64_t key = chunk + lane;
     const bool visible = key < end && (a.window < 0 || llabs(t.row - key) <= a.window) && key_is_real(a, t, key);
@@ -172,14 +179,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBack
     lse = a.lse[stat];
     if (lane == 0) a.delta[stat] = delta;
   }
-  float acc[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float acc[kPerLane] = {};
   for_each_visible_chunk(a, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
-    __syncthreads();
-    stage_rows<T, D, kChunk>(k_s, a.k, a.k_stride, a, t, chunk, end, 1.f);
-    stage_rows<T, D, kChunk>(v_s, a.v, a.v_stride, a, t, chunk, end, 1.f);
-    __syncthreads();
+    stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside() || lse == INFINITY) return;
     const int64_t key = chunk + lane;
     const bool visible = key < end && (a.window < 0 || llabs(t.row - key) <= a.window) && key_is_real(a, t, key);
@@ -225,9 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBa
   stage_rows<T, D, kWarps>(k_s, a.k, a.k_stride, a, t, t.row0, t.seq.length, 1.f);
   stage_rows<T, D, kWarps>(v_s, a.v, a.v_stride, a, t, t.row0, t.seq.length, 1.f);
 
-  float dk[kPerLane], dv[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) dk[e] = dv[e] = 0.f;
+  float dk[kPerLane] = {}, dv[kPerLane] = {};
   for_each_visible_chunk(a, a.col_offsets, a.row_indices, t, [&](int64_t chunk, int64_t end) {
     __syncthreads();
     stage_rows<T, D, kChunk>(q_s, a.q, a.q_stride, a, t, chunk, end, 1.f);

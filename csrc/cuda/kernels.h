@@ -1,6 +1,6 @@
 // The CUDA kernels' launchers, over the shared parameter structs of ../params.h. The .cu files
-// include only the CUDA runtime (they build in about a second); the *_op.cpp files fill the
-// structs from tensors (../tensor_params.h) and register the ops.
+// include only the CUDA runtime (they build in about a second); ops.cpp registers them as the
+// native ops (../ops.h fills the structs from tensors).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -16,8 +16,8 @@ import dataclasses
 
 import torch
 
-from ..backends import layout_is_dense
-from ..tensor_cache import TensorCache
+from ..block_sparse_layout import dense_prefix_blocks
+from ..tensor_cache import TensorCache, version
 
 # Diagonal runs shorter than this go to the gathered rest: one matmul per run must pay off.
 MIN_RUN = 4
@@ -94,7 +94,7 @@ def layout_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, num_blocks
 
     def compute():
         heads = [_plan_head(row_offsets[h], col_indices, num_blocks, MIN_RUN) for h in range(row_offsets.shape[0])]
-        return LayoutPlan(heads, layout_is_dense(row_offsets, col_indices, num_blocks))
+        return LayoutPlan(heads, num_blocks <= dense_prefix_blocks(row_offsets, col_indices))
 
-    key = (num_blocks, id(col_indices), col_indices._version, MIN_RUN)
+    key = (num_blocks, id(col_indices), version(col_indices), MIN_RUN)
     return _plans.get(row_offsets, key, compute)

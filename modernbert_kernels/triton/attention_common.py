@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ..attention import SUPPORTED_HEAD_DIMS
-from ..backends import autotuning, interpreting
+from ..backends import interpreting
 
 # Softmax runs in base 2 (exp2 is one MUFU instruction); LSE is stored in natural log.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -78,6 +78,16 @@ def sub_tile_start(Indices, t, LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def load_key_tile(K, V, Indices, t, offs_n0, offs_d, stride_kt, stride_vt, seq_len,
+                  LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sub-tile t of a layout row's walk over key blocks: (first key, key positions, k, v)."""
+    k_start = sub_tile_start(Indices, t, LAYOUT_BLOCK, BLOCK_N)
+    offs_n = k_start + offs_n0
+    k = load_rows(K, offs_n, stride_kt, offs_d, seq_len)
+    return k_start, offs_n, k, load_rows(V, offs_n, stride_vt, offs_d, seq_len)
+
+
+@triton.jit
 def first_index_at_or_above(Indices, lo, hi, limit):
     """Binary search in the sorted ``Indices[lo:hi]``: the first position whose value is >= limit.
 
@@ -136,8 +146,8 @@ def _staged(tiles, stages=(2, 3)):
 
 
 _FP32_TILES = {
-    "fwd": [(32, 32, 4, 1), (16, 32, 4, 2), (32, 16, 4, 2)],
-    "dq": [(16, 32, 4, 2), (32, 16, 4, 2)],
+    "fwd": [(32, 32, 4, 1), (16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    "dq": [(16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
     "dkdv": [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 4, 1)],
 }
 _TILES = {
@@ -156,7 +166,7 @@ _TILES = {
         "16bit": {
             "fwd": _staged([(64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 32, 8), (128, 64, 8)]) + [(32, 32, 4, 3)],
             "dq": _staged([(64, 32, 4), (64, 32, 8), (32, 64, 4), (32, 64, 8)]) + [(64, 64, 8, 3), (32, 32, 4, 3)],
-            "dkdv": _staged([(32, 32, 8), (32, 64, 8), (64, 32, 8)]),
+            "dkdv": _staged([(32, 32, 8), (32, 64, 8), (64, 32, 8)]) + [(32, 16, 8, 2)],
         },
         "fp32": _FP32_TILES,
     },
@@ -166,6 +176,17 @@ _TILES = {
 # ptxas sees different code from each); excluded at every layout block and every Triton version,
 # so one table is clean on both (benchmarks/NOTES.md, "Two Triton versions").
 _SPILLS = {
+    # The three passes as one kernel (issue #12): Triton 3.8, then 3.6
+    (90, "fp32", "fwd", 64, 32, 16, 4, 2),
+    (90, "16bit", "dkdv", 128, 32, 32, 8, 3),
+    (80, "fp32", "fwd", 32, 32, 32, 4, 1),
+    (80, "fp32", "dkdv", 32, 32, 16, 4, 2),
+    (80, "16bit", "dkdv", 128, 32, 32, 8, 3),
+    (90, "fp32", "fwd", 64, 16, 32, 4, 2),
+    (90, "fp32", "dq", 32, 32, 16, 4, 2),
+    (80, "fp32", "dq", 128, 32, 16, 4, 2),
+    (80, "fp32", "dkdv", 128, 32, 32, 4, 1),
+    (80, "16bit", "dkdv", 128, 32, 32, 8, 2),
     # Triton 3.8
     (90, "16bit", "dkdv", 128, 64, 128, 8, 2),
     (90, "16bit", "dkdv", 128, 64, 128, 8, 3),
@@ -247,48 +268,3 @@ def fixed_launch(kernel: str, layout_block: int, head_dim: int, dtype: torch.dty
     config = configs_for(kernel, layout_block, head_dim, dtype, 10 * major + minor)[0]
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
-
-class AttentionLaunch:
-    """The arguments the forward, dq and dk/dv kernels share, built once per call: problem sizes,
-    the (batch, token, head) strides of q, k, v and of the contiguous result tensor (out, or dq
-    with dk and dv), lse strides, key mask, layout stride, and the constexpr flags."""
-
-    def __init__(self, q, k, v, result, lse, layout_tensors, layout_block, layout_heads, *,
-                 window, scale, key_padding_mask, cu_seqlens, max_seqlen):
-        varlen = cu_seqlens is not None
-        self.heads = q.shape[1]
-        if varlen:
-            self.batch, self.seq_len_padded = cu_seqlens.numel() - 1, max_seqlen
-            strides = [(0, t.stride(0), t.stride(1)) for t in (q, k, v, result)]
-            lse_strides = (0, lse.stride(0))
-        else:
-            self.batch, self.seq_len_padded = q.shape[0], q.shape[2]
-            strides = [(t.stride(0), t.stride(2), t.stride(1)) for t in (q, k, v, result)]
-            lse_strides = (lse.stride(0), lse.stride(1))
-        has_key_mask = key_padding_mask is not None
-        self.key_mask = (key_padding_mask.to(torch.uint8).contiguous() if has_key_mask
-                         else q.new_empty(0, dtype=torch.uint8))
-        self.cu_seqlens = cu_seqlens if varlen else q.new_empty(0, dtype=torch.int32)
-        row_offsets = layout_tensors[0]
-        self.scalars = (
-            *strides[0], *strides[1], *strides[2], *strides[3], *lse_strides,
-            self.key_mask.stride(0) if has_key_mask else 0,
-            0 if layout_heads == 1 else row_offsets.shape[1],
-            self.heads, self.seq_len_padded, -1 if window is None else window, scale,
-        )
-        self.flags = dict(
-            HEAD_DIM=q.shape[-1], LAYOUT_BLOCK=layout_block, IS_VARLEN=varlen,
-            HAS_WINDOW=window is not None, HAS_KEY_MASK=has_key_mask, DOT_PRECISION=dot_precision(q.dtype),
-        )
-        self.head_dim, self.layout_block, self.dtype, self.device = q.shape[-1], layout_block, q.dtype, q.device
-
-    def run(self, kernel: str, jit_fn, tuned_fn, tensors, tile_axis: str, tile=None):
-        """Launch ``kernel`` ("fwd", "dq", "dkdv") over (row tiles of tile_axis, batch * heads):
-        autotuned, or with ``tile`` / the arch's first candidate."""
-        args = (*tensors, self.cu_seqlens, self.key_mask, *self.scalars)
-        rows = lambda block: (triton.cdiv(self.seq_len_padded, block), self.batch * self.heads)
-        if tile is None and autotuning():
-            tuned_fn[lambda meta: rows(meta[tile_axis])](*args, **self.flags)
-        else:
-            launch = tile or fixed_launch(kernel, self.layout_block, self.head_dim, self.dtype, self.device)
-            jit_fn[rows(launch[tile_axis])](*args, **self.flags, **launch)

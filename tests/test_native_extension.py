@@ -1,0 +1,73 @@
+"""The C++ extension as a build: each ISA build it chooses from at run time gives the reference's
+answers, and without it (a pure-Python install) the package still works: the reason is reported,
+CPU calls pick the PyTorch path, and asking for backend="cpu" is a clear error."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import CPU_EXTENSION
+
+CODE = """
+import sys
+sys.modules["modernbert_kernels._C"] = None  # as if the extension had not been built
+import torch
+from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token
+from modernbert_kernels.backends import default_backend
+live, why = native.cpu_status()
+assert not live and "not built" in why, why
+assert default_backend(torch.device("cpu")) == "torch"
+q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
+out = block_sparse_attention(q, k, v, layouts.sliding_window(128, 32, 32), window=32)
+assert out.shape == q.shape and not out.isnan().any()
+x_q, x_scale = quantize_per_token(torch.randn(20, 64))
+y = int8_linear(x_q, x_scale, x_q[:16], x_scale[:16], out_dtype=torch.float32)
+assert y.shape == (20, 16)
+try:
+    block_sparse_attention(q, k, v, layouts.sliding_window(128, 32, 32), backend="cpu")
+except ValueError as err:
+    assert "not available" in str(err), err
+else:
+    raise AssertionError("backend='cpu' without the extension must fail")
+print("ok")
+"""
+
+
+def test_pure_python_install_falls_back_cleanly():
+    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_isa_builds(isa):
+    """The AVX2 and SSE2 builds (chosen at run time) give the same answers as the reference."""
+    if isa == "avx2" and torch.ops.modernbert_kernels.cpu_isa() == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    code = f"""
+import torch
+from modernbert_kernels import block_sparse_attention, int8_linear, layouts, quantize_per_token
+from modernbert_kernels.reference import block_sparse_attention_reference, int8_linear_reference, quantize_per_row_reference
+assert torch.ops.modernbert_kernels.cpu_isa() == "{isa}", torch.ops.modernbert_kernels.cpu_isa()
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 2, 150, 64, generator=g) for _ in range(3))
+layout = layouts.sliding_window(150, 40, 32)
+out = block_sparse_attention(q, k, v, layout, window=40, backend="cpu")
+ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=40)
+assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+x = torch.randn(37, 90, generator=g)  # 90 and 42: a scalar tail for every vector width
+assert torch.equal(quantize_per_token(x, backend="cpu")[0], quantize_per_row_reference(x)[0])
+x_q, x_scale = quantize_per_token(x[:, :80], backend="cpu")
+w_q = torch.randint(-127, 128, (42, 80), generator=g, dtype=torch.int8)
+w_scale, bias = torch.rand(42, generator=g) * 0.02, torch.randn(42, generator=g)
+for act in (None, "gelu", "gelu_tanh", "geglu"):
+    y = int8_linear(x_q, x_scale, w_q, w_scale, bias, act, torch.float32, backend="cpu")
+    y_ref = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, act)
+    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item() <= 1e-5, act
+"""
+    env = dict(os.environ, MODERNBERT_KERNELS_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
