@@ -56,14 +56,13 @@ def _headline_specializations() -> dict[str, int]:
     autotune as users do)."""
     import torch
 
-    from modernbert_kernels.triton.attention_common import configs_for
-    from modernbert_kernels.triton.int8_matmul import INT8_CONFIGS, _k_divides
+    from modernbert_kernels.triton.configs import configs_for, int8_candidates
 
     def candidates(kernel):
         return len(configs_for(kernel, 64, 64, torch.bfloat16, 90))
 
     def int8(classes):  # (N, K, epilogue, bias) problem classes
-        return sum(len(_k_divides(INT8_CONFIGS, {"K": k})) for _, k, _, _ in classes)
+        return sum(len(int8_candidates(k)) for _, k, _, _ in classes)
 
     quantize = 4  # widths 768 and 1152 (1024- and 2048-wide blocks), with and without a fused LayerNorm
     return {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
-from modernbert_kernels import Int8Linear
+from modernbert_kernels import Int8Linear, int8_linear, quantize_per_token
 
 # (name, in_features, out_features, activation) of ModernBERT-base's linear layers.
 LAYERS = [
@@ -75,7 +75,6 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             providers = {baseline: lambda: expected(x), "int8": lambda: int8_layer(x),
                          "int8_smoothquant": lambda: smoothed_layer(x)}
             if device.type == "cuda":  # the unfused baseline: torch._int_mm, then the epilogue in PyTorch
-                from modernbert_kernels import quantize_per_token
                 from modernbert_kernels.int8 import _epilogue_torch
 
                 def int_mm_unfused(layer=int8_layer):
@@ -85,8 +84,6 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
 
                 providers["int_mm_unfused_epilogue"] = int_mm_unfused
             if device.type == "cpu":
-                from modernbert_kernels import int8_linear, quantize_per_token
-
                 def int8_torch_path(layer=int8_layer):
                     x_q, x_scale = quantize_per_token(x, backend="torch")
                     return int8_linear(x_q, x_scale, layer.weight_q, layer.weight_scale, layer.bias, layer.activation,

@@ -137,7 +137,8 @@ def compile_build(build: Build, arch: int) -> KernelBuild:
 
 
 def attention_builds(arch: int, quick: bool):
-    from .triton.attention_common import configs_for, dot_precision
+    from .triton.attention_common import dot_precision
+    from .triton.configs import configs_for
     from .triton.attention_kernel import PASSES, block_sparse_attention_kernel
 
     head_dims = (64, 128) if quick else (32, 64, 128)
@@ -165,7 +166,8 @@ def attention_builds(arch: int, quick: bool):
 
 
 def int8_builds(arch: int, quick: bool):
-    from .triton.int8_matmul import EPILOGUES, INT8_CONFIGS, int8_matmul_kernel
+    from .triton.configs import INT8_CONFIGS
+    from .triton.int8_matmul import EPILOGUES, int8_matmul_kernel
     from .triton.quantize import quantize_rows_kernel
 
     out_types = ("bf16",) if quick else ("bf16", "fp16")

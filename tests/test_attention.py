@@ -9,7 +9,7 @@ import torch
 from benchmarks import gpu_cases
 from helpers import CPU_BACKENDS, CPU_EXTENSION, DTYPES, GPU_BACKENDS, TOLERANCES, random_qkv, relative_error
 from modernbert_kernels import block_sparse_attention, layouts, native
-from modernbert_kernels.reference import block_sparse_attention_reference
+from modernbert_kernels.reference import attention_mask, block_sparse_attention_reference
 
 HEADS = 2
 BLOCK = 32
@@ -121,6 +121,64 @@ def test_rows_that_see_no_key_are_zero(backend, poison_allocations):
                                  backend=backend)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert out[1].abs().sum() > 0
+
+
+def nan_rows(t: torch.Tensor) -> set:
+    """Token rows (of batch 0, head 0) holding a NaN."""
+    return set(t[0, 0].isnan().any(-1).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_nan_input_reaches_the_rows_it_reaches(backend, where, poison_allocations):
+    """A NaN in row 40 of q, k or v is never hidden (a row of zeros would look like a masked row):
+    in q it makes exactly output row 40 NaN; in k exactly the rows that see key 40; in v at least
+    those rows, and at most the rows of the query blocks that visit key 40's block (a tile's matmul
+    multiplies a masked key's probability 0 by its NaN, as dense attention does). Every other row
+    matches the reference. Gradients of a NaN query row: NaN in dq's row 40 and in the dk / dv rows
+    of the keys it sees."""
+    seq, nan_token, window = 96, 40, 32
+    layout = layouts.sliding_window(seq, window, BLOCK)
+    generator = torch.Generator().manual_seed(21)
+    q, k, v, dout = (torch.randn(1, HEADS, seq, 32, generator=generator) for _ in range(4))
+    dict(q=q, k=k, v=v)[where][0, 0, nan_token, 5] = float("nan")
+    sees = attention_mask(layout, seq, window)[0, 0]
+    block_visits = layout.to_block_mask()[0][:, nan_token // BLOCK].repeat_interleave(BLOCK)[:seq]
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=window, backend=backend)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=window)
+    reached = set(sees[:, nan_token].nonzero().flatten().tolist())
+    if where == "q":
+        assert nan_rows(out) == {nan_token}
+    elif where == "k":
+        assert nan_rows(out) == reached
+    else:
+        assert reached <= nan_rows(out) <= set(block_visits.nonzero().flatten().tolist())
+    assert not out[0, 1:].isnan().any()  # other heads
+    finite = ~out.isnan().any(-1) & ~ref.isnan().any(-1)  # the dense reference's v matmul spreads NaN wider
+    assert relative_error(out[finite], ref[finite]) <= TOLERANCES[torch.float32]
+    if where == "q":
+        out.backward(dout)
+        dq, dk, dv = (t.grad for t in inputs)
+        assert nan_token in nan_rows(dq) and nan_rows(dq) <= set(range(32, 64))  # its own query block
+        seen_keys = set(sees[nan_token].nonzero().flatten().tolist())
+        assert seen_keys <= nan_rows(dk) and seen_keys <= nan_rows(dv)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_nan_key_that_no_query_sees_changes_nothing(backend, poison_allocations):
+    """Padded keys are masked, not read into scores: a NaN in their k rows stays unseen."""
+    generator = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(2, HEADS, 96, 32, generator=generator) for _ in range(3))
+    keep = torch.ones(2, 96, dtype=torch.bool)
+    keep[0, 70:] = False
+    k[0, :, 85] = float("nan")
+    layout = layouts.sliding_window(96, 32, BLOCK)
+    out = block_sparse_attention(q, k, v, layout, window=32, key_padding_mask=keep, backend=backend)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=32,
+                                           key_padding_mask=keep)
+    assert not out.isnan().any()
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
 
 
 @pytest.mark.interpreter

@@ -165,11 +165,13 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
               sv = select((distance >= -window) & (distance <= window), sv, splat(-inf));
             }
             vfloat p, ds;
+            // NaN scores or a NaN lse (a row the forward made NaN) keep their NaN through exp.
             if (dq_pass) {
-              p = vexp2(sv + load(other.vec_a + c) - w.stat_a[r0 + r]);
+              sv = select(load(other.vec_a + c) == 0.f, sv, splat(-inf));  // masked keys
+              p = vexp2_nan(sv - w.stat_a[r0 + r]);
               ds = p * (load(dp + c) - w.stat_b[r0 + r]);
             } else {
-              p = vexp2(sv - load(other.vec_a + c));
+              p = vexp2_nan(sv - load(other.vec_a + c));
               ds = p * (load(dp + c) - load(other.vec_b + c));
               if (!row_live) p = ds = splat(0.f);
             }

@@ -251,16 +251,23 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           vfloat running_max = splat(-inf);
           for (int j = j_begin; j < j_end; j += kLanes) {
             vfloat sv = load(s + j);
-            if (any_masked_key) sv += load(key_bias + j);
+            // Masked keys are replaced, not offset: a NaN key that no query sees stays unseen.
+            if (any_masked_key) sv = select(load(key_bias + j) == 0.f, sv, splat(-inf));
             if (tile_needs_window) {
               vint column = iota() + static_cast<int>(j0 + j - i);  // key - query, |.| <= window to keep
               const int window = static_cast<int>(a.window);
               sv = select((column >= -window) & (column <= window), sv, splat(-inf));
             }
             store(s + j, sv);
-            running_max = vmax(running_max, sv);
+            running_max = vmax_nan(running_max, sv);
           }
-          const float new_max = reduce_max(running_max) > row_max[r0 + r] ? reduce_max(running_max) : row_max[r0 + r];
+          const float tile_max = reduce_max_nan(running_max), old_max = row_max[r0 + r];
+          if (tile_max != tile_max || old_max != old_max) {  // a NaN score: the row's output is NaN
+            rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = tile_max + old_max;
+            for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
+            continue;
+          }
+          const float new_max = tile_max > old_max ? tile_max : old_max;
           if (new_max == -inf) {  // nothing visible yet for this row: leave it untouched
             rescale[r] = 1.f;
             for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
@@ -283,11 +290,11 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 
     const float ln2 = 0.69314718055994531f;
     for (int r = 0; r < rows; ++r) {
+      // 0 for a row that saw no key; a NaN sum (a NaN score) makes the output and lse NaN.
       const float total = row_sum[r];
-      const float inverse = total > 0.f ? 1.f / total : 0.f;
+      const float inverse = total == 0.f ? 0.f : 1.f / total;
       store_row(a.out, token_offset(a.out_stride, i0 + r), a.dtype, inverse, head_dim, acc + r * head_dim);
-      a.lse[it.stat(a, i0 + r)] =
-          total > 0.f ? (row_max[r] + __builtin_log2f(total)) * ln2 : inf;
+      a.lse[it.stat(a, i0 + r)] = total == 0.f ? inf : (row_max[r] + __builtin_log2f(total)) * ln2;
     }
   }
 }

@@ -49,6 +49,11 @@ inline float reduce(vfloat v, Op op) {
 }
 
 inline float reduce_max(vfloat v) { return reduce(v, vmax); }
+
+// max and 2^x that keep a NaN operand (vmax keeps only its second operand's, vexp2 clamps it):
+// attention uses them where a NaN score must reach its row's output and gradients.
+inline vfloat vmax_nan(vfloat a, vfloat b) { return select((a != a) | (b != b), a + b, vmax(a, b)); }
+inline float reduce_max_nan(vfloat v) { return reduce(v, vmax_nan); }
 inline float reduce_sum(vfloat v) { return reduce(v, vadd); }
 
 inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
@@ -77,6 +82,8 @@ inline vfloat vexp2(vfloat x) {
   __builtin_memcpy(&two_n, &bits, sizeof(bits));
   return select(x < -126.f, splat(0.f), p * two_n);
 }
+
+inline vfloat vexp2_nan(vfloat x) { return select(x != x, x, vexp2(x)); }
 
 inline vfloat vexp(vfloat x) { return vexp2(x * 1.4426950408889634f); }
 

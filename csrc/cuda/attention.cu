@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
       for (int d = 0; d < D; ++d) score += q_s[warp][d] * k_s[lane][d];
     }
     const float new_max = fmaxf(row_max, warp_max(score));
-    if (new_max == -INFINITY) return;  // nothing visible to this row yet
+    // Nothing visible to this row yet. fmaxf drops NaN: a NaN score still goes on, through p.
+    if (new_max == -INFINITY && !__any_sync(kFullMask, score != score)) return;
     const float p = visible ? exp2f(score - new_max) : 0.f;
     const float rescale = exp2f(row_max - new_max);
     row_sum = row_sum * rescale + warp_sum(p);
@@ -146,11 +147,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
     }
   });
   if (!t.row_inside()) return;
-  const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
+  // 0 for a row that saw no key; a NaN sum (a NaN score) makes the output and lse NaN.
+  const float inverse = row_sum == 0.f ? 0.f : 1.f / row_sum;
   T* out = static_cast<T*>(a.out) + element_offset(a.out_stride, a, t, t.row);
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) out[e * 32 + lane] = from_float<T>(acc[e] * inverse);
-  if (lane == 0) a.lse[stat_offset(a, t, t.row)] = row_sum > 0.f ? (row_max + log2f(row_sum)) / kLog2e : INFINITY;
+  if (lane == 0) a.lse[stat_offset(a, t, t.row)] = row_sum == 0.f ? INFINITY : (row_max + log2f(row_sum)) / kLog2e;
 }
 
 // dq for one query row per warp; also writes delta = rowsum(dout * out) for the dk / dv kernel.

@@ -164,7 +164,8 @@ def _forward_head(q, k, v, head: HeadPlan, masks, out, lse):
                 row_sum[rows] = row_sum[rows] * rescale + probs.sum(-1)
                 acc[rows] = acc[rows] * rescale[..., None] + torch.matmul(probs, values_tile)
             row_max[rows] = new_max
-    has_keys = row_sum > 0
+    # 0 for a row that saw no key; a NaN sum (a NaN score) makes the output and lse NaN.
+    has_keys = row_sum != 0
     acc.div_(torch.where(has_keys, row_sum, 1.0)[..., None])
     lse.copy_(row_max.add_(torch.log(row_sum)).masked_fill_(~has_keys, float("inf")))
 

@@ -47,7 +47,8 @@ def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_le
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_keys = l_i > 0.0
+    # 0 for a row that saw no key; a NaN sum (a NaN score) makes the output and lse NaN.
+    has_keys = l_i != 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     row_in_seq = offs_m < seq_len
     tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),

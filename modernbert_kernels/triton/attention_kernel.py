@@ -14,17 +14,9 @@ import triton.language as tl
 
 from ..backends import autotuning
 from .attention_bwd import dkdv_rows, dq_rows
-from .attention_common import (
-    all_configs,
-    dot_precision,
-    fixed_launch,
-    layout_entries,
-    program_rows,
-    pruner,
-    sequence_base,
-    sequence_offset,
-)
+from .attention_common import dot_precision, layout_entries, program_rows, sequence_base, sequence_offset
 from .attention_fwd import forward_rows
+from .configs import all_configs, fixed_launch, pruner
 
 PASSES = {"fwd": 0, "dq": 1, "dkdv": 2}  # the PASS constexpr
 PASS_FWD = tl.constexpr(PASSES["fwd"])
@@ -77,7 +69,7 @@ def block_sparse_attention_kernel(
 
 
 # Tile shapes and pipelining depth are tuned per GPU and pass at first call, among the candidates
-# that attention_common.configs_for() lists for the layout block, head_dim and dtype.
+# that configs.configs_for() lists for the layout block, head_dim and dtype.
 TUNED = {
     name: triton.autotune(
         configs=all_configs(name),

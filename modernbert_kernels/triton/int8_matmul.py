@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import autotuning, interpreting
+from ..backends import autotuning
+from .configs import INT8_CONFIGS, int8_fixed_launch, int8_pruner
 
 # Epilogues (constexpr): dequantized + activation, numbered as the C++ kernels' Activation enum
-# (csrc/cpu/kernels.h), or the raw int32 accumulator (for exactness tests).
+# (csrc/params.h), or the raw int32 accumulator (for exactness tests).
 EPILOGUES = {None: 0, "gelu": 1, "gelu_tanh": 2, "geglu": 3, "int32": 4}
 
 
@@ -97,38 +98,11 @@ def int8_matmul_kernel(
                      mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _configs():
-    # Candidates for A100/H100 int8 tensor cores; the compile check builds each for sm_80 and
-    # sm_90. The fp32 epilogue (erf GELU) bounds the tile: 128x128 needs 8 warps, and 128x256 or
-    # 256x128 spill even with 8. BLOCK_K = 32 serves K that 64 does not divide; int8 MMAs need
-    # K >= 32 per tile.
-    shapes = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-              (64, 64, 128, 4, 3), (64, 64, 32, 4, 4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
-
-
-def _k_divides(configs, named_args, **kwargs):
-    """The main loop has no K mask: keep the configs whose BLOCK_K divides K."""
-    return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
-
-
-INT8_CONFIGS = _configs()
 # Not keyed on M: the encoder's token count changes every batch, and re-tuning each would cost more
 # than it wins; tile choice depends mostly on N and K.
 int8_matmul_tuned = triton.autotune(
-    configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"], prune_configs_by={"early_config_prune": _k_divides},
+    configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"], prune_configs_by={"early_config_prune": int8_pruner},
 )(int8_matmul_kernel)
-
-
-def _fixed_launch(k: int) -> dict:
-    """Without autotuning: small tiles in the interpreter, else the first shipped config that fits K."""
-    if interpreting():
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-    config = _k_divides(INT8_CONFIGS, {"K": k})[0]
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None):
@@ -152,7 +126,7 @@ def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, 
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         int8_matmul_tuned[grid](*args, **flags)
     else:
-        launch = tile or _fixed_launch(k)
+        launch = tile or int8_fixed_launch(k)
         if k % launch["BLOCK_K"]:
             raise ValueError(f"BLOCK_K={launch['BLOCK_K']} must divide K={k}")
         grid = (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
