@@ -8,6 +8,8 @@ from pathlib import Path
 
 DEFAULT_GLOBAL_ROPE_THETA = 160_000.0
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
+# The fields that fix the weights' shapes: a config.json without them describes no model.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclasses.dataclass
@@ -53,6 +55,7 @@ class ModernBertConfig:
     extra: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        self._check_types()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
@@ -75,6 +78,17 @@ class ModernBertConfig:
                 raise ValueError("pruned_heads and num_hidden_groups cannot be combined")
         if self.classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
+
+    def _check_types(self) -> None:
+        """A mistyped config.json field (a string for a size, ...) is an error naming the field."""
+        expected = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        for field in dataclasses.fields(self):
+            types = expected.get(field.type)
+            value = getattr(self, field.name)
+            if types is None or (value is None and field.name.endswith("_token_id")):
+                continue
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise TypeError(f"config field {field.name} must be {field.type}, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +118,9 @@ class ModernBertConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ModernBertConfig":
         values = dict(values)
+        model_type = values.get("model_type", "modernbert")
+        if model_type != "modernbert":
+            raise ValueError(f"this is a config for a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
         # transformers 5 writes per-layer-type RoPE parameters instead of the two thetas.
         rope = values.pop("rope_parameters", None) or {}
         if "full_attention" in rope:
@@ -142,7 +159,14 @@ class ModernBertConfig:
         path = Path(directory) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json in {directory}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        missing = [name for name in REQUIRED_FIELDS if name not in values]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: the model's shape cannot be known")
+        return cls.from_dict(values)
 
     def save_pretrained(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

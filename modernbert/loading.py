@@ -16,16 +16,22 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
     from safetensors.torch import load_file
 
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error type for bad headers
+            raise ValueError(f"cannot read {path} (corrupt or truncated?): {err}") from err
+
     directory = Path(directory)
     single = directory / "model.safetensors"
     if single.exists():
-        return load_file(str(single))
+        return load(single)
     index = directory / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(str(directory / shard)))
+            state.update(load(directory / shard))
         return state
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 

@@ -235,6 +235,9 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         breaks at this call only, and the layers compile into one graph.
         """
         batch = pack(attention_mask)
+        if batch.max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(f"a sequence of {batch.max_seqlen} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
         for is_global in (False, True):
             self._layout(is_global, batch.max_seqlen)
         return batch
@@ -267,5 +270,8 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         batch = self.unpad(attention_mask)
+        if batch.max_seqlen == 0:  # no real token (an empty batch, or padding only): all outputs are padding
+            weight = self.embeddings.tok_embeddings.weight
+            return weight.new_zeros(*input_ids.shape, self.config.hidden_size)
         packed = self.forward_packed(input_ids.reshape(-1)[batch.indices], batch)
         return unpack(packed, batch)

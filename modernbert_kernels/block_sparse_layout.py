@@ -8,6 +8,16 @@ MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 128
 
 
+def check_block_size(block_size) -> None:
+    """Block sizes are powers of two in [16, 128]: the kernels' tiles divide them."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not (
+        MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+    ):
+        raise ValueError(f"block_size must be an int in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size!r}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+
+
 class BlockSparseLayout:
     """A square block-sparse attention pattern.
 
@@ -22,12 +32,7 @@ class BlockSparseLayout:
     """
 
     def __init__(self, row_offsets: torch.Tensor, col_indices: torch.Tensor, block_size: int):
-        if not isinstance(block_size, int) or not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
-            raise ValueError(
-                f"block_size must be an int in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size!r}"
-            )
-        if block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        check_block_size(block_size)
         for name, t in (("row_offsets", row_offsets), ("col_indices", col_indices)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

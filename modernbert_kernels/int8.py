@@ -29,12 +29,14 @@ def _quantize_rows_torch(x, norm_weight, eps, smooth):
         x = x * smooth
     low, high = torch.aminmax(x, dim=-1)  # one pass instead of abs() then amax()
     amax = torch.maximum(-low, high)
-    scale = torch.where(amax > 0, amax / INT8_MAX, 1.0)
+    # A row holding a NaN or an Inf gets scale NaN (and zeros): the linear's output row is NaN.
+    non_finite = ~(torch.isfinite(low) & torch.isfinite(high))  # aminmax propagates NaN
+    scale = torch.where(non_finite, float("nan"), torch.where(amax > 0, amax / INT8_MAX, 1.0))
     scaled = x / scale[:, None]
     # Shift by +-0.5 and let the int8 cast truncate toward zero: round half away from zero,
     # the rule of the kernels and the reference, in two passes.
     scaled.add_(torch.full((), 0.5).copysign(scaled)).clamp_(-INT8_MAX, INT8_MAX)
-    return scaled.to(torch.int8), scale
+    return scaled.masked_fill_(non_finite[:, None], 0.0).to(torch.int8), scale
 
 
 QUANTIZE = backends.op("quantize_per_token")
@@ -261,6 +263,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
         """``norm_weight`` fuses a bias-free LayerNorm of x into the quantization."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         leading = x.shape[:-1]
         x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
                                           smooth=self.smooth)

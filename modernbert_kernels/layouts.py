@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .block_sparse_layout import BlockSparseLayout
+from .block_sparse_layout import BlockSparseLayout, check_block_size
 
 
 def _num_blocks(seq_len: int, block_size: int) -> int:
+    check_block_size(block_size)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     return -(-seq_len // block_size)

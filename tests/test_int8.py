@@ -94,6 +94,28 @@ def test_fused_layernorm_and_smoothing_quantize(backend):
     assert (q != ref_q).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "layernorm_and_smoothing"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_activations_propagate(backend, fused, poison_allocations):
+    """A row holding a NaN, +Inf or -Inf gets scale NaN (and int8 zeros), so the linear layer's
+    output row is NaN instead of numbers made from a garbage scale; other rows are untouched."""
+    generator = torch.Generator().manual_seed(31)
+    bad = torch.tensor([False, True, False, True, True, False])
+    for k in (72, 80):  # 72: a scalar tail on every CPU vector width; 80: what the linear takes
+        x = torch.randn(6, k, generator=generator) * 3
+        x[1, k - 2], x[3, 5], x[4, 0] = float("nan"), float("inf"), float("-inf")
+        options = dict(norm_weight=torch.rand(k, generator=generator) + 0.5,
+                       smooth=torch.rand(k, generator=generator) + 0.5) if fused else {}
+        x_q, x_scale = quantize_per_token(x, backend=backend, **options)
+        assert x_scale[bad].isnan().all() and not x_scale[~bad].isnan().any()
+        assert not x_q[bad].any()
+        clean_q, clean_scale = quantize_per_token(x[~bad], backend=backend, **options)
+        assert torch.equal(x_q[~bad], clean_q) and torch.equal(x_scale[~bad], clean_scale)
+    w_q, w_scale = quantize_per_channel(torch.randn(40, 80, generator=generator))
+    y = int8_linear(x_q, x_scale, w_q, w_scale, None, "gelu", out_dtype=torch.float32, backend=backend)
+    assert y[bad].isnan().all() and torch.isfinite(y[~bad]).all()
+
+
 def test_quantize_per_channel():
     w = torch.randn(24, 32)
     q, scale = quantize_per_channel(w)

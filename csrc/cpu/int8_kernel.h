@@ -108,13 +108,26 @@ void quantize_rows(const QuantizeParams& a, int64_t row_begin, int64_t row_end, 
       for (int i = 0; i < kv; i += kLanes) store(x + i, load(x + i) * load(a.smooth + i));
       for (int64_t i = kv; i < k; ++i) x[i] *= a.smooth[i];
     }
-    vfloat vamax = splat(0.f);
-    for (int i = 0; i < kv; i += kLanes) vamax = vmax(vamax, vabs(load(x + i)));
-    float amax = reduce_max(vamax);
-    for (int64_t i = kv; i < k; ++i) amax = __builtin_fabsf(x[i]) > amax ? __builtin_fabsf(x[i]) : amax;
+    // x * 0 is NaN exactly where x is NaN or an Inf (max would drop a NaN).
+    vfloat vamax = splat(0.f), vcheck = splat(0.f);
+    for (int i = 0; i < kv; i += kLanes) {
+      const vfloat xv = load(x + i);
+      vamax = vmax(vamax, vabs(xv));
+      vcheck += xv * 0.f;
+    }
+    float amax = reduce_max(vamax), check = reduce_sum(vcheck);
+    for (int64_t i = kv; i < k; ++i) {
+      amax = __builtin_fabsf(x[i]) > amax ? __builtin_fabsf(x[i]) : amax;
+      check += x[i] * 0.f;
+    }
+    int8_t* q = a.q + m * k;
+    if (check != 0.f) {  // a NaN or an Inf in the row: scale NaN (the linear's output row is NaN), zeros
+      a.scale[m] = __builtin_nanf("");
+      __builtin_memset(q, 0, k);
+      continue;
+    }
     const float scale = amax > 0.f ? amax / 127.f : 1.f;
     a.scale[m] = scale;
-    int8_t* q = a.q + m * k;
     // Round half away from zero: add +-1/2, clamp, truncate (the rule of the reference).
     for (int i = 0; i < kv; i += kLanes) {
       vfloat y = load(x + i) / scale;

@@ -140,15 +140,23 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_rows_kernel(Quantiz
     if (a.smooth) y *= a.smooth[i];
     return y;
   };
-  float amax = 0.f;
-  for (int64_t i = threadIdx.x; i < a.k; i += kQuantizeThreads) amax = fmaxf(amax, fabsf(value(i)));
+  // x * 0 is NaN exactly where x is NaN or an Inf (fmaxf drops a NaN).
+  float amax = 0.f, check = 0.f;
+  for (int64_t i = threadIdx.x; i < a.k; i += kQuantizeThreads) {
+    const float y = value(i);
+    amax = fmaxf(amax, fabsf(y));
+    check += y * 0.f;
+  }
   amax = block_reduce(amax, true, scratch);
-  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  check = block_reduce(check, false, scratch);
+  // A NaN or an Inf in the row: scale NaN (the linear's output row is NaN), zeros.
+  const bool finite = check == 0.f;
+  const float scale = finite ? (amax > 0.f ? amax / 127.f : 1.f) : __int_as_float(0x7fc00000);
   if (threadIdx.x == 0) a.scale[row] = scale;
   for (int64_t i = threadIdx.x; i < a.k; i += kQuantizeThreads) {
     float y = __fdiv_rn(value(i), scale);
     y += y < 0.f ? -0.5f : 0.5f;
-    a.q[row * a.k + i] = static_cast<int8_t>(fminf(fmaxf(y, -127.f), 127.f));
+    a.q[row * a.k + i] = finite ? static_cast<int8_t>(fminf(fmaxf(y, -127.f), 127.f)) : int8_t(0);
   }
 }
 

@@ -40,10 +40,12 @@ def quantize_rows_kernel(
     if HAS_SMOOTH:
         x = x * tl.load(Smooth + cols, mask=inside, other=0.0)
     amax = tl.max(tl.abs(x), 0)
-    # An all-zero row quantizes to zeros with scale 1: no division by zero, no NaN.
-    scale = tl.where(amax > 0, amax / INT8_MAX, 1.0)
+    # An all-zero row quantizes to zeros with scale 1: no division by zero, no NaN. A row holding
+    # a NaN or an Inf (x * 0 is NaN there, whatever max does with NaN) gets scale NaN and zeros.
+    finite = tl.sum(x * 0.0, 0) == 0.0
+    scale = tl.where(finite, tl.where(amax > 0, amax / INT8_MAX, 1.0), float("nan"))
     q = round_half_away(x / scale)
-    q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
+    q = tl.where(finite, tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX), 0.0)
     tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=inside)
     tl.store(Scale + row, scale)
 
