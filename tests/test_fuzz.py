@@ -109,13 +109,15 @@ def check_attention(backend, problem):
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
     ref = block_sparse_attention_reference(*ref_inputs, problem["layout"], window=problem["window"], **problem["extra"])
     ref.backward(dout.double())
-    tolerance = TOLERANCES[q.dtype]
     for name, actual, expected in [("out", out, ref)] + [(f"d{n}", t.grad, r.grad)
                                                          for n, t, r in zip("qkv", inputs, ref_inputs)]:
         if expected.numel() == 0:
             continue
         assert actual.dtype == q.dtype and not actual.isnan().any(), name
-        assert close(actual, expected, tolerance), name
+        # Gradients go through the rounded output (delta = rowsum(dO * O)): twice the output's
+        # tolerance in 16 bits (bf16 dq at 4 tokens: 0.012 off at magnitude 0.83).
+        tolerance = TOLERANCES[q.dtype] * (1 if name == "out" or q.dtype == torch.float32 else 2)
+        assert close(actual, expected, tolerance), (name, (actual.double() - expected).abs().max().item())
 
 
 def int8_problems(backend):
@@ -151,8 +153,12 @@ def check_quantize(backend, problem):
     if not fused:
         q, scale = quantize_per_token(x, backend=backend)
         ref_q, ref_scale = quantize_per_row_reference(x)
-        assert torch.equal(q, ref_q)
         torch.testing.assert_close(scale.double(), ref_scale, rtol=1e-6, atol=0)
+        # x / scale in fp32 can land exactly on a .5 that float64 puts just below (seed 4404:
+        # 93.5 vs 93.49999998): off by one there, and within half a step of x everywhere.
+        assert (q.int() - ref_q.int()).abs().max() <= 1
+        error = (x.double() - q.double() * scale.double()[:, None]).abs()
+        assert (error <= scale.double()[:, None] / 2 * (1 + 1e-5)).all()
         return
     weight = torch.rand(k, generator=generator) + 0.5
     smooth = torch.rand(k, generator=generator) + 0.5
