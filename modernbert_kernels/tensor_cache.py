@@ -48,6 +48,3 @@ class TensorCache:
                 del self._entries[tensor_id]
 
         return forget
-
-    def __len__(self) -> int:
-        return len(self._entries)
