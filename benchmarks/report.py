@@ -51,7 +51,8 @@ def _slug(text: str) -> str:
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
                "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "pct_of_copy_ceiling", "relative_error_vs_float",
-               "tokens_per_s", "int8_cosine_mean"]
+               "tokens_per_s", "int8_cosine_mean", "call_peak_mib"]
+    columns = [c for c in columns if any(row.get(c) is not None for row in rows)]  # only what was measured
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -87,14 +88,15 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, stem: str,
-                 ceilings: dict | None = None) -> dict[str, Path]:
+                 ceilings: dict | None = None, extra: dict | None = None) -> dict[str, Path]:
+    """``extra``: more run-level results for the JSON's meta (e.g. fits across rows)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     date = datetime.date.today().isoformat()
     base = out / f"{stem}-{_slug(name)}-{date}"
     meta = {"device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "ceilings": ceilings or {}}
+            "ceilings": ceilings or {}, **(extra or {})}
     paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md"), "png": base.with_suffix(".png")}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     ceiling_line = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -61,3 +62,45 @@ def device_ceilings(device: torch.device) -> dict:
         "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
         "copy_gb_per_s": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9,  # bytes read + written
     }
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc hand every freed block of 64 KiB or more back to the OS (a fixed mmap threshold;
+    by default it rises up to 32 MiB after a large free, and the freed memory stays resident).
+    Without this the resident set remembers earlier, larger calls and hides what a call needs."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 << 10)
+    libc.mallopt(m_trim_threshold, 64 << 10)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Run ``fn`` once; the memory it needed on top of what was held before it.
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (Linux VmHWM, reset
+    through /proc/self/clear_refs before the call), so it counts every allocation of the call,
+    the C++ kernels' workspaces included, not only tensors; call return_freed_memory_to_the_os()
+    first, in a process that has not run larger work.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set to the current one
+        before = _proc_status_kib("VmRSS") * 1024
+        fn()
+        peak = _proc_status_kib("VmHWM") * 1024
+    return {"held_before_bytes": before, "peak_bytes": peak, "call_peak_bytes": peak - before}

@@ -220,9 +220,7 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         if key not in self._layouts:
             tokens = num_blocks * ATTENTION_BLOCK
             if is_global:
-                self._layouts[key] = layouts.from_block_mask(
-                    torch.ones(num_blocks, num_blocks, dtype=torch.bool), ATTENTION_BLOCK
-                )
+                self._layouts[key] = layouts.dense(tokens, ATTENTION_BLOCK)
             else:
                 self._layouts[key] = layouts.sliding_window(tokens, self.config.sliding_window, ATTENTION_BLOCK)
         return self._layouts[key]

@@ -42,10 +42,23 @@ def sliding_window(seq_len: int, window: int, block_size: int = 64) -> BlockSpar
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     num_blocks = _num_blocks(seq_len, block_size)
-    distance = _block_distance(num_blocks).abs()
-    # The closest tokens of blocks d apart are (d - 1) * block_size + 1 apart.
-    closest = torch.clamp((distance - 1) * block_size + 1, min=0)
-    return BlockSparseLayout.from_block_mask(closest <= window, block_size)
+    # The closest tokens of blocks d apart are (d - 1) * block_size + 1 apart, so query block m
+    # visits the key blocks within `reach` of it. Built as CSR directly: memory linear in seq_len.
+    reach = 0 if window == 0 else (window - 1) // block_size + 1
+    rows = torch.arange(num_blocks, dtype=torch.int32)
+    first = (rows - reach).clamp(min=0)
+    counts = (rows + reach).clamp(max=num_blocks - 1) - first + 1
+    row_offsets = torch.zeros(num_blocks + 1, dtype=torch.int32)
+    row_offsets[1:] = counts.cumsum(0)
+    entry = torch.arange(int(row_offsets[-1]), dtype=torch.int32)
+    row_of_entry = torch.repeat_interleave(rows, counts)
+    col_indices = first[row_of_entry] + entry - row_offsets[:-1][row_of_entry]
+    return BlockSparseLayout(row_offsets[None], col_indices.to(torch.int32), block_size)
+
+
+def dense(seq_len: int, block_size: int = 64) -> BlockSparseLayout:
+    """Every tile: dense attention (ModernBERT's global layers). (N / block_size)^2 int32 entries."""
+    return BlockSparseLayout.dense(_num_blocks(seq_len, block_size), block_size)
 
 
 def global_tokens(seq_len: int, num_global: int, block_size: int = 64) -> BlockSparseLayout:

@@ -181,6 +181,64 @@ def test_a_nan_input_reaches_the_rows_it_reaches(backend, where, poison_allocati
         assert seen_keys <= nan_rows(dk) and seen_keys <= nan_rows(dv)
 
 
+def non_finite_rows(t: torch.Tensor) -> set:
+    """Token rows (of batch 0, head 0) holding a NaN or an infinity."""
+    return set((~t[0, 0].isfinite()).any(-1).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_infinite_input_gives_what_dense_ieee_attention_gives(backend, where, sign, poison_allocations):
+    """An infinity in q row 40 or k row 40 makes scores +-inf. Each output row is non-finite
+    exactly where the float64 dense reference's is (a +inf score: exp(inf - inf) = NaN, the row is
+    NaN; a -inf score: that key gets weight 0 and the row stays finite and correct), and every
+    finite row matches the reference. For q the NaN row's gradients are NaN in dq's row 40 and in
+    the dk / dv rows of the keys it sees, and nowhere outside its query block's tiles."""
+    seq, token, window = 96, 40, 32
+    layout = layouts.sliding_window(seq, window, BLOCK)
+    generator = torch.Generator().manual_seed(23)
+    q, k, v, dout = (torch.randn(1, HEADS, seq, 32, generator=generator) for _ in range(4))
+    dict(q=q, k=k)[where][0, 0, token, 5] = sign * float("inf")
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=window, backend=backend)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=window)
+    sees = attention_mask(layout, seq, window)[0, 0]
+    expected = non_finite_rows(ref)
+    assert expected, "the case must reach some row"
+    assert expected <= set(sees[:, token].nonzero().flatten().tolist())
+    assert non_finite_rows(out) == expected
+    assert out[0, 1:].isfinite().all()  # other heads
+    finite = out.isfinite().all(-1) & ref.isfinite().all(-1)
+    assert relative_error(out[finite], ref[finite]) <= TOLERANCES[torch.float32]
+    if where == "q":
+        out.backward(dout)
+        dq, dk, dv = (t.grad for t in inputs)
+        seen_keys = set(sees[token].nonzero().flatten().tolist())
+        assert token in non_finite_rows(dq) and non_finite_rows(dq) <= set(range(32, 64))
+        assert seen_keys <= non_finite_rows(dk) and seen_keys <= non_finite_rows(dv)
+        assert non_finite_rows(dk) <= set(range(0, 96)) and dk[0, 1:].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_row_whose_visible_scores_are_all_minus_inf_is_zero(backend, poison_allocations):
+    """Every key a query sees scores -inf (q = -inf against positive keys): softmax gives them
+    weight 0, so the row is 0, as a row that sees no key, and as the reference computes it
+    (PyTorch's SDPA gives NaN there: its -inf mask is added to -inf scores)."""
+    generator = torch.Generator().manual_seed(24)
+    q, k, v = (torch.randn(1, HEADS, 64, 32, generator=generator) for _ in range(3))
+    k[0, 0, :, 5] = k[0, 0, :, 5].abs() + 0.1
+    q[0, 0, 3, 5] = -float("inf")
+    layout = layouts.sliding_window(64, 8, BLOCK)
+    out = block_sparse_attention(q, k, v, layout, window=8, backend=backend)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=8)
+    assert torch.equal(ref[0, 0, 3], torch.zeros_like(ref[0, 0, 3]))
+    assert torch.equal(out[0, 0, 3], torch.zeros_like(out[0, 0, 3]))
+    rest = torch.ones(HEADS, 64, dtype=torch.bool)
+    rest[0, 3] = False
+    assert relative_error(out[0][rest], ref[0][rest]) <= TOLERANCES[torch.float32]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_nan_key_that_no_query_sees_changes_nothing(backend, poison_allocations):
     """Padded keys are masked, not read into scores: a NaN in their k rows stays unseen."""

@@ -11,10 +11,10 @@ def token_mask(seq_len, block_size, rule):
     return rule(i, j, i // block_size, j // block_size)
 
 
+@pytest.mark.parametrize("window", [0, 1, 16, 40, 64, 65, 1000])
 @pytest.mark.parametrize("seq_len", [64, 200, 512])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_size):
-    window = 40
+def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_size, window):
     lay = layouts.sliding_window(seq_len, window, block_size)
     near = token_mask(seq_len, block_size, lambda i, j, bi, bj: (i - j).abs() <= window)
     dense = lay.to_dense_mask(seq_len)[0]
@@ -24,6 +24,52 @@ def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_si
     idx = torch.nonzero(near)
     tiles_with_pairs[idx[:, 0] // block_size, idx[:, 1] // block_size] = True
     assert torch.equal(lay.to_block_mask()[0], tiles_with_pairs)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("seq_len,block_size", [(1, 16), (200, 32), (512, 64)])
+def test_dense_layout_is_every_tile_and_its_own_transpose(seq_len, block_size, heads):
+    num_blocks = -(-seq_len // block_size)
+    everything = torch.ones(heads, num_blocks, num_blocks, dtype=torch.bool)
+    lay = layouts.dense(seq_len, block_size) if heads == 1 else layouts.from_block_mask(everything, block_size)
+    assert torch.equal(lay.to_block_mask(), everything)
+    assert lay.dense_blocks == num_blocks
+    for h in range(heads):  # the transpose, checked entry by entry as for any layout
+        for col in range(num_blocks):
+            lo, hi = lay.col_offsets[h, col], lay.col_offsets[h, col + 1]
+            assert lay.row_indices[lo:hi].tolist() == list(range(num_blocks))
+
+
+LAYOUT_PEAKS = """
+import json, torch
+from benchmarks.timing import peak_memory, return_freed_memory_to_the_os
+from modernbert_kernels import layouts
+return_freed_memory_to_the_os()
+layouts.sliding_window(1024, 64, 64), layouts.dense(1024, 64)  # libraries loaded before measuring
+kept = []
+peaks = [peak_memory(lambda: kept.append(build()), torch.device("cpu"))["call_peak_bytes"]
+         for build in (lambda: layouts.sliding_window(1 << 20, 64, 64), lambda: layouts.dense(1 << 18, 64))]
+print(json.dumps(peaks))
+"""
+
+
+def test_layout_memory_sliding_window_linear_dense_four_bytes_per_tile():
+    """Peak memory of building ModernBERT's layouts (in a fresh process, by its peak resident set):
+    a window over 1M tokens stays small (3 tiles per block row; a [blocks, blocks] int64 scratch
+    would be 2 GiB), and a dense layout over 256k tokens costs ~8 bytes per tile (its int32
+    col_indices, which is also its transpose, and the validation's scratch), not the ~60 of a
+    boolean mask, nonzero() and a sorted transpose."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", LAYOUT_PEAKS], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1])
+    window_peak, dense_peak = json.loads(done.stdout.splitlines()[-1])
+    assert window_peak < 32 << 20, window_peak
+    tiles = 4096**2
+    assert dense_peak < 10 * tiles, dense_peak / tiles
 
 
 def test_global_tokens_dense_mask():

@@ -262,8 +262,10 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
             running_max = vmax_nan(running_max, sv);
           }
           const float tile_max = reduce_max_nan(running_max), old_max = row_max[r0 + r];
-          if (tile_max != tile_max || old_max != old_max) {  // a NaN score: the row's output is NaN
-            rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = tile_max + old_max;
+          // A NaN or +inf score makes the row's output NaN, as exp(inf - inf) does in dense
+          // attention (vexp2 would clamp the NaN to a finite probability).
+          if (tile_max != tile_max || old_max != old_max || tile_max == inf) {
+            rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
             for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
             continue;
           }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 
 from .. import layouts
 from ..attention import block_sparse_attention
@@ -26,7 +25,7 @@ BLOCK_SIZE = 64
 @functools.lru_cache(maxsize=64)
 def _layout(num_blocks: int, window: int | None):
     if window is None:
-        return layouts.from_block_mask(torch.ones(num_blocks, num_blocks, dtype=torch.bool), BLOCK_SIZE)
+        return layouts.dense(num_blocks * BLOCK_SIZE, BLOCK_SIZE)
     return layouts.sliding_window(num_blocks * BLOCK_SIZE, window, BLOCK_SIZE)
 
 
