@@ -24,7 +24,7 @@ def classify(folder: str, sentences: list[str]) -> list[dict[str, float]]:
     labels = model.config.id2label or {i: f"LABEL_{i}" for i in range(model.config.num_labels)}
     batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     with torch.inference_mode():
-        probabilities = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+        probabilities = model(batch["input_ids"], batch["attention_mask"]).logits.softmax(-1)
     return [{labels[i]: p for i, p in enumerate(row.tolist())} for row in probabilities]
 
 

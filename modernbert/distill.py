@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train import TrainingConfig, finetune, task_loss
+from .outputs import cross_entropy
+from .train import TrainingConfig, finetune
 
 
 def evenly_spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -62,6 +63,7 @@ class _HiddenStates:
     def __init__(self, model: nn.Module):
         self.outputs: list[torch.Tensor] = []
         # One hook per module: a module shared by several layers fires once per use, in order.
+        model = getattr(model, "module", model)  # under DistributedDataParallel
         self.hooks = [layer.register_forward_hook(lambda m, i, o: self.outputs.append(o))
                       for layer in model.model.layers]
 
@@ -78,7 +80,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     s = student_logits.reshape(-1, vocab)[keep].float()
     te = teacher_logits.reshape(-1, vocab)[keep].float()
     kl = F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(te / t, -1), log_target=True, reduction="batchmean")
-    return alpha * t * t * kl + (1 - alpha) * task_loss(student_logits, labels)
+    return alpha * t * t * kl + (1 - alpha) * cross_entropy(student_logits, labels)
 
 
 def distill(teacher: nn.Module, student: nn.Module, train: list[dict], eval_examples: list[dict] | None = None,
@@ -102,8 +104,8 @@ def distill(teacher: nn.Module, student: nn.Module, train: list[dict], eval_exam
         teacher_states = _HiddenStates(teacher) if hidden_weight else None
         try:
             with torch.no_grad():
-                teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
-            student_logits = model(batch["input_ids"], batch["attention_mask"])
+                teacher_logits = teacher(batch["input_ids"], batch["attention_mask"]).logits
+            student_logits = model(batch["input_ids"], batch["attention_mask"]).logits
             loss = distillation_loss(student_logits, teacher_logits, batch["labels"], temperature, alpha)
             if hidden_weight:
                 loss = loss + hidden_weight * sum(

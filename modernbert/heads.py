@@ -1,4 +1,9 @@
-"""Task heads over ModernBertModel, with transformers' parameter names (model., head., decoder, classifier)."""
+"""Task heads over ModernBertModel, with transformers' parameter names (model., head., decoder, classifier).
+
+Each head takes ``labels`` (``start_positions`` / ``end_positions`` for question answering) and
+returns an output object (modernbert.outputs) with ``.logits`` and, given labels, ``.loss``, as
+transformers' heads do, so ``transformers.Trainer`` and ``accelerate`` train them as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,15 @@ from torch import nn
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
 from .model import ModernBertModel, activation, layer_norm
+from .outputs import (
+    MaskedLMOutput,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+    cross_entropy,
+    sequence_classification_loss,
+    span_loss,
+)
 
 
 class ModernBertPredictionHead(nn.Module):
@@ -39,7 +53,7 @@ class _WithEncoder(PretrainedMixin, nn.Module):
 
 
 class ModernBertForMaskedLM(_WithEncoder):
-    """Logits over the vocabulary for every position: [batch, seq, vocab_size]."""
+    """Logits over the vocabulary for every position."""
 
     tied_weights = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
 
@@ -49,17 +63,20 @@ class ModernBertForMaskedLM(_WithEncoder):
         if config.tie_word_embeddings:
             self.decoder.weight = self.model.embeddings.tok_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.decoder(self.head(self.model(input_ids, attention_mask)))
+    def forward(self, input_ids, attention_mask=None, labels=None) -> MaskedLMOutput:
+        """logits [batch, seq, vocab_size]; ``labels`` [batch, seq], -100 where not scored."""
+        logits = self.decoder(self.head(self.model(input_ids, attention_mask)))
+        return MaskedLMOutput(loss=None if labels is None else cross_entropy(logits, labels), logits=logits)
 
 
 class ModernBertForSequenceClassification(_WithEncoder):
-    """[batch, num_labels], pooling the first token ("cls") or the mean of real tokens ("mean")."""
+    """logits [batch, num_labels], pooling the first token ("cls") or the mean of real tokens ("mean")."""
 
     def __init__(self, config: ModernBertConfig):
         super().__init__(config, config.num_labels)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, labels=None) -> SequenceClassifierOutput:
+        """``labels`` [batch]: class indices, or float targets when num_labels == 1 (regression)."""
         hidden = self.model(input_ids, attention_mask)
         if self.config.classifier_pooling == "cls":
             pooled = hidden[:, 0]
@@ -67,26 +84,35 @@ class ModernBertForSequenceClassification(_WithEncoder):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             mask = mask.to(hidden.dtype)[..., None]
             pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return self.classifier(self.drop(self.head(pooled)))
+        logits = self.classifier(self.drop(self.head(pooled)))
+        loss = None if labels is None else sequence_classification_loss(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class ModernBertForTokenClassification(_WithEncoder):
-    """[batch, seq, num_labels]."""
+    """logits [batch, seq, num_labels]."""
 
     def __init__(self, config: ModernBertConfig):
         super().__init__(config, config.num_labels)
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))
+    def forward(self, input_ids, attention_mask=None, labels=None) -> TokenClassifierOutput:
+        """``labels`` [batch, seq], -100 where not scored."""
+        logits = self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))
+        return TokenClassifierOutput(loss=None if labels is None else cross_entropy(logits, labels), logits=logits)
 
 
 class ModernBertForQuestionAnswering(_WithEncoder):
-    """(start_logits, end_logits), each [batch, seq]."""
+    """start_logits and end_logits, each [batch, seq]."""
 
     def __init__(self, config: ModernBertConfig):
         super().__init__(config, 2)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, start_positions=None,
+                end_positions=None) -> QuestionAnsweringOutput:
+        """``start_positions`` / ``end_positions`` [batch]: the answer span's token indices."""
         logits = self.classifier(self.drop(self.head(self.model(input_ids, attention_mask))))
         start, end = logits.unbind(-1)
-        return start, end
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start, end, start_positions, end_positions)
+        return QuestionAnsweringOutput(loss=loss, start_logits=start, end_logits=end)

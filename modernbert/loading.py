@@ -77,12 +77,14 @@ class PretrainedMixin:
             model = model.to(dtype)
         return model.eval()
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """config.json + model.safetensors; ``state_dict`` instead of the module's own (e.g. the
+        gathered full state of an FSDP-sharded model)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         self.config.save_pretrained(directory)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.contiguous() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         for tied, source in self.tied_weights.items():
             if tied in state and source in state and state[tied].data_ptr() == state[source].data_ptr():
                 del state[tied]  # stored once, as transformers does

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .train import batches, task_loss
+from .train import batches
 
 
 def head_importance(model: nn.Module, examples: list[dict], task: str = "sequence", batch_size: int = 16,
@@ -30,8 +30,8 @@ def head_importance(model: nn.Module, examples: list[dict], task: str = "sequenc
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model as it will be used
     try:
-        for batch in batches(examples, batch_size, model.config.pad_token_id, task, device, None):
-            loss = task_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        for batch in batches(examples, batch_size, model.config.pad_token_id, task, device):
+            loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
             gates = [a.head_gate for a in attentions.values()]
             grads = torch.autograd.grad(loss, gates)
             for (i, _), grad in zip(attentions.items(), grads):

@@ -67,14 +67,59 @@ def test_heads_match_transformers(tmp_path, class_name):
         actual = ours(ids, mask)
     real = mask.bool()
     if class_name == "ModernBertForQuestionAnswering":
-        pairs = [(actual[0][real], expected.start_logits[real]), (actual[1][real], expected.end_logits[real])]
+        pairs = [(actual.start_logits[real], expected.start_logits[real]),
+                 (actual.end_logits[real], expected.end_logits[real])]
     elif class_name == "ModernBertForSequenceClassification":
-        pairs = [(actual, expected.logits)]
+        pairs = [(actual.logits, expected.logits)]
     else:
-        pairs = [(actual[real], expected.logits[real])]
+        pairs = [(actual.logits[real], expected.logits[real])]
     for ours_logits, hf_logits in pairs:
         assert ours_logits.shape == hf_logits.shape
         assert (ours_logits - hf_logits).abs().max() <= 1e-4
+
+
+def head_labels(class_name, ids, mask, num_labels):
+    """Random labels of the head's kind (-100 at padding for per-token ones), as keyword arguments."""
+    generator = torch.Generator().manual_seed(5)
+    if class_name == "ModernBertForQuestionAnswering":
+        return {"start_positions": torch.tensor([3, 40]), "end_positions": torch.tensor([9, 300])}  # 300: ignored
+    if class_name == "ModernBertForSequenceClassification":
+        return {"labels": torch.randint(0, num_labels, (ids.shape[0],), generator=generator)}
+    labels = torch.randint(0, num_labels, ids.shape, generator=generator)
+    return {"labels": labels.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("class_name", HEADS)
+def test_heads_return_transformers_outputs_and_loss(tmp_path, class_name):
+    """With labels every head returns .loss as transformers' head computes it (same weights), and
+    the output reads as transformers' does: by attribute, by key, by position."""
+    hf_model, ours = hf_pair(tmp_path, class_name, **TINY, classifier_pooling="mean")
+    # A span's softmax runs over every position, padding included, and padding positions' logits
+    # depend on the attention path (transformers' sdpa computes them, an unpadded path gives
+    # zeros): spans are compared on full rows.
+    lengths = [120, 120] if class_name == "ModernBertForQuestionAnswering" else [120, 77]
+    ids, mask = random_batch(lengths, 120, TINY["vocab_size"])
+    num_labels = TINY["vocab_size"] if class_name == "ModernBertForMaskedLM" else 2
+    labels = head_labels(class_name, ids, mask, num_labels)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask, **labels)
+        actual = ours(ids, mask, **labels)
+        unlabelled = ours(ids, mask)
+    assert list(actual) == [k for k in expected.keys() if k in actual]
+    assert actual.loss is actual["loss"] is actual[0]
+    assert abs(actual.loss.item() - expected.loss.item()) <= 1e-4
+    assert unlabelled.loss is None and "loss" not in unlabelled
+    assert torch.equal(unlabelled[0], actual[1])
+
+
+def test_regression_head_takes_float_labels():
+    """num_labels == 1: mean squared error against float targets, as transformers' regression."""
+    config = modernbert.ModernBertConfig(**TINY, id2label={0: "score"})
+    model = modernbert.ModernBertForSequenceClassification(config)
+    ids, mask = random_batch([30, 20], 30, TINY["vocab_size"])
+    targets = torch.tensor([0.5, -1.5])
+    out = model(ids, mask, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))
 
 
 def test_packed_batch_equals_each_sequence_alone(tmp_path):
@@ -93,11 +138,11 @@ def test_save_and_load_round_trip(tmp_path):
     again = modernbert.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours")
     ids, mask = random_batch([50], 50, TINY["vocab_size"])
     with torch.no_grad():
-        assert torch.equal(ours(ids, mask), again(ids, mask))
+        assert torch.equal(ours(ids, mask).logits, again(ids, mask).logits)
     # transformers reads what we write
     hf_again = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
-        assert (hf_again(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() <= 1e-4
+        assert (hf_again(input_ids=ids, attention_mask=mask).logits - ours(ids, mask).logits).abs().max() <= 1e-4
 
 
 def test_config_reads_legacy_and_transformers5_forms():
@@ -131,7 +176,7 @@ def test_quantize_int8_converts_every_linear_and_stays_close(tmp_path, calibrate
         reference = model.model(ids, mask)
         modernbert.quantize_int8(model, calibration=[(ids, mask)] if calibrated else None)
         quantized = model.model(ids, mask)
-        logits = model(ids, mask)
+        logits = model(ids, mask).logits
     converted = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(converted) == 4 * TINY["num_hidden_layers"] + 1
     assert not any(type(m) is torch.nn.Linear for m in model.model.modules())

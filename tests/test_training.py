@@ -19,7 +19,7 @@ from helpers import relative_error
 from modernbert import ModernBertForSequenceClassification, ModernBertForTokenClassification
 from modernbert.distill import distill, make_student
 from modernbert.prune import head_importance, prune_least_important
-from modernbert.train import TrainingConfig, evaluate, finetune, task_loss
+from modernbert.train import TrainingConfig, evaluate, finetune
 
 TRAIN_CONFIG = TrainingConfig(max_steps=150, batch_size=16, learning_rate=2e-3, warmup_ratio=0.1, eval_every=0)
 
@@ -116,7 +116,7 @@ def test_whole_model_gradients_on_the_sparse_path_match_the_reference():
     for backend in (None, "reference"):
         model.zero_grad()
         model.model.attention_backend = backend
-        task_loss(model(input_ids, mask), labels).backward()
+        model(input_ids, mask, labels=labels).loss.backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads[None].keys() == grads["reference"].keys()
     for name in grads[None]:
@@ -136,7 +136,7 @@ def test_gradient_checkpointing_and_bf16_autocast():
     for checkpointing in (False, True):
         model.zero_grad()
         model.model.gradient_checkpointing = checkpointing
-        task_loss(model(input_ids), labels).backward()
+        model(input_ids, labels=labels).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed)
