@@ -155,10 +155,15 @@ class ModernBertConfig:
         return values
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ModernBertConfig":
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False) -> "ModernBertConfig":
+        """config.json of a local folder or a Hub repo id (see modernbert.hub.resolve)."""
+        from .hub import resolve
+
+        directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         path = Path(directory) / "config.json"
         if not path.exists():
-            raise FileNotFoundError(f"no config.json in {directory}")
+            raise FileNotFoundError(f"no config.json in {name_or_path}")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -1,4 +1,7 @@
-"""from_pretrained / save_pretrained for local folders: config.json + safetensors, HF key names."""
+"""from_pretrained / save_pretrained: config.json + safetensors with HF key names, from a local
+folder or a Hub repo id (modernbert.hub). Models are built on the meta device and take the
+checkpoint's tensors as their parameters, so loading never initializes weights it then overwrites.
+An int8 checkpoint (written by a model that went through quantize_int8) loads as the int8 model."""
 
 from __future__ import annotations
 
@@ -8,17 +11,18 @@ from pathlib import Path
 import torch
 
 from .config import ModernBertConfig
+from .hub import resolve
 
 BASE_PREFIX = "model."
 
 
-def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
     from safetensors.torch import load_file
 
     def load(path: Path) -> dict[str, torch.Tensor]:
         try:
-            return load_file(str(path))
+            return load_file(str(path), device=str(device))
         except Exception as err:  # safetensors raises its own error type for bad headers
             raise ValueError(f"cannot read {path} (corrupt or truncated?): {err}") from err
 
@@ -54,28 +58,53 @@ class PretrainedMixin:
     tied_weights: dict[str, str] = {}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None, strict: bool = True):
-        """Build from ``directory``/config.json and load its safetensors weights.
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None, strict: bool = True, *,
+                        device: torch.device | str | None = None, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False):
+        """Build from config.json and the safetensors weights of a local folder or a Hub repo id
+        (``revision``, ``cache_dir``; offline with ``local_files_only`` or HF_HUB_OFFLINE=1).
 
         With ``strict``, a weight the model needs but the checkpoint lacks is an error, except the
         task head's when loading an encoder-only checkpoint into a head model (as transformers,
-        these stay randomly initialized) and tied weights.
+        these are initialized fresh) and tied weights. ``dtype`` / ``device``: where the weights
+        go (default fp32 on the CPU; int8 weights stay int8).
         """
+        from .quantize import QUANT_METHOD, int8_layers_like
+
+        directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         config = ModernBertConfig.from_pretrained(directory)
-        model = cls(config)
-        expected = set(model.state_dict())
-        state = _align_prefix(read_state_dict(directory), expected)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in cls.tied_weights]
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        state = _align_prefix(read_state_dict(directory, device), set(model.state_dict()))
+        if (config.extra.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+            int8_layers_like(model, state)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state and k not in cls.tied_weights]
+        unexpected = [k for k in state if k not in expected]
         loaded_encoder_only = not any(k in state for k in expected if not k.startswith(BASE_PREFIX))
         if loaded_encoder_only:
             missing = [k for k in missing if k.startswith(BASE_PREFIX)]
         if strict and (missing or unexpected):
-            raise ValueError(f"checkpoint in {directory} does not match {cls.__name__}: "
+            raise ValueError(f"checkpoint in {name_or_path} does not match {cls.__name__}: "
                              f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+        # Floating tensors take the model's dtype (fp32 as built) or ``dtype``: one conversion.
+        state = {k: v.to(dtype or expected[k].dtype) if v.is_floating_point() else v
+                 for k, v in state.items() if k in expected}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        _initialize_what_was_not_loaded(model, device)
         if dtype is not None:
-            model = model.to(dtype)
+            model = model.to(dtype)  # the freshly initialized head, if any
         return model.eval()
+
+    def tie_weights(self) -> None:
+        """Point each tied parameter at its source (after loading replaced the source)."""
+        if not getattr(self.config, "tie_word_embeddings", True):
+            return
+        for tied, source in self.tied_weights.items():
+            module_name, _, attribute = tied.rpartition(".")
+            setattr(self.get_submodule(module_name), attribute, self.get_parameter(source))
 
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
         """config.json + model.safetensors; ``state_dict`` instead of the module's own (e.g. the
@@ -89,3 +118,26 @@ class PretrainedMixin:
             if tied in state and source in state and state[tied].data_ptr() == state[source].data_ptr():
                 del state[tied]  # stored once, as transformers does
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _initialize_what_was_not_loaded(model: torch.nn.Module, device: torch.device) -> None:
+    """Tensors still on the meta device get memory: a module the checkpoint lacks entirely (a task
+    head an encoder-only checkpoint has no weights for) its own initialization, a tensor missing
+    beside loaded ones zeros."""
+    for module in model.modules():
+        tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        missing = {name for name, t in tensors.items() if t is not None and t.is_meta}
+        if not missing:
+            continue
+        if len(missing) == len([t for t in tensors.values() if t is not None]):
+            module.to_empty(device=device, recurse=False)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            continue
+        for name in missing:
+            tensor = tensors[name]
+            zeros = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(module, name, torch.nn.Parameter(zeros, requires_grad=tensor.requires_grad))
+            else:
+                setattr(module, name, zeros)

@@ -426,7 +426,7 @@ def read_jsonl(path: str | Path, tokenizer=None, max_length: int | None = None) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="modernbert-finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder with config.json + model.safetensors")
+    parser.add_argument("--model", required=True, help="a folder with config.json + model.safetensors, or a Hub id")
     parser.add_argument("--train", required=True, help="JSONL training examples")
     parser.add_argument("--eval", help="JSONL evaluation examples")
     parser.add_argument("--out", required=True, help="where to save_pretrained the fine-tuned model")
@@ -447,18 +447,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from . import ModernBertConfig, ModernBertForSequenceClassification, ModernBertForTokenClassification
+    from .hub import resolve
     from .loading import _align_prefix, read_state_dict
 
     device = init_distributed(args.device)
     rank, _ = world()
     torch.manual_seed(args.seed)  # a fresh task head starts the same in every process
-    config = ModernBertConfig.from_pretrained(args.model)
+    folder = resolve(args.model)  # a local folder or a Hub id
+    config = ModernBertConfig.from_pretrained(folder)
     if args.num_labels:
         config.id2label = {i: f"LABEL_{i}" for i in range(args.num_labels)}
     model_class = ModernBertForSequenceClassification if args.task == "sequence" else ModernBertForTokenClassification
     model = model_class(config)
     own = model.state_dict()
-    state = _align_prefix(read_state_dict(args.model), set(own))
+    state = _align_prefix(read_state_dict(folder), set(own))
     # The encoder must load; a task head of another shape (new labels) starts fresh.
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k.startswith("model.") and k not in usable]
@@ -469,7 +471,7 @@ def main(argv=None) -> int:
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception:  # noqa: BLE001 - pre-tokenized data needs no tokenizer
         tokenizer = None
     train = read_jsonl(args.train, tokenizer, args.max_length)

