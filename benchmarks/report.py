@@ -51,7 +51,8 @@ def _slug(text: str) -> str:
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
                "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "pct_of_copy_ceiling", "relative_error_vs_float",
-               "tokens_per_s", "int8_cosine_mean", "call_peak_mib"]
+               "tokens_per_s", "int8_cosine_mean", "call_peak_mib", "sentences_per_s", "cosine_mean", "cosine_min",
+               "nn_agreement"]
     columns = [c for c in columns if any(row.get(c) is not None for row in rows)]  # only what was measured
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -72,7 +73,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = sorted({(r["bench"], r["pass"]) for r in rows})
+    groups = sorted({(r["bench"], r["pass"]) for r in rows if r.get("seq_len")})  # plotted against length
+    if not groups:
+        return False
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, (bench, pass_name) in zip(axes[0], groups):
         subset = [r for r in rows if r["bench"] == bench and r["pass"] == pass_name]

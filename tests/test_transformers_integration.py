@@ -70,3 +70,113 @@ def test_causal_modules_are_refused():
     q = torch.randn(1, 2, 64, 32)
     with pytest.raises(NotImplementedError, match="bidirectional"):
         attention_forward(Causal(), q, q, q, None)
+
+
+def test_quantize_int8_converts_the_encoder_and_keeps_embeddings_and_head_float():
+    from modernbert_kernels import Int8Linear
+    from modernbert_kernels.integrations.transformers import quantize_int8
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.bert(ids).last_hidden_state
+        quantize_int8(model)
+        quantized = model.bert(ids).last_hidden_state
+    converted = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(converted) == 6 * 2  # q, k, v, attention output, intermediate, output per layer
+    assert type(model.classifier) is torch.nn.Linear and type(model.bert.pooler.dense) is torch.nn.Linear
+    assert type(model.bert.embeddings.word_embeddings) is torch.nn.Embedding
+    cosine = torch.nn.functional.cosine_similarity(quantized, reference, dim=-1)
+    assert cosine.min() >= 0.99, cosine.min()
+    quantize_int8(model, include_head=True)
+    assert isinstance(model.classifier, Int8Linear) and isinstance(model.bert.pooler.dense, Int8Linear)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_int8(torch.nn.Embedding(4, 4))
+
+
+def test_quantize_int8_on_transformers_modernbert(tmp_path):
+    from modernbert_kernels import Int8Linear
+    from modernbert_kernels.integrations.transformers import quantize_int8
+
+    torch.manual_seed(0)
+    config = transformers.ModernBertConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        local_attention=32, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2,
+    )
+    model = transformers.ModernBertForMaskedLM(config).eval()
+    ids = torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(1))
+    calibration = [torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        reference = model.model(ids).last_hidden_state
+        quantize_int8(model, calibration=calibration)
+        quantized = model.model(ids).last_hidden_state
+    converted = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(converted) == 4 * 2 and all(m.smooth is not None for m in converted)
+    assert type(model.decoder) is torch.nn.Linear  # the LM head (tied to the embeddings) stays float
+    cosine = torch.nn.functional.cosine_similarity(quantized, reference, dim=-1)
+    assert cosine.min() >= 0.99, cosine.min()
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_int8_minilm_on_real_sentences(calibrated, monkeypatch):
+    """all-MiniLM-L6-v2 on 300 real English sentences (the standard library's docstrings): the
+    int8 model's mean-pooled embeddings against fp32, and nearest-neighbour agreement."""
+    from benchmarks.sentence_embeddings import BATCH, drift
+    from benchmarks.sentences import english_sentences
+    from modernbert_kernels.integrations.transformers import quantize_int8
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = minilm_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    sentences = english_sentences(364)
+    evaluated, calibration = sentences[:300], sentences[300:]
+
+    def batches(texts):
+        return [dict(tokenizer(texts[i:i + BATCH], padding=True, truncation=True, return_tensors="pt"))
+                for i in range(0, len(texts), BATCH)]
+
+    def embed(model):
+        pooled = []
+        with torch.no_grad():
+            for inputs in batches(evaluated):
+                hidden = model(**inputs).last_hidden_state
+                mask = inputs["attention_mask"][..., None].float()
+                pooled.append((hidden * mask).sum(1) / mask.sum(1))
+        return torch.cat(pooled)
+
+    reference = embed(transformers.AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval())
+    model = transformers.AutoModel.from_pretrained(folder, attn_implementation=NAME).eval()
+    quantize_int8(model, calibration=batches(calibration) if calibrated else None)
+    measured = drift(reference, embed(model))
+    print(f"MiniLM int8{' + SmoothQuant' if calibrated else ''} on 300 sentences: {measured}")
+    # Nearest neighbours among 300 sentences include near-ties: any perturbation of this size flips
+    # a few (measured here: 0.95 plain, 0.957 calibrated; sdpa instead of our attention under the
+    # plain int8 model gives 0.96). The goal (0.95) is asserted for the calibrated model.
+    assert measured["cosine_mean"] >= 0.99 and measured["cosine_min"] >= 0.98, measured
+    assert measured["nn_agreement"] >= (0.95 if calibrated else 0.93), measured
+
+
+def test_sentence_transformers_with_our_attention_and_int8(monkeypatch):
+    """SentenceTransformer loads all-MiniLM-L6-v2 on our attention (embeddings of sdpa's) and
+    encodes with int8 linears after quantize_int8 of its transformers model."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from modernbert_kernels import Int8Linear
+    from modernbert_kernels.integrations.transformers import quantize_int8
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sentences = ["Block-sparse attention skips the tiles a mask hides.", "A short one.",
+                 "Sentence embeddings put similar meanings close together."]
+    encoded = {}
+    for attention in ("sdpa", NAME):
+        model = sentence_transformers.SentenceTransformer(str(minilm_folder()), device="cpu",
+                                                          model_kwargs={"attn_implementation": attention})
+        encoded[attention] = model.encode(sentences, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(encoded[NAME], encoded["sdpa"]).min() >= 0.9999
+    quantize_int8(model[0].auto_model)
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    int8 = model.encode(sentences, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(int8, encoded["sdpa"]).min() >= 0.99

