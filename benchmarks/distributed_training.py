@@ -1,9 +1,10 @@
 """Fine-tuning wall time on 1 process and on N under torchrun (DDP, FSDP2), the same work.
 
 The same global batches (``--examples`` examples of ``--seq-len`` tokens in batches of 16, one
-epoch) through ``modernbert-finetune``: 1 process with all the machine's threads, then N
-processes (torchrun gives each one thread unless OMP_NUM_THREADS says otherwise). Wall time of the
-whole command (start-up included), median of ``--repeats`` runs, alternating.
+epoch) through ``modernbert-finetune``: 1 process with all the machine's threads, 1 process with
+one thread (the per-core baseline), then N processes (torchrun gives each one thread unless
+OMP_NUM_THREADS says otherwise). Wall time of the whole command (start-up included), median of
+``--repeats`` runs, alternating.
 
     python -m benchmarks.distributed_training --out benchmarks/results/local
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -40,7 +42,7 @@ def write_inputs(folder: Path, examples: int, seq_len: int) -> None:
     (folder / "train.jsonl").write_text("\n".join(lines))
 
 
-def command(folder: Path, processes: int, engine: str, examples: int) -> list[str]:
+def command(folder: Path, processes: int, engine: str) -> list[str]:
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     return launcher + ["-m", "modernbert.train", "--model", str(folder / "model"), "--train", str(folder / "train.jsonl"),
@@ -49,7 +51,7 @@ def command(folder: Path, processes: int, engine: str, examples: int) -> list[st
 
 
 def run(processes: int = 2, examples: int = 384, seq_len: int = 1024, repeats: int = 3, progress=print) -> list[dict]:
-    setups = [(1, "single")] + [(processes, "ddp"), (processes, "fsdp")]
+    setups = [(1, "single"), (1, "one_thread"), (processes, "ddp"), (processes, "fsdp")]
     samples = {setup: [] for setup in setups}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -57,12 +59,15 @@ def run(processes: int = 2, examples: int = 384, seq_len: int = 1024, repeats: i
         for round_index in range(repeats):  # alternating, so drift in machine speed hits every setup alike
             for setup in setups:
                 start = time.perf_counter()
-                done = subprocess.run(command(folder, *setup, examples), capture_output=True, text=True)
+                threads = {"OMP_NUM_THREADS": "1"} if setup[1] == "one_thread" else {}
+                done = subprocess.run(command(folder, *setup), capture_output=True, text=True,
+                                      env={**os.environ, **threads})
                 if done.returncode != 0:
                     raise RuntimeError(f"{setup} failed:\n{done.stderr[-3000:]}")
                 samples[setup].append((time.perf_counter() - start) * 1e3)
                 progress(f"round {round_index + 1}: {setup[0]} process(es), {setup[1]}: {samples[setup][-1] / 1e3:.1f} s")
-    names = {setup: ("1_process" if setup[0] == 1 else f"{setup[0]}_processes_{setup[1]}") for setup in setups}
+    names = {setup: ("1_process" if setup == (1, "single") else "1_process_1_thread" if setup[0] == 1
+                     else f"{setup[0]}_processes_{setup[1]}") for setup in setups}
     measured = {names[setup]: summarize(times) for setup, times in samples.items()}
     steps = -(-examples // 16)
     return result_rows("training", f"finetune {examples} x {seq_len} tokens", measured, "1_process", seq_len=seq_len,

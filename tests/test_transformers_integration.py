@@ -13,14 +13,17 @@ from modernbert_kernels.integrations.transformers import register  # noqa: E402
 NAME = register()
 
 
+def tiny_modernbert_config(num_hidden_layers: int) -> "transformers.ModernBertConfig":
+    return transformers.ModernBertConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2, local_attention=32, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, cls_token_id=1, sep_token_id=2,
+    )
+
+
 def test_modernbert_matches_sdpa(tmp_path):
     torch.manual_seed(0)
-    config = transformers.ModernBertConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        local_attention=32, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        cls_token_id=1, sep_token_id=2,
-    )
-    transformers.ModernBertModel(config).save_pretrained(tmp_path)
+    transformers.ModernBertModel(tiny_modernbert_config(4)).save_pretrained(tmp_path)
     ids = torch.randint(3, 128, (3, 200), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 200, dtype=torch.long)
     mask[1, 140:] = 0
@@ -102,12 +105,7 @@ def test_quantize_int8_on_transformers_modernbert(tmp_path):
     from modernbert_kernels.integrations.transformers import quantize_int8
 
     torch.manual_seed(0)
-    config = transformers.ModernBertConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-        local_attention=32, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        cls_token_id=1, sep_token_id=2,
-    )
-    model = transformers.ModernBertForMaskedLM(config).eval()
+    model = transformers.ModernBertForMaskedLM(tiny_modernbert_config(2)).eval()
     ids = torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(1))
     calibration = [torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(2))]
     with torch.no_grad():
@@ -180,3 +178,18 @@ def test_sentence_transformers_with_our_attention_and_int8(monkeypatch):
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     int8 = model.encode(sentences, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(int8, encoded["sdpa"]).min() >= 0.99
+
+
+def test_sentence_embeddings_example(monkeypatch, capsys):
+    import runpy
+
+    pytest.importorskip("sentence_transformers")
+    minilm_folder()  # skips without the checkpoint package
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "sentence_embeddings.py"))
+    example["main"](["--int8", "The cat sat on the mat.", "A cat was sitting on a rug.", "Stock prices fell sharply."])
+    lines = capsys.readouterr().out.strip().splitlines()
+    scores = {line.split("  ", 1)[1]: float(line.split()[0]) for line in lines}
+    assert len(scores) == 3
+    cats = scores["'The cat sat on the mat.' ~ 'A cat was sitting on a rug.'"]
+    assert cats > max(v for k, v in scores.items() if "Stock" in k)
