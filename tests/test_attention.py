@@ -181,6 +181,19 @@ def test_a_nan_input_reaches_the_rows_it_reaches(backend, where, poison_allocati
         assert seen_keys <= nan_rows(dk) and seen_keys <= nan_rows(dv)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_mode_then_no_grad(backend):
+    """Buffers a backend keeps between calls (the torch path's workspaces) made under
+    torch.inference_mode must not break a later call outside it (an encoder used both ways)."""
+    q, k, v, _, _ = make_inputs("padded", torch.float32, 32)
+    layout = layouts.sliding_window(SEQ, 40, BLOCK)
+    with torch.inference_mode():
+        first = block_sparse_attention(q, k, v, layout, window=40, backend=backend)
+    with torch.no_grad():
+        again = block_sparse_attention(q, k, v, layout, window=40, backend=backend)
+    assert torch.equal(first, again)
+
+
 def non_finite_rows(t: torch.Tensor) -> set:
     """Token rows (of batch 0, head 0) holding a NaN or an infinity."""
     return set((~t[0, 0].isfinite()).any(-1).nonzero().flatten().tolist())

@@ -19,9 +19,12 @@ from modernbert.train import TrainingConfig, collate, finetune, shard
 ROOT = Path(__file__).parents[1]
 # 40 examples in global batches of 8: 5 steps an epoch, so 8 steps cross an epoch boundary.
 STEPS = ["--max-steps", "8", "--batch-size", "8", "--learning-rate", "2e-3"]
-# fp32 sums in another order (2 processes reduce their halves' gradients): a few ulps per step,
-# which AdamW's normalized updates carry over 8 steps.
-ATOL = 5e-5
+# fp32 sums in another order (2 processes reduce their halves' gradients, matmuls of half the
+# rows): a few ulps per gradient. AdamW divides each update by the gradient's running RMS, so for
+# near-zero gradients such ulps can move a weight by a good part of one step (lr 2e-3). Measured:
+# 6.5e-6 with the C++ kernels, 5.8e-5 on the torch path; a wrong split (a batch counted twice or
+# dropped, a loss not rescaled) moves weights by ~1e-2.
+ATOL = 5e-4
 
 
 def small_config(**overrides):

@@ -28,9 +28,12 @@ def _workspace(role: str, shape: tuple, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(shape, device=device, dtype=torch.float32)
     cache = _workspaces.__dict__.setdefault("buffers", {})
-    buffer = cache.get(role)
+    # A buffer made under torch.inference_mode is an inference tensor, which may not be written
+    # outside it: one buffer per mode.
+    key = (role, torch.is_inference_mode_enabled())
+    buffer = cache.get(key)
     if buffer is None or buffer.shape != shape:
-        buffer = cache[role] = torch.empty(shape, dtype=torch.float32)
+        buffer = cache[key] = torch.empty(shape, dtype=torch.float32)
     return buffer
 
 
