@@ -60,8 +60,7 @@ class ModernBertForMaskedLM(_WithEncoder):
     def __init__(self, config: ModernBertConfig):
         super().__init__(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
-        if config.tie_word_embeddings:
-            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+        self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, labels=None) -> MaskedLMOutput:
         """logits [batch, seq, vocab_size]; ``labels`` [batch, seq], -100 where not scored."""

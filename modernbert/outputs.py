@@ -53,18 +53,18 @@ class QuestionAnsweringOutput(ModelOutput):
     fields = ("loss", "start_logits", "end_logits")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross entropy of [..., classes] logits against [...] labels, IGNORE_INDEX skipped, in fp32."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long(),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+                           ignore_index=IGNORE_INDEX)
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One output (num_labels == 1) is regression (mean squared error against float labels), as in
     transformers; more outputs are single-label classification."""
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=reduction)
-    return cross_entropy(logits, labels, reduction)
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return cross_entropy(logits, labels)
 
 
 def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from modernbert_kernels import Int8Linear
+from modernbert_kernels.int8 import input_channel_maxima
 
 from .model import ModernBertModel
 
@@ -28,24 +29,6 @@ def _targets(model: nn.Module):
         yield head, "dense", "gelu" if encoder.config.classifier_activation == "gelu" else None
 
 
-@torch.no_grad()
-def _activation_maxima(model: nn.Module, targets, calibration) -> dict:
-    """Per-input-channel max |x| of each target layer over the calibration batches (SmoothQuant)."""
-    maxima, hooks = {}, []
-    for parent, name, _ in targets:
-        def record(module, inputs, key=(id(parent), name)):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs().amax(0)
-            maxima[key] = x if key not in maxima else torch.maximum(maxima[key], x)
-        hooks.append(getattr(parent, name).register_forward_pre_hook(record))
-    try:
-        for batch in calibration:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return maxima
-
-
 def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5,
                   attention_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace Wqkv, attention Wo, MLP Wi (with GeGLU fused) and Wo, and the head's dense layer by
@@ -59,7 +42,14 @@ def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5,
     """
     _set_attention_dtype(model, attention_dtype)
     targets = list(_targets(model))
-    maxima = _activation_maxima(model, targets, calibration) if calibration is not None else {}
+    maxima = {}
+    if calibration is not None:
+        def run_calibration():
+            for batch in calibration:
+                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+
+        maxima = input_channel_maxima({(id(parent), name): getattr(parent, name) for parent, name, _ in targets},
+                                      run_calibration)
     for parent, name, fused in targets:
         linear = getattr(parent, name)
         observed = maxima.get((id(parent), name))

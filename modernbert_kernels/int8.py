@@ -10,7 +10,7 @@ cache-sized row chunks, each followed at once by a vectorized epilogue), ``backe
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -208,6 +208,24 @@ def int8_linear(
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
     return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
                            INT8_LINEAR.resolve(backend, x_q.device))
+
+
+@torch.no_grad()
+def input_channel_maxima(layers: dict, run: Callable[[], None]) -> dict:
+    """``{key: layer}`` -> ``{key: per-input-channel max |x|}`` of what each layer received while
+    ``run()`` ran (calibration batches through the model): SmoothQuant's activation statistics."""
+    maxima, hooks = {}, []
+    for key, layer in layers.items():
+        def record(module, inputs, key=key):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs().amax(0)
+            maxima[key] = x if key not in maxima else torch.maximum(maxima[key], x)
+        hooks.append(layer.register_forward_pre_hook(record))
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
 
 
 def interleave_geglu(t: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def sliding_window(seq_len: int, window: int, block_size: int = 64) -> BlockSpar
     entry = torch.arange(int(row_offsets[-1]), dtype=torch.int32)
     row_of_entry = torch.repeat_interleave(rows, counts)
     col_indices = first[row_of_entry] + entry - row_offsets[:-1][row_of_entry]
-    return BlockSparseLayout(row_offsets[None], col_indices.to(torch.int32), block_size)
+    return BlockSparseLayout(row_offsets[None], col_indices, block_size)
 
 
 def dense(seq_len: int, block_size: int = 64) -> BlockSparseLayout:

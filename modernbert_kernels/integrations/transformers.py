@@ -18,12 +18,11 @@ from __future__ import annotations
 import functools
 
 
-import torch
 from torch import nn
 
 from .. import layouts
 from ..attention import block_sparse_attention
-from ..int8 import Int8Linear
+from ..int8 import Int8Linear, input_channel_maxima
 
 NAME = "modernbert_kernels"
 BLOCK_SIZE = 64
@@ -87,24 +86,6 @@ def _quantizable_linears(model: nn.Module, include_head: bool) -> list[tuple[str
     return chosen
 
 
-@torch.no_grad()
-def _input_maxima(model: nn.Module, linears, calibration) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each linear over the calibration batches (SmoothQuant)."""
-    maxima, hooks = {}, []
-    for name, linear in linears:
-        def record(module, inputs, name=name):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs().amax(0)
-            maxima[name] = x if name not in maxima else torch.maximum(maxima[name], x)
-        hooks.append(linear.register_forward_pre_hook(record))
-    try:
-        for batch in calibration:
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return maxima
-
-
 def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5, include_head: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` layers of a transformers encoder by ``Int8Linear`` (int8 weights
     per output channel, activations quantized per token on the fly), in place; returns ``model``.
@@ -117,7 +98,13 @@ def quantize_int8(model: nn.Module, calibration=None, alpha: float = 0.5, includ
     linears = _quantizable_linears(model, include_head)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize")
-    maxima = _input_maxima(model, linears, calibration) if calibration is not None else {}
+    maxima = {}
+    if calibration is not None:
+        def run_calibration():
+            for batch in calibration:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+
+        maxima = input_channel_maxima(dict(linears), run_calibration)
     for name, linear in linears:
         observed = maxima.get(name)
         parent_name, _, attribute = name.rpartition(".")
