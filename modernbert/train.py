@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -494,5 +495,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> None:
+    """The console script: ``main``, then, in a process that joined a process group, an exit that
+    skips the interpreter's finalization. A gloo worker thread can still be dropping the last
+    reference to a tensor of the final collective when finalization starts; it then cannot take
+    the GIL, and the process aborts ("terminate called without an active exception",
+    pytorch/pytorch#190489) after a run that finished and saved (seen once in CI, FSDP2 on gloo)."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = main(argv)
+    if not joined:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -136,7 +136,7 @@ def save_then_die(directory, step, *args, **kwargs):
 
 
 train.save_checkpoint = save_then_die
-sys.exit(train.main(sys.argv[1:]))
+train.cli(sys.argv[1:])
 """
 
 
