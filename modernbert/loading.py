@@ -59,6 +59,7 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None, strict: bool = True, *,
+                        config: ModernBertConfig | None = None, ignore_mismatched_sizes: bool = False,
                         device: torch.device | str | None = None, revision: str | None = None,
                         cache_dir: str | Path | None = None, local_files_only: bool = False):
         """Build from config.json and the safetensors weights of a local folder or a Hub repo id
@@ -67,12 +68,15 @@ class PretrainedMixin:
         With ``strict``, a weight the model needs but the checkpoint lacks is an error, except the
         task head's when loading an encoder-only checkpoint into a head model (as transformers,
         these are initialized fresh) and tied weights. ``dtype`` / ``device``: where the weights
-        go (default fp32 on the CPU; int8 weights stay int8).
+        go (default fp32 on the CPU; int8 weights stay int8). ``config`` replaces the folder's
+        (e.g. other labels). A checkpoint tensor of another shape than the model's is an error;
+        with ``ignore_mismatched_sizes`` one in the task head is left out and initialized fresh
+        (a classifier for a new label set), one in the encoder is still an error (another model).
         """
         from .quantize import QUANT_METHOD, int8_layers_like
 
         directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        config = ModernBertConfig.from_pretrained(directory)
+        config = config or ModernBertConfig.from_pretrained(directory)
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
@@ -80,7 +84,17 @@ class PretrainedMixin:
         if (config.extra.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
             int8_layers_like(model, state)
         expected = model.state_dict()
-        missing = [k for k in expected if k not in state and k not in cls.tied_weights]
+        mismatched = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+                      if k in expected and v.shape != expected[k].shape}
+        is_head_model = any(k.startswith(BASE_PREFIX) for k in expected)
+        in_encoder = [k for k in mismatched if k.startswith(BASE_PREFIX) or not is_head_model]
+        if in_encoder or (mismatched and not ignore_mismatched_sizes):
+            shown = ", ".join(f"{k} {mismatched[k][0]} (model {mismatched[k][1]})"
+                              for k in sorted(in_encoder or mismatched)[:4])
+            raise ValueError(f"checkpoint in {name_or_path} has tensors of other shapes than {cls.__name__}: {shown}"
+                             + ("" if in_encoder else "; ignore_mismatched_sizes=True initializes them fresh"))
+        state = {k: v for k, v in state.items() if k not in mismatched}
+        missing = [k for k in expected if k not in state and k not in cls.tied_weights and k not in mismatched]
         unexpected = [k for k in state if k not in expected]
         loaded_encoder_only = not any(k in state for k in expected if not k.startswith(BASE_PREFIX))
         if loaded_encoder_only:

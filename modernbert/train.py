@@ -449,7 +449,6 @@ def main(argv=None) -> int:
 
     from . import ModernBertConfig, ModernBertForSequenceClassification, ModernBertForTokenClassification
     from .hub import resolve
-    from .loading import _align_prefix, read_state_dict
 
     device = init_distributed(args.device)
     rank, _ = world()
@@ -459,15 +458,10 @@ def main(argv=None) -> int:
     if args.num_labels:
         config.id2label = {i: f"LABEL_{i}" for i in range(args.num_labels)}
     model_class = ModernBertForSequenceClassification if args.task == "sequence" else ModernBertForTokenClassification
-    model = model_class(config)
-    own = model.state_dict()
-    state = _align_prefix(read_state_dict(folder), set(own))
-    # The encoder must load; a task head of another shape (new labels) starts fresh.
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k.startswith("model.") and k not in usable]
-    if missing:
-        parser.error(f"{args.model} lacks encoder weights: {missing[:5]}")
-    model.load_state_dict(usable, strict=False)
+    try:  # the encoder must load; a task head of another shape (new labels) starts fresh
+        model = model_class.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
+    except ValueError as err:
+        parser.error(str(err))
     tokenizer = None
     try:
         from transformers import AutoTokenizer

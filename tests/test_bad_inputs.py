@@ -165,6 +165,9 @@ CATALOGUE = [
     ("a checkpoint of another architecture", lambda tmp_path: ModernBertModel.from_pretrained(
         saved_checkpoint(tmp_path, edit_config=edit_json(lambda c: c.update(model_type="bert")))), ValueError,
      r"config for a 'bert' model, not ModernBERT"),
+    ("weights of another width than the config's", lambda tmp_path: ModernBertModel.from_pretrained(
+        saved_checkpoint(tmp_path, edit_config=edit_json(lambda c: c.update(intermediate_size=2 * c["intermediate_size"])))),
+     ValueError, r"tensors of other shapes than ModernBertModel: .*mlp"),
     ("weights that do not fit the config", lambda tmp_path: ModernBertModel.from_pretrained(
         saved_checkpoint(tmp_path, edit_config=edit_json(lambda c: c.update(num_hidden_layers=3, layer_types=c["layer_types"] + c["layer_types"][:1])))),
      ValueError,

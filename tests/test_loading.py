@@ -99,6 +99,28 @@ def test_loading_initializes_no_weight_the_checkpoint_holds(saved, monkeypatch):
     assert torch.equal(head.model.embeddings.tok_embeddings.weight, model.model.embeddings.tok_embeddings.weight)
 
 
+def test_a_new_label_set_starts_a_fresh_classifier_only_when_asked(saved):
+    """``config=`` with 5 labels over a 2-label checkpoint: a shape error naming the tensors, or,
+    with ignore_mismatched_sizes, the checkpoint's encoder and head dense layer and a new classifier."""
+    model, folder = saved
+    config = ModernBertConfig.from_pretrained(folder)
+    config.id2label = {i: f"LABEL_{i}" for i in range(5)}
+    with pytest.raises(ValueError, match=r"classifier.weight \(2, 64\) \(model \(5, 64\)\).*ignore_mismatched_sizes"):
+        ModernBertForSequenceClassification.from_pretrained(folder, config=config)
+    torch.manual_seed(11)
+    loaded = ModernBertForSequenceClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
+    assert loaded.classifier.weight.shape == (5, 64) and loaded.classifier.weight.abs().sum() > 0
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in kept.items())
+    ids, mask = batch()
+    with torch.no_grad():
+        assert loaded(ids, mask).logits.shape == (2, 5)
+    wider = ModernBertConfig.from_pretrained(folder)
+    wider.intermediate_size *= 2  # the encoder itself differs: another model, never quietly reinitialized
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.Wi.weight \(192, 64\) \(model \(384, 64\)\)"):
+        ModernBertForSequenceClassification.from_pretrained(folder, config=wider, ignore_mismatched_sizes=True)
+
+
 def test_tied_decoder_follows_the_loaded_embeddings(tmp_path):
     torch.manual_seed(0)
     model = modernbert.ModernBertForMaskedLM(ModernBertConfig(**TINY))

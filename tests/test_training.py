@@ -201,3 +201,29 @@ def test_finetune_cli(tmp_path):
     tuned = ModernBertForSequenceClassification.from_pretrained(tmp_path / "out")
     assert len(json.loads((tmp_path / "out" / "training_history.json").read_text())) == 3
     assert tuned.config.num_labels == 2
+
+
+def test_finetune_cli_new_labels_keep_the_encoder_and_refuse_another_one(tmp_path):
+    """--num-labels 3 over a 2-label checkpoint: the encoder loads, the classifier starts fresh;
+    a checkpoint whose encoder has other shapes than its config is refused, not reinitialized."""
+    from modernbert.train import main
+
+    torch.manual_seed(6)
+    config = tiny_config(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+                         layer_types=["sliding_attention", "full_attention"])
+    ModernBertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    data = make_dataset(8, seed=6, seq_len=128, region=16)
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    common = ["--train", str(tmp_path / "train.jsonl"), "--max-steps", "1", "--batch-size", "4", "--learning-rate", "0"]
+    assert main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "three"), "--num-labels", "3", *common]) == 0
+    tuned = ModernBertForSequenceClassification.from_pretrained(tmp_path / "three")
+    original = ModernBertForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert tuned.classifier.weight.shape == (3, 64)
+    assert torch.equal(tuned.model.embeddings.tok_embeddings.weight, original.model.embeddings.tok_embeddings.weight)
+
+    config_path = tmp_path / "model" / "config.json"
+    values = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**values, "intermediate_size": 2 * values["intermediate_size"]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "other"), *common])
+    assert exit_info.value.code == 2
