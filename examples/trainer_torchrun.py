@@ -36,7 +36,7 @@ def main(argv=None) -> None:
 
     import transformers
 
-    from modernbert.train import collate, read_jsonl
+    from modernbert.train import collate, exit_skipping_finalization, read_jsonl
     from modernbert_kernels.integrations.transformers import register
 
     register()
@@ -64,6 +64,10 @@ def main(argv=None) -> None:
     if trainer.is_world_process_zero():
         trainer.save_model(args.out)
         Path(args.out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may still be writing
+        torch.distributed.destroy_process_group()
+        exit_skipping_finalization(0)  # no gloo thread left to abort the exit
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -489,19 +489,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli(argv=None) -> None:
-    """The console script: ``main``, then, in a process that joined a process group, an exit that
-    skips the interpreter's finalization. A gloo worker thread can still be dropping the last
-    reference to a tensor of the final collective when finalization starts; it then cannot take
-    the GIL, and the process aborts ("terminate called without an active exception",
-    pytorch/pytorch#190489) after a run that finished and saved (seen once in CI, FSDP2 on gloo)."""
-    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    code = main(argv)
-    if not joined:
-        raise SystemExit(code)
+def exit_skipping_finalization(code: int = 0) -> NoReturn:
+    """End a process that joined a process group without the interpreter's finalization. A gloo
+    worker thread can still be dropping the last reference to a tensor of the final collective
+    when finalization starts; it then cannot take the GIL and the process aborts ("terminate
+    called without an active exception", pytorch/pytorch#190489) after a run that finished and
+    saved (seen once in CI: FSDP2 on gloo, rank 1)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cli(argv=None) -> None:
+    """The console script: ``main``, then, in a process that joined a process group, an exit that
+    skips the interpreter's finalization."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = main(argv)
+    if joined:
+        exit_skipping_finalization(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
