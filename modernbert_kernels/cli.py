@@ -38,6 +38,11 @@ def info() -> int:
     print(f"CUDA device: {cuda}; CPU threads: {torch.get_num_threads()}")
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         print(f"default backend on {device}: {backends.default_backend(torch.device(device))}")
+    from .int8 import cpu_int8_gemm
+
+    gemm = cpu_int8_gemm()
+    print(f"CPU int8 GEMM: {gemm} " + ("(oneDNN's int8 GEMM)" if gemm == "int8" else
+                                      "(an exact fp32 / fp64 GEMM of the int8 values: no VNNI / AMX here)"))
     print()
     print(f"{'op':24s} {'backend':10s} {'live':5s} what")
     for op, backend, live, what in backend_table():

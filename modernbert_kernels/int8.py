@@ -6,10 +6,16 @@ with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, o
 ``backend="cpu"`` / ``"cuda"`` the C++ extension's kernels (on CPU: oneDNN's int8 GEMM in
 cache-sized row chunks, each followed at once by a vectorized epilogue), ``backend="torch"``
 ``torch._int_mm`` plus a PyTorch epilogue. The reference (float64) lives in reference.py.
+
+On a CPU without an int8 dot-product instruction (x86 with AVX2 only: no VNNI, no AMX) oneDNN's
+int8 GEMM is ~25x slower than an fp32 GEMM; there both CPU backends compute the same int32
+products with an exact floating-point GEMM instead (``cpu_int8_gemm``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable, Optional
 
 import torch
@@ -119,10 +125,41 @@ def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
     return y.to(out_dtype)
 
 
+@functools.cache
+def cpu_has_int8_dot_product() -> bool:
+    """Whether this CPU has an int8 dot-product instruction oneDNN's int8 GEMM is fast with (x86:
+    AVX512-VNNI, AVX-VNNI or AMX-INT8; other architectures are assumed to)."""
+    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)  # private; torch 2.11 and 2.14 have it
+    capabilities = probe() if probe is not None else {}
+    if capabilities.get("architecture") != "x86_64":
+        return True
+    return any(capabilities.get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_int8_gemm() -> str:
+    """"int8" (oneDNN's int8 GEMM) or "float" (an exact fp32 / fp64 GEMM of the int8 values): what
+    the CPU backends run. MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one (read per call)."""
+    forced = os.environ.get("MODERNBERT_KERNELS_CPU_INT8_GEMM", "auto")
+    if forced not in ("auto", "int8", "float"):
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not {forced!r}")
+    if forced != "auto":
+        return forced
+    return "int8" if cpu_has_int8_dot_product() else "float"
+
+
+def exact_float_dtype(k: int) -> torch.dtype:
+    """int8 x int8 products are integers below 2^14: a float GEMM sums K of them exactly while
+    every partial sum stays below 2^(mantissa + 1), fp32 up to K = 1040, fp64 beyond."""
+    return torch.float32 if k * 127 * 127 < 2**24 else torch.float64
+
+
 def _int_mm(x_q, w_q):
+    m, k = x_q.shape
+    if x_q.device.type == "cpu" and cpu_int8_gemm() == "float":
+        dtype = exact_float_dtype(k)
+        return torch.matmul(x_q.to(dtype), w_q.to(dtype).t()).int()
     # torch._int_mm has shape limits (on CUDA: M > 16, K and N multiples of 8); small problems
     # take the exact int32 matmul.
-    m, k = x_q.shape
     if m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0:
         return torch._int_mm(x_q, w_q.t())
     return torch.matmul(x_q.int(), w_q.int().t())
@@ -142,12 +179,13 @@ def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     return torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
-INT8_LINEAR.add("cpu", "oneDNN int8 GEMM in cache-sized row chunks, each with its vectorized epilogue",
-                _int8_linear_native)
+INT8_LINEAR.add("cpu", "oneDNN int8 GEMM (exact float GEMM without VNNI / AMX) in cache-sized row chunks, "
+                "each with its vectorized epilogue", _int8_linear_native)
 INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_native)
 
 
-@INT8_LINEAR.implements("torch", "torch._int_mm, then the epilogue in PyTorch")
+@INT8_LINEAR.implements("torch", "torch._int_mm (exact float GEMM on CPUs without VNNI / AMX), then the epilogue "
+                        "in PyTorch")
 def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
     return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, None if activation == "none" else activation,
                            out_dtype)

@@ -204,6 +204,40 @@ def test_int8_accumulation_is_exact(out_dtype):
     assert torch.equal(out, expected.to(torch.float32).to(out_dtype))
 
 
+NATIVE_CPU_BACKENDS = [b for b in CPU_BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
+
+
+@pytest.mark.parametrize("gemm", ["int8", "float"])
+@pytest.mark.parametrize("k", [64, 1040, 1056, 4096], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
+def test_both_cpu_gemms_give_the_exact_integer_products(backend, k, gemm, monkeypatch, poison_allocations):
+    """oneDNN's int8 GEMM and the float one CPUs without VNNI / AMX run instead: the same integer
+    products, K on both sides of fp32's exact limit (1040), rows and columns at +-127 so that
+    partial sums reach 127 * 127 * K."""
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
+    x_q, w_q = random_int8(40, k, seed=11), random_int8(24, k, seed=12)
+    x_q[:3], w_q[:2], w_q[2:4] = 127, 127, -127
+    out = int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
+    expected = int8_matmul_reference(x_q, w_q)
+    assert expected.abs().max() == 127 * 127 * k
+    assert torch.equal(out, expected.to(torch.float32))  # exact below 2^24, correctly rounded above
+
+
+def test_cpu_gemm_choice(monkeypatch):
+    import modernbert_kernels.int8 as int8
+
+    for has_dot_product, chosen in ((True, "int8"), (False, "float")):
+        monkeypatch.setattr(int8, "cpu_has_int8_dot_product", lambda has=has_dot_product: has)
+        assert int8.cpu_int8_gemm() == chosen
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "int8")
+    assert int8.cpu_int8_gemm() == "int8"
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "fast")
+    x_q, w_q = random_int8(4, 32, seed=1), random_int8(8, 32, seed=2)
+    for backend in NATIVE_CPU_BACKENDS:
+        with pytest.raises((ValueError, RuntimeError), match="MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float"):
+            int8_linear(x_q, torch.ones(4), w_q, torch.ones(8), backend=getattr(backend, "values", (backend,))[0])
+
+
 @CPU_EXTENSION
 def test_quantize_bf16_input_with_layernorm():
     generator = torch.Generator().manual_seed(10)
