@@ -183,13 +183,18 @@ def test_shared_layers_store_weights_once_and_round_trip(tmp_path):
     assert [shared.config.layer_group(i) for i in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
-def test_finetune_cli(tmp_path):
+def saved_model_and_data(folder, examples):
+    """A small 2-label classifier saved in folder/model and context-task examples in folder/train.jsonl."""
     torch.manual_seed(6)
     config = tiny_config(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
                          layer_types=["sliding_attention", "full_attention"])
-    ModernBertForSequenceClassification(config).save_pretrained(tmp_path / "model")
-    data = make_dataset(16, seed=6, seq_len=128, region=16)
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    ModernBertForSequenceClassification(config).save_pretrained(folder / "model")
+    data = make_dataset(examples, seed=6, seq_len=128, region=16)
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+
+
+def test_finetune_cli(tmp_path):
+    saved_model_and_data(tmp_path, examples=16)
     result = subprocess.run(
         [sys.executable, "-m", "modernbert.train", "--model", str(tmp_path / "model"),
          "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "train.jsonl"),
@@ -208,12 +213,7 @@ def test_finetune_cli_new_labels_keep_the_encoder_and_refuse_another_one(tmp_pat
     a checkpoint whose encoder has other shapes than its config is refused, not reinitialized."""
     from modernbert.train import main
 
-    torch.manual_seed(6)
-    config = tiny_config(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
-                         layer_types=["sliding_attention", "full_attention"])
-    ModernBertForSequenceClassification(config).save_pretrained(tmp_path / "model")
-    data = make_dataset(8, seed=6, seq_len=128, region=16)
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    saved_model_and_data(tmp_path, examples=8)
     common = ["--train", str(tmp_path / "train.jsonl"), "--max-steps", "1", "--batch-size", "4", "--learning-rate", "0"]
     assert main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "three"), "--num-labels", "3", *common]) == 0
     tuned = ModernBertForSequenceClassification.from_pretrained(tmp_path / "three")
