@@ -104,12 +104,14 @@ def _flex_attention(seq_len: int, window: int, device: torch.device):
 HEADLINE_SEQ_LENS = [4096, 8192, 16384]
 
 
-def run(device: torch.device, quick: bool, progress=None, headline: bool = False) -> list[dict]:
+def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False) -> list[dict]:
     if device.type == "cuda":
         seq_lens = HEADLINE_SEQ_LENS if headline else [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]
         dtype, passes = torch.bfloat16, ["fwd", "fwd+bwd"]
     else:
         dtype, seq_lens, passes = torch.float32, [8192] if quick else [2048, 8192], ["fwd"] if quick else ["fwd", "fwd+bwd"]
+    if smoke:  # every provider once, at the smallest size worth a layout of several blocks
+        seq_lens, passes = [1024], ["fwd"]
     batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
     rows = []
     for seq_len in seq_lens:

