@@ -12,12 +12,14 @@
 TORCH_LIBRARY(modernbert_kernels, m) {
   m.def(
       "block_sparse_attention_forward_native(Tensor q, Tensor k, Tensor v, Tensor row_offsets, "
-      "Tensor col_indices, int block_size, int window, float scale, Tensor? key_padding_mask, "
+      "Tensor col_indices, int block_size, int window_left, int window_right, float scale, "
+      "Tensor? key_padding_mask, "
       "Tensor? cu_seqlens, int max_seqlen) -> (Tensor, Tensor)");
   m.def(
       "block_sparse_attention_backward_native(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor row_offsets, Tensor col_indices, Tensor col_offsets, Tensor row_indices, "
-      "int block_size, int window, float scale, Tensor? key_padding_mask, Tensor? cu_seqlens, "
+      "int block_size, int window_left, int window_right, float scale, Tensor? key_padding_mask, "
+      "Tensor? cu_seqlens, "
       "int max_seqlen) -> (Tensor, Tensor, Tensor)");
   m.def(
       "int8_linear_native(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "

@@ -23,14 +23,16 @@ namespace modernbert_kernels {
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
-                                                        int64_t block_size, int64_t window, double scale,
+                                                        int64_t block_size, int64_t window_left,
+                                                        int64_t window_right, double scale,
                                                         const std::optional<at::Tensor>& key_padding_mask,
                                                         const std::optional<at::Tensor>& cu_seqlens,
                                                         int64_t max_seqlen) {
   const c10::DeviceGuard guard(q.device());
   const AttentionForward call =
-      attention_forward_outputs(attention_params(q, k, v, row_offsets, col_indices, block_size, window, scale,
-                                                 key_padding_mask, cu_seqlens, max_seqlen, Kernels::kDevice),
+      attention_forward_outputs(attention_params(q, k, v, row_offsets, col_indices, block_size, window_left,
+                                                 window_right, scale, key_padding_mask, cu_seqlens, max_seqlen,
+                                                 Kernels::kDevice),
                                 q);
   if (q.numel() > 0) Kernels::attention_forward(call.params);
   return {call.out, call.lse};
@@ -40,12 +42,12 @@ template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& row_offsets, const at::Tensor& col_indices, const at::Tensor& col_offsets,
-    const at::Tensor& row_indices, int64_t block_size, int64_t window, double scale,
+    const at::Tensor& row_indices, int64_t block_size, int64_t window_left, int64_t window_right, double scale,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   const c10::DeviceGuard guard(q.device());
   const AttentionBackward call = attention_backward_outputs(
-      attention_params(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
-                       max_seqlen, Kernels::kDevice),
+      attention_params(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+                       key_padding_mask, cu_seqlens, max_seqlen, Kernels::kDevice),
       dout, q, out, lse, col_offsets, row_indices);
   if (q.numel() > 0) Kernels::attention_backward(call.params);
   return {call.dq, call.dk, call.dv};

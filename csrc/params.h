@@ -15,6 +15,9 @@ enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Geglu = 3 };
 
 constexpr int kMaxBlockSize = 128;
 constexpr int kMaxHeadDim = 128;
+// A band side without bound, as the kernels take it: farther than any sequence reaches, small
+// enough that a distance against it fits an int32 lane.
+constexpr int64_t kUnboundedWindow = int64_t(1) << 30;
 
 // Element strides are along (batch, head, token); head_dim has unit stride. A varlen batch
 // (cu_seqlens set) packs its tokens along one axis: the batch stride is 0 and sequence b holds
@@ -36,7 +39,11 @@ struct AttentionParams {
   const int32_t* col_indices;
   int64_t layout_head_stride;  // 0 when one layout serves every head
   int block_size;
-  int64_t window;  // < 0: no window
+  // The band: query i sees key j only where -window_right <= i - j <= window_left; a side
+  // without bound holds kUnboundedWindow. A window w is (w, w), causal (kUnboundedWindow, 0), a
+  // sliding-window decoder (w, 0). `banded` is false when neither side is bounded.
+  int64_t window_left, window_right;
+  bool banded;
   float scale;
 };
 

@@ -106,7 +106,8 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
 // Checks the inputs of block_sparse_attention_{forward,backward}_native for `device` tensors.
 inline AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
-                                        int64_t block_size, int64_t window, double scale,
+                                        int64_t block_size, int64_t window_left, int64_t window_right,
+                                        double scale,
                                         const std::optional<at::Tensor>& key_padding_mask,
                                         const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                         at::DeviceType device) {
@@ -134,7 +135,10 @@ inline AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k
   p.col_indices = col_indices.data_ptr<int32_t>();
   p.layout_head_stride = row_offsets.size(0) == 1 ? 0 : row_offsets.size(1);
   p.block_size = static_cast<int>(block_size);
-  p.window = window;
+  // The op's schema says -1 for an unbounded side (as FlashAttention's window_size does).
+  p.window_left = window_left < 0 ? kUnboundedWindow : window_left;
+  p.window_right = window_right < 0 ? kUnboundedWindow : window_right;
+  p.banded = window_left >= 0 || window_right >= 0;
   p.scale = static_cast<float>(scale);
   return p;
 }

@@ -17,7 +17,7 @@ import torch
 
 from . import backends, torch_backend
 from .block_sparse_layout import BlockSparseLayout
-from .reference import block_sparse_attention_reference
+from .reference import block_sparse_attention_reference, window_bounds
 from .tensor_cache import TensorCache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,12 +26,14 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)  # every backend's; the Triton tile tables a
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKernels:
-    """One backend's forward ``(q, k, v, row_offsets, col_indices, block_size, window, scale,
-    key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and backward ``(dout, q, k, v, out,
-    lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
-    key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``, run through the custom ops
-    (``window < 0``: no window); or ``differentiable``, a function with block_sparse_attention's
-    own signature that plain autograd differentiates (the reference)."""
+    """One backend's forward ``(q, k, v, row_offsets, col_indices, block_size, window_left,
+    window_right, scale, key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and backward
+    ``(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
+    window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``,
+    run through the custom ops (query i sees key j only where ``-window_right <= i - j <=
+    window_left``, -1 leaving a side unbounded: see reference.window_bounds); or
+    ``differentiable``, a function with block_sparse_attention's own signature that plain autograd
+    differentiates (the reference)."""
 
     forward: Callable | None = None
     backward: Callable | None = None
@@ -41,23 +43,23 @@ class AttentionKernels:
 ATTENTION = backends.op("block_sparse_attention")
 
 
-def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
-                    max_seqlen):
+def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+                    key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_forward
 
     return attention_forward(
-        q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=None if window < 0 else window,
+        q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=(window_left, window_right),
         scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
     )
 
 
 def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
-                     window, scale, key_padding_mask, cu_seqlens, max_seqlen):
+                     window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_backward
 
     return attention_backward(
         dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
-        row_offsets.shape[0], window=None if window < 0 else window, scale=scale, key_padding_mask=key_padding_mask,
+        row_offsets.shape[0], window=(window_left, window_right), scale=scale, key_padding_mask=key_padding_mask,
         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
     )
 
@@ -70,16 +72,16 @@ def _native_backward(dout, *args):
     return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(dout.contiguous(), *args)
 
 
-def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens,
-                   max_seqlen):
-    return torch_backend.attention_forward(q, k, v, row_offsets, col_indices, block_size,
-                                           None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
+def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+                   key_padding_mask, cu_seqlens, max_seqlen):
+    return torch_backend.attention_forward(q, k, v, row_offsets, col_indices, block_size, (window_left, window_right),
+                                           scale, key_padding_mask, cu_seqlens)
 
 
-def _torch_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window,
-                    scale, key_padding_mask, cu_seqlens, max_seqlen):
+def _torch_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
+                    window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen):
     return torch_backend.attention_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
-                                            None if window < 0 else window, scale, key_padding_mask, cu_seqlens)
+                                            (window_left, window_right), scale, key_padding_mask, cu_seqlens)
 
 
 ATTENTION.add("triton", "forward, dq and dk/dv kernels (autotuned on GPUs)",
@@ -101,17 +103,18 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
-    block_size: int, window: int, scale: float,
+    block_size: int, window_left: int, window_right: int, scale: float,
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse). ``window < 0`` means no window."""
-    return ATTENTION[backend].forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask,
-                                      cu_seqlens, max_seqlen)
+    """Returns (out, lse). Query i sees key j only where -window_right <= i - j <= window_left
+    (-1: that side unbounded)."""
+    return ATTENTION[backend].forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+                                      key_padding_mask, cu_seqlens, max_seqlen)
 
 
 @_attention_op.register_fake
-def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
+def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left, window_right, scale,
       key_padding_mask, cu_seqlens, max_seqlen, backend):
     lse = q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
@@ -121,36 +124,37 @@ def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, w
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
-    block_size: int, window: int, scale: float,
+    block_size: int, window_left: int, window_right: int, scale: float,
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ATTENTION[backend].backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
-                                       block_size, window, scale, key_padding_mask, cu_seqlens, max_seqlen)
+                                       block_size, window_left, window_right, scale, key_padding_mask, cu_seqlens,
+                                       max_seqlen)
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale,
-      key_padding_mask, cu_seqlens, max_seqlen, backend):
+def _(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left,
+      window_right, scale, key_padding_mask, cu_seqlens, max_seqlen, backend):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window, scale, key_padding_mask,
-     cu_seqlens, max_seqlen, backend) = inputs
+    (q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left, window_right, scale,
+     key_padding_mask, cu_seqlens, max_seqlen, backend) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask,
                           cu_seqlens)
-    ctx.options = (block_size, window, scale, max_seqlen, backend)
+    ctx.options = (block_size, window_left, window_right, scale, max_seqlen, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *layout_tensors, key_padding_mask, cu_seqlens = ctx.saved_tensors
-    block_size, window, scale, max_seqlen, backend = ctx.options
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, *layout_tensors, block_size, window, scale,
-                                        key_padding_mask, cu_seqlens, max_seqlen, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    block_size, window_left, window_right, scale, max_seqlen, backend = ctx.options
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, *layout_tensors, block_size, window_left,
+                                        window_right, scale, key_padding_mask, cu_seqlens, max_seqlen, backend)
+    return (dq, dk, dv) + (None,) * 12
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -201,7 +205,7 @@ def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen:
     return max_seqlen
 
 
-def _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen):
+def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -229,6 +233,8 @@ def _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seq
         raise ValueError(f"layout has {layout.num_heads} heads; q has {heads} (a layout must have 1 or {heads})")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
         raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
 
     if varlen:
         if key_padding_mask is not None:
@@ -277,6 +283,7 @@ def block_sparse_attention(
     layout: BlockSparseLayout,
     *,
     window: int | None = None,
+    causal: bool = False,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -287,17 +294,18 @@ def block_sparse_attention(
 
     q, k, v: ``[batch, heads, seq, head_dim]``, or ``[total_tokens, heads, head_dim]`` with
     ``cu_seqlens`` (int32 ``[batch + 1]``; every sequence starts at position 0 of the layout).
-    Query i sees key j when the layout visits their tile, ``|i - j| <= window`` (if given), and
+    Query i sees key j when the layout visits their tile, ``|i - j| <= window`` (if given),
+    ``j <= i`` (if ``causal``; with a window: ``0 <= i - j <= window``, a sliding-window decoder), and
     key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen). A query that
     sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
-    seq_len = _check_inputs(q, k, v, layout, window, key_padding_mask, cu_seqlens, max_seqlen)
+    seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen)
     if backend is None:
         backend = backends.default_backend(q.device)
-        if (backend == "cpu" and window is None and key_padding_mask is None
+        if (backend == "cpu" and window is None and not causal and key_padding_mask is None
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
             # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
@@ -307,7 +315,8 @@ def block_sparse_attention(
     kernels = ATTENTION[backend]
     if kernels.differentiable is not None:
         return kernels.differentiable(
-            q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
+            q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+            causal=causal,
         )
     if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
@@ -315,7 +324,7 @@ def block_sparse_attention(
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, _ = _attention_op(
-        q, k, v, *layout.tensors_on(q.device), layout.block_size, -1 if window is None else window, scale,
+        q, k, v, *layout.tensors_on(q.device), layout.block_size, *window_bounds(window, causal), scale,
         key_padding_mask, cu_seqlens, seq_len if cu_seqlens is not None else 0, backend,
     )
     return out

@@ -1,11 +1,13 @@
 """Builders of common block-sparse attention patterns.
 
-All patterns are bidirectional (encoder attention) and block granular: a builder decides which
-(query block, key block) tiles are computed. Lengths that define block boundaries (global tokens,
+Patterns are bidirectional (encoder attention) unless built ``causal`` (decoders: no tile above
+the block diagonal), and block granular: a builder decides which (query block, key block) tiles
+are computed. Lengths that define block boundaries (global tokens,
 strides, chunks) must be multiples of ``block_size`` so that the block pattern is exact. The
 sliding window is the exception: its layout covers every tile that holds a pair with
 ``|i - j| <= window`` and the exact token-level window is applied by
-``block_sparse_attention(..., window=window)``.
+``block_sparse_attention(..., window=window)``, and the causal mask inside the diagonal tiles by
+``block_sparse_attention(..., causal=True)``.
 """
 
 from __future__ import annotations
@@ -37,23 +39,35 @@ def _block_distance(num_blocks: int) -> torch.Tensor:
     return idx[:, None] - idx[None, :]
 
 
-def sliding_window(seq_len: int, window: int, block_size: int = 64) -> BlockSparseLayout:
-    """Tiles holding any pair with ``|i - j| <= window`` (ModernBERT local layers: window = 64)."""
+def sliding_window(seq_len: int, window: int, block_size: int = 64, causal: bool = False) -> BlockSparseLayout:
+    """Tiles holding any pair with ``|i - j| <= window`` (ModernBERT local layers: window = 64);
+    ``causal``: only those with ``0 <= i - j <= window`` (sliding-window decoders: Mistral's and
+    Gemma's local layers), the blocks at and below the diagonal."""
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     num_blocks = _num_blocks(seq_len, block_size)
     # The closest tokens of blocks d apart are (d - 1) * block_size + 1 apart, so query block m
     # visits the key blocks within `reach` of it. Built as CSR directly: memory linear in seq_len.
     reach = 0 if window == 0 else (window - 1) // block_size + 1
     rows = torch.arange(num_blocks, dtype=torch.int32)
     first = (rows - reach).clamp(min=0)
-    counts = (rows + reach).clamp(max=num_blocks - 1) - first + 1
+    last = rows if causal else (rows + reach).clamp(max=num_blocks - 1)
+    counts = last - first + 1
     row_offsets = torch.zeros(num_blocks + 1, dtype=torch.int32)
     row_offsets[1:] = counts.cumsum(0)
     entry = torch.arange(int(row_offsets[-1]), dtype=torch.int32)
     row_of_entry = torch.repeat_interleave(rows, counts)
     col_indices = first[row_of_entry] + entry - row_offsets[:-1][row_of_entry]
     return BlockSparseLayout(row_offsets[None], col_indices, block_size)
+
+
+def causal(seq_len: int, block_size: int = 64) -> BlockSparseLayout:
+    """Every tile at or below the block diagonal: a decoder's global (full causal) layers, with
+    ``block_sparse_attention(..., causal=True)`` masking inside the diagonal tiles."""
+    num_blocks = _num_blocks(seq_len, block_size)
+    return BlockSparseLayout.from_block_mask(_block_distance(num_blocks) >= 0, block_size)
 
 
 def dense(seq_len: int, block_size: int = 64) -> BlockSparseLayout:

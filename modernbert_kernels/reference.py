@@ -9,17 +9,29 @@ import torch
 from .block_sparse_layout import BlockSparseLayout
 
 
+def window_bounds(window: int | None, causal: bool) -> tuple[int, int]:
+    """(left, right) of the band the kernels mask to: query i sees key j only where
+    ``-right <= i - j <= left``; -1 leaves that side unbounded. ``window`` bounds both sides
+    (|i - j| <= window), ``causal`` closes the right side (j <= i)."""
+    left = -1 if window is None else window
+    return left, 0 if causal else left
+
+
 def attention_mask(
     layout: BlockSparseLayout,
     seq_len: int,
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Boolean ``[batch or 1, heads or 1, seq_len, seq_len]``: True where query i sees key j."""
     mask = layout.to_dense_mask(seq_len)[None]
+    pos = torch.arange(seq_len)
+    distance = pos[:, None] - pos[None, :]  # query - key
     if window is not None:
-        pos = torch.arange(seq_len)
-        mask = mask & ((pos[:, None] - pos[None, :]).abs() <= window)
+        mask = mask & (distance.abs() <= window)
+    if causal:
+        mask = mask & (distance >= 0)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask.to("cpu", torch.bool)[:, None, None, :]
     return mask
@@ -44,17 +56,18 @@ def block_sparse_attention_reference(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Dense attention with the layout's token mask; same shapes and semantics as the kernels."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cu_seqlens is None:
-        mask = attention_mask(layout, q.shape[2], window, key_padding_mask).to(q.device)
+        mask = attention_mask(layout, q.shape[2], window, key_padding_mask, causal).to(q.device)
         return _dense_masked_attention(q, k, v, mask, scale)
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
-        mask = attention_mask(layout, end - start, window).to(q.device)
+        mask = attention_mask(layout, end - start, window, causal=causal).to(q.device)
         outputs.append(_dense_masked_attention(*seq, mask, scale)[0].transpose(0, 1))
     return torch.cat(outputs, 0)
 

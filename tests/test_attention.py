@@ -68,15 +68,15 @@ def make_inputs(mode, dtype, head_dim, heads=HEADS, seed=0):
 
 
 def check_against_reference(backend, layout, mode, window, dtype, head_dim=64, scale=None, magnitude=1.0,
-                            tol=None):
+                            tol=None, causal=False):
     q, k, v, dout, extra = make_inputs(mode, dtype, head_dim)
     q, k = q * magnitude, k * magnitude
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, layout, window=window, scale=scale, backend=backend, **extra)
+    out = block_sparse_attention(*inputs, layout, window=window, causal=causal, scale=scale, backend=backend, **extra)
     out.backward(dout)
 
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, scale=scale, **extra)
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, causal=causal, scale=scale, **extra)
     ref.backward(dout.double())
 
     assert out.dtype == dtype and out.shape == q.shape
@@ -101,6 +101,26 @@ MATRIX_IDS = {"window": lambda w: "nowindow" if w is None else f"window{w}",
 @pytest.mark.parametrize("backend, layout_name, window, mode, dtype", backend_matrix(MATRIX, MATRIX_IDS))
 def test_matches_reference(backend, layout_name, window, mode, dtype, poison_allocations):
     check_against_reference(backend, LAYOUTS[layout_name](), mode, window, dtype)
+
+
+# Causal masks (decoders): alone on the lower-triangular layout, with a window on the causal sliding
+# layout (0 <= i - j <= w), and over bidirectional layouts whose tiles above the diagonal the
+# kernels must mask whole (some query rows then see no key at all).
+CAUSAL_CASES = {
+    "causal": (lambda: layouts.causal(SEQ, BLOCK), None),
+    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40),
+    "causal_window5": (lambda: layouts.sliding_window(SEQ, 5, BLOCK, causal=True), 5),
+    "causal_over_bigbird": (LAYOUTS["bigbird_per_head"], None),
+    "causal_over_window40": (LAYOUTS["sliding_window"], 40),
+}
+CAUSAL_MATRIX = {"case": list(CAUSAL_CASES), "mode": ["padded", "key_padding", "varlen"],
+                 "dtype": [torch.float32, torch.float16]}
+
+
+@pytest.mark.parametrize("backend, case, mode, dtype", backend_matrix(CAUSAL_MATRIX, MATRIX_IDS))
+def test_causal_matches_reference(backend, case, mode, dtype, poison_allocations):
+    layout, window = CAUSAL_CASES[case]
+    check_against_reference(backend, layout(), mode, window, dtype, causal=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -292,7 +312,8 @@ def test_triton_tiles_smaller_than_the_layout_block(tile, mode, poison_allocatio
     layout = layouts.sliding_window(SEQ, 50, 64)
     q, k, v, dout, extra = make_inputs(mode, torch.float32, 32)
     cu = extra.get("cu_seqlens")
-    options = dict(window=50, scale=0.2, key_padding_mask=None, cu_seqlens=cu, max_seqlen=SEQ if cu is not None else None)
+    options = dict(window=(50, 50), scale=0.2, key_padding_mask=None, cu_seqlens=cu,
+                   max_seqlen=SEQ if cu is not None else None)
     tensors = layout.tensors_on(q.device)
     out, lse = attention_forward(q, k, v, tensors[:2], 64, 1, tile=tile, **options)
     grads = attention_backward(dout, q, k, v, out, lse, tensors, 64, 1, tile=tile, **options)
@@ -398,7 +419,7 @@ def native_op_inputs(seq_len, seed):
 def test_lse_matches_reference():
     (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(96, seed=4)
     out, lse = torch.ops.modernbert_kernels.block_sparse_attention_forward_native(
-        q, k, v, row_offsets, col_indices, 32, 20, 0.125, None, None, 0
+        q, k, v, row_offsets, col_indices, 32, 20, 20, 0.125, None, None, 0
     )
     mask = layout.to_dense_mask(96)[0]
     pos = torch.arange(96)
@@ -429,12 +450,12 @@ def test_native_attention_op_errors_are_clear():
     (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(64, seed=0)
     forward = torch.ops.modernbert_kernels.block_sparse_attention_forward_native
     with pytest.raises(RuntimeError, match="head_dim must be 32, 64 or 128"):
-        forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, 1.0, None, None, 0)
+        forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, -1, 1.0, None, None, 0)
     with pytest.raises(RuntimeError, match="layout covers 64 tokens"):
         big = [t.repeat(1, 1, 2, 1) for t in (q, k, v)]
-        forward(*big, row_offsets, col_indices, 32, -1, 1.0, None, None, 0)
+        forward(*big, row_offsets, col_indices, 32, -1, -1, 1.0, None, None, 0)
     with pytest.raises(RuntimeError, match="int32"):
-        forward(q, k, v, row_offsets.long(), col_indices, 32, -1, 1.0, None, None, 0)
+        forward(q, k, v, row_offsets.long(), col_indices, 32, -1, -1, 1.0, None, None, 0)
     with pytest.raises(ValueError, match="runs on cpu tensors"):
         block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), layout, backend="cpu")
 

@@ -58,6 +58,8 @@ def test_bad_varlen_and_masks():
         block_sparse_attention(q4, k4, v4, LAYOUT, key_padding_mask=torch.ones(2, 128))
     with pytest.raises(ValueError, match="window must be"):
         block_sparse_attention(q4, k4, v4, LAYOUT, window=-3)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        block_sparse_attention(q4, k4, v4, LAYOUT, causal=1)
     with pytest.raises(ValueError, match="backend must be"):
         block_sparse_attention(q4, k4, v4, LAYOUT, backend="flash")
 
@@ -81,7 +83,7 @@ def test_cpu_tensors_default_to_a_cpu_backend():
     assert default_backend(torch.device("cpu")) == ("cpu" if native.cpu_status()[0] else "torch")
 
 
-def op_args(backend, varlen):
+def op_args(backend, varlen, window=(20, 20)):
     layout = layouts.bigbird(128, 16, 32, 1, 32, num_heads=2)
     if varlen:
         q, k, v = (t.requires_grad_() for t in qkv((96, 2, 32)))
@@ -91,13 +93,14 @@ def op_args(backend, varlen):
         lengths, max_len = None, 0
         mask = torch.ones(1, 96, dtype=torch.bool)
         mask[0, 80:] = False
-    return (q, k, v, *layout.tensors_on(q.device), 32, 20, 0.125, mask, lengths, max_len, backend)
+    return (q, k, v, *layout.tensors_on(q.device), 32, *window, 0.125, mask, lengths, max_len, backend)
 
 
+@pytest.mark.parametrize("window", [(20, 20), (-1, 0)], ids=["window", "causal"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_opcheck(backend, varlen):
-    torch.library.opcheck(_attention_op, op_args(backend, varlen))
+def test_opcheck(backend, varlen, window):
+    torch.library.opcheck(_attention_op, op_args(backend, varlen, window))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -83,6 +83,7 @@ def attention_problems(draw, backend):
     mask = torch.rand(layout_heads, num_blocks, num_blocks, generator=generator) < density
     layout = layouts.from_block_mask(mask, block)
     window = draw(st.one_of(st.none(), st.integers(0, seq_len + 8)))
+    causal = draw(st.booleans())
     mode = draw(st.sampled_from(["padded", "key_padding", "varlen"]))
     dtype = draw(dtypes_for(backend))
     extra = {}
@@ -97,17 +98,18 @@ def attention_problems(draw, backend):
         if mode == "key_padding":
             extra["key_padding_mask"] = torch.rand(batch, seq_len, generator=generator) < 0.8
     q, k, v, dout = (torch.randn(shape, generator=generator).to(dtype) for _ in range(4))
-    return dict(q=q, k=k, v=v, dout=dout, layout=layout, window=window, extra=extra)
+    return dict(q=q, k=k, v=v, dout=dout, layout=layout, window=window, causal=causal, extra=extra)
 
 
 def check_attention(backend, problem):
     q, k, v, dout = problem["q"], problem["k"], problem["v"], problem["dout"]
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, problem["layout"], window=problem["window"], backend=backend,
-                                 **problem["extra"])
+    out = block_sparse_attention(*inputs, problem["layout"], window=problem["window"], causal=problem["causal"],
+                                 backend=backend, **problem["extra"])
     out.backward(dout)
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention_reference(*ref_inputs, problem["layout"], window=problem["window"], **problem["extra"])
+    ref = block_sparse_attention_reference(*ref_inputs, problem["layout"], window=problem["window"],
+                                           causal=problem["causal"], **problem["extra"])
     ref.backward(dout.double())
     for name, actual, expected in [("out", out, ref)] + [(f"d{n}", t.grad, r.grad)
                                                          for n, t, r in zip("qkv", inputs, ref_inputs)]:

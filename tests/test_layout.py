@@ -11,12 +11,13 @@ def token_mask(seq_len, block_size, rule):
     return rule(i, j, i // block_size, j // block_size)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("window", [0, 1, 16, 40, 64, 65, 1000])
 @pytest.mark.parametrize("seq_len", [64, 200, 512])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_size, window):
-    lay = layouts.sliding_window(seq_len, window, block_size)
-    near = token_mask(seq_len, block_size, lambda i, j, bi, bj: (i - j).abs() <= window)
+def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_size, window, causal):
+    lay = layouts.sliding_window(seq_len, window, block_size, causal=causal)
+    near = token_mask(seq_len, block_size, lambda i, j, bi, bj: ((i - j).abs() <= window) & ((i >= j) | (not causal)))
     dense = lay.to_dense_mask(seq_len)[0]
     # Every in-window pair is covered, and every covered tile holds at least one in-window pair.
     assert torch.equal(dense & near, near)
@@ -24,6 +25,13 @@ def test_sliding_window_covers_exactly_the_tiles_of_the_window(seq_len, block_si
     idx = torch.nonzero(near)
     tiles_with_pairs[idx[:, 0] // block_size, idx[:, 1] // block_size] = True
     assert torch.equal(lay.to_block_mask()[0], tiles_with_pairs)
+
+
+@pytest.mark.parametrize("seq_len,block_size", [(1, 16), (200, 32), (512, 64)])
+def test_causal_layout_is_the_tiles_at_and_below_the_diagonal(seq_len, block_size):
+    lay = layouts.causal(seq_len, block_size)
+    expected = token_mask(seq_len, block_size, lambda i, j, bi, bj: bj <= bi)
+    assert torch.equal(lay.to_dense_mask(seq_len)[0], expected)
 
 
 @pytest.mark.parametrize("heads", [1, 3])

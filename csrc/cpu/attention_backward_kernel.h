@@ -68,6 +68,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
   const float log2e = 1.4426950408889634f;
   const float inf = __builtin_inff();
   const bool dq_pass = pass == BackwardPass::Dq;
+  const Band band = dq_pass ? band_from_queries(a) : band_from_keys(a);
   BackwardWorkspace w(workspace);
   BlockCache slots(modernbert_kernels::cpu::kBackwardCacheSlots);
   float ones[kRowTile];
@@ -114,7 +115,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
       const int64_t j0 = int64_t(indices[e]) * bs;
       if (j0 >= seq_len) break;
       const int cols = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
-      if (a.window >= 0 && (j0 > i0 + rows - 1 + a.window || j0 + cols - 1 < i0 - a.window)) continue;
+      if (outside_band(band, i0, i0 + rows - 1, j0, j0 + cols - 1)) continue;
       const int padded_cols = (cols + kLanes - 1) / kLanes * kLanes;
 
       bool cached;
@@ -149,7 +150,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t first = i0 + r0;
         int c_begin, c_end;
-        if (!visible_columns(first, j0, padded_cols, a.window, &c_begin, &c_end)) continue;
+        if (!visible_columns(first, j0, padded_cols, band, &c_begin, &c_end)) continue;
         score_tile(w.rows_a + r0 * head_dim, other.t_a, kRowStride, head_dim, c_begin, c_end, w.s);
         score_tile(w.rows_b + r0 * head_dim, other.t_b, kRowStride, head_dim, c_begin, c_end, w.dp);
         for (int r = 0; r < kRowTile; ++r) {
@@ -159,10 +160,10 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
           const bool row_live = dq_pass ? true : w.stat_a[r0 + r] != 0.f;
           for (int c = c_begin; c < c_end; c += kLanes) {
             vfloat sv = load(s + c);
-            if (a.window >= 0) {
-              vint distance = iota() + static_cast<int>(j0 + c - i);
-              const int window = static_cast<int>(a.window);
-              sv = select((distance >= -window) & (distance <= window), sv, splat(-inf));
+            if (band.on) {
+              vint distance = iota() + static_cast<int>(j0 + c - i);  // column - row
+              sv = select((distance >= -static_cast<int>(band.below)) & (distance <= static_cast<int>(band.above)),
+                          sv, splat(-inf));
             }
             vfloat p, ds;
             // NaN scores or a NaN lse (a row the forward made NaN) keep their NaN through exp.

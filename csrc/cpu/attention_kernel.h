@@ -49,14 +49,36 @@ struct BlockCache {
   }
 };
 
+// The band (window, causal) as a pass sees it: column c (a key, or a query in the dk/dv pass) is
+// visible from row r when -below <= c - r <= above.
+struct Band {
+  bool on;
+  int64_t below, above;
+};
+
+// Rows are queries, columns keys (the forward and the dq pass).
+inline Band band_from_queries(const modernbert_kernels::AttentionParams& a) {
+  return {a.banded, a.window_left, a.window_right};
+}
+
+// Rows are keys, columns queries (the dk/dv pass).
+inline Band band_from_keys(const modernbert_kernels::AttentionParams& a) {
+  return {a.banded, a.window_right, a.window_left};
+}
+
+// Whether the band leaves no pair between rows [r0, r_last] and columns [c0, c_last].
+inline bool outside_band(const Band& band, int64_t r0, int64_t r_last, int64_t c0, int64_t c_last) {
+  return band.on && (c0 > r_last + band.above || c_last < r0 - band.below);
+}
+
 // The kLanes-aligned columns [*begin, *end) of a block starting at token block_start (padded to
-// `padded` columns) that some row of the tile [first, first + kRowTile) sees through the window;
+// `padded` columns) that some row of the tile [first, first + kRowTile) sees through the band;
 // false when there are none.
-inline bool visible_columns(int64_t first, int64_t block_start, int padded, int64_t window, int* begin, int* end) {
+inline bool visible_columns(int64_t first, int64_t block_start, int padded, const Band& band, int* begin, int* end) {
   *begin = 0;
   *end = padded;
-  if (window >= 0) {
-    const int64_t lo = first - window - block_start, hi = first + kRowTile - 1 + window - block_start + 1;
+  if (band.on) {
+    const int64_t lo = first - band.below - block_start, hi = first + kRowTile - 1 + band.above - block_start + 1;
     if (lo > 0) *begin = static_cast<int>(lo < padded ? lo : padded) / kLanes * kLanes;
     if (hi < padded) *end = hi <= 0 ? 0 : static_cast<int>((hi + kLanes - 1) / kLanes * kLanes);
     if (*end > padded) *end = padded;
@@ -164,7 +186,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const int64_t num_q_blocks = (a.seq_len + bs - 1) / bs;
-  const bool windowed = a.window >= 0;
+  const Band band = band_from_queries(a);
   const float q_scale = a.scale * 1.4426950408889634f;
   const float inf = __builtin_inff();
 
@@ -205,7 +227,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       const int64_t j0 = int64_t(a.col_indices[e]) * bs;
       if (j0 >= seq_len) break;  // sorted: the rest lie past the sequence
       const int keys = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
-      if (windowed && (j0 > q_last + a.window || j0 + keys - 1 < i0 - a.window)) continue;
+      if (outside_band(band, i0, q_last, j0, j0 + keys - 1)) continue;
       const int padded_keys = (keys + kLanes - 1) / kLanes * kLanes;
 
       bool cached;
@@ -240,23 +262,23 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t first = i0 + r0;
         int j_begin, j_end;
-        if (!visible_columns(first, j0, padded_keys, a.window, &j_begin, &j_end)) continue;
+        if (!visible_columns(first, j0, padded_keys, band, &j_begin, &j_end)) continue;
         score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);
 
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {
           float* s = scores + r * kRowStride;
           const int64_t i = first + r;
-          const bool tile_needs_window = windowed && (j0 + j_begin < i - a.window || j0 + j_end - 1 > i + a.window);
+          const bool tile_needs_band = band.on && (j0 + j_begin < i - band.below || j0 + j_end - 1 > i + band.above);
           vfloat running_max = splat(-inf);
           for (int j = j_begin; j < j_end; j += kLanes) {
             vfloat sv = load(s + j);
             // Masked keys are replaced, not offset: a NaN key that no query sees stays unseen.
             if (any_masked_key) sv = select(load(key_bias + j) == 0.f, sv, splat(-inf));
-            if (tile_needs_window) {
-              vint column = iota() + static_cast<int>(j0 + j - i);  // key - query, |.| <= window to keep
-              const int window = static_cast<int>(a.window);
-              sv = select((column >= -window) & (column <= window), sv, splat(-inf));
+            if (tile_needs_band) {
+              vint column = iota() + static_cast<int>(j0 + j - i);  // key - query, in [-below, above] to keep
+              sv = select((column >= -static_cast<int>(band.below)) & (column <= static_cast<int>(band.above)), sv,
+                          splat(-inf));
             }
             store(s + j, sv);
             running_max = vmax_nan(running_max, sv);

@@ -86,22 +86,42 @@ __device__ __forceinline__ void stage_keys_and_values(float (*k_s)[D + 1], float
   __syncthreads();
 }
 
+// The band (window, causal) as a pass sees it: column c (a key, or a query in the dk/dv pass) is
+// visible from row r when -below <= c - r <= above.
+struct Band {
+  bool on;
+  int64_t below, above;
+
+  __device__ __forceinline__ bool sees(int64_t row, int64_t column) const {
+    return !on || (column - row >= -below && column - row <= above);
+  }
+};
+
+__device__ __forceinline__ Band band_from_queries(const AttentionParams& a) {
+  return {a.banded, a.window_left, a.window_right};
+}
+
+__device__ __forceinline__ Band band_from_keys(const AttentionParams& a) {
+  return {a.banded, a.window_right, a.window_left};
+}
+
 // Calls visit(chunk, end) for each stage [chunk, min(chunk + kChunk, end)) of the tokens the
 // tile's rows may see: the blocks of the tile's layout row (offsets / indices: the layout, or its
-// transpose for dk / dv), cut to the sequence and to the window around the tile. Uniform across
+// transpose for dk / dv), cut to the sequence and to the band around the tile. Uniform across
 // the thread block, so visit may synchronize.
 template <typename Visit>
-__device__ __forceinline__ void for_each_visible_chunk(const AttentionParams& a, const int32_t* offsets,
-                                                       const int32_t* indices, const RowTile& t, Visit&& visit) {
+__device__ __forceinline__ void for_each_visible_chunk(const AttentionParams& a, const Band& band,
+                                                       const int32_t* offsets, const int32_t* indices,
+                                                       const RowTile& t, Visit&& visit) {
   const int32_t* row = offsets + t.head * a.layout_head_stride;
   const int64_t block = t.row0 / a.block_size;
   for (int32_t entry = row[block]; entry < row[block + 1]; ++entry) {
     int64_t begin = int64_t(indices[entry]) * a.block_size;
     if (begin >= t.seq.length) break;  // sorted: the rest lie past the sequence
     int64_t end = min(begin + a.block_size, t.seq.length);
-    if (a.window >= 0) {
-      begin = max(begin, t.row0 - a.window);
-      end = min(end, t.last_row + a.window + 1);
+    if (band.on) {
+      begin = max(begin, t.row0 - band.below);
+      end = min(end, t.last_row + band.above + 1);
     }
     for (int64_t chunk = begin; chunk < end; chunk += kChunk) visit(chunk, end);
   }
@@ -119,11 +139,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
   stage_rows<T, D, kWarps>(q_s, a.q, a.q_stride, a, t, t.row0, t.seq.length, a.scale * kLog2e);
 
   float row_max = -INFINITY, row_sum = 0.f, acc[kPerLane] = {};
-  for_each_visible_chunk(a, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
+  const Band band = band_from_queries(a);
+  for_each_visible_chunk(a, band, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
     stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside()) return;
     const int64_t key = chunk + lane;
-    const bool visible = key < end && (a.window < 0 || llabs(t.row - key) <= a.window) && key_is_real(a, t, key);
+    const bool visible = key < end && band.sees(t.row, key) && key_is_real(a, t, key);
     float score = -INFINITY;
     if (visible) {
       score = 0.f;
@@ -182,11 +203,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBack
     if (lane == 0) a.delta[stat] = delta;
   }
   float acc[kPerLane] = {};
-  for_each_visible_chunk(a, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
+  const Band band = band_from_queries(a);
+  for_each_visible_chunk(a, band, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
     stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside() || lse == INFINITY) return;
     const int64_t key = chunk + lane;
-    const bool visible = key < end && (a.window < 0 || llabs(t.row - key) <= a.window) && key_is_real(a, t, key);
+    const bool visible = key < end && band.sees(t.row, key) && key_is_real(a, t, key);
     float ds = 0.f;
     if (visible) {
       float score = 0.f, dp = 0.f;
@@ -230,7 +252,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBa
   stage_rows<T, D, kWarps>(v_s, a.v, a.v_stride, a, t, t.row0, t.seq.length, 1.f);
 
   float dk[kPerLane] = {}, dv[kPerLane] = {};
-  for_each_visible_chunk(a, a.col_offsets, a.row_indices, t, [&](int64_t chunk, int64_t end) {
+  const Band band = band_from_keys(a);
+  for_each_visible_chunk(a, band, a.col_offsets, a.row_indices, t, [&](int64_t chunk, int64_t end) {
     __syncthreads();
     stage_rows<T, D, kChunk>(q_s, a.q, a.q_stride, a, t, chunk, end, 1.f);
     stage_rows<T, D, kChunk>(do_s, a.dout, a.dout_stride, a, t, chunk, end, 1.f);
@@ -243,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBa
     __syncthreads();
     if (!key_valid) return;
     const int64_t query = chunk + lane;
-    const bool visible = query < end && (a.window < 0 || llabs(query - key) <= a.window) && lse_s[lane] != INFINITY;
+    const bool visible = query < end && band.sees(key, query) && lse_s[lane] != INFINITY;
     float p = 0.f, ds = 0.f;
     if (visible) {
       float score = 0.f, dp = 0.f;

@@ -37,7 +37,8 @@ def _per_sequence(bounds, *tensors):
 
 def attention_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens):
     """(out, lse) for [batch, heads, seq, dim] inputs, or [total, heads, dim] with cu_seqlens
-    (lse [heads, total]); ``window`` None for no window."""
+    (lse [heads, total]); ``window`` is (left, right): query i sees key j only where
+    -right <= i - j <= left, -1 leaving a side unbounded."""
     if cu_seqlens is None:
         return _forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask)
     bounds = cu_seqlens.tolist()

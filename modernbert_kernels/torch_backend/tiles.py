@@ -67,11 +67,22 @@ def _padded_output(batch, heads, num_blocks, block_size, tail, device):
     return torch.empty(batch, heads, num_blocks * block_size, *tail, device=device, dtype=torch.float32)
 
 
+def _in_band(distance: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """distance = query - key positions; True inside the band -right <= distance <= left."""
+    visible = None
+    if left >= 0:
+        visible = distance <= left
+    if right >= 0:
+        visible = distance >= -right if visible is None else visible & (distance >= -right)
+    return visible
+
+
 class _Masks:
-    """Token-level visibility of a group of tiles: window, sequence end, key padding."""
+    """Token-level visibility of a group of tiles: the band (window, causal), sequence end, key padding."""
 
     def __init__(self, block_size, seq_len, num_blocks, window, key_padding_mask, device):
-        self.block_size, self.seq_len, self.window = block_size, seq_len, window
+        self.block_size, self.seq_len = block_size, seq_len
+        self.left, self.right = window
         self.token = torch.arange(block_size, device=device)
         self.key_keep = None
         if key_padding_mask is not None:  # [num_blocks, batch, 1, 1, block]
@@ -83,9 +94,12 @@ class _Masks:
         """Mask for query blocks [first, last) against key blocks shifted by offset, or None."""
         bs = self.block_size
         mask = None
-        if self.window is not None and (abs(offset) + 1) * bs - 1 > self.window:
+        # Query - key distances in these tiles run from -offset * bs - (bs - 1) to -offset * bs + bs - 1.
+        reaches_out = ((self.left >= 0 and -offset * bs + bs - 1 > self.left)
+                       or (self.right >= 0 and offset * bs + bs - 1 > self.right))
+        if reaches_out:
             distance = -offset * bs + self.token[:, None] - self.token[None, :]
-            mask = (distance.abs() <= self.window)[None, None, None]
+            mask = _in_band(distance, self.left, self.right)[None, None, None]
         key_start = (torch.arange(first + offset, last + offset, device=self.token.device) * bs)
         if (last + offset) * bs > self.seq_len:
             in_seq = (key_start[:, None] + self.token < self.seq_len)[:, None, None, None, :]
@@ -101,9 +115,9 @@ class _Masks:
         key_pos = (keys[:, :, None] * bs + self.token).reshape(keys.shape[0], -1)
         visible = valid.repeat_interleave(bs, 1) & (key_pos < self.seq_len)
         visible = visible[:, None, None, None, :]
-        if self.window is not None:
+        if self.left >= 0 or self.right >= 0:
             query_pos = rows[:, None] * bs + self.token
-            near = (query_pos[:, :, None] - key_pos[:, None, :]).abs() <= self.window
+            near = _in_band(query_pos[:, :, None] - key_pos[:, None, :], self.left, self.right)
             visible = visible & near[:, None, None]
         if self.key_keep is not None:
             keep = self.key_keep[:, :, 0, 0].permute(1, 0, 2).reshape(self.key_keep.shape[1], -1)

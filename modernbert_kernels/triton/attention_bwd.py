@@ -17,7 +17,8 @@ from .attention_common import LOG2E, load_key_tile, load_rows, sub_tile_start, t
 
 
 @triton.jit
-def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window, sm_scale,
+def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window_left,
+            window_right, sm_scale,
             stride_qt, stride_kt, stride_vt, stride_ot,
             HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -42,8 +43,9 @@ def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_s
                                               LAYOUT_BLOCK, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if tile_needs_mask(q_start, k_start, seq_len, window, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK):
-            visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window, KeyMaskRow,
+        if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
+                           HAS_KEY_MASK):
+            visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window_left, window_right, KeyMaskRow,
                                 HAS_WINDOW, HAS_KEY_MASK)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -54,7 +56,8 @@ def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_s
 
 
 @triton.jit
-def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_start, seq_len, window, sm_scale,
+def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_start, seq_len, window_left,
+              window_right, sm_scale,
               stride_qt, stride_kt, stride_vt, stride_ot,
               HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -82,8 +85,9 @@ def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_
         # Key-major tiles ([BLOCK_N, BLOCK_M]) so dK and dV accumulate without transposes.
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if tile_needs_mask(q_start, k_start, seq_len, window, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK):
-            visible_t = tile_mask(offs_m[None, :], offs_n[:, None], seq_len, window, KeyMaskRow,
+        if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
+                           HAS_KEY_MASK):
+            visible_t = tile_mask(offs_m[None, :], offs_n[:, None], seq_len, window_left, window_right, KeyMaskRow,
                                   HAS_WINDOW, HAS_KEY_MASK)
             p_t = tl.where(visible_t, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)

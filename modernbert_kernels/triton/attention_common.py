@@ -100,26 +100,33 @@ def first_index_at_or_above(Indices, lo, hi, limit):
     return lo
 
 
+# The band's unbounded side, as the kernels take it: farther than any sequence reaches.
+UNBOUNDED = 1 << 30
+
+
 @triton.jit
-def tile_needs_mask(q_start, k_start, seq_len, window,
+def tile_needs_mask(q_start, k_start, seq_len, window_left, window_right,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    """False for tiles fully inside the sequence and the window: they skip the token mask."""
+    """False for tiles fully inside the sequence and the band (window, causal): they skip the
+    token mask."""
     # Query rows past the end are never stored (forward, dq) or carry lse = +inf (dk, dv), so
     # only the key side of the sequence bound needs masking.
     needs = k_start + BLOCK_N > seq_len
     if HAS_WINDOW:
-        farthest = tl.maximum(q_start + BLOCK_M - 1 - k_start, k_start + BLOCK_N - 1 - q_start)
-        needs = needs | (farthest > window)
+        farthest_back = q_start + BLOCK_M - 1 - k_start  # the largest query - key in the tile
+        farthest_ahead = k_start + BLOCK_N - 1 - q_start  # the largest key - query
+        needs = needs | (farthest_back > window_left) | (farthest_ahead > window_right)
     if HAS_KEY_MASK:
         needs = needs | True
     return needs
 
 
 @triton.jit
-def tile_mask(q_pos, k_pos, seq_len, window, KeyMaskRow,
+def tile_mask(q_pos, k_pos, seq_len, window_left, window_right, KeyMaskRow,
               HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    """Token-level visibility of a tile: sequence end, window, key padding.
+    """Token-level visibility of a tile: sequence end, band (-window_right <= query - key <=
+    window_left: a window, causal, or both), key padding.
 
     ``q_pos`` and ``k_pos`` are broadcastable 2-D positions ([M, 1] and [1, N], or transposed for
     the dK/dV kernel, which works on key-major tiles).
@@ -127,7 +134,7 @@ def tile_mask(q_pos, k_pos, seq_len, window, KeyMaskRow,
     visible = (k_pos < seq_len) & (q_pos < seq_len)
     if HAS_WINDOW:
         distance = q_pos - k_pos
-        visible = visible & (distance <= window) & (distance >= -window)
+        visible = visible & (distance <= window_left) & (distance >= -window_right)
     if HAS_KEY_MASK:
         keep = tl.load(KeyMaskRow + k_pos, mask=k_pos < seq_len, other=0)
         visible = visible & (keep != 0)

@@ -14,7 +14,7 @@ from .attention_common import LOG2E, load_key_tile, load_rows, tile_mask, tile_n
 
 
 @triton.jit
-def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window, sm_scale,
+def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window_left, window_right, sm_scale,
                  stride_qt, stride_kt, stride_vt, stride_ot,
                  HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -34,8 +34,10 @@ def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_le
         k_start, offs_n, k, v = load_key_tile(K, V, Indices, t, offs_n0, offs_d, stride_kt, stride_vt, seq_len,
                                               LAYOUT_BLOCK, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if tile_needs_mask(q_start, k_start, seq_len, window, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK):
-            visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window, KeyMaskRow, HAS_WINDOW, HAS_KEY_MASK)
+        if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
+                           HAS_KEY_MASK):
+            visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window_left, window_right, KeyMaskRow,
+                                HAS_WINDOW, HAS_KEY_MASK)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that

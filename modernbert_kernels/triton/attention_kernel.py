@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..backends import autotuning
 from .attention_bwd import dkdv_rows, dq_rows
-from .attention_common import dot_precision, layout_entries, program_rows, sequence_base, sequence_offset
+from .attention_common import UNBOUNDED, dot_precision, layout_entries, program_rows, sequence_base, sequence_offset
 from .attention_fwd import forward_rows
 from .configs import all_configs, fixed_launch, pruner
 
@@ -34,7 +34,7 @@ def block_sparse_attention_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
     stride_mb,
-    layout_head_stride, num_heads, seq_len_padded, window, sm_scale,
+    layout_head_stride, num_heads, seq_len_padded, window_left, window_right, sm_scale,
     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
@@ -56,16 +56,16 @@ def block_sparse_attention_kernel(
     KeyMaskRow = KeyMask + batch64 * stride_mb
     if PASS == PASS_FWD:
         forward_rows(Q_seq, K_seq, V_seq, Out + o_seq, Lse + lse_seq, KeyMaskRow, Indices, lo, hi, start, seq_len,
-                     window, sm_scale, stride_qt, stride_kt, stride_vt, stride_ot,
+                     window_left, window_right, sm_scale, stride_qt, stride_kt, stride_vt, stride_ot,
                      HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
     elif PASS == PASS_DQ:
         dq_rows(Q_seq, K_seq, V_seq, Out + o_seq, DOut + o_seq, DQ + o_seq, Lse + lse_seq, Delta + lse_seq,
-                KeyMaskRow, Indices, lo, hi, start, seq_len, window, sm_scale, stride_qt, stride_kt, stride_vt,
-                stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
+                KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, stride_qt,
+                stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
     else:
         dkdv_rows(Q_seq, K_seq, V_seq, DOut + o_seq, DK + o_seq, DV + o_seq, Lse + lse_seq, Delta + lse_seq,
-                  KeyMaskRow, Indices, lo, hi, start, seq_len, window, sm_scale, stride_qt, stride_kt, stride_vt,
-                  stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
+                  KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, stride_qt,
+                  stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
 
 
 # Tile shapes and pipelining depth are tuned per GPU and pass at first call, among the candidates
@@ -83,7 +83,8 @@ TUNED = {
 class _Launch:
     """The arguments every pass shares, built once per call: problem sizes, the (batch, token, head)
     strides of q, k, v and of the contiguous result (out, or dq with dk and dv), lse strides, the
-    key mask, the layout's head stride, and the constexpr flags."""
+    key mask, the layout's head stride, the band and the constexpr flags. ``window`` is (left, right),
+    -1 for an unbounded side (reference.window_bounds)."""
 
     def __init__(self, q, k, v, result, lse, layout_block, layout_heads, row_offsets, *,
                  window, scale, key_padding_mask, cu_seqlens, max_seqlen):
@@ -105,11 +106,11 @@ class _Launch:
             *strides[0], *strides[1], *strides[2], *strides[3], *lse_strides,
             self.key_mask.stride(0) if has_key_mask else 0,
             0 if layout_heads == 1 else row_offsets.shape[1],
-            self.heads, self.seq_len_padded, -1 if window is None else window, scale,
+            self.heads, self.seq_len_padded, *(UNBOUNDED if side < 0 else side for side in window), scale,
         )
         self.flags = dict(
             HEAD_DIM=q.shape[-1], LAYOUT_BLOCK=layout_block, IS_VARLEN=varlen,
-            HAS_WINDOW=window is not None, HAS_KEY_MASK=has_key_mask, DOT_PRECISION=dot_precision(q.dtype),
+            HAS_WINDOW=tuple(window) != (-1, -1), HAS_KEY_MASK=has_key_mask, DOT_PRECISION=dot_precision(q.dtype),
         )
         self.layout_block, self.dtype, self.device = layout_block, q.dtype, q.device
         self.unused = q.new_empty(0)  # the pointers a pass does not read
