@@ -1,10 +1,13 @@
-"""Block-sparse attention vs dense baselines with the same mask (sliding window, ModernBERT's local layers).
+"""Block-sparse attention vs dense baselines with the same mask: the sliding window of ModernBERT's
+local layers (bench "attention"), and the causal sliding window of decoders' local layers (Mistral,
+Gemma: 0 <= i - j <= w; bench "attention_causal").
 
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
 backend="cuda" (the C++ extension's CUDA kernel) vs SDPA with the mask and FlexAttention with the
 same window (create_block_mask), forward and forward+backward. FlexAttention is timed on the CPU
-as well (compiled by inductor for the CPU).
+as well (compiled by inductor for the CPU). The causal rows add SDPA with ``is_causal=True`` and no
+window: the dense causal cost a user without a window mask would pay.
 
     python -m benchmarks.attention --device cpu --out benchmarks/results/local
 """
@@ -20,9 +23,9 @@ from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import block_sparse_attention, layouts, native
 
 
-def visible_pairs(seq_len: int, window: int) -> int:
-    """Number of (i, j) with |i - j| <= window inside a sequence: the useful work."""
-    return sum(min(i + window, seq_len - 1) - max(i - window, 0) + 1 for i in range(seq_len))
+def visible_pairs(seq_len: int, window: int, causal: bool = False) -> int:
+    """Number of (i, j) with |i - j| <= window (and j <= i if causal) inside a sequence: the useful work."""
+    return sum((i if causal else min(i + window, seq_len - 1)) - max(i - window, 0) + 1 for i in range(seq_len))
 
 
 def attention_flops(batch, heads, head_dim, pairs, backward: bool) -> float:
@@ -30,9 +33,10 @@ def attention_flops(batch, heads, head_dim, pairs, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)  # backward: 5 matmuls, one recomputing QK^T (FA2 count)
 
 
-def _window_mask(seq_len, window, device):
+def _window_mask(seq_len, window, device, causal=False):
     pos = torch.arange(seq_len, device=device)
-    return (pos[:, None] - pos[None, :]).abs() <= window
+    distance = pos[:, None] - pos[None, :]
+    return (distance.abs() <= window) & ((distance >= 0) | (not causal))
 
 
 def _sdpa_with(backend, attn_mask):
@@ -45,24 +49,27 @@ def _sdpa_with(backend, attn_mask):
     return call
 
 
-def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool):
+def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool, causal: bool = False):
     """name -> function(q, k, v) returning the attention output, for this device."""
     from torch.nn.attention import SDPBackend
 
-    layout = layouts.sliding_window(seq_len, window, block_size)
+    layout = layouts.sliding_window(seq_len, window, block_size, causal=causal)
     ours = ["triton"] if device.type == "cuda" else []
     if native.status(device.type)[0]:  # the C++ extension's kernel for this device
         ours.append(device.type)
     if device.type == "cpu":
         ours.append("torch")
-    mask = _window_mask(seq_len, window, device)
+    mask = _window_mask(seq_len, window, device, causal)
     found = {
         f"block_sparse_{backend}": (
-            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, backend=backend)
+            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
+                                                                   backend=backend)
         )
         for backend in ours
     }
     found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if causal:
+        found["sdpa_is_causal_no_window"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # Each SDPA backend on its own, where present (an unusable one is skipped with a note).
     if device.type == "cpu" and not quick:
         found["sdpa_math_masked"] = _sdpa_with(SDPBackend.MATH, mask)
@@ -78,23 +85,27 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
             from flash_attn import flash_attn_func
 
             found["flash_attn_window"] = lambda q, k, v: flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(window, window)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(window, 0 if causal else window),
+                causal=causal,
             ).transpose(1, 2)
         except ImportError:
             pass
 
-    found["flex_attention"] = _flex_attention(seq_len, window, device)
+    found["flex_attention"] = _flex_attention(seq_len, window, device, causal)
     return found
 
 
-def _flex_attention(seq_len: int, window: int, device: torch.device):
-    """torch.compile(flex_attention) with the same window as a block mask (CPU too: inductor's
-    C++ template). Its first call compiles (~13 s on the 2-core CPU), which the warm-up absorbs."""
+def _flex_attention(seq_len: int, window: int, device: torch.device, causal: bool = False):
+    """torch.compile(flex_attention) with the same window (and causal mask) as a block mask (CPU
+    too: inductor's C++ template). Its first call compiles (~13 s on the 2-core CPU), which the
+    warm-up absorbs."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    block_mask = create_block_mask(
-        lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window, None, None, seq_len, seq_len, device=device
-    )
+    def mask_mod(b, h, q_idx, kv_idx):
+        near = (q_idx - kv_idx).abs() <= window
+        return near & (q_idx >= kv_idx) if causal else near
+
+    block_mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
     # dynamic=False: one static compile per sequence length (168 ms at 8192 tokens on the CPU).
     compiled_flex = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
@@ -113,10 +124,13 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
     if smoke:  # every provider once, at the smallest size worth a layout of several blocks
         seq_lens, passes = [1024], ["fwd"]
     batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
+    # The causal sliding window at every length, except in the GPU suite's budgeted headline: 8192 only.
+    cases = [(n, False) for n in seq_lens] + [(n, True) for n in ([8192] if headline else seq_lens)]
     rows = []
-    for seq_len in seq_lens:
-        pairs = visible_pairs(seq_len, window)
-        funcs = providers(device, seq_len, window, block_size, quick)
+    for seq_len, causal in cases:
+        pairs = visible_pairs(seq_len, window, causal)
+        funcs = providers(device, seq_len, window, block_size, quick, causal)
+        bench = "attention_causal" if causal else "attention"
         baseline_name = "sdpa_dense_masked"
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
@@ -150,17 +164,17 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
                     measured[name] = summarize(time_fn(step, device))
                 except RuntimeError as err:  # a baseline backend that cannot take this input
                     if progress:
-                        progress(f"attention {pass_name} seq={seq_len} {name}: unavailable ({str(err)[:80]})")
+                        progress(f"{bench} {pass_name} seq={seq_len} {name}: unavailable ({str(err)[:80]})")
                     continue
                 if progress:
-                    progress(f"attention {pass_name} seq={seq_len} {name}: {measured[name]['median_ms']:.2f} ms")
+                    progress(f"{bench} {pass_name} seq={seq_len} {name}: {measured[name]['median_ms']:.2f} ms")
             flops = attention_flops(batch, heads, head_dim, pairs, backward)
             # Compulsory traffic: q, k, v read and the output written (and for the backward, dO read
             # and dq, dk, dv written, plus q, k, v, O read again).
             tensor_bytes = batch * heads * seq_len * head_dim * q.element_size()
             moved = tensor_bytes * (4 + (8 if backward else 0))
             rows += result_rows(
-                "attention", pass_name, measured, baseline_name, flops=flops, bytes_moved=moved, seq_len=seq_len,
+                bench, pass_name, measured, baseline_name, flops=flops, bytes_moved=moved, seq_len=seq_len,
                 batch=batch, heads=heads, head_dim=head_dim, window=window, dtype=str(dtype).replace("torch.", ""),
             )
     return rows
