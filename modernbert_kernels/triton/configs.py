@@ -71,6 +71,8 @@ _SPILLS = {
     (80, "fp32", "fwd", 64, 32, 32, 4, 1),
     (80, "fp32", "fwd", 128, 16, 32, 4, 2),
     (80, "fp32", "dkdv", 128, 16, 16, 4, 2),
+    # The band (window_left / window_right for causal masks, issue #21): Triton 3.6, 8 bytes
+    (90, "fp32", "fwd", 32, 16, 32, 4, 2),
     # Triton 3.6
     (90, "fp32", "fwd", 64, 32, 32, 4, 1),
     (90, "fp32", "fwd", 128, 16, 32, 4, 2),
