@@ -47,6 +47,36 @@ struct AttentionParams {
   float scale;
 };
 
+#if defined(__CUDACC__)
+#define MODERNBERT_KERNELS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MODERNBERT_KERNELS_HOST_DEVICE inline
+#endif
+
+// The band as a pass sees it: column c (a key, or a query in the dk/dv pass) is visible from row
+// r when -below <= c - r <= above. The CPU and CUDA kernels both take it from here, so the dk/dv
+// pass's swapped orientation is written once.
+struct Band {
+  bool on;
+  int64_t below, above;
+
+  // Rows are queries, columns keys (the forward and the dq pass).
+  MODERNBERT_KERNELS_HOST_DEVICE static Band from_queries(const AttentionParams& a) {
+    return {a.banded, a.window_left, a.window_right};
+  }
+  // Rows are keys, columns queries (the dk/dv pass).
+  MODERNBERT_KERNELS_HOST_DEVICE static Band from_keys(const AttentionParams& a) {
+    return {a.banded, a.window_right, a.window_left};
+  }
+  MODERNBERT_KERNELS_HOST_DEVICE bool sees(int64_t row, int64_t column) const {
+    return !on || (column - row >= -below && column - row <= above);
+  }
+  // Whether no pair between rows [r0, r_last] and columns [c0, c_last] lies in the band.
+  MODERNBERT_KERNELS_HOST_DEVICE bool misses(int64_t r0, int64_t r_last, int64_t c0, int64_t c_last) const {
+    return on && (c0 > r_last + above || c_last < r0 - below);
+  }
+};
+
 struct AttentionBackwardParams : AttentionParams {
   const void* dout;
   void* dq;  // dq, dk and dv share grad_stride

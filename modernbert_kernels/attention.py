@@ -303,9 +303,10 @@ def block_sparse_attention(
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen)
+    band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
-        if (backend == "cpu" and window is None and not causal and key_padding_mask is None
+        if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
             # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
@@ -324,7 +325,7 @@ def block_sparse_attention(
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, _ = _attention_op(
-        q, k, v, *layout.tensors_on(q.device), layout.block_size, *window_bounds(window, causal), scale,
+        q, k, v, *layout.tensors_on(q.device), layout.block_size, *band, scale,
         key_padding_mask, cu_seqlens, seq_len if cu_seqlens is not None else 0, backend,
     )
     return out

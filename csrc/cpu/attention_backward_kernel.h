@@ -68,7 +68,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
   const float log2e = 1.4426950408889634f;
   const float inf = __builtin_inff();
   const bool dq_pass = pass == BackwardPass::Dq;
-  const Band band = dq_pass ? band_from_queries(a) : band_from_keys(a);
+  const Band band = dq_pass ? Band::from_queries(a) : Band::from_keys(a);
   BackwardWorkspace w(workspace);
   BlockCache slots(modernbert_kernels::cpu::kBackwardCacheSlots);
   float ones[kRowTile];
@@ -115,7 +115,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
       const int64_t j0 = int64_t(indices[e]) * bs;
       if (j0 >= seq_len) break;
       const int cols = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
-      if (outside_band(band, i0, i0 + rows - 1, j0, j0 + cols - 1)) continue;
+      if (band.misses(i0, i0 + rows - 1, j0, j0 + cols - 1)) continue;
       const int padded_cols = (cols + kLanes - 1) / kLanes * kLanes;
 
       bool cached;

@@ -19,6 +19,7 @@ constexpr int kOutVectors = 4;     // vectors of head_dim per P V microkernel ca
 constexpr int kRowStride = modernbert_kernels::kMaxBlockSize;  // floats per score row
 
 using modernbert_kernels::AttentionParams;
+using modernbert_kernels::Band;
 using modernbert_kernels::kMaxBlockSize;
 using modernbert_kernels::kMaxHeadDim;
 
@@ -48,28 +49,6 @@ struct BlockCache {
     return slot;
   }
 };
-
-// The band (window, causal) as a pass sees it: column c (a key, or a query in the dk/dv pass) is
-// visible from row r when -below <= c - r <= above.
-struct Band {
-  bool on;
-  int64_t below, above;
-};
-
-// Rows are queries, columns keys (the forward and the dq pass).
-inline Band band_from_queries(const modernbert_kernels::AttentionParams& a) {
-  return {a.banded, a.window_left, a.window_right};
-}
-
-// Rows are keys, columns queries (the dk/dv pass).
-inline Band band_from_keys(const modernbert_kernels::AttentionParams& a) {
-  return {a.banded, a.window_right, a.window_left};
-}
-
-// Whether the band leaves no pair between rows [r0, r_last] and columns [c0, c_last].
-inline bool outside_band(const Band& band, int64_t r0, int64_t r_last, int64_t c0, int64_t c_last) {
-  return band.on && (c0 > r_last + band.above || c_last < r0 - band.below);
-}
 
 // The kLanes-aligned columns [*begin, *end) of a block starting at token block_start (padded to
 // `padded` columns) that some row of the tile [first, first + kRowTile) sees through the band;
@@ -186,7 +165,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const int64_t num_q_blocks = (a.seq_len + bs - 1) / bs;
-  const Band band = band_from_queries(a);
+  const Band band = Band::from_queries(a);
   const float q_scale = a.scale * 1.4426950408889634f;
   const float inf = __builtin_inff();
 
@@ -227,7 +206,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       const int64_t j0 = int64_t(a.col_indices[e]) * bs;
       if (j0 >= seq_len) break;  // sorted: the rest lie past the sequence
       const int keys = static_cast<int>(seq_len - j0 < bs ? seq_len - j0 : bs);
-      if (outside_band(band, i0, q_last, j0, j0 + keys - 1)) continue;
+      if (band.misses(i0, q_last, j0, j0 + keys - 1)) continue;
       const int padded_keys = (keys + kLanes - 1) / kLanes * kLanes;
 
       bool cached;

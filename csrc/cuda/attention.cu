@@ -86,25 +86,6 @@ __device__ __forceinline__ void stage_keys_and_values(float (*k_s)[D + 1], float
   __syncthreads();
 }
 
-// The band (window, causal) as a pass sees it: column c (a key, or a query in the dk/dv pass) is
-// visible from row r when -below <= c - r <= above.
-struct Band {
-  bool on;
-  int64_t below, above;
-
-  __device__ __forceinline__ bool sees(int64_t row, int64_t column) const {
-    return !on || (column - row >= -below && column - row <= above);
-  }
-};
-
-__device__ __forceinline__ Band band_from_queries(const AttentionParams& a) {
-  return {a.banded, a.window_left, a.window_right};
-}
-
-__device__ __forceinline__ Band band_from_keys(const AttentionParams& a) {
-  return {a.banded, a.window_right, a.window_left};
-}
-
 // Calls visit(chunk, end) for each stage [chunk, min(chunk + kChunk, end)) of the tokens the
 // tile's rows may see: the blocks of the tile's layout row (offsets / indices: the layout, or its
 // transpose for dk / dv), cut to the sequence and to the band around the tile. Uniform across
@@ -139,7 +120,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
   stage_rows<T, D, kWarps>(q_s, a.q, a.q_stride, a, t, t.row0, t.seq.length, a.scale * kLog2e);
 
   float row_max = -INFINITY, row_sum = 0.f, acc[kPerLane] = {};
-  const Band band = band_from_queries(a);
+  const Band band = Band::from_queries(a);
   for_each_visible_chunk(a, band, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
     stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside()) return;
@@ -203,7 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBack
     if (lane == 0) a.delta[stat] = delta;
   }
   float acc[kPerLane] = {};
-  const Band band = band_from_queries(a);
+  const Band band = Band::from_queries(a);
   for_each_visible_chunk(a, band, a.row_offsets, a.col_indices, t, [&](int64_t chunk, int64_t end) {
     stage_keys_and_values<T, D>(k_s, v_s, a, t, chunk, end);
     if (!t.row_inside() || lse == INFINITY) return;
@@ -252,7 +233,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBa
   stage_rows<T, D, kWarps>(v_s, a.v, a.v_stride, a, t, t.row0, t.seq.length, 1.f);
 
   float dk[kPerLane] = {}, dv[kPerLane] = {};
-  const Band band = band_from_keys(a);
+  const Band band = Band::from_keys(a);
   for_each_visible_chunk(a, band, a.col_offsets, a.row_indices, t, [&](int64_t chunk, int64_t end) {
     __syncthreads();
     stage_rows<T, D, kChunk>(q_s, a.q, a.q_stride, a, t, chunk, end, 1.f);
