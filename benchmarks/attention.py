@@ -1,6 +1,8 @@
 """Block-sparse attention vs dense baselines with the same mask: the sliding window of ModernBERT's
-local layers (bench "attention"), and the causal sliding window of decoders' local layers (Mistral,
-Gemma: 0 <= i - j <= w; bench "attention_causal").
+local layers (bench "attention"), the causal sliding window of decoders' local layers (Mistral,
+Gemma: 0 <= i - j <= w; bench "attention_causal"), and Longformer's pattern (bench
+"attention_global": a window of 256 each side plus 1% of the tokens global, at random positions
+that differ per example; its baselines get the same per-example mask).
 
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
@@ -111,6 +113,50 @@ def _flex_attention(seq_len: int, window: int, device: torch.device, causal: boo
     return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
 
 
+GLOBAL_WINDOW, GLOBAL_FRACTION, GLOBAL_BATCH = 256, 0.01, 2
+
+
+def random_global_tokens(batch: int, seq_len: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """[batch, seq_len] bool: GLOBAL_FRACTION of each example's tokens, at positions of its own."""
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, round(GLOBAL_FRACTION * seq_len))
+    marked = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for row in marked:
+        row[torch.randperm(seq_len, generator=generator)[:count]] = True
+    return marked.to(device)
+
+
+def global_providers(device: torch.device, seq_len: int, block_size: int, global_tokens: torch.Tensor):
+    """name -> function(q, k, v) for Longformer's pattern: ours (window layout + global_tokens), SDPA
+    with the equivalent [batch, 1, seq, seq] mask, and FlexAttention with the per-example block mask
+    (made once, outside the timing: a user would pay it for every batch)."""
+    window = GLOBAL_WINDOW
+    layout = layouts.sliding_window(seq_len, window, block_size)
+    ours = ["triton"] if device.type == "cuda" else []
+    if native.status(device.type)[0]:
+        ours.append(device.type)
+    if device.type == "cpu":
+        ours.append("torch")
+    found = {
+        f"block_sparse_{backend}": (
+            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window,
+                                                                   global_tokens=global_tokens, backend=backend)
+        )
+        for backend in ours
+    }
+    mask = _window_mask(seq_len, window, device)[None, None] | global_tokens[:, None, :, None] | global_tokens[:, None, None, :]
+    found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx).abs() <= window) | global_tokens[b, q_idx] | global_tokens[b, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, global_tokens.shape[0], None, seq_len, seq_len, device=device)
+    compiled_flex = torch.compile(flex_attention, dynamic=False)
+    found["flex_attention"] = lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+    return found, int(mask.sum()) // global_tokens.shape[0], block_mask.sparsity()
+
+
 # The GPU suite's headline sizes (benchmarks/gpu_suite.py, stage b).
 HEADLINE_SEQ_LENS = [4096, 8192, 16384]
 
@@ -124,13 +170,25 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
     if smoke:  # every provider once, at the smallest size worth a layout of several blocks
         seq_lens, passes = [1024], ["fwd"]
     batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
-    # The causal sliding window at every length, except in the GPU suite's budgeted headline: 8192 only.
-    cases = [(n, False) for n in seq_lens] + [(n, True) for n in ([8192] if headline else seq_lens)]
+    # The causal sliding window at every length, Longformer's pattern at the longest; in the GPU
+    # suite's budgeted headline, both at 8192 only.
+    long_only = [8192] if headline else seq_lens[-1:]
+    cases = ([(n, "attention") for n in seq_lens] + [(n, "attention_causal") for n in (long_only if headline else seq_lens)]
+             + [(n, "attention_global") for n in long_only])
     rows = []
-    for seq_len, causal in cases:
-        pairs = visible_pairs(seq_len, window, causal)
-        funcs = providers(device, seq_len, window, block_size, quick, causal)
-        bench = "attention_causal" if causal else "attention"
+    for seq_len, bench in cases:
+        causal = bench == "attention_causal"
+        batch, extra = 1, {}
+        if bench == "attention_global":
+            batch = GLOBAL_BATCH
+            global_tokens = random_global_tokens(batch, seq_len, device)
+            funcs, pairs, flex_sparsity = global_providers(device, seq_len, block_size, global_tokens)
+            extra = dict(window=GLOBAL_WINDOW, global_tokens_per_example=int(global_tokens[0].sum()),
+                         flex_block_sparsity_percent=round(flex_sparsity, 1))
+        else:
+            pairs = visible_pairs(seq_len, window, causal)
+            funcs = providers(device, seq_len, window, block_size, quick, causal)
+            extra = dict(window=window)
         baseline_name = "sdpa_dense_masked"
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
@@ -175,7 +233,7 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             moved = tensor_bytes * (4 + (8 if backward else 0))
             rows += result_rows(
                 bench, pass_name, measured, baseline_name, flops=flops, bytes_moved=moved, seq_len=seq_len,
-                batch=batch, heads=heads, head_dim=head_dim, window=window, dtype=str(dtype).replace("torch.", ""),
+                batch=batch, heads=heads, head_dim=head_dim, dtype=str(dtype).replace("torch.", ""), **extra,
             )
     return rows
 

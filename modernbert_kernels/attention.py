@@ -17,6 +17,7 @@ import torch
 
 from . import backends, torch_backend
 from .block_sparse_layout import BlockSparseLayout
+from .global_attention import attention_with_global_tokens
 from .reference import block_sparse_attention_reference, window_bounds
 from .tensor_cache import TensorCache
 
@@ -205,7 +206,19 @@ def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen:
     return max_seqlen
 
 
-def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen):
+def _check_global_tokens(global_tokens, q, varlen):
+    expected = (q.shape[0],) if varlen else (q.shape[0], q.shape[2])
+    if not isinstance(global_tokens, torch.Tensor) or global_tokens.dtype != torch.bool:
+        raise TypeError(f"global_tokens must be a bool tensor {list(expected)} (True = global token), "
+                        f"got {global_tokens.dtype if isinstance(global_tokens, torch.Tensor) else type(global_tokens).__name__}")
+    if tuple(global_tokens.shape) != expected:
+        what = "[total_tokens] with cu_seqlens" if varlen else "[batch, seq]"
+        raise ValueError(f"global_tokens must be {what} = {expected}, got {tuple(global_tokens.shape)}")
+    if global_tokens.device != q.device:
+        raise ValueError(f"global_tokens is on {global_tokens.device} but q is on {q.device}")
+
+
+def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -267,6 +280,8 @@ def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens,
                 )
             if key_padding_mask.device != q.device:
                 raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if global_tokens is not None:
+        _check_global_tokens(global_tokens, q, varlen)
     covered = layout.num_blocks * layout.block_size
     if seq_len > covered:
         raise ValueError(
@@ -288,6 +303,7 @@ def block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    global_tokens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v over the tiles ``layout`` visits.
@@ -296,13 +312,16 @@ def block_sparse_attention(
     ``cu_seqlens`` (int32 ``[batch + 1]``; every sequence starts at position 0 of the layout).
     Query i sees key j when the layout visits their tile, ``|i - j| <= window`` (if given),
     ``j <= i`` (if ``causal``; with a window: ``0 <= i - j <= window``, a sliding-window decoder), and
-    key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen). A query that
-    sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
+    key j is real (``key_padding_mask[b, j]`` True; inside the sequence for varlen).
+    ``global_tokens`` (bool, ``[batch, seq]``, or ``[total_tokens]`` with cu_seqlens) marks tokens,
+    per example, that see every real key of their sequence and that every query of their sequence
+    sees, whatever the layout and the band say (Longformer's global attention; see
+    global_attention.py). A query that sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
-    seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen)
+    seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
@@ -317,15 +336,18 @@ def block_sparse_attention(
     if kernels.differentiable is not None:
         return kernels.differentiable(
             q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
-            causal=causal,
+            causal=causal, global_tokens=global_tokens,
         )
     if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out, _ = _attention_op(
-        q, k, v, *layout.tensors_on(q.device), layout.block_size, *band, scale,
-        key_padding_mask, cu_seqlens, seq_len if cu_seqlens is not None else 0, backend,
-    )
-    return out
+    options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, key_padding_mask, cu_seqlens,
+               seq_len if cu_seqlens is not None else 0, backend)
+    if global_tokens is not None:
+        local_ops = (lambda q, k, v: _attention_op(q, k, v, *options),
+                     lambda dout, q, k, v, out, lse: _attention_backward_op(dout, q, k, v, out, lse, *options))
+        return attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,
+                                            local_ops)
+    return _attention_op(q, k, v, *options)[0]

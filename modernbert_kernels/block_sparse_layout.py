@@ -60,6 +60,7 @@ class BlockSparseLayout:
             self.col_offsets, self.row_indices = _transpose_csr(self.row_offsets, self.col_indices, self.num_blocks)
             self.dense_blocks = dense_prefix_blocks(self.row_offsets, self.col_indices)
         self._device_copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._block_masks: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_heads(self) -> int:
@@ -153,6 +154,13 @@ class BlockSparseLayout:
                 for t in (self.row_offsets, self.col_indices, self.col_offsets, self.row_indices)
             )
         return self._device_copies[device]
+
+    def block_mask_on(self, device: torch.device) -> torch.Tensor:
+        """``to_block_mask()`` on ``device``, made once (global tokens look tiles up in it)."""
+        device = torch.device(device)
+        if device not in self._block_masks:
+            self._block_masks[device] = self.to_block_mask().to(device)
+        return self._block_masks[device]
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -23,8 +23,12 @@ def attention_mask(
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
+    global_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[batch or 1, heads or 1, seq_len, seq_len]``: True where query i sees key j."""
+    """Boolean ``[batch or 1, heads or 1, seq_len, seq_len]``: True where query i sees key j.
+
+    ``global_tokens`` ``[batch, seq_len]``: a global query sees every key, a global key is seen by
+    every query, whatever the layout and the band say; padding stays unseen."""
     mask = layout.to_dense_mask(seq_len)[None]
     pos = torch.arange(seq_len)
     distance = pos[:, None] - pos[None, :]  # query - key
@@ -32,6 +36,9 @@ def attention_mask(
         mask = mask & (distance.abs() <= window)
     if causal:
         mask = mask & (distance >= 0)
+    if global_tokens is not None:
+        g = global_tokens.to("cpu", torch.bool)
+        mask = mask | g[:, None, :, None] | g[:, None, None, :]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask.to("cpu", torch.bool)[:, None, None, :]
     return mask
@@ -57,17 +64,19 @@ def block_sparse_attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
+    global_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention with the layout's token mask; same shapes and semantics as the kernels."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cu_seqlens is None:
-        mask = attention_mask(layout, q.shape[2], window, key_padding_mask, causal).to(q.device)
+        mask = attention_mask(layout, q.shape[2], window, key_padding_mask, causal, global_tokens).to(q.device)
         return _dense_masked_attention(q, k, v, mask, scale)
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
-        mask = attention_mask(layout, end - start, window, causal=causal).to(q.device)
+        seq_globals = None if global_tokens is None else global_tokens[None, start:end]
+        mask = attention_mask(layout, end - start, window, causal=causal, global_tokens=seq_globals).to(q.device)
         outputs.append(_dense_masked_attention(*seq, mask, scale)[0].transpose(0, 1))
     return torch.cat(outputs, 0)
 

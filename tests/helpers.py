@@ -69,17 +69,27 @@ def pairwise(factors: dict) -> list[dict]:
     return [{name: factors[name][index] for name, index in zip(names, case)} for case in chosen]
 
 
-def backend_matrix(factors: dict, ids: dict | None = None) -> list:
+def each_value(factors: dict) -> list[dict]:
+    """Every value of every factor in at least one case: as many cases as the longest factor has
+    values (case i takes value i modulo each factor's count)."""
+    longest = max((len(values) for values in factors.values()), default=1)
+    return [{name: values[i % len(values)] for name, values in factors.items()} for i in range(longest)]
+
+
+def backend_matrix(factors: dict, ids: dict | None = None, triton_strength: int = 2) -> list:
     """pytest params ("backend", *factors) for the CPU test matrix: the full cross product of
-    ``factors`` on the C++ and PyTorch backends (milliseconds a case), and a pairwise covering of it
-    (``pairwise``) for Triton in its interpreter. ``ids`` maps a factor to a function naming its
-    values in test ids."""
+    ``factors`` on the C++ and PyTorch backends (milliseconds a case), and for Triton in its
+    interpreter a covering of it: every pair of values (``pairwise``), or with ``triton_strength=1``
+    every value once (``each_value``: for features built on the kernels without changing them,
+    whose kernel paths other matrices already cover). ``ids`` maps a factor to a function naming
+    its values in test ids."""
     ids = ids or {}
     full = [dict(zip(factors, values)) for values in itertools.product(*factors.values())]
+    covering = {1: each_value, 2: pairwise}[triton_strength]
     params = []
     for backend in CPU_BACKENDS:
         name, marks = (backend.values[0], backend.marks) if hasattr(backend, "values") else (backend, ())
-        for case in pairwise(factors) if name == "triton" else full:
+        for case in covering(factors) if name == "triton" else full:
             case_id = "-".join([name] + [ids.get(f, str)(value) for f, value in case.items()])
             params.append(pytest.param(name, *case.values(), marks=marks, id=case_id))
     return params

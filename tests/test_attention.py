@@ -67,9 +67,25 @@ def make_inputs(mode, dtype, head_dim, heads=HEADS, seed=0):
     return q, k, v, dout, extra
 
 
+def global_tokens_for(mode):
+    """Per-example global tokens: in the middle of a block (45 with blocks of 32), the first and the
+    last token, a padding token (key_padding), and an example or a sequence with none."""
+    if mode == "varlen":
+        starts = [0] + torch.tensor(VARLEN_LENGTHS).cumsum(0).tolist()
+        marked = torch.zeros(starts[-1], dtype=torch.bool)
+        marked[[starts[0], starts[0] + 45, starts[0] + 149, starts[3] + 70]] = True  # sequence 1 has none
+        return marked
+    marked = torch.zeros(2, SEQ, dtype=torch.bool)
+    marked[0, [0, 45, 149]] = True
+    marked[1, [70, 120]] = True  # 120 is padding under key_padding: seen by no one, sees every real key
+    return marked
+
+
 def check_against_reference(backend, layout, mode, window, dtype, head_dim=64, scale=None, magnitude=1.0,
-                            tol=None, causal=False):
+                            tol=None, causal=False, with_globals=False):
     q, k, v, dout, extra = make_inputs(mode, dtype, head_dim)
+    if with_globals:
+        extra["global_tokens"] = global_tokens_for(mode)
     q, k = q * magnitude, k * magnitude
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention(*inputs, layout, window=window, causal=causal, scale=scale, backend=backend, **extra)
@@ -121,6 +137,43 @@ CAUSAL_MATRIX = {"case": list(CAUSAL_CASES), "mode": ["padded", "key_padding", "
 def test_causal_matches_reference(backend, case, mode, dtype, poison_allocations):
     layout, window = CAUSAL_CASES[case]
     check_against_reference(backend, layout(), mode, window, dtype, causal=True)
+
+
+# Per-example global tokens (Longformer, LED) over a window, a causal window, and layouts without a
+# band (where the layout alone decides the local pairs, and a query block that sees nothing).
+GLOBAL_CASES = {
+    "window40": (LAYOUTS["sliding_window"], 40, False),
+    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
+    "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False),
+    "empty_query_block": (LAYOUTS["from_block_mask_per_head"], None, False),
+}
+GLOBAL_MATRIX = {"case": list(GLOBAL_CASES), "mode": ["padded", "key_padding", "varlen"],
+                 "dtype": [torch.float32, torch.float16]}
+
+
+@pytest.mark.parametrize("backend, case, mode, dtype", backend_matrix(GLOBAL_MATRIX, MATRIX_IDS, triton_strength=1))
+def test_global_tokens_match_reference(backend, case, mode, dtype, poison_allocations):
+    layout, window, causal = GLOBAL_CASES[case]
+    check_against_reference(backend, layout(), mode, window, dtype, causal=causal, with_globals=True)
+
+
+def test_global_token_mask_is_token_exact():
+    """The oracle itself: a global token in the middle of a block makes only itself global, padding
+    stays unseen, and everything else is the layout and the band."""
+    nothing = layouts.from_block_mask(torch.zeros(5, 5, dtype=torch.bool), BLOCK)
+    marked = torch.zeros(1, SEQ, dtype=torch.bool)
+    marked[0, 45] = True
+    keep = torch.ones(1, SEQ, dtype=torch.bool)
+    keep[0, 100:] = False
+    mask = attention_mask(nothing, SEQ, key_padding_mask=keep, global_tokens=marked)[0, 0]
+    expected = torch.zeros(SEQ, SEQ, dtype=torch.bool)
+    expected[45, :100] = True
+    expected[:, 45] = True
+    assert torch.equal(mask, expected)
+    window = attention_mask(layouts.sliding_window(SEQ, 8, BLOCK), SEQ, window=8, global_tokens=marked)[0, 0]
+    pos = torch.arange(SEQ)
+    band = (pos[:, None] - pos[None, :]).abs() <= 8
+    assert torch.equal(window, band | (pos[:, None] == 45) | (pos[None, :] == 45))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

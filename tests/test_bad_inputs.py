@@ -111,6 +111,14 @@ CATALOGUE = [
      r"key_padding_mask must be a bool tensor"),
     ("a key_padding_mask of the wrong shape", lambda: attention(key_padding_mask=torch.ones(1, 32, dtype=torch.bool)),
      ValueError, r"key_padding_mask must have shape \(1, 64\)"),
+    ("non-bool global tokens", lambda: attention(global_tokens=torch.zeros(1, 64, dtype=torch.int64)), TypeError,
+     r"global_tokens must be a bool tensor \[1, 64\]"),
+    ("global tokens of the wrong shape", lambda: attention(global_tokens=torch.zeros(64, dtype=torch.bool)), ValueError,
+     r"global_tokens must be \[batch, seq\] = \(1, 64\), got \(64,\)"),
+    ("padded global tokens on a varlen batch", lambda: varlen(cu(0, 60, 100), global_tokens=torch.zeros(2, 60, dtype=torch.bool)),
+     ValueError, r"global_tokens must be \[total_tokens\] with cu_seqlens = \(100,\)"),
+    ("global tokens on another device", lambda: attention(global_tokens=torch.zeros(1, 64, dtype=torch.bool, device="meta")),
+     ValueError, r"global_tokens is on meta but q is on cpu"),
     ("an unknown backend", lambda: attention(backend="fast"), ValueError, r"backend must be one of"),
     ("a backend for another device", lambda: block_sparse_attention(*qkv(1, 2, 64, 64, device="meta"), LAYOUT, backend="cpu"),
      ValueError, r"runs on cpu tensors, got meta tensors"),
@@ -199,3 +207,22 @@ def test_odd_but_valid_inputs_are_handled():
     out = block_sparse_attention(q, k, v, layouts.sliding_window(64, 1000, 32), window=1000)
     expected = block_sparse_attention_reference(q.double(), k.double(), v.double(), layouts.from_block_mask(torch.ones(2, 2, dtype=torch.bool), 32))
     assert ((out.double() - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_odd_but_valid_global_tokens_are_handled():
+    q, k, v = qkv(2, 2, 64, 64)
+    window = layouts.sliding_window(64, 8, 32)
+    plain = block_sparse_attention(q, k, v, window, window=8)
+    # No global token anywhere: the plain result, bit for bit.
+    none = block_sparse_attention(q, k, v, window, window=8, global_tokens=torch.zeros(2, 64, dtype=torch.bool))
+    assert torch.equal(none, plain)
+    # Every token global: dense attention, whatever the layout.
+    every = block_sparse_attention(q, k, v, window, window=8, global_tokens=torch.ones(2, 64, dtype=torch.bool))
+    dense = block_sparse_attention_reference(q.double(), k.double(), v.double(), layouts.dense(64, 32))
+    assert ((every.double() - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+    # An empty batch, padded and varlen.
+    q0, k0, v0 = qkv(0, 2, 64, 64)
+    assert block_sparse_attention(q0, k0, v0, window, global_tokens=torch.zeros(0, 64, dtype=torch.bool)).shape == q0.shape
+    q0, k0, v0 = qkv(0, 2, 64)
+    out = block_sparse_attention(q0, k0, v0, window, cu_seqlens=cu(0, 0), global_tokens=torch.zeros(0, dtype=torch.bool))
+    assert out.shape == q0.shape

@@ -97,6 +97,9 @@ def attention_problems(draw, backend):
         shape = (batch, heads, seq_len, head_dim)
         if mode == "key_padding":
             extra["key_padding_mask"] = torch.rand(batch, seq_len, generator=generator) < 0.8
+    if draw(st.booleans()):  # per-example global tokens, anywhere (often none in an example)
+        extra["global_tokens"] = torch.rand(shape[:1] if mode == "varlen" else (shape[0], seq_len),
+                                            generator=generator) < draw(st.sampled_from([0.02, 0.1, 0.3]))
     q, k, v, dout = (torch.randn(shape, generator=generator).to(dtype) for _ in range(4))
     return dict(q=q, k=k, v=v, dout=dout, layout=layout, window=window, causal=causal, extra=extra)
 
