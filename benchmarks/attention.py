@@ -161,7 +161,12 @@ def global_providers(device: torch.device, seq_len: int, block_size: int, global
 HEADLINE_SEQ_LENS = [4096, 8192, 16384]
 
 
-def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False) -> list[dict]:
+BENCHES = ("attention", "attention_causal", "attention_global")
+
+
+def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False,
+        benches=None) -> list[dict]:
+    """Every bench of BENCHES (or those named in ``benches``) at the sizes of the mode asked for."""
     if device.type == "cuda":
         seq_lens = HEADLINE_SEQ_LENS if headline else [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]
         dtype, passes = torch.bfloat16, ["fwd", "fwd+bwd"]
@@ -175,6 +180,7 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
     long_only = [8192] if headline else seq_lens[-1:]
     cases = ([(n, "attention") for n in seq_lens] + [(n, "attention_causal") for n in (long_only if headline else seq_lens)]
              + [(n, "attention_global") for n in long_only])
+    cases = [(n, bench) for n, bench in cases if benches is None or bench in benches]
     rows = []
     for seq_len, bench in cases:
         causal = bench == "attention_causal"
@@ -241,7 +247,8 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
 def main(argv=None):
     from benchmarks.report import script_main
 
-    script_main(run, __doc__, "attention", argv)
+    script_main(run, __doc__, "attention", argv,
+                options={"--benches": dict(nargs="+", choices=BENCHES, help="only these benches (default: all)")})
 
 
 if __name__ == "__main__":

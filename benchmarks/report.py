@@ -114,12 +114,16 @@ def write_report(rows: list[dict], out_dir: str | Path, device: torch.device, st
     return paths
 
 
-def script_main(run, doc: str, stem: str, argv=None) -> None:
-    """The command line of one benchmark script: ``run(device, quick, progress)`` then a report."""
+def script_main(run, doc: str, stem: str, argv=None, options: dict | None = None) -> None:
+    """The command line of one benchmark script: ``run(device, quick, progress, **options)`` then a
+    report. ``options``: {flag: argparse keywords} of the script's own flags, passed to ``run`` by name."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/local")
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    write_report(run(device, args.quick, progress=print), args.out, device, stem)
+    extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_")) for flag in options or {}}
+    write_report(run(device, args.quick, progress=print, **extra), args.out, device, stem)

@@ -31,9 +31,10 @@ from .block_sparse_layout import BlockSparseLayout
 
 
 @dataclasses.dataclass
-class _Globals:
+class GlobalTokens:
     """The batch seen token-major as [rows, tokens] (padded: rows = batch; varlen: one row of all
-    tokens, with ``sequence`` telling them apart), and its global tokens gathered per row."""
+    tokens, with ``sequence`` telling them apart), and its global tokens gathered per row.
+    ``GlobalTokens.find`` makes one; None when no token is global."""
 
     index: torch.Tensor  # [rows, G] token positions of the globals, padded slots point at token 0
     valid: torch.Tensor  # [rows, G] False on the padded slots
@@ -57,8 +58,22 @@ class _Globals:
             return self.valid
         return self.valid & self.key_real.gather(1, self.index)
 
+    def replace_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x [rows, heads, tokens, d] with its global rows replaced by ``rows`` [rows, heads, G, d],
+        out of place and differentiable; padded slots write to an extra token that is cut off."""
+        target = torch.where(self.valid, self.index, x.shape[2])
+        padded = torch.cat((x, x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])), 2)
+        padded = padded.scatter(2, target[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]), rows.to(x.dtype))
+        return padded[:, :, : x.shape[2]]
 
-def _find_globals(global_tokens, key_padding_mask, cu_seqlens) -> _Globals | None:
+    @staticmethod
+    def find(global_tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None) -> "GlobalTokens | None":
+        """From a bool ``[batch, seq]`` (or ``[total_tokens]`` with cu_seqlens) global-token mask."""
+        return _find_globals(global_tokens, key_padding_mask, cu_seqlens)
+
+
+def _find_globals(global_tokens, key_padding_mask, cu_seqlens) -> GlobalTokens | None:
     if cu_seqlens is None:
         rows = global_tokens
         position = torch.arange(global_tokens.shape[1], device=global_tokens.device)
@@ -76,7 +91,7 @@ def _find_globals(global_tokens, key_padding_mask, cu_seqlens) -> _Globals | Non
     index = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :most]
     valid = torch.arange(most, device=rows.device)[None, :] < counts[:, None]
     index = torch.where(valid, index, 0)
-    return _Globals(index, valid, position.long(), sequence, key_padding_mask)
+    return GlobalTokens(index, valid, position.long(), sequence, key_padding_mask)
 
 
 def _token_major(x: torch.Tensor, varlen: bool) -> torch.Tensor:
@@ -84,7 +99,7 @@ def _token_major(x: torch.Tensor, varlen: bool) -> torch.Tensor:
     return x.transpose(0, 1)[None] if varlen else x
 
 
-def _global_key_mask(globals_: _Globals, layout: BlockSparseLayout, band: tuple[int, int]) -> torch.Tensor:
+def _global_key_mask(globals_: GlobalTokens, layout: BlockSparseLayout, band: tuple[int, int]) -> torch.Tensor:
     """[rows, layout heads, tokens, G]: query i sees global key g through the gathered keys, because
     g is real, in i's sequence, and not already visible to i through the layout and the band."""
     block_mask = layout.block_mask_on(globals_.index.device)  # [layout heads, blocks, blocks]
@@ -165,7 +180,7 @@ class _LocalAndGlobalKeys(torch.autograd.Function):
         return (*grads,) + (None,) * 6
 
 
-def _global_rows(q, k, v, globals_: _Globals, scale: float, varlen: bool) -> torch.Tensor:
+def _global_rows(q, k, v, globals_: GlobalTokens, scale: float, varlen: bool) -> torch.Tensor:
     """The global queries' attention over every real key of their sequence, [rows, heads, G, d]
     fp32, differentiable by autograd."""
     qt, kt, vt = (_token_major(t, varlen).float() for t in (q, k, v))
@@ -192,11 +207,5 @@ def attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, ke
     if globals_ is None:
         return local_ops[0](q, k, v)[0]
     out = _LocalAndGlobalKeys.apply(q, k, v, globals_, layout, band, scale, varlen, local_ops)
-    rows = _global_rows(q, k, v, globals_, scale, varlen).to(q.dtype)
-    # The global rows replace theirs; padded slots write to an extra token that is cut off.
-    out_t = _token_major(out, varlen)
-    target = torch.where(globals_.valid, globals_.index, out_t.shape[2])
-    padded = torch.cat((out_t, out_t.new_zeros(out_t.shape[0], out_t.shape[1], 1, out_t.shape[3])), 2)
-    padded = padded.scatter(2, target[:, None, :, None].expand(-1, out_t.shape[1], -1, out_t.shape[3]), rows)
-    out_t = padded[:, :, : out_t.shape[2]]
+    out_t = globals_.replace_rows(_token_major(out, varlen), _global_rows(q, k, v, globals_, scale, varlen))
     return (out_t[0].transpose(0, 1) if varlen else out_t).contiguous()

@@ -64,15 +64,13 @@ def test_real_bert_checkpoint_sentence_embeddings_match_sdpa(monkeypatch):
     assert (cosine >= 0.9999).all(), cosine
 
 
-def test_causal_modules_are_refused():
+def test_fewer_queries_than_keys_in_a_bidirectional_layer_are_refused():
+    """Only a causal layer after a KV cache has fewer queries than keys (tests/test_sparse_models.py)."""
     from modernbert_kernels.integrations.transformers import attention_forward
 
-    class Causal(torch.nn.Module):
-        is_causal = True
-
-    q = torch.randn(1, 2, 64, 32)
-    with pytest.raises(NotImplementedError, match="bidirectional"):
-        attention_forward(Causal(), q, q, q, None)
+    q, kv = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 64, 32)
+    with pytest.raises(ValueError, match="1 queries but 64 keys in a bidirectional layer"):
+        attention_forward(torch.nn.Module(), q, kv, kv, None)
 
 
 def test_quantize_int8_converts_the_encoder_and_keeps_embeddings_and_head_float():

@@ -1,0 +1,243 @@
+"""transformers' sparse-attention models on these kernels, against transformers' own implementation
+(fp32, tiny configs with random weights built here): sliding-window and causal decoders through
+attn_implementation="modernbert_kernels", and Longformer, LED and BigBird through replace_attention.
+Each checks outputs, gradients and a few AdamW steps of training."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import modernbert_kernels.attention  # noqa: E402
+from modernbert_kernels.integrations.transformers import register, replace_attention  # noqa: E402
+
+NAME = register()
+VOCAB = 128
+
+
+def count_kernel_calls(monkeypatch):
+    """A list that grows by the kwargs of every block_sparse_attention call the integrations make."""
+    calls = []
+    original = modernbert_kernels.attention.block_sparse_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    from modernbert_kernels.integrations.transformers import attention, longformer
+    for module in (attention, longformer):
+        monkeypatch.setattr(module, "block_sparse_attention", counted)
+    return calls
+
+
+def max_difference(a, b):
+    return (a - b).abs().max().item()
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_gradients_match(ours, theirs, tol):
+    """Relative to each parameter's largest gradient, floored at 1% of the model's largest: some
+    gradients are zero but for rounding (a key bias shifts every score of a row alike)."""
+    assert ours.keys() == theirs.keys() and ours
+    floor = 1e-2 * max(g.abs().max().item() for g in theirs.values())
+    for name in theirs:
+        scale = max(theirs[name].abs().max().item(), floor)
+        assert max_difference(ours[name], theirs[name]) / scale <= tol, name
+
+
+def train_losses(model, batch, steps=4):
+    """The loss at each of ``steps`` AdamW steps on one batch."""
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoders through attn_implementation: causal layers, sliding-window causal layers, grouped heads.
+
+DECODERS = {
+    # ModernBERT's decoder: a global (causal) layer every third, sliding windows of 32 between.
+    "modernbert-decoder": lambda: transformers.ModernBertDecoderConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+        local_attention=32, global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2, attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0),
+    # Mistral: every layer a sliding window of 40, grouped-query attention (4 query heads, 2 kv).
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=40),
+    # Gemma 3: local (sliding 40) and global layers alternating, one kv head.
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=40,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+}
+
+
+def decoder_pair(name):
+    """(transformers' sdpa model, ours) with the same random weights."""
+    models = []
+    for implementation in ("sdpa", NAME):
+        torch.manual_seed(0)
+        models.append(transformers.AutoModelForCausalLM.from_config(DECODERS[name](),
+                                                                    attn_implementation=implementation))
+    return models
+
+
+def decoder_batch():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 150), generator=generator)  # 150: not a multiple of the block
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 100:] = 0  # right padding
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoder_matches_sdpa_forward_backward_and_training(name, monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    theirs, ours = decoder_pair(name)
+    batch = decoder_batch()
+    real = batch["attention_mask"].bool()
+    outputs = []
+    for model in (theirs, ours):
+        model.eval()
+        out = model(**batch)
+        out.loss.backward()
+        outputs.append((out.logits, gradients(model)))
+    assert max_difference(outputs[1][0][real], outputs[0][0][real]) <= 1e-5
+    assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
+    # Every layer ran on the kernels, causal, with the window where the layer has one.
+    layer_types = getattr(theirs.config, "layer_types", None) or ["sliding_attention"] * theirs.config.num_hidden_layers
+    assert len(calls) == len(layer_types)
+    assert all(call["causal"] for call in calls)
+    assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in layer_types]
+    # Training: the same losses step after step.
+    assert train_losses(ours, batch) == pytest.approx(train_losses(theirs, batch), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoder_generates_the_same_tokens(name):
+    """Greedy decoding with a KV cache: prefill on the kernels, then one-token steps."""
+    theirs, ours = decoder_pair(name)
+    prompt = decoder_batch()["input_ids"][:1, :70]
+    tokens = [m.eval().generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0) for m in (theirs, ours)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_soft_capping_is_refused():
+    from modernbert_kernels.integrations.transformers import attention_forward
+
+    q = torch.randn(1, 2, 64, 32)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        attention_forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Longformer and LED through replace_attention.
+
+def longformer_config(**overrides):
+    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                  attention_window=[64, 128], max_position_embeddings=600, attention_probs_dropout_prob=0.0,
+                  hidden_dropout_prob=0.0, pad_token_id=1)
+    return transformers.LongformerConfig(**{**values, **overrides})
+
+
+def led_config():
+    return transformers.LEDConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, attention_window=[64, 128],
+        max_encoder_position_embeddings=600, max_decoder_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+
+
+def long_document_batch(seq_len=300):
+    """A padded batch of 3 (300 tokens: not a multiple of either window), with global tokens in the
+    middle of blocks, a question's tokens, and an example without any."""
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (3, seq_len), generator=generator)
+    mask = torch.ones(3, seq_len, dtype=torch.long)
+    mask[1, 250:] = 0
+    mask[2, 77:] = 0
+    ids = ids.masked_fill(mask == 0, 1)
+    marked = torch.zeros(3, seq_len, dtype=torch.long)
+    marked[0, [0, 130]] = 1
+    marked[1, [5, 6, 7, 200]] = 1
+    return ids, mask, marked
+
+
+def swapped_pair(model_class, config):
+    torch.manual_seed(0)
+    theirs = model_class(config)
+    ours = replace_attention(copy.deepcopy(theirs))
+    return theirs, ours
+
+
+def test_longformer_matches_transformers_forward_and_backward(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    theirs, ours = swapped_pair(transformers.LongformerModel, longformer_config())
+    ids, mask, marked = long_document_batch()
+    results = []
+    for model in (theirs, ours):
+        model.eval()
+        hidden = model(input_ids=ids, attention_mask=mask, global_attention_mask=marked).last_hidden_state
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        results.append((hidden, gradients(model)))
+    assert max_difference(results[1][0], results[0][0]) <= 1e-5  # padded positions included
+    assert_gradients_match(results[1][1], results[0][1], 1e-5)
+    assert [call["window"] for call in calls] == [32, 64]  # attention_window / 2 per layer
+    assert all(call["global_tokens"] is not None for call in calls)
+
+
+def test_longformer_trains_like_transformers():
+    config = longformer_config()
+    torch.manual_seed(0)
+    theirs = transformers.LongformerForMaskedLM(config)
+    ours = replace_attention(copy.deepcopy(theirs))
+    ids, mask, marked = long_document_batch()
+    batch = dict(input_ids=ids, attention_mask=mask, global_attention_mask=marked,
+                 labels=ids.masked_fill(mask == 0, -100))
+    assert train_losses(ours, batch) == pytest.approx(train_losses(theirs, batch), abs=1e-4)
+
+
+def test_led_encoder_matches_transformers_and_trains():
+    theirs, ours = swapped_pair(transformers.LEDForConditionalGeneration, led_config())
+    ids, mask, marked = long_document_batch()
+    labels = torch.randint(3, VOCAB, (3, 20), generator=torch.Generator().manual_seed(3))
+    batch = dict(input_ids=ids, attention_mask=mask, global_attention_mask=marked, labels=labels)
+    results = []
+    for model in (theirs, ours):
+        model.eval()
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.encoder_last_hidden_state, out.logits, gradients(model)))
+    assert max_difference(results[1][0], results[0][0]) <= 1e-5
+    assert max_difference(results[1][1], results[0][1]) <= 1e-5
+    assert_gradients_match(results[1][2], results[0][2], 1e-5)
+    theirs, ours = swapped_pair(transformers.LEDForConditionalGeneration, led_config())
+    assert train_losses(ours, batch) == pytest.approx(train_losses(theirs, batch), abs=1e-4)
+
+
+def test_swapped_model_keeps_its_parameter_names_and_refuses_what_it_cannot_serve():
+    theirs, ours = swapped_pair(transformers.LongformerModel, longformer_config())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ids, mask, marked = long_document_batch()
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        ours(input_ids=ids, attention_mask=mask, global_attention_mask=marked, output_attentions=True)
+    _, dropping = swapped_pair(transformers.LongformerModel, longformer_config(attention_probs_dropout_prob=0.1))
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        dropping.train()(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="no adapter for BertModel \\(model_type='bert'\\)"):
+        replace_attention(transformers.BertModel(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96)))
