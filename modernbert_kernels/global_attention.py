@@ -60,11 +60,11 @@ class GlobalTokens:
 
     def replace_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x [rows, heads, tokens, d] with its global rows replaced by ``rows`` [rows, heads, G, d],
-        out of place and differentiable; padded slots write to an extra token that is cut off."""
-        target = torch.where(self.valid, self.index, x.shape[2])
-        padded = torch.cat((x, x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])), 2)
-        padded = padded.scatter(2, target[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]), rows.to(x.dtype))
-        return padded[:, :, : x.shape[2]]
+        out of place and differentiable."""
+        row, slot = self.valid.nonzero(as_tuple=True)
+        x = x.clone()
+        x[row, :, self.index[row, slot]] = rows[row, :, slot].to(x.dtype)
+        return x
 
     @staticmethod
     def find(global_tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
@@ -121,17 +121,24 @@ def _global_key_mask(globals_: GlobalTokens, layout: BlockSparseLayout, band: tu
     return mask if same is None else mask & same[None, None]
 
 
-def _merge_global_keys(o_local, lse_local, scores, mask, v_global):
-    """The local softmax (output, natural-log LSE, +inf for rows that saw nothing) merged with the
-    global keys' scores: (output fp32, merged LSE with the kernels' +inf convention)."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse_local = lse_local.masked_fill(lse_local == float("inf"), float("-inf"))
-    lse = torch.logaddexp(lse_local, torch.logsumexp(scores, -1))
+def _global_key_softmax(qt, k_global, v_global, mask, scale, lse_local):
+    """Every query against the gathered global keys its mask lets through, merged with the local
+    softmax: (output part of the global keys fp32 [rows, heads, tokens, d], the weight of the local
+    output [.., tokens, 1], the merged LSE with the kernels' +inf for rows that saw nothing).
+
+    One pass per step over the [tokens, G] scores, in place: they are the memory traffic here."""
+    scores = torch.matmul(qt, (k_global * scale).transpose(-1, -2))
+    scores.masked_fill_(~mask, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max.masked_fill_(row_max == float("-inf"), 0.0)
+    weights = scores.sub_(row_max).exp_()  # exp(s - row max)
+    global_lse = row_max + torch.log(weights.sum(-1, keepdim=True))
+    local_lse = lse_local[..., None].masked_fill(lse_local[..., None] == float("inf"), float("-inf"))
+    lse = torch.logaddexp(local_lse, global_lse)
     empty = lse == float("-inf")
     lse_safe = lse.masked_fill(empty, 0.0)
-    out = o_local.float() * torch.exp(lse_local - lse_safe)[..., None]
-    out = out + torch.matmul(torch.exp(scores - lse_safe[..., None]), v_global)
-    return out, lse.masked_fill(empty, float("inf"))
+    global_part = torch.matmul(weights, v_global).mul_(torch.exp(row_max - lse_safe))
+    return global_part, torch.exp(local_lse - lse_safe), lse.masked_fill(empty, float("inf"))[..., 0]
 
 
 class _LocalAndGlobalKeys(torch.autograd.Function):
@@ -142,11 +149,9 @@ class _LocalAndGlobalKeys(torch.autograd.Function):
         o_local, lse_local = local_ops[0](q, k, v)
         mask = _global_key_mask(globals_, layout, band)
         qt, kt, vt = (_token_major(t, varlen).float() for t in (q, k, v))
-        k_global, v_global = globals_.gather(kt), globals_.gather(vt)
-        scores = torch.matmul(qt, k_global.transpose(-1, -2)) * scale
-        lse_view = lse_local[None] if varlen else lse_local
-        out, lse = _merge_global_keys(_token_major(o_local, varlen), lse_view, scores, mask, v_global)
-        out = out.to(q.dtype)
+        global_part, local_weight, lse = _global_key_softmax(
+            qt, globals_.gather(kt), globals_.gather(vt), mask, scale, lse_local[None] if varlen else lse_local)
+        out = global_part.addcmul_(_token_major(o_local, varlen).float(), local_weight).to(q.dtype)
         out = out[0].transpose(0, 1).contiguous() if varlen else out
         lse = lse[0] if varlen else lse
         ctx.save_for_backward(q, k, v, out, lse)
@@ -164,14 +169,14 @@ class _LocalAndGlobalKeys(torch.autograd.Function):
         qt, kt, vt, ot, dot = (_token_major(t, varlen).float() for t in (q, k, v, out, dout))
         k_global, v_global = globals_.gather(kt), globals_.gather(vt)
         lse_view = lse[None] if varlen else lse
-        probs = torch.exp(torch.matmul(qt, k_global.transpose(-1, -2)) * scale - lse_view[..., None])
-        probs = probs.masked_fill(~mask, 0.0)
+        probs = torch.matmul(qt, (k_global * scale).transpose(-1, -2)).sub_(lse_view[..., None]).exp_()
+        probs.masked_fill_(~mask, 0.0)
         delta = (dot * ot).sum(-1, keepdim=True)
-        dscores = probs * (torch.matmul(dot, v_global.transpose(-1, -2)) - delta)
-        dq_global = torch.matmul(dscores, k_global) * scale
+        dscores = torch.matmul(dot, v_global.transpose(-1, -2)).sub_(delta).mul_(probs)
+        dq_global = torch.matmul(dscores, k_global).mul_(scale)
         index = globals_.index[:, None, :, None].expand(-1, qt.shape[1], -1, qt.shape[3])
         # Padded slots add zeros (their probabilities are masked), so scattering them is harmless.
-        dk_global = torch.zeros_like(kt).scatter_add_(2, index, torch.matmul(dscores.transpose(-1, -2), qt) * scale)
+        dk_global = torch.zeros_like(kt).scatter_add_(2, index, torch.matmul(dscores.transpose(-1, -2), qt).mul_(scale))
         dv_global = torch.zeros_like(vt).scatter_add_(2, index, torch.matmul(probs.transpose(-1, -2), dot))
         grads = []
         for local, extra in ((dq, dq_global), (dk, dk_global), (dv, dv_global)):
@@ -184,17 +189,17 @@ def _global_rows(q, k, v, globals_: GlobalTokens, scale: float, varlen: bool) ->
     """The global queries' attention over every real key of their sequence, [rows, heads, G, d]
     fp32, differentiable by autograd."""
     qt, kt, vt = (_token_major(t, varlen).float() for t in (q, k, v))
-    scores = torch.matmul(globals_.gather(qt), kt.transpose(-1, -2)) * scale  # [rows, heads, G, tokens]
+    scores = torch.matmul(globals_.gather(qt) * scale, kt.transpose(-1, -2))  # [rows, heads, G, tokens]
     mask = globals_.valid[:, None, :, None]
     if globals_.key_real is not None:
         mask = mask & globals_.key_real[:, None, None, :]
     same = globals_.same_sequence()
     if same is not None:
         mask = mask & same.transpose(0, 1)[None, None]
-    # Every global row sees at least itself unless it is padding of an all-padding row; a finite
-    # fill and the mask after the softmax keep such rows 0 without NaN.
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores, -1) * mask, vt)
+    # A finite fill keeps a row without any key (a padded slot, a sequence of padding only) free
+    # of NaN; its weight of 0 then makes it 0.
+    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+    return torch.matmul(probs, vt) * mask.any(-1, keepdim=True)
 
 
 def attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,
