@@ -241,3 +241,72 @@ def test_swapped_model_keeps_its_parameter_names_and_refuses_what_it_cannot_serv
     with pytest.raises(ValueError, match="no adapter for BertModel \\(model_type='bert'\\)"):
         replace_attention(transformers.BertModel(transformers.BertConfig(
             vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96)))
+
+
+# ------------------------------------------------------------------------------------------------
+# BigBird (attention_type="block_sparse") through replace_attention.
+
+def bigbird_config(**overrides):
+    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                  attention_type="block_sparse", block_size=16, num_random_blocks=2, max_position_embeddings=1024,
+                  attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    return transformers.BigBirdConfig(**{**values, **overrides})
+
+
+def bigbird_batch(seq_len=300):
+    """Padded (300 tokens: the model pads to a multiple of the block), two lengths."""
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (3, seq_len), generator=generator)
+    mask = torch.ones(3, seq_len, dtype=torch.long)
+    mask[1, 250:] = 0
+    mask[2, 200:] = 0
+    return ids, mask
+
+
+def test_bigbird_matches_transformers_in_eval_forward_and_backward(monkeypatch):
+    """In eval, transformers' random blocks are all block 0, whose keys then count 1 + num_random_blocks
+    times in the middle rows' softmax: the adapter appends those copies, so the outputs agree."""
+    calls = []
+    original = modernbert_kernels.attention.block_sparse_attention
+    from modernbert_kernels.integrations.transformers import bigbird
+    monkeypatch.setattr(bigbird, "block_sparse_attention", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    theirs, ours = swapped_pair(transformers.BigBirdModel, bigbird_config())
+    ids, mask = bigbird_batch()
+    results = []
+    for model in (theirs, ours):
+        model.eval()
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        results.append((hidden, gradients(model)))
+    assert max_difference(results[1][0], results[0][0]) <= 1e-5
+    assert_gradients_match(results[1][1], results[0][1], 1e-5)
+    assert len(calls) == 2 and calls[0].block_size == 16
+    assert calls[0].num_blocks == 19 + 2  # 304 tokens in blocks of 16, and the two copies of block 0
+
+
+@pytest.mark.parametrize("seq_len", [300, 1024])  # 1024: the paper's plan of random blocks
+def test_bigbird_trains_like_transformers(seq_len):
+    """In training transformers draws random blocks per head and layer (seeded by the layer)."""
+    config = bigbird_config()
+    torch.manual_seed(0)
+    theirs = transformers.BigBirdForMaskedLM(config)
+    ours = replace_attention(copy.deepcopy(theirs))
+    ids, _ = bigbird_batch(seq_len)
+    batch = dict(input_ids=ids, labels=ids)
+    assert train_losses(ours, batch, steps=3) == pytest.approx(train_losses(theirs, batch, steps=3), abs=1e-4)
+
+
+def test_bigbird_keeps_the_kernels_after_falling_back_to_full_attention():
+    """A short input makes transformers switch every layer to full attention; switching back
+    builds new block-sparse modules, which must run on the kernels again."""
+    _, ours = swapped_pair(transformers.BigBirdModel, bigbird_config())
+    ours.eval()(input_ids=torch.randint(3, VOCAB, (1, 64)))
+    assert ours.attention_type == "original_full"
+    ours.set_attention_type("block_sparse")
+    module = ours.encoder.layer[0].attention.self
+    assert module.forward.__func__.__module__.startswith("modernbert_kernels")
+
+
+def test_bigbird_full_attention_is_pointed_to_the_attention_backend():
+    with pytest.raises(ValueError, match="attn_implementation='modernbert_kernels'"):
+        replace_attention(transformers.BigBirdModel(bigbird_config(attention_type="original_full")))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import longformer
+from . import bigbird, longformer
 
 # config.model_type -> the adapter's swap(model) -> number of modules swapped.
 ADAPTERS = {
     "longformer": longformer.swap,
     "led": longformer.swap,  # the encoder's self-attention is Longformer's
+    "big_bird": bigbird.swap,
 }
 
 
