@@ -534,13 +534,41 @@ assert {name: layout().block_size for name, layout in GPU_LAYOUTS.items()} == gp
 @pytest.mark.parametrize("layout_name", list(GPU_LAYOUTS))
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
-    layout = GPU_LAYOUTS[layout_name]()
+    check_on_gpu(backend, GPU_LAYOUTS[layout_name](), head_dim, mode, dtype, window=window)
+
+
+# Causal windows and per-example global tokens (in the middle of blocks; one sequence without any):
+# specializations of the matrix above (window, 64-token blocks, head_dim 64), so nothing more to compile.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
+@pytest.mark.parametrize("case", ["causal_window", "global_tokens"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_causal_and_global_tokens_on_gpu(backend, case, mode, dtype):
+    if case == "causal_window":
+        check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, 64, causal=True), 64, mode, dtype, window=64,
+                     causal=True)
+        return
+    tokens = sum(GPU_VARLEN_LENGTHS) if mode == "varlen" else GPU_SEQ
+    marked = torch.zeros(tokens if mode == "varlen" else (2, GPU_SEQ), dtype=torch.bool, device="cuda")
+    if mode == "varlen":
+        marked[[0, 45, 999, GPU_SEQ + 100, GPU_SEQ + 334 + 5]] = True  # none in the third sequence (1 token)
+    else:
+        marked[0, [0, 45, 999]] = True
+        marked[1, [130, 750]] = True  # 750 is padding
+    check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, 64), 64, mode, dtype, window=64, global_tokens=marked)
+
+
+GPU_VARLEN_LENGTHS = [GPU_SEQ, 333, 1, 640]
+
+
+def check_on_gpu(backend, layout, head_dim, mode, dtype, **options):
+    """Forward and backward against float64 on CUDA: a padded batch with a key padding mask, or varlen."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     extra = {}
     if mode == "varlen":
-        lengths = [GPU_SEQ, 333, 1, 640]
-        shape = (sum(lengths), 4, head_dim)
-        extra["cu_seqlens"] = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        shape = (sum(GPU_VARLEN_LENGTHS), 4, head_dim)
+        extra["cu_seqlens"] = torch.tensor([0] + GPU_VARLEN_LENGTHS, device="cuda").cumsum(0).to(torch.int32)
     else:
         shape = (2, 4, GPU_SEQ, head_dim)
         keep = torch.ones(2, GPU_SEQ, dtype=torch.bool, device="cuda")
@@ -548,10 +576,10 @@ def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
         extra["key_padding_mask"] = keep
     q, k, v, dout = (torch.randn(shape, device="cuda", generator=generator).to(dtype) for _ in range(4))
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, layout, window=window, backend=backend, **extra)
+    out = block_sparse_attention(*inputs, layout, backend=backend, **options, **extra)
     out.backward(dout)
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, **extra)
+    ref = block_sparse_attention_reference(*ref_inputs, layout, **options, **extra)
     ref.backward(dout.double())
     for name, actual, expected in [("out", out, ref)] + [
         (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
