@@ -10,7 +10,10 @@ alone, forward and forward+backward.
 
 Ours: ``replace_attention`` (Longformer, BigBird) and ``attn_implementation="modernbert_kernels"``
 (the decoder). "attention" rows time the first layer's self-attention module on the inputs the
-model gave it (projections included). fp32, the model's base class (no task head).
+model gave it, with the projections of the hidden states into queries, keys and values computed
+beforehand and the decoder's output projection left out (the same matmuls in both, outside what
+was replaced): the attention itself, with the masks, the global tokens and the layout work. fp32,
+the model's base class (no task head). Whole models: 1 warm-up call, the median of 3 (CPU).
 
     python -m benchmarks.sparse_models --device cpu
 """
@@ -22,13 +25,47 @@ import copy
 import torch
 
 from benchmarks.report import result_rows
-from benchmarks.timing import summarize, time_fn
+from benchmarks.timing import summarize, time_cpu, time_fn
 
 LONGFORMER_LENGTHS = [4096, 3500, 2500, 1200]
 
 
 # The smoke run's sizes: one layer of 128 (two heads of 64), windows and blocks to match 256 tokens.
 SMOKE = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256)
+
+
+class _Precomputed(torch.nn.Module):
+    """A projection whose output on the timed hidden states was computed beforehand (a fresh copy
+    per call: transformers scales Longformer's queries in place); other inputs go to the layer."""
+
+    def __init__(self, layer: torch.nn.Module, hidden: torch.Tensor, backward: bool):
+        super().__init__()
+        self.layer, self.hidden = layer, hidden
+        with torch.no_grad():
+            self.out = layer(hidden).requires_grad_(backward)
+
+    def forward(self, x):
+        return self.out.clone() if x is self.hidden else self.layer(x)
+
+
+# Per model: the projections of the hidden states (precomputed for the attention rows), and the
+# output projection inside the module (left out: an identity, same shape).
+PROJECTIONS = {
+    "longformer": (("query", "key", "value", "key_global", "value_global"), None),
+    "big_bird": (("query", "key", "value"), None),
+    "mistral": (("q_proj", "k_proj", "v_proj"), "o_proj"),
+}
+
+
+def _attention_core(module: torch.nn.Module, model_type: str, hidden: torch.Tensor, backward: bool):
+    """A copy of ``module`` whose input projections return precomputed outputs for ``hidden``."""
+    core = copy.deepcopy(module)
+    inputs, output = PROJECTIONS[model_type]
+    for name in inputs:
+        setattr(core, name, _Precomputed(getattr(core, name), hidden, backward))
+    if output:
+        setattr(core, output, torch.nn.Identity())
+    return core
 
 
 def _longformer(small: bool):
@@ -114,7 +151,7 @@ def _captured_call(model, module, inputs):
     return seen["call"]
 
 
-def _timed(fn, device, backward: bool, repeats: int):
+def _timed(fn, device, backward: bool, repeats: int, warmup: int):
     """Median stats of ``fn()`` (returning a tensor), under no_grad, or with a backward of a fixed
     random gradient."""
     if not backward:
@@ -129,7 +166,9 @@ def _timed(fn, device, backward: bool, repeats: int):
             if "g" not in grad:
                 grad["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
             out.backward(grad["g"])
-    return summarize(time_fn(step, device, repeats=repeats))
+    if device.type == "cpu":
+        return summarize(time_cpu(step, warmup=warmup, repeats=repeats, budget_s=0 if warmup < 2 else 2.0))
+    return summarize(time_fn(step, device))
 
 
 def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) -> list[dict]:
@@ -154,15 +193,15 @@ def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) 
                     if scope == "model":
                         fn = lambda model=model: model(**inputs).last_hidden_state
                     else:
-                        module = layer_attention(model)
                         args, kwargs = calls[name][0], dict(calls[name][1])
                         hidden = args[0] if args else kwargs.pop("hidden_states")
                         hidden = hidden.detach().requires_grad_(backward)
-                        rest = args[1:]
-                        fn = lambda module=module, hidden=hidden, rest=rest, kwargs=kwargs: module(hidden, *rest, **kwargs)[0]
+                        core = _attention_core(layer_attention(model), model.config.model_type, hidden, backward)
+                        fn = lambda core=core, hidden=hidden, rest=args[1:], kwargs=kwargs: core(hidden, *rest, **kwargs)[0]
                     if backward:
                         model.zero_grad(set_to_none=True)
-                    measured[name] = _timed(fn, device, backward, repeats)
+                    # Whole models take seconds a call on a CPU: one warm-up call, no extra runs.
+                    measured[name] = _timed(fn, device, backward, repeats, warmup=1 if scope == "model" else 2)
                     progress(f"{case_name} {scope} {pass_name} {name}: {measured[name]['median_ms'] / 1e3:.3f} s")
                 rows += result_rows(
                     "sparse_models", pass_name, measured, "transformers", seq_len=seq_len, model=case_name,
