@@ -4,8 +4,8 @@ A token marked global sees every key of its sequence, and every query of its seq
 top of what the layout and the band let through. Globals are few (a CLS token, a question's tokens)
 and anywhere, and they change from example to example, so they are not put into the layout: one
 layout serves the whole batch, and a global token in a block would make that block's whole row
-and column visited for every example (1% of 8192 tokens at random positions, blocks of 64: about
-70% of the tiles). The visible pairs (query i, key j) split three ways instead, each computed
+and column visited for every example (1% of 8192 tokens at random positions: FlexAttention's
+block mask for them visits 90% of its tiles). The visible pairs (query i, key j) split three ways instead, each computed
 where it is cheap:
 
   local        what the layout and the band let through: the backend's kernels, unchanged;
