@@ -21,6 +21,9 @@ the model's base class (no task head). Whole models: 1 warm-up call, the median 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import torch
 
@@ -171,25 +174,65 @@ def _timed(fn, device, backward: bool, repeats: int, warmup: int):
     return summarize(time_fn(step, device))
 
 
+def _prepared(case_index: int, device: torch.device, smoke: bool, providers=("transformers", "ours")):
+    """(case name, {provider: model}, the layer-attention getter, inputs on ``device``): the same
+    random weights for every provider, and in every process (seeded)."""
+    case_name, build, inputs, make_ours = cases(small=smoke)[case_index]
+    torch.manual_seed(0)
+    theirs, layer_attention = build(smoke)
+    theirs = theirs.to(device).eval()
+    models = {}
+    if "transformers" in providers:
+        models["transformers"] = theirs
+    if "ours" in providers:
+        models["ours"] = make_ours(copy.deepcopy(theirs) if "transformers" in providers else theirs).eval()
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    return case_name, models, layer_attention, inputs
+
+
+def _model_fwd_bwd(case_index: int, provider: str, device: torch.device, smoke: bool, repeats: int) -> dict:
+    """A whole model's forward+backward, timed in this process (the worker's side)."""
+    _, models, _, inputs = _prepared(case_index, device, smoke, providers=(provider,))
+    model = models[provider]
+    return _timed(lambda: model(**inputs).last_hidden_state, device, True, repeats, warmup=1)
+
+
+def _in_worker(case_index: int, provider: str, device: torch.device, smoke: bool, repeats: int) -> dict:
+    """_model_fwd_bwd in a process of its own: transformers' Longformer keeps every layer's chunked
+    scores for its backward, and a padded batch of 4 x 4096 tokens outgrows 24 GiB; the kernel's
+    out-of-memory kill then ends the worker, not the run. {"error": why} when it fails."""
+    job = json.dumps(dict(case=case_index, provider=provider, smoke=smoke, repeats=repeats))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sparse_models", "--device", str(device), "--worker", job],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        killed = done.returncode in (-9, 137)
+        return {"error": "killed: out of memory" if killed else done.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) -> list[dict]:
     rows = []
     passes = ["fwd"] if smoke else ["fwd", "fwd+bwd"]
     repeats = 1 if smoke else 3
-    for case_name, build, inputs, make_ours in cases(small=smoke):
-        torch.manual_seed(0)
-        theirs, layer_attention = build(smoke)
-        theirs = theirs.to(device).eval()
-        ours = make_ours(copy.deepcopy(theirs)).eval()
-        inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    for case_index in range(len(cases(small=smoke))):
+        case_name, models, layer_attention, inputs = _prepared(case_index, device, smoke)
         seq_len = inputs["input_ids"].shape[1]
         tokens = int(inputs["attention_mask"].sum())
-        models = {"transformers": theirs, "ours": ours}
         calls = {name: _captured_call(model, layer_attention(model), inputs) for name, model in models.items()}
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
             for scope in ("model", "attention"):
-                measured = {}
+                measured, unavailable = {}, {}
                 for name, model in models.items():
+                    if scope == "model" and backward:
+                        stats = _in_worker(case_index, name, device, smoke, repeats)
+                        if "error" in stats:
+                            unavailable[name] = stats["error"]
+                            progress(f"{case_name} {scope} {pass_name} {name}: {stats['error']}")
+                            continue
+                        measured[name] = stats
+                        progress(f"{case_name} {scope} {pass_name} {name}: {stats['median_ms'] / 1e3:.3f} s")
+                        continue
                     if scope == "model":
                         fn = lambda model=model: model(**inputs).last_hidden_state
                     else:
@@ -203,9 +246,12 @@ def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) 
                     # Whole models take seconds a call on a CPU: one warm-up call, no extra runs.
                     measured[name] = _timed(fn, device, backward, repeats, warmup=1 if scope == "model" else 2)
                     progress(f"{case_name} {scope} {pass_name} {name}: {measured[name]['median_ms'] / 1e3:.3f} s")
+                if not measured:
+                    continue
                 rows += result_rows(
-                    "sparse_models", pass_name, measured, "transformers", seq_len=seq_len, model=case_name,
-                    scope=scope, batch=inputs["input_ids"].shape[0], dtype="float32",
+                    "sparse_models", pass_name, measured, "transformers" if "transformers" in measured else "ours",
+                    seq_len=seq_len, model=case_name, scope=scope, batch=inputs["input_ids"].shape[0], dtype="float32",
+                    note="; ".join(f"{name}: {why}" for name, why in unavailable.items()) or None,
                     per_provider=lambda name, measured=measured, scope=scope: (
                         {"tokens_per_s": tokens / (measured[name]["median_ms"] * 1e-3)} if scope == "model" else {}),
                 )
@@ -215,6 +261,12 @@ def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) 
 def main(argv=None):
     from benchmarks.report import script_main
 
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        job = json.loads(argv[argv.index("--worker") + 1])
+        device = torch.device(argv[argv.index("--device") + 1]) if "--device" in argv else torch.device("cpu")
+        print(json.dumps(_model_fwd_bwd(job["case"], job["provider"], device, job["smoke"], job["repeats"])))
+        return
     script_main(run, __doc__, "sparse_models", argv)
 
 
