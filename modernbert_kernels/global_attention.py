@@ -58,6 +58,22 @@ class GlobalTokens:
             return self.valid
         return self.valid & self.key_real.gather(1, self.index)
 
+    def attend(self, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """The global rows' attention: ``q_rows`` [rows, heads, G, d] (the global queries, however
+        projected) over every real key of their sequence in k, v [rows, heads, tokens, d]; fp32
+        [rows, heads, G, d], differentiable by autograd."""
+        scores = torch.matmul(q_rows.float() * scale, k.float().transpose(-1, -2))  # [rows, heads, G, tokens]
+        mask = self.valid[:, None, :, None]
+        if self.key_real is not None:
+            mask = mask & self.key_real[:, None, None, :]
+        same = self.same_sequence()
+        if same is not None:
+            mask = mask & same.transpose(0, 1)[None, None]
+        # A finite fill keeps a row without any key (a padded slot, a sequence of padding only) free
+        # of NaN; its weight of 0 then makes it 0.
+        probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+        return torch.matmul(probs, v.float()) * mask.any(-1, keepdim=True)
+
     def replace_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x [rows, heads, tokens, d] with its global rows replaced by ``rows`` [rows, heads, G, d],
         out of place and differentiable."""
@@ -189,17 +205,7 @@ def _global_rows(q, k, v, globals_: GlobalTokens, scale: float, varlen: bool) ->
     """The global queries' attention over every real key of their sequence, [rows, heads, G, d]
     fp32, differentiable by autograd."""
     qt, kt, vt = (_token_major(t, varlen).float() for t in (q, k, v))
-    scores = torch.matmul(globals_.gather(qt) * scale, kt.transpose(-1, -2))  # [rows, heads, G, tokens]
-    mask = globals_.valid[:, None, :, None]
-    if globals_.key_real is not None:
-        mask = mask & globals_.key_real[:, None, None, :]
-    same = globals_.same_sequence()
-    if same is not None:
-        mask = mask & same.transpose(0, 1)[None, None]
-    # A finite fill keeps a row without any key (a padded slot, a sequence of padding only) free
-    # of NaN; its weight of 0 then makes it 0.
-    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
-    return torch.matmul(probs, vt) * mask.any(-1, keepdim=True)
+    return globals_.attend(globals_.gather(qt), kt, vt, scale)
 
 
 def attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,

@@ -28,7 +28,9 @@ BLOCK_SIZE = 64
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(num_blocks: int, window: int | None, causal: bool):
+def layout_for(num_blocks: int, window: int | None, causal: bool):
+    """The layout of ``num_blocks`` blocks of BLOCK_SIZE for a layer (made once per shape; the
+    Longformer adapter shares it)."""
     if window is not None:
         return layouts.sliding_window(num_blocks * BLOCK_SIZE, window, BLOCK_SIZE, causal=causal)
     if causal:
@@ -84,7 +86,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional layer")
         out = _attention_after_cache(query, key, value, key_padding_mask, window, scaling)
     else:
-        layout = _layout(-(-seq_len // BLOCK_SIZE), window, causal)
+        layout = layout_for(-(-seq_len // BLOCK_SIZE), window, causal)
         out = block_sparse_attention(query, key, value, layout, window=window, causal=causal, scale=scaling,
                                      key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).contiguous(), None

@@ -11,24 +11,17 @@ token sees every real key and every query sees it, once (not again through the w
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
 
-from ... import layouts
 from ...attention import block_sparse_attention
 from ...global_attention import GlobalTokens
+from .attention import BLOCK_SIZE, layout_for
 
-BLOCK_SIZE = 64
 # transformers' class names of the modules swapped (LED's encoder copies Longformer's).
 SWAPPED = ("LongformerSelfAttention", "LEDEncoderSelfAttention")
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(num_blocks: int, window: int):
-    return layouts.sliding_window(num_blocks * BLOCK_SIZE, window, BLOCK_SIZE)
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -68,7 +61,7 @@ class LongformerSelfAttention(nn.Module):
         real = ~is_index_masked if is_index_masked is not None else None
         global_tokens = is_index_global_attn if is_global_attn else None
         window = self.one_sided_attn_window_size
-        out = block_sparse_attention(q, k, v, _layout(-(-seq_len // BLOCK_SIZE), window), window=window,
+        out = block_sparse_attention(q, k, v, layout_for(-(-seq_len // BLOCK_SIZE), window, False), window=window,
                                      key_padding_mask=real, global_tokens=global_tokens)
         if global_tokens is not None:
             out = self._replace_global_rows(out, hidden_states, global_tokens, real)
@@ -82,14 +75,9 @@ class LongformerSelfAttention(nn.Module):
         if found is None:
             return out
         gathered = found.gather(hidden_states[:, None])[:, 0]  # [batch, G, embed]
-        q = _heads(self.query_global(gathered), self.num_heads)
-        k = _heads(self.key_global(hidden_states), self.num_heads)
-        v = _heads(self.value_global(hidden_states), self.num_heads)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-        if real is not None:
-            scores = scores.masked_fill(~real[:, None, None, :], torch.finfo(scores.dtype).min)
-        rows = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
-        return found.replace_rows(out, rows)
+        q, k, v = (_heads(projection(x), self.num_heads) for projection, x in (
+            (self.query_global, gathered), (self.key_global, hidden_states), (self.value_global, hidden_states)))
+        return found.replace_rows(out, found.attend(q, k, v, 1.0 / math.sqrt(self.head_dim)))
 
 
 def swap(model: nn.Module) -> int:
