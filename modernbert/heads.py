@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modernbert_kernels.cpu_linear import Linear
+
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
 from .model import ModernBertModel, activation, layer_norm
@@ -27,7 +29,7 @@ from .outputs import (
 class ModernBertPredictionHead(nn.Module):
     def __init__(self, config: ModernBertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
         self.act = activation(config.classifier_activation)
         self.norm = layer_norm(config)
 
@@ -45,7 +47,7 @@ class _WithEncoder(PretrainedMixin, nn.Module):
         self.head = ModernBertPredictionHead(config)
         if num_outputs is not None:
             self.drop = nn.Dropout(config.classifier_dropout)
-            self.classifier = nn.Linear(config.hidden_size, num_outputs)
+            self.classifier = Linear(config.hidden_size, num_outputs)
 
     def prune_heads(self, heads_to_prune: dict) -> None:
         """``{layer: [head indices]}``: see ModernBertModel.prune_heads."""
@@ -59,7 +61,7 @@ class ModernBertForMaskedLM(_WithEncoder):
 
     def __init__(self, config: ModernBertConfig):
         super().__init__(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, labels=None) -> MaskedLMOutput:

@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from modernbert_kernels import Int8Linear, block_sparse_attention, layouts, rotary_embedding
+from modernbert_kernels.cpu_linear import Linear
 from modernbert_kernels.rotary import ROTARY
 
 from .config import ModernBertConfig
@@ -80,8 +81,8 @@ class ModernBertAttention(nn.Module):
         if not self.heads:
             raise ValueError(f"layer {layer} has every head pruned")
         inner = len(self.heads) * self.head_dim
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * inner, bias=config.attention_bias)
-        self.Wo = nn.Linear(inner, config.hidden_size, bias=config.attention_bias)
+        self.Wqkv = Linear(config.hidden_size, 3 * inner, bias=config.attention_bias)
+        self.Wo = Linear(inner, config.hidden_size, bias=config.attention_bias)
         self.out_drop = nn.Dropout(config.attention_dropout) if config.attention_dropout > 0 else nn.Identity()
         # Optional [num_heads] multipliers of the heads' outputs: head_importance() sets them to
         # ones that require grad, reading the gradient of the loss with respect to each head.
@@ -133,14 +134,14 @@ class ModernBertAttention(nn.Module):
         self.head_gate = None
 
 
-def _sliced_linear(linear: nn.Linear, rows=None, columns=None) -> nn.Linear:
+def _sliced_linear(linear: nn.Linear, rows=None, columns=None) -> Linear:
     weight = linear.weight
     weight = weight[rows] if rows is not None else weight
     weight = weight[:, columns] if columns is not None else weight
     bias = linear.bias
     if bias is not None and rows is not None:
         bias = bias[rows]
-    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+    sliced = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                        dtype=weight.dtype)
     sliced.weight.copy_(weight)
     if bias is not None:
@@ -151,10 +152,10 @@ def _sliced_linear(linear: nn.Linear, rows=None, columns=None) -> nn.Linear:
 class ModernBertMLP(nn.Module):
     def __init__(self, config: ModernBertConfig):
         super().__init__()
-        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wi = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_activation)
         self.drop = nn.Dropout(config.mlp_dropout)
-        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         projected = normed_linear(norm, self.Wi, hidden)

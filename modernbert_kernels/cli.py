@@ -43,6 +43,11 @@ def info() -> int:
     gemm = cpu_int8_gemm()
     print(f"CPU int8 GEMM: {gemm} " + ("(oneDNN's int8 GEMM)" if gemm == "int8" else
                                       "(an exact fp32 / fp64 GEMM of the int8 values: no VNNI / AMX here)"))
+    from .cpu_linear import GEMMS, encoder_gemms
+
+    print(f"CPU GEMM of each linear of ModernBERT-base (the faster of {' / '.join(GEMMS)}, measured here):")
+    for precision, (in_features, out_features), chosen in encoder_gemms():
+        print(f"  {precision} {in_features:5d} -> {out_features:5d}: {chosen}")
     print()
     print(f"{'op':24s} {'backend':10s} {'live':5s} what")
     for op, backend, live, what in backend_table():

@@ -2,14 +2,17 @@
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import run
 
 
 def test_smoke_cpu_suite_writes_json_markdown_and_plot(tmp_path):
-    """Every subject at its smallest size (--smoke): the same code paths as --quick, in seconds."""
-    run.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    """Every subject at its smallest size (--smoke): the same code paths as --quick, in seconds.
+    The runtimes subject has its own test below (it exports and converts a model)."""
+    subjects = [f"--only={name}" for name in run.SUBJECTS if name != "runtimes"]
+    run.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), *subjects])
     written = {p.suffix for p in tmp_path.iterdir()}
     assert {".json", ".md", ".png"} <= written
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -19,6 +22,31 @@ def test_smoke_cpu_suite_writes_json_markdown_and_plot(tmp_path):
         for field in ("median_ms", "baseline_median_ms", "speedup_vs_baseline"):
             assert row[field] > 0, (field, row)
         assert row["iqr_ms"] >= 0, row  # 0 where a provider is timed once
+
+
+def test_runtimes_subject_times_every_engine_and_flags_wrong_outputs():
+    """OpenVINO and ONNX Runtime beside ours and transformers on one checkpoint, every workload;
+    each row's drift from transformers' fp32 output over the real tokens, or a note if it is wrong."""
+    for module in ("openvino", "nncf", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason="the runtimes extra (pip install -e '.[runtimes]')")
+    from benchmarks import runtimes
+    from modernbert_kernels.cpu_linear import cpu_has_bf16
+
+    rows = runtimes.run(torch.device("cpu"), quick=True, progress=print, smoke=True)
+    precisions = ("fp32", "bf16", "int8") if cpu_has_bf16() else ("fp32", "int8")
+    expected = {"transformers_fp32", "onnxruntime_fp32", "onnxruntime_int8"}
+    expected |= {f"{engine}_{p}" for engine in ("ours", "openvino") for p in precisions}
+    for workload in runtimes.workloads(smoke=True, quick=True):
+        found = {row["provider"]: row for row in rows if row["pass"] == workload}
+        assert set(found) == expected, workload
+        for name, row in found.items():
+            assert row["median_ms"] > 0 and row["tokens"] > 0
+            if row["note"] is None:  # a finite output: close to fp32 at every real token
+                assert row["cosine_min"] > (0.9999 if name.endswith("fp32") else 0.98), row
+            else:
+                assert row["cosine_min"] is None and "NaN" in row["note"]
+        for name in ("transformers_fp32", "ours_fp32", "ours_int8"):
+            assert found[name]["note"] is None  # ours and the reference are never wrong
 
 
 def test_side_by_side_pairs_rows_and_takes_medians_over_rounds():

@@ -18,6 +18,8 @@ def test_info_reports_each_backend(capsys):
         else:
             assert (op, "triton", live) in rows
     assert "torch " + torch.__version__ in out.replace(",", "")
+    for precision in ("fp32", "bf16"):  # the measured GEMM choice of each linear shape
+        assert f"  {precision}   768 ->  2304: " in out
 
 
 def test_info_is_the_registry(capsys):

@@ -1,0 +1,144 @@
+"""CPU linears at the machine's GEMM ceiling: the fastest GEMM per precision, chosen by measurement.
+
+Two GEMMs serve fp32 and bf16 linears on the CPU:
+- ``"aten"``: ``F.linear`` as PyTorch dispatches it (MKL's sgemm for fp32, oneDNN for bf16);
+- ``"onednn_packed"``: the weight reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``), then oneDNN's inner product on it.
+
+Which is faster depends on the CPU, not on its vendor's name: MKL's sgemm reaches 125-180 GFLOP/s
+at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 reaches 165-225
+(benchmarks/NOTES.md "CPU linears"). ``cpu_gemm(dtype, in_features, out_features)`` times both
+the first time a linear of that dtype and shape runs, and keeps the faster;
+MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed forces one. ``Linear`` is an ``nn.Linear`` (same parameters, same state dict) whose inference calls
+on the CPU run the chosen GEMM; anything that needs gradients runs ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tensor_cache import TensorCache
+
+GEMMS = ("aten", "onednn_packed")
+PRECISIONS = (torch.float32, torch.bfloat16)
+# (in_features, out_features) of ModernBERT-base's linears: Wqkv, attention Wo, Wi (GeGLU), MLP Wo.
+ENCODER_SHAPES = ((768, 2304), (768, 768), (768, 2304), (1152, 768))
+# Tokens per GEMM when timing: 4 x 512, the middle of the batches the encoder serves.
+TIMING_TOKENS = 2048
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product units (AVX512_BF16 or AMX-BF16): where bf16 linears
+    and attention run faster than fp32 (elsewhere bf16 is converted to fp32 and back)."""
+    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)  # private; torch 2.11 and 2.14 have it
+    capabilities = probe() if probe is not None else {}
+    return any(capabilities.get(flag) for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def pack_weight(weight: torch.Tensor, tokens_hint: int = TIMING_TOKENS) -> torch.Tensor:
+    """``weight`` [N, K] in oneDNN's blocked layout for its inner product (any number of tokens;
+    the hint picks the layout)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), tokens_hint)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ the packed weight's transpose (+ bias) with oneDNN; x's leading dims kept."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_TOKENS,
+               rounds: int = 5) -> dict[str, float]:
+    """Seconds per pass over ``shapes`` for each GEMM: the median of ``rounds`` passes, the GEMMs
+    interleaved so a drift in the machine's speed falls on both alike."""
+    generator = torch.Generator().manual_seed(0)
+    problems = []
+    for in_features, out_features in shapes:
+        x = torch.randn(tokens, in_features, generator=generator).to(dtype)
+        weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
+        bias = torch.zeros(out_features, dtype=dtype)
+        problems.append((x, weight, bias, pack_weight(weight, tokens) if onednn_available() else None))
+    runs = {"aten": lambda x, w, b, packed: F.linear(x, w, b)}
+    if onednn_available():
+        runs["onednn_packed"] = lambda x, w, b, packed: packed_linear(x, packed, b)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_index in range(rounds + 1):  # round 0 warms up
+            for name, run in runs.items():
+                start = time.perf_counter()
+                for problem in problems:
+                    run(*problem)
+                if round_index:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@functools.cache
+def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, threads: int) -> str:
+    times = time_gemms(dtype, shapes=((in_features, out_features),))
+    return min(times, key=times.get)
+
+
+def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
+    """The GEMM a CPU linear of this dtype and shape runs: the faster of ``GEMMS`` measured once per
+    (dtype, shape, thread count), or the one MODERNBERT_KERNELS_CPU_GEMM forces (read per call)."""
+    forced = os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
+    if forced not in ("auto",) + GEMMS:
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {' or '.join(GEMMS)}, not {forced!r}")
+    if dtype not in PRECISIONS:
+        return "aten"
+    if forced == "onednn_packed" and not onednn_available():
+        raise RuntimeError("MODERNBERT_KERNELS_CPU_GEMM=onednn_packed, but PyTorch was built without oneDNN")
+    if forced != "auto":
+        return forced
+    return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
+
+
+def encoder_gemms() -> list[tuple[str, tuple[int, int], str]]:
+    """(precision, (in_features, out_features), GEMM) for ModernBERT-base's linears: what
+    ``modernbert-kernels info`` shows (measured here unless forced)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return [(names[dtype], shape, cpu_gemm(dtype, *shape)) for dtype in PRECISIONS for shape in dict.fromkeys(ENCODER_SHAPES)]
+
+
+_packed_weights = TensorCache()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose inference calls on the CPU run ``cpu_gemm``'s choice for their dtype.
+
+    The packed copy of the weight is made at the first such call and made again after the weight
+    changes (in place, or replaced by ``.to()`` / ``load_state_dict``); it is not in the state dict.
+    Training, other devices and ``torch.compile`` (which packs weights itself when freezing) take
+    ``F.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            x.device.type != "cpu"
+            or x.dtype != weight.dtype
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (self.bias is not None and self.bias.requires_grad)))
+            or cpu_gemm(x.dtype, self.in_features, self.out_features) != "onednn_packed"
+        ):
+            return F.linear(x, weight, self.bias)
+        # Keyed by storage and dtype too: Module.to() swaps a parameter's data without a version bump.
+        key = ("onednn_packed", weight.data_ptr(), weight.dtype)
+        packed = _packed_weights.get(weight, key, lambda: pack_weight(weight))
+        return packed_linear(x, packed, self.bias)
+

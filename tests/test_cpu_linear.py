@@ -1,0 +1,120 @@
+"""CPU linears on the measured-fastest GEMM (modernbert_kernels.cpu_linear) against float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modernbert_kernels import cpu_linear
+from modernbert_kernels.cpu_linear import Linear
+
+# Relative error (max |error| / max |reference|) against the float64 linear: fp32 sums of up to
+# ~1000 products; bf16 inputs are exact in fp32, the output is rounded to bf16 (2^-8).
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
+# (leading dims, in_features, out_features): the encoder's 2-D token streams, 3-D batches, one row,
+# sizes that are not multiples of any vector width.
+SHAPES = [((64,), 768, 96), ((3, 37), 48, 80), ((1,), 130, 7), ((257,), 32, 1152)]
+
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="PyTorch built without oneDNN")
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def random_linear(in_features, out_features, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():  # biases as large as the products, so a dropped bias fails
+        linear.weight.normal_()
+        if bias:
+            linear.bias.normal_().mul_(in_features**0.5)
+    return linear.to(dtype)
+
+
+def float64_linear(linear, x):
+    bias = linear.bias.double() if linear.bias is not None else None
+    return F.linear(x.double(), linear.weight.double(), bias)
+
+
+@pytest.mark.parametrize("gemm", [pytest.param("onednn_packed", marks=needs_onednn), "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("leading, in_features, out_features", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_inference_matches_float64(gemm, dtype, leading, in_features, out_features, bias, monkeypatch):
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
+    linear = random_linear(in_features, out_features, dtype, bias, seed=len(leading) + in_features)
+    x = torch.randn(*leading, in_features).to(dtype)
+    with torch.no_grad():
+        out = linear(x)
+    assert out.shape == (*leading, out_features) and out.dtype == dtype
+    assert relative_error(out, float64_linear(linear, x)) < TOLERANCE[dtype]
+
+
+@needs_onednn
+def test_packed_weight_follows_the_weight(monkeypatch):
+    """The packed copy is made again after an in-place change, a load_state_dict and a dtype change."""
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "onednn_packed")
+    linear = random_linear(64, 48, torch.float32)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        linear(x)
+        linear.weight.mul_(-2.0)
+        assert relative_error(linear(x), float64_linear(linear, x)) < TOLERANCE[torch.float32]
+        linear.load_state_dict(random_linear(64, 48, torch.float32, seed=9).state_dict())
+        assert relative_error(linear(x), float64_linear(linear, x)) < TOLERANCE[torch.float32]
+        linear.to(torch.bfloat16)
+        x16 = x.bfloat16()
+        assert relative_error(linear(x16), float64_linear(linear, x16)) < TOLERANCE[torch.bfloat16]
+    assert set(linear.state_dict()) == {"weight", "bias"}  # the packed copy is not state
+
+
+@needs_onednn
+def test_training_takes_autograd(monkeypatch):
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "onednn_packed")
+    linear = random_linear(32, 16, torch.float32)
+    x = torch.randn(7, 32, dtype=torch.float64, requires_grad=True)
+    reference = F.linear(x, linear.weight.double(), linear.bias.double())
+    reference.square().sum().backward()
+    expected_dx, x.grad = x.grad, None
+    linear(x.float()).square().sum().backward()  # x.float() keeps the graph back to x
+    assert relative_error(x.grad, expected_dx) < 1e-5
+    assert linear.weight.grad is not None and linear.bias.grad is not None
+
+
+def test_wrong_dtype_is_refused():
+    linear = random_linear(16, 8, torch.float32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        linear(torch.randn(3, 16, dtype=torch.float64))
+
+
+@pytest.fixture
+def fresh_choices():
+    """Choices made under a faked timer are forgotten after the test, so no other test runs them."""
+    cpu_linear._measured_gemm.cache_clear()
+    yield
+    cpu_linear._measured_gemm.cache_clear()
+
+
+def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
+    for times, chosen in (({"aten": 2.0, "onednn_packed": 1.0}, "onednn_packed"),
+                          ({"aten": 1.0, "onednn_packed": 2.0}, "aten")):
+        cpu_linear._measured_gemm.cache_clear()
+        monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, times=times: times)
+        assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == chosen
+    timed = []
+    monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes: timed.append(shapes) or {"aten": 1.0})
+    cpu_linear.cpu_gemm(torch.float32, 64, 32)
+    cpu_linear.cpu_gemm(torch.float32, 64, 32)
+    assert timed == [((64, 32),)]  # measured once per shape
+    assert cpu_linear.cpu_gemm(torch.float16, 64, 32) == "aten"  # no packed fp16 path: never timed
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "aten")
+    assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == "aten"
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "fast")
+    with pytest.raises(ValueError, match="MODERNBERT_KERNELS_CPU_GEMM must be auto, aten or onednn_packed"):
+        cpu_linear.cpu_gemm(torch.float32, 768, 2304)
+
+
+def test_timing_measures_every_gemm():
+    times = cpu_linear.time_gemms(torch.float32, shapes=((32, 48),), tokens=16, rounds=2)
+    assert set(times) == ({"aten", "onednn_packed"} if cpu_linear.onednn_available() else {"aten"})
+    assert all(seconds > 0 for seconds in times.values())
