@@ -1,5 +1,5 @@
 """Sentence embeddings through sentence-transformers: all-MiniLM-L6-v2 (a BERT) with PyTorch's sdpa,
-with this package's attention, and with its attention + int8 linears (plain and SmoothQuant
+with this package's attention (fp32, and bf16 where the CPU has bf16 units), and with its attention + int8 linears (plain and SmoothQuant
 calibrated), beside PyTorch's own dynamic int8 (torch.ao), on real English sentences.
 
 Speed: sentences/s of ``SentenceTransformer.encode`` over the sentences (batches of 32), median of
@@ -22,6 +22,7 @@ import torch
 from benchmarks.report import result_rows
 from benchmarks.sentences import english_sentences
 from benchmarks.timing import summarize, time_cpu, time_fn
+from modernbert_kernels.cpu_linear import cpu_has_bf16
 
 BATCH = 32
 
@@ -78,6 +79,8 @@ def sentence_models(device: torch.device, calibration_sentences: list[str]) -> d
         return SentenceTransformer(folder, device=str(device), model_kwargs={"attn_implementation": attention})
 
     found = {"sdpa": load("sdpa"), "modernbert_kernels": load("modernbert_kernels")}
+    if device.type == "cuda" or cpu_has_bf16():  # bf16 units: elsewhere bf16 is fp32 rounded, and slower
+        found["modernbert_kernels_bf16"] = load("modernbert_kernels").to(torch.bfloat16)
     found["modernbert_kernels_int8"] = load("modernbert_kernels")
     quantize_int8(found["modernbert_kernels_int8"][0].auto_model)
     found["modernbert_kernels_int8_smoothquant"] = load("modernbert_kernels")
