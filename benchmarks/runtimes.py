@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import result_rows
+from benchmarks.encoder import BASE
+from benchmarks.encoder import batch as encoder_batch
+from benchmarks.report import _slug, result_rows
 from benchmarks.timing import summarize, time_cpu
 from modernbert import ModernBertModel, quantize_int8
 from modernbert_kernels.cpu_linear import cpu_has_bf16
 
-BASE = dict(vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
 # Smoke: the same code paths on a model small enough to export and convert in seconds.
 SMOKE = dict(BASE, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
              global_attn_every_n_layers=3, local_attention=32)
@@ -55,12 +56,7 @@ def workloads(smoke: bool, quick: bool) -> dict[str, list[int]]:
 
 
 def batch(lengths: list[int]):
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, BASE["vocab_size"], (len(lengths), max(lengths)), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
-    return ids, mask
+    return encoder_batch(lengths, torch.device("cpu"))
 
 
 ENGINES = {"transformers": ("fp32",), "ours": ("fp32", "bf16", "int8"), "openvino": ("fp32", "bf16", "int8"),
@@ -160,10 +156,6 @@ def _in_worker(job: dict) -> dict:
         raise RuntimeError(f"runtimes worker {job['engine']} {job.get('precision', '')} failed "
                            f"(exit {done.returncode}); its error is above")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _slug(text: str) -> str:
-    return "-".join(text.split())
 
 
 def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,

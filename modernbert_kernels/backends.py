@@ -42,6 +42,13 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA device: {torch.cuda.get_device_name()}"
 
 
+def cpu_capabilities() -> dict:
+    """The CPU's features as PyTorch detects them (avx512_bf16, avx512_vnni, amx_int8, ...): what
+    the CPU code paths are chosen by."""
+    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)  # private; torch 2.11 and 2.14 have it
+    return probe() if probe is not None else {}
+
+
 def layout_is_dense(layout, num_blocks: int) -> bool:
     """Whether ``layout`` (a BlockSparseLayout) over a sequence of ``num_blocks`` blocks is plain
     dense attention, which dense kernels (PyTorch's fused attention) run faster than a block-sparse

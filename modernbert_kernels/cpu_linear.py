@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import cpu_capabilities
 from .tensor_cache import TensorCache
 
 GEMMS = ("aten", "onednn_packed")
@@ -38,9 +39,7 @@ TIMING_TOKENS = 2048
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 dot-product units (AVX512_BF16 or AMX-BF16): where bf16 linears
     and attention run faster than fp32 (elsewhere bf16 is converted to fp32 and back)."""
-    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)  # private; torch 2.11 and 2.14 have it
-    capabilities = probe() if probe is not None else {}
-    return any(capabilities.get(flag) for flag in ("avx512_bf16", "amx_bf16"))
+    return any(cpu_capabilities().get(flag) for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def onednn_available() -> bool:

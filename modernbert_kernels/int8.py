@@ -129,8 +129,7 @@ def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
 def cpu_has_int8_dot_product() -> bool:
     """Whether this CPU has an int8 dot-product instruction oneDNN's int8 GEMM is fast with (x86:
     AVX512-VNNI, AVX-VNNI or AMX-INT8; other architectures are assumed to)."""
-    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)  # private; torch 2.11 and 2.14 have it
-    capabilities = probe() if probe is not None else {}
+    capabilities = backends.cpu_capabilities()
     if capabilities.get("architecture") != "x86_64":
         return True
     return any(capabilities.get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
