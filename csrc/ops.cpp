@@ -3,13 +3,19 @@
 // Python, where they also carry the Triton implementations, fake tensors and autograd; their
 // backend="cpu" / "cuda" branches call these. CPU implementations live in cpu/, CUDA ones in cuda/.
 #include <Python.h>
-#include <torch/library.h>
 
 #include <string>
 
 #include "cpu/kernels.h"
+#include "library.h"
 
-TORCH_LIBRARY(modernbert_kernels, m) {
+namespace {
+
+std::string cpu_isa() { return modernbert_kernels::cpu::kernels().isa; }
+
+}  // namespace
+
+MODERNBERT_KERNELS_LIBRARY(m) {
   m.def(
       "block_sparse_attention_forward_native(Tensor q, Tensor k, Tensor v, Tensor row_offsets, "
       "Tensor col_indices, int block_size, int window_left, int window_right, float scale, "
@@ -28,9 +34,12 @@ TORCH_LIBRARY(modernbert_kernels, m) {
   m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");
   // Which CPU kernel build this machine runs (avx512, avx2 or baseline), for `modernbert-kernels info`.
-  m.def("cpu_isa() -> str", [] { return std::string(modernbert_kernels::cpu::kernels().isa); });
+  m.def("cpu_isa() -> str");
 }
 
-// Importing modernbert_kernels._C runs the registrations above; the module itself is empty.
+MODERNBERT_KERNELS_LIBRARY_IMPL(CompositeExplicitAutograd, m) { m.impl("cpu_isa", TORCH_BOX(&cpu_isa)); }
+
+// Importing modernbert_kernels._C runs the registrations above; the module itself is empty, and
+// built on Python's limited API (abi3), so one binary serves every CPython from 3.10 on.
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -3,32 +3,42 @@
 // TORCH_LIBRARY_IMPL (cpu/*_op.cpp, cuda/*_op.cpp); the schemas are in ops.cpp.
 //
 //   struct Kernels {
-//     static constexpr at::DeviceType kDevice = ...;
+//     static constexpr DeviceType kDevice = ...;
 //     static void attention_forward(const AttentionParams&);           // attention families
 //     static void attention_backward(const AttentionBackwardParams&);
-//     static void int8_linear(const Int8LinearParams&, const at::Tensor& x_q, const at::Tensor& w_q);  // int8
+//     static void int8_linear(const Int8LinearParams&, const Tensor& x_q, const Tensor& w_q);  // int8
 //     static void quantize(const QuantizeParams&);
 //     static void rotary(const RotaryParams&);                          // rotary
 //   };
 #pragma once
 
-#include <c10/core/DeviceGuard.h>
+#include <torch/csrc/stable/accelerator.h>
 
+#include <optional>
 #include <tuple>
 
 #include "tensor_params.h"
 
 namespace modernbert_kernels {
 
+// Makes t's device current for a CUDA call (kernels launch on the current device's stream); no-op
+// on the CPU.
+struct DeviceScope {
+  explicit DeviceScope(const Tensor& t) {
+    if (t.device().type() == DeviceType::CUDA) guard.emplace(t.get_device_index());
+  }
+  std::optional<torch::stable::accelerator::DeviceGuard> guard;
+};
+
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& row_offsets, const at::Tensor& col_indices,
+std::tuple<Tensor, Tensor> attention_forward_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                        const Tensor& row_offsets, const Tensor& col_indices,
                                                         int64_t block_size, int64_t window_left,
                                                         int64_t window_right, double scale,
-                                                        const std::optional<at::Tensor>& key_padding_mask,
-                                                        const std::optional<at::Tensor>& cu_seqlens,
+                                                        const std::optional<Tensor>& key_padding_mask,
+                                                        const std::optional<Tensor>& cu_seqlens,
                                                         int64_t max_seqlen) {
-  const c10::DeviceGuard guard(q.device());
+  const DeviceScope scope(q);
   const AttentionForward call =
       attention_forward_outputs(attention_params(q, k, v, row_offsets, col_indices, block_size, window_left,
                                                  window_right, scale, key_padding_mask, cu_seqlens, max_seqlen,
@@ -39,12 +49,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& q, con
 }
 
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& row_offsets, const at::Tensor& col_indices, const at::Tensor& col_offsets,
-    const at::Tensor& row_indices, int64_t block_size, int64_t window_left, int64_t window_right, double scale,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
-  const c10::DeviceGuard guard(q.device());
+std::tuple<Tensor, Tensor, Tensor> attention_backward_op(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const Tensor& row_offsets, const Tensor& col_indices, const Tensor& col_offsets,
+    const Tensor& row_indices, int64_t block_size, int64_t window_left, int64_t window_right, double scale,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen) {
+  const DeviceScope scope(q);
   const AttentionBackward call = attention_backward_outputs(
       attention_params(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
                        key_padding_mask, cu_seqlens, max_seqlen, Kernels::kDevice),
@@ -54,27 +64,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
 }
 
 template <typename Kernels>
-at::Tensor int8_linear_op(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
-                          const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, c10::string_view activation,
-                          at::ScalarType out_dtype) {
-  const c10::DeviceGuard guard(x_q.device());
+Tensor int8_linear_op(const Tensor& x_q, const Tensor& x_scale, const Tensor& w_q,
+                          const Tensor& w_scale, const std::optional<Tensor>& bias, std::string activation,
+                          ScalarType out_dtype) {
+  const DeviceScope scope(x_q);
   const Int8Linear call = prepare_int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, Kernels::kDevice);
   if (call.params.m > 0 && call.params.n > 0) Kernels::int8_linear(call.params, x_q, w_q);
   return call.out;
 }
 
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_op(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight,
-                                                         double eps, const std::optional<at::Tensor>& smooth) {
-  const c10::DeviceGuard guard(x.device());
+std::tuple<Tensor, Tensor> quantize_per_token_op(const Tensor& x, const std::optional<Tensor>& norm_weight,
+                                                         double eps, const std::optional<Tensor>& smooth) {
+  const DeviceScope scope(x);
   const Quantize call = prepare_quantize(x, norm_weight, eps, smooth, Kernels::kDevice);
   if (call.params.rows > 0) Kernels::quantize(call.params);
   return {call.q, call.scale};
 }
 
 template <typename Kernels>
-void rotary_embedding_op(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out) {
-  const c10::DeviceGuard guard(x.device());
+void rotary_embedding_op(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& out) {
+  const DeviceScope scope(x);
   const RotaryParams params = rotary_params(x, cos, sin, out, Kernels::kDevice);
   if (x.numel() > 0) Kernels::rotary(params);
 }

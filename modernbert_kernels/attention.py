@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from . import backends, torch_backend
+from ._ops import add_op_namespace_prefix, ops
 from .block_sparse_layout import BlockSparseLayout
 from .global_attention import attention_with_global_tokens
 from .reference import block_sparse_attention_reference, window_bounds
@@ -66,11 +67,11 @@ def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offs
 
 
 def _native_forward(*args):
-    return torch.ops.modernbert_kernels.block_sparse_attention_forward_native(*args)
+    return ops.block_sparse_attention_forward_native(*args)
 
 
 def _native_backward(dout, *args):
-    return torch.ops.modernbert_kernels.block_sparse_attention_backward_native(dout.contiguous(), *args)
+    return ops.block_sparse_attention_backward_native(dout.contiguous(), *args)
 
 
 def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
@@ -100,7 +101,7 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
 
 
-@torch.library.custom_op("modernbert_kernels::block_sparse_attention", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("block_sparse_attention"), mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
@@ -121,7 +122,7 @@ def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, w
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("modernbert_kernels::block_sparse_attention_backward", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("block_sparse_attention_backward"), mutates_args=())
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import backends
+from ._ops import add_op_namespace_prefix, ops
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
@@ -57,14 +58,14 @@ def _quantize_rows_triton(x, norm_weight, eps, smooth):
 
 
 def _quantize_rows_native(x, norm_weight, eps, smooth):
-    return torch.ops.modernbert_kernels.quantize_per_token_native(x, norm_weight, eps, smooth)
+    return ops.quantize_per_token_native(x, norm_weight, eps, smooth)
 
 
 QUANTIZE.add("cpu", "C++ rows in parallel, LayerNorm and smoothing fused", _quantize_rows_native)
 QUANTIZE.add("cuda", "C++/CUDA, a block per row", _quantize_rows_native)
 
 
-@torch.library.custom_op("modernbert_kernels::quantize_per_token", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("quantize_per_token"), mutates_args=())
 def _quantize_op(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +176,7 @@ def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
 def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
-    return torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+    return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
 INT8_LINEAR.add("cpu", "oneDNN int8 GEMM (exact float GEMM without VNNI / AMX) in cache-sized row chunks, "
@@ -190,7 +191,7 @@ def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
                            out_dtype)
 
 
-@torch.library.custom_op("modernbert_kernels::int8_linear", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("int8_linear"), mutates_args=())
 def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,

@@ -1,7 +1,7 @@
 """The C++/CUDA extension (csrc/, built as ``modernbert_kernels._C``): whether it loaded, and why not.
 
-Importing ``_C`` registers the native kernels as ``torch.ops.modernbert_kernels.*_native``; the
-public ops call them for ``backend="cpu"`` and ``backend="cuda"``. A pure-Python install (no
+Importing ``_C`` registers the native kernels as ``torch.ops.modernbert_kernels.*_native`` (the
+namespace of _ops.py); the public ops call them for ``backend="cpu"`` and ``backend="cuda"``. A pure-Python install (no
 compiler at build time, or MODERNBERT_KERNELS_BUILD_EXTENSION=0) works without them. The answers
 are computed once at import, so torch.compile sees constants.
 """
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import add_op_namespace_prefix, ops
+
 
 def _load() -> tuple[bool, str]:
     try:
         from . import _C  # noqa: F401
     except ImportError as err:
         return False, f"the C++ extension is not built ({err}); reinstall with a compiler and torch present"
-    return True, f"C++ kernels ({torch.ops.modernbert_kernels.cpu_isa()} build)"
+    return True, f"C++ kernels ({ops.cpu_isa()} build)"
 
 
 _CPU_STATUS = _load()
 _CUDA_BUILT = _CPU_STATUS[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "modernbert_kernels::int8_linear_native", "CUDA"
+    add_op_namespace_prefix("int8_linear_native"), "CUDA"
 )
 
 

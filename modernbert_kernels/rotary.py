@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._ops import add_op_namespace_prefix, ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -27,7 +28,7 @@ def _rotate_triton(x, cos, sin, out):
 
 
 def _rotate_native(x, cos, sin, out):
-    torch.ops.modernbert_kernels.rotary_embedding_native(x, cos, sin, out)
+    ops.rotary_embedding_native(x, cos, sin, out)
 
 
 ROTARY.add("cpu", "C++ one pass, vectorized per row", _rotate_native)
@@ -50,7 +51,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
     ROTARY[backend](x, cos, sin, out)
 
 
-@torch.library.custom_op("modernbert_kernels::rotary_embedding", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("rotary_embedding"), mutates_args=())
 def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _rotate(x, cos, sin, out, backend)
@@ -77,7 +78,7 @@ def _backward(ctx, grad):
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("modernbert_kernels::rotary_embedding_", mutates_args=("x",))
+@torch.library.custom_op(add_op_namespace_prefix("rotary_embedding_"), mutates_args=("x",))
 def _rotary_inplace_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> None:
     _rotate(x, cos, sin, x, backend)
 

@@ -71,3 +71,26 @@ for act in (None, "gelu", "gelu_tanh", "geglu"):
     env = dict(os.environ, MODERNBERT_KERNELS_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@CPU_EXTENSION
+def test_extension_needs_no_cpp_symbol_of_libtorch():
+    """Built on PyTorch's stable ABI: the shared object imports only C functions from libtorch
+    (the stable shim), never a mangled c10::, at:: or torch:: symbol, so one build loads under every
+    torch from its target version on. Reads the dynamic symbol table with nm."""
+    import shutil
+
+    from modernbert_kernels import _C
+
+    if shutil.which("nm") is None:
+        pytest.skip("binutils' nm is not installed")
+    listing = subprocess.run(["nm", "-D", "--undefined-only", "--demangle", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    undefined = [line.split()[-1] if len(line.split()) == 2 else " ".join(line.split()[1:])
+                 for line in listing.splitlines() if line.strip()]
+    assert undefined, "nm listed no undefined symbols: not a shared object of this extension?"
+    cpp_torch = [name for name in undefined if name.startswith(("c10::", "at::", "torch::", "caffe2::"))
+                 or "c10::" in name or "at::Tensor" in name]
+    assert not cpp_torch, f"{len(cpp_torch)} C++ symbols of libtorch: {cpp_torch[:10]}"
+    assert any(name.startswith(("aoti_torch_", "torch_")) for name in undefined), "no stable-ABI shim call found"
+    assert _C.__file__.endswith(".abi3.so"), f"{_C.__file__}: not built on Python's limited API"

@@ -1,10 +1,8 @@
-// CPU block_sparse_attention_{forward,backward}_native: the work items spread over
-// at::parallel_for, each thread with its own workspace.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// CPU block_sparse_attention_{forward,backward}_native: the work items spread over torch's
+// parallel_for (through the stable ABI), each thread with its own workspace.
 #include <vector>
 
+#include "../library.h"
 #include "../ops.h"
 #include "kernels.h"
 
@@ -12,7 +10,7 @@ namespace modernbert_kernels {
 namespace {
 
 struct CpuAttention {
-  static constexpr at::DeviceType kDevice = at::kCPU;
+  static constexpr DeviceType kDevice = DeviceType::CPU;
 
   static void attention_forward(const AttentionParams& p) {
     const int64_t blocks = (p.seq_len + p.block_size - 1) / p.block_size;
@@ -21,7 +19,7 @@ struct CpuAttention {
     const int cache_slots = cpu::attention_cache_slots(blocks, slot_floats);
     const size_t workspace_floats = cpu::attention_workspace_floats(cache_slots, slot_floats);
     const auto forward = cpu::kernels().attention_forward;
-    at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
       // Kept per thread: allocating (and page-faulting) it on every call costs more than small problems.
       thread_local std::vector<float> workspace;
       if (workspace.size() < workspace_floats) workspace.resize(workspace_floats);
@@ -34,7 +32,7 @@ struct CpuAttention {
     const auto backward = cpu::kernels().attention_backward;
     // dq (and delta) first; dk / dv read delta.
     for (const cpu::BackwardPass pass : {cpu::BackwardPass::Dq, cpu::BackwardPass::DkDv}) {
-      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
         thread_local std::vector<float> workspace(cpu::kAttentionBackwardWorkspaceFloats);
         backward(p, pass, begin, end, workspace.data());
       });
@@ -44,9 +42,9 @@ struct CpuAttention {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(modernbert_kernels, CPU, m) {
-  m.impl("block_sparse_attention_forward_native", &attention_forward_op<CpuAttention>);
-  m.impl("block_sparse_attention_backward_native", &attention_backward_op<CpuAttention>);
+MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) {
+  m.impl("block_sparse_attention_forward_native", TORCH_BOX(&attention_forward_op<CpuAttention>));
+  m.impl("block_sparse_attention_backward_native", TORCH_BOX(&attention_backward_op<CpuAttention>));
 }
 
 }  // namespace modernbert_kernels
