@@ -7,11 +7,18 @@ from .attention import block_sparse_attention
 from .int8 import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from .block_sparse_layout import BlockSparseLayout
 from .rotary import rotary_embedding
+# transformers' attention-function contract, and FlashAttention-2's calling convention: what
+# transformers calls on a kernel-hub build (attn_implementation="<org>/<repo>:attention_forward").
+from .integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
+from .integrations.transformers.attention import attention_forward
 
 __all__ = [
     "BlockSparseLayout",
     "Int8Linear",
+    "attention_forward",
     "block_sparse_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "int8_linear",
     "interleave_geglu",
     "layouts",

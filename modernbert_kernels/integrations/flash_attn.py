@@ -1,0 +1,82 @@
+"""FlashAttention-2's calling convention over block_sparse_attention: ``flash_attn_func`` and
+``flash_attn_varlen_func``, for code written against the ``flash_attn`` package.
+
+This is also how transformers drives a kernel-hub build of this package: for
+``attn_implementation="<org>/<repo>:attention_forward"`` it loads the kernel, finds
+``flash_attn_varlen_func`` on it, and calls these through its own flash-attention wrapper, which
+unpads padded batches into varlen ones (README "Building", scripts/build_hub_kernel.sh).
+
+Covered: self-attention (queries and keys of the same sequences), bidirectional or causal, a
+sliding window given as ``window_size=(left, right)`` (-1 = unbounded; a causal window ignores
+``right``), grouped-query attention, ``softmax_scale``. Refused with a clear error: dropout, logit
+soft-capping, ALiBi, queries shorter than the keys (a KV cache), and asymmetric windows of a
+bidirectional layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import block_sparse_attention
+from .transformers.attention import BLOCK_SIZE, layout_for
+
+NAME = "modernbert_kernels.flash_attn"
+
+
+def _window(window_size, causal: bool) -> int | None:
+    left, right = (int(w) for w in window_size)
+    if causal:
+        return None if left < 0 else left
+    if left != right:
+        raise NotImplementedError(f"{NAME}: a bidirectional window must be symmetric, got window_size={window_size}")
+    return None if left < 0 else left
+
+
+def _check(dropout_p: float, softcap: float, alibi_slopes, q: torch.Tensor, k: torch.Tensor) -> None:
+    if dropout_p:
+        raise NotImplementedError(f"{NAME}: no attention dropout (dropout_p={dropout_p}); pass 0")
+    if softcap:
+        raise NotImplementedError(f"{NAME}: no logit soft-capping (softcap={softcap})")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{NAME}: no ALiBi")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"{NAME}: {q.shape[-2]} query heads are not a multiple of {k.shape[-2]} key heads")
+
+
+def _share_kv_heads(q, k, v, head_axis: int):
+    repeat = q.shape[head_axis] // k.shape[head_axis]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, head_axis), v.repeat_interleave(repeat, head_axis)
+    return k, v
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
+                    softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False) -> torch.Tensor:
+    """q, k, v [batch, seq, heads, head_dim] (k, v may have fewer heads) -> [batch, seq, heads, head_dim]."""
+    _check(dropout_p, softcap, alibi_slopes, q, k)
+    if q.dim() != 4 or k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{NAME}: q, k, v must be [batch, seq, heads, head_dim] with one seq, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    k, v = _share_kv_heads(q, k, v, 2)
+    window = _window(window_size, causal)
+    layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal)
+    out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
+                                 causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False) -> torch.Tensor:
+    """q, k, v [total_tokens, heads, head_dim], sequence b at cu_seqlens[b]:cu_seqlens[b + 1]."""
+    _check(dropout_p, softcap, alibi_slopes, q, k)
+    if cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise NotImplementedError(f"{NAME}: queries and keys must come from the same sequences (no KV cache)")
+    k, v = _share_kv_heads(q, k, v, 1)
+    window = _window(window_size, causal)
+    max_seqlen = int(max_seqlen_q)
+    layout = layout_for(max(1, -(-max_seqlen // BLOCK_SIZE)), window, causal)
+    return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=softmax_scale,
+                                  cu_seqlens=cu_seqlens_q.to(torch.int32), max_seqlen=max_seqlen)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the kernel-hub (Hugging Face `kernels` package) form of modernbert-kernels into OUT:
+#   OUT/build/torch-stable-abi211-cu130-x86_64-linux/   (or ...-cpu-... without CUDA)
+#     metadata.json   the variant's name, id (= its op namespace), license and backend
+#     __init__.py ... the Python package, loaded by `kernels` as the module <id>
+#     _ops.py         the op namespace of this build, _modernbert_kernels_<hash>
+#     _C.abi3.so      the C++/CUDA extension on the stable ABI, registering that namespace
+# The namespace differs from the pip package's (modernbert_kernels), so both load in one process.
+#   scripts/build_hub_kernel.sh OUT     # in an environment with torch >= 2.11 (+ nvcc for CUDA)
+# Load it: kernels.get_local_kernel(Path(OUT)), or LOCAL_KERNELS="org/repo=OUT" with
+# attn_implementation="org/repo:attention_forward" in transformers. Publish: README "Building".
+set -euo pipefail
+out=${1:?usage: scripts/build_hub_kernel.sh OUT}
+cd "$(dirname "$0")/.."
+
+if [[ -z "${FORCE_CUDA:-}" ]] && { command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]]; }; then
+  export FORCE_CUDA=1
+fi
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
+# The build's id: a hash of what it is built from (same sources, same namespace).
+hash=$(cat setup.py csrc/*.h csrc/*.cpp csrc/*/* $(find modernbert_kernels -name '*.py' | sort) | sha256sum | cut -c1-10)
+namespace="_modernbert_kernels_${hash}"
+read -r variant backend <<<"$(python - <<'PY'
+import os, platform, torch
+cuda = os.environ.get("FORCE_CUDA") == "1" and torch.version.cuda
+arch = platform.machine()
+if cuda:
+    major, minor = torch.version.cuda.split(".")[:2]
+    print(f"torch-stable-abi211-cu{major}{minor}-{arch}-linux", "cuda")
+else:
+    print(f"torch-stable-abi211-cpu-{arch}-linux", "cpu")
+PY
+)"
+dest="$out/build/$variant"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "building $variant with op namespace $namespace"
+MODERNBERT_KERNELS_BUILD_EXTENSION=1 MODERNBERT_KERNELS_NAMESPACE=$namespace \
+  python setup.py --quiet build_ext --build-lib "$work/lib" --build-temp "$work/temp" >"$work/build.log" 2>&1 \
+  || { tail -n 60 "$work/build.log"; exit 1; }
+
+rm -rf "$dest"
+mkdir -p "$dest"
+cp -r modernbert_kernels/. "$dest/"
+find "$dest" -name __pycache__ -prune -exec rm -rf {} +
+rm -f "$dest"/_C*.so
+cp "$work"/lib/modernbert_kernels/_C*.so "$dest/"
+sed -i "s/^NAMESPACE = \"modernbert_kernels\"$/NAMESPACE = \"$namespace\"/" "$dest/_ops.py"
+grep -q "^NAMESPACE = \"$namespace\"$" "$dest/_ops.py" || { echo "could not set the namespace in _ops.py"; exit 1; }
+archs='null'
+if [[ $backend == cuda ]]; then archs='["8.0", "9.0"]'; fi
+cat >"$dest/metadata.json" <<JSON
+{
+  "name": "modernbert-kernels",
+  "id": "$namespace",
+  "version": 1,
+  "license": "Apache-2.0",
+  "backend": {"type": "$backend", "archs": $archs},
+  "python-depends": []
+}
+JSON
+echo "wrote $dest"
+ls -1 "$dest"

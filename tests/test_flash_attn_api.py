@@ -1,0 +1,75 @@
+"""FlashAttention-2's calling convention (flash_attn_func, flash_attn_varlen_func) over
+block_sparse_attention, against a float64 softmax reference with the same masks."""
+
+import math
+
+import pytest
+import torch
+from helpers import TOLERANCES, relative_error
+
+from modernbert_kernels import flash_attn_func, flash_attn_varlen_func
+
+
+def reference(q, k, v, causal, window, scale):
+    """q [seq, heads, dim], k / v [seq, kv_heads, dim] of one sequence, in float64."""
+    q, k, v = (t.double() for t in (q, k, v))
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    i = torch.arange(q.shape[0])[:, None]
+    j = torch.arange(k.shape[0])[None, :]
+    visible = torch.ones_like(scores[0], dtype=torch.bool)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= (i - j).abs() <= window
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+CASES = {  # (causal, window_size, kv_heads)
+    "bidirectional": (False, (-1, -1), 4),
+    "window": (False, (40, 40), 4),
+    "causal": (True, (-1, -1), 4),
+    "causal_window_gqa": (True, (40, 0), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES)
+def test_varlen_and_padded_calls_match_the_reference(case, dtype):
+    causal, window_size, kv_heads = CASES[case]
+    window = None if window_size[0] < 0 else window_size[0]
+    lengths = [130, 7, 64]
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    total = sum(lengths)
+    q = torch.randn(total, 4, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(total, kv_heads, 64, generator=gen).to(dtype) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scale = 1 / math.sqrt(64)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, window_size=window_size)
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(lengths):
+        rows = slice(cu[b], cu[b + 1])
+        expected = reference(q[rows], k[rows], v[rows], causal, window, scale)
+        assert relative_error(out[rows], expected) < TOLERANCES[dtype], (case, b)
+    # The padded entry point on the first sequence alone.
+    n = lengths[0]
+    padded = flash_attn_func(q[None, :n], k[None, :n], v[None, :n], causal=causal, window_size=window_size)
+    assert relative_error(padded[0], reference(q[:n], k[:n], v[:n], causal, window, scale)) < TOLERANCES[dtype]
+
+
+def test_what_it_cannot_do_is_refused():
+    q = torch.randn(1, 64, 2, 64)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        flash_attn_func(q, q, q, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="symmetric"):
+        flash_attn_func(q, q, q, window_size=(8, 0))
+    flat = q[0]
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        flash_attn_varlen_func(flat, flat, flat, torch.tensor([0, 32, 64], dtype=torch.int32),
+                               torch.tensor([0, 30, 64], dtype=torch.int32), 32, 34)
+    with pytest.raises(ValueError, match="multiple"):
+        flash_attn_func(torch.randn(1, 64, 3, 64), q, q)

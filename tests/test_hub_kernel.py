@@ -1,0 +1,90 @@
+"""The kernel-hub build (scripts/build_hub_kernel.sh): the variant folder the `kernels` package
+loads offline, beside the installed package in one process, and transformers using it through
+``attn_implementation="<org>/<repo>:attention_forward"`` with LOCAL_KERNELS."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CPU_EXTENSION
+
+import modernbert_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [CPU_EXTENSION, pytest.mark.xdist_group("hub_kernel")]  # one build for the file's tests
+
+
+@pytest.fixture(scope="module")
+def hub_repo(tmp_path_factory):
+    pytest.importorskip("kernels", reason="Hugging Face's kernels package (the hf extra)")
+    out = tmp_path_factory.mktemp("hub")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_hub_kernel.sh"), str(out)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_the_variant_folder_loads_offline_beside_the_installed_package(hub_repo, offline):
+    import kernels
+
+    (variant,) = (hub_repo / "build").iterdir()
+    assert variant.name.startswith("torch-stable-abi211-")
+    metadata = json.loads((variant / "metadata.json").read_text())
+    assert {"_ops.py", "_C.abi3.so", "__init__.py", "metadata.json"} <= {p.name for p in variant.iterdir()}
+
+    hub = kernels.get_local_kernel(hub_repo)
+    assert hub.__name__ == metadata["id"] == hub._ops.NAMESPACE != modernbert_kernels._ops.NAMESPACE
+    assert hub.native.cpu_status()[0], hub.native.cpu_status()[1]
+    # Its ops live in their own namespace, so both copies' registrations coexist.
+    assert hasattr(getattr(torch.ops, metadata["id"]), "block_sparse_attention_forward_native")
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 200, 64, generator=gen) for _ in range(3))
+    pad = torch.ones(2, 200, dtype=torch.bool)
+    pad[1, 150:] = False
+    outputs = [package.block_sparse_attention(q, k, v, package.layouts.sliding_window(200, 48, 64), window=48,
+                                              key_padding_mask=pad, backend="cpu")
+               for package in (hub, modernbert_kernels)]
+    assert torch.equal(*outputs)
+    x = torch.randn(33, 96, generator=gen)
+    w_q, w_scale = modernbert_kernels.quantize_per_channel(torch.randn(40, 96, generator=gen))
+    results = [package.int8_linear(*package.quantize_per_token(x, backend="cpu"), w_q, w_scale, backend="cpu",
+                                   out_dtype=torch.float32) for package in (hub, modernbert_kernels)]
+    assert torch.equal(*results)
+
+
+def test_transformers_loads_it_as_an_attention_implementation(hub_repo, offline, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("LOCAL_KERNELS", f"acme/modernbert-kernels={hub_repo}")
+    from modernbert_kernels.integrations.transformers import register
+
+    config = transformers.ModernBertConfig(
+        vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, local_attention=32,
+        max_position_embeddings=256, global_attn_every_n_layers=2)
+    torch.manual_seed(0)
+    model = transformers.ModernBertModel(config).eval()
+    ids = torch.randint(3, 100, (2, 100))
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, 70:] = 0
+    real = mask.bool()
+    outputs = {}
+    for name in ("acme/modernbert-kernels:attention_forward", register(), "sdpa"):
+        model.set_attn_implementation(name)
+        assert model.config._attn_implementation == name
+        with torch.no_grad():
+            outputs[name] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hub_out = outputs["acme/modernbert-kernels:attention_forward"]
+    assert any(m.startswith("_modernbert_kernels_") for m in sys.modules)
+    # transformers unpads the batch for a hub kernel (varlen) and not for ours (key padding): the
+    # same kernels on a different split of the work, so equal to fp32 rounding, not bit for bit.
+    for name in (register(), "sdpa"):
+        assert (hub_out - outputs[name])[real].abs().max() < 1e-5, name
