@@ -26,7 +26,7 @@ __all__ = [
     "quantize_per_token",
     "rotary_embedding",
 ]
-try:  # the installed distribution's version, with its build tag (e.g. 0.1.0+cu130torch2.14)
+try:  # the installed distribution's version, with its build tag (e.g. 0.1.0+cu13torch2.11)
     __version__ = _metadata.version("modernbert-kernels")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.1.0"

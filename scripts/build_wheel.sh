@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a wheel of modernbert-kernels with the C++ extension for the torch (and CUDA toolkit) of
-# the active environment, into dist/. Its version carries what it was built against, e.g.
-#   modernbert_kernels-0.1.0+cu130torch2.14-cp311-cp311-linux_x86_64.whl
+# the active environment (torch >= 2.11), into dist/. Its local tag names what it needs, e.g.
+#   modernbert_kernels-0.1.0+cu13torch2.11-cp310-abi3-linux_x86_64.whl  (CUDA 13, any torch >= 2.11)
 # CUDA kernels are built when nvcc is found (FORCE_CUDA=0 turns them off); TORCH_CUDA_ARCH_LIST
 # picks the archs (default "8.0;9.0+PTX"); MAX_JOBS caps parallel compile jobs.
 #   scripts/build_wheel.sh            # needs torch, setuptools, wheel (and ninja, optional) installed
