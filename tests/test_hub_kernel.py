@@ -3,6 +3,9 @@ loads offline, beside the installed package in one process, and transformers usi
 ``attn_implementation="<org>/<repo>:attention_forward"`` with LOCAL_KERNELS."""
 
 import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +38,18 @@ def offline(monkeypatch):
 def test_the_variant_folder_loads_offline_beside_the_installed_package(hub_repo, offline):
     import kernels
 
-    (variant,) = (hub_repo / "build").iterdir()
-    assert variant.name.startswith("torch-stable-abi211-")
-    metadata = json.loads((variant / "metadata.json").read_text())
-    assert {"_ops.py", "_C.abi3.so", "__init__.py", "metadata.json"} <= {p.name for p in variant.iterdir()}
+    variants = {p.name: p for p in (hub_repo / "build").iterdir()}
+    expected = {f"torch-stable-abi211-cpu-{platform.machine()}-linux"}
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    if nvcc and os.environ.get("FORCE_CUDA") != "0" and torch.version.cuda:  # the script builds CUDA there
+        expected.add(f"torch-stable-abi211-cu{torch.version.cuda.replace('.', '')}-{platform.machine()}-linux")
+    assert set(variants) == expected
+    ids = set()
+    for variant in variants.values():
+        assert {"_ops.py", "_C.abi3.so", "__init__.py", "metadata.json"} <= {p.name for p in variant.iterdir()}
+        metadata = json.loads((variant / "metadata.json").read_text())
+        ids.add(metadata["id"])
+    assert len(ids) == 1, ids  # one build, one op namespace, whichever variant a machine picks
 
     hub = kernels.get_local_kernel(hub_repo)
     assert hub.__name__ == metadata["id"] == hub._ops.NAMESPACE != modernbert_kernels._ops.NAMESPACE
@@ -59,6 +70,27 @@ def test_the_variant_folder_loads_offline_beside_the_installed_package(hub_repo,
     results = [package.int8_linear(*package.quantize_per_token(x, backend="cpu"), w_q, w_scale, backend="cpu",
                                    out_dtype=torch.float32) for package in (hub, modernbert_kernels)]
     assert torch.equal(*results)
+
+
+def test_the_cpu_variant_serves_a_cpu_only_torch(hub_repo):
+    """What `kernels` picks with backend="cpu" (a CPU-only torch resolves to it by itself), in a
+    process of its own: two variants of one build share an id, and a process loads one."""
+    code = f"""
+import torch, kernels
+from pathlib import Path
+hub = kernels.get_local_kernel(Path({str(hub_repo)!r}), backend="cpu")
+assert "/torch-stable-abi211-cpu-" in hub.__file__, hub.__file__
+assert hub.native.cpu_status()[0], hub.native.cpu_status()
+q, k, v = (torch.randn(1, 2, 96, 64) for _ in range(3))
+layout = hub.layouts.sliding_window(96, 32, 32)
+out = hub.block_sparse_attention(q, k, v, layout, window=32, backend="cpu")
+ref = hub.reference.block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=32)
+assert (out.double() - ref).abs().max() < 1e-5
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_transformers_loads_it_as_an_attention_implementation(hub_repo, offline, monkeypatch):
