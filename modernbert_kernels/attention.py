@@ -327,9 +327,11 @@ def block_sparse_attention(
     if backend is None:
         backend = backends.default_backend(q.device)
         if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None
-                and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))):
+                and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
+                and not (q.dtype == torch.bfloat16 and backends.DENSE_BF16_IN_OUR_CPU_KERNELS)):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
-            # runs dense work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse work.
+            # runs dense fp32 work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse
+            # work, and on dense bf16 where it takes bf16 dot products and PyTorch has no AMX.
             backend = "torch"
     backend = ATTENTION.resolve(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

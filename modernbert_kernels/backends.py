@@ -49,6 +49,17 @@ def cpu_capabilities() -> dict:
     return probe() if probe is not None else {}
 
 
+def _dense_bf16_in_our_cpu_kernels() -> bool:
+    """Dense bf16 attention runs faster in our kernels than in PyTorch's fused CPU kernel where
+    our build takes bf16 pair dot products (AVX512-BF16) and the CPU has no AMX tiles, which
+    PyTorch's kernel uses (benchmarks/NOTES.md, "bf16 attention through vdpbf16ps")."""
+    return native.CPU_ISA == "avx512_bf16" and not cpu_capabilities().get("amx_bf16", False)
+
+
+# Decided once at import: a constant under torch.compile.
+DENSE_BF16_IN_OUR_CPU_KERNELS = _dense_bf16_in_our_cpu_kernels()
+
+
 def layout_is_dense(layout, num_blocks: int) -> bool:
     """Whether ``layout`` (a BlockSparseLayout) over a sequence of ``num_blocks`` blocks is plain
     dense attention, which dense kernels (PyTorch's fused attention) run faster than a block-sparse

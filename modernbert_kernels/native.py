@@ -22,6 +22,8 @@ def _load() -> tuple[bool, str]:
 
 
 _CPU_STATUS = _load()
+# The CPU kernel build chosen at run time: avx512_bf16, avx512, avx2 or baseline (None: not built).
+CPU_ISA = ops.cpu_isa() if _CPU_STATUS[0] else None
 _CUDA_BUILT = _CPU_STATUS[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
     add_op_namespace_prefix("int8_linear_native"), "CUDA"
 )

@@ -119,6 +119,28 @@ def test_matches_reference(backend, layout_name, window, mode, dtype, poison_all
     check_against_reference(backend, LAYOUTS[layout_name](), mode, window, dtype)
 
 
+# bf16 on the C++ backend in every batch mode and head_dim, over a window, a causal window, per-head
+# layouts (one with a query block that sees nothing) and a dense one. Where the CPU has AVX512-BF16
+# (the avx512_bf16 build), the forward runs both products as bf16 pair dot products with bf16
+# probabilities; test_narrower_isa_builds runs the plain AVX-512 build's bf16 path.
+BF16_CASES = {
+    "window40": (LAYOUTS["sliding_window"], 40, False),
+    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
+    "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False),
+    "empty_query_block": (LAYOUTS["from_block_mask_per_head"], None, False),
+    "dense": (LAYOUTS["dense"], None, False),
+}
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("mode", ["padded", "key_padding", "varlen"])
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_cpu_bf16_matches_reference(case, mode, head_dim, poison_allocations):
+    layout, window, causal = BF16_CASES[case]
+    check_against_reference("cpu", layout(), mode, window, torch.bfloat16, head_dim=head_dim, causal=causal)
+
+
 # Causal masks (decoders): alone on the lower-triangular layout, with a window on the causal sliding
 # layout (0 <= i - j <= w), and over bidirectional layouts whose tiles above the diagonal the
 # kernels must mask whole (some query rows then see no key at all).

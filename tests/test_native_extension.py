@@ -42,11 +42,14 @@ def test_pure_python_install_falls_back_cleanly():
 
 
 @CPU_EXTENSION
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_narrower_isa_builds(isa):
-    """The AVX2 and SSE2 builds (chosen at run time) give the same answers as the reference."""
-    if isa == "avx2" and torch.ops.modernbert_kernels.cpu_isa() == "baseline":
-        pytest.skip("this CPU has no AVX2")
+    """The AVX-512 (without AVX512-BF16), AVX2 and SSE2 builds (chosen at run time) give the same
+    answers as the reference, bf16 attention included."""
+    widest = torch.ops.modernbert_kernels.cpu_isa()
+    order = ["baseline", "avx2", "avx512", "avx512_bf16"]
+    if order.index(isa) > order.index(widest):
+        pytest.skip(f"this CPU runs the {widest} build at most")
     code = f"""
 import torch
 from modernbert_kernels import block_sparse_attention, int8_linear, layouts, quantize_per_token
@@ -58,6 +61,8 @@ layout = layouts.sliding_window(150, 40, 32)
 out = block_sparse_attention(q, k, v, layout, window=40, backend="cpu")
 ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=40)
 assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+out = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, window=40, backend="cpu")
+assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2
 x = torch.randn(37, 90, generator=g)  # 90 and 42: a scalar tail for every vector width
 assert torch.equal(quantize_per_token(x, backend="cpu")[0], quantize_per_row_reference(x)[0])
 x_q, x_scale = quantize_per_token(x[:, :80], backend="cpu")

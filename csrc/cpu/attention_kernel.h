@@ -161,6 +161,92 @@ inline void accumulate_tile(const float* probs, const float* v, int64_t v_stride
   });
 }
 
+#ifdef MBK_BF16_DOT
+// bf16 inputs where the CPU has AVX512-BF16 (the avx512_bf16 build): both products as dot
+// products of bf16 pairs (vdpbf16ps: two multiply-adds per fp32 lane, fp32 accumulation), half
+// the instructions of the fp32 microkernels. Operands are packed as pairs along the reduction
+// axis: q and k rows as they are (head_dim pairs are adjacent), kpack[p][j] = (k[j][2p],
+// k[j][2p + 1]); probabilities rounded to bf16 pairs (p[2i], p[2i + 1]); vpack[i][d] = (v[2i][d],
+// v[2i + 1][d]).
+constexpr bool kBf16Dot = true;
+
+// acc[r][c] += sum_{i < n} pair(a[r * a_row + i]) . pair(b[i * b_step + c * kLanes + lane]).
+template <int Vectors>
+inline void pair_outer_product(const uint32_t* a, ptrdiff_t a_row, const uint32_t* b, ptrdiff_t b_step, int n,
+                               vfloat (&acc)[kRowTile][Vectors]) {
+  for (int i = 0; i < n; ++i, b += b_step) {
+    __m512bh columns[Vectors];
+#pragma GCC unroll 4
+    for (int c = 0; c < Vectors; ++c) columns[c] = (__m512bh)_mm512_loadu_si512(b + c * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowTile; ++r) {
+      const __m512bh scalar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_row + i]));
+#pragma GCC unroll 4
+      for (int c = 0; c < Vectors; ++c) acc[r][c] = (vfloat)_mm512_dpbf16_ps((__m512)acc[r][c], scalar, columns[c]);
+    }
+  }
+}
+
+template <int Vectors>
+inline void score_microkernel_bf16(const uint32_t* q_pairs, const uint32_t* k_pairs, int bs, int head_dim, int j,
+                                   float scale, float* scores) {
+  vfloat acc[kRowTile][Vectors] = {};
+  pair_outer_product<Vectors>(q_pairs, head_dim / 2, k_pairs + j, bs, head_dim / 2, acc);
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c] * scale);
+}
+
+inline void score_tile_bf16(const uint32_t* q_pairs, const uint32_t* k_pairs, int bs, int head_dim, int j_begin,
+                            int j_end, float scale, float* scores) {
+  int j = j_begin;
+  for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
+    score_microkernel_bf16<kKeyVectors>(q_pairs, k_pairs, bs, head_dim, j, scale, scores);
+  with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
+    score_microkernel_bf16<decltype(vectors)::value>(q_pairs, k_pairs, bs, head_dim, j, scale, scores);
+  });
+}
+
+// A score row's probabilities [j_begin, j_end) (multiples of kLanes) -> bf16 pairs at pair index
+// j / 2, in place: each step reads its 32 floats before it writes their 16 pairs below them.
+inline void probabilities_to_pairs(float* row, int j_begin, int j_end) {
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(row);
+  for (int j = j_begin; j < j_end; j += 2 * kLanes) {
+    const bool full = j + kLanes < j_end;
+    const __m512 low = _mm512_loadu_ps(row + j);
+    const __m512 high = full ? _mm512_loadu_ps(row + j + kLanes) : _mm512_setzero_ps();
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+    _mm512_mask_storeu_epi32(pairs + j / 2, full ? 0xFFFF : 0x00FF, packed);
+  }
+}
+
+template <int Vectors>
+inline void accumulate_microkernel_bf16(const uint32_t* prob_pairs, const uint32_t* v_pairs, int head_dim,
+                                        int i_begin, int i_end, const float* rescale, float* out) {
+  vfloat acc[kRowTile][Vectors];
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) acc[r][c] = load(out + r * head_dim + c * kLanes) * rescale[r];
+  // Each row's pairs sit at the start of its own score row (kRowStride floats apart).
+  pair_outer_product<Vectors>(prob_pairs + i_begin, kRowStride, v_pairs + i_begin * head_dim, head_dim,
+                              i_end - i_begin, acc);
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < Vectors; ++c) store(out + r * head_dim + c * kLanes, acc[r][c]);
+}
+
+// out[r] = out[r] * rescale[r] + the pairs [i_begin, i_end) of probabilities times value rows.
+inline void accumulate_tile_bf16(const uint32_t* prob_pairs, const uint32_t* v_pairs, int head_dim, int i_begin,
+                                 int i_end, const float* rescale, float* out) {
+  int d = 0;
+  for (; d + kOutVectors * kLanes <= head_dim; d += kOutVectors * kLanes)
+    accumulate_microkernel_bf16<kOutVectors>(prob_pairs, v_pairs + d, head_dim, i_begin, i_end, rescale, out + d);
+  with_tail_vectors((head_dim - d) / kLanes, [&](auto vectors) {
+    accumulate_microkernel_bf16<decltype(vectors)::value>(prob_pairs, v_pairs + d, head_dim, i_begin, i_end, rescale,
+                                                          out + d);
+  });
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t begin, int64_t end, float* workspace) {
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
@@ -177,6 +263,9 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   float* row_sum = row_max + kMaxBlockSize + kRowTile;               // [bs + kRowTile]
   float* cache = row_sum + kMaxBlockSize + kRowTile;
   const bool fp32 = a.dtype == ElementType::Float32;
+  const bool bf16_dot = kBf16Dot && a.dtype == ElementType::BFloat16;
+  [[maybe_unused]] const float score_scale = q_scale;  // applied after the bf16 dot products
+  [[maybe_unused]] uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_tile);  // [bs + kRowTile][head_dim / 2]
   const size_t slot_floats = modernbert_kernels::cpu::attention_slot_floats(bs, head_dim, fp32);
   BlockCache slots(cache_slots);
   bool any_masked_key_in[modernbert_kernels::cpu::kMaxCacheSlots] = {};
@@ -189,7 +278,12 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
     auto token_offset = [&](const int64_t* stride, int64_t token) { return it.offset(a, stride, token); };
     for (int r = 0; r < padded_rows; ++r) {
       float* dst = q_tile + r * head_dim;
-      if (r < rows) {
+      if (bf16_dot) {  // q's bf16 pairs as they are; the scale multiplies the scores
+        const uint32_t* src =
+            r < rows ? reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.q) + token_offset(a.q_stride, i0 + r))
+                     : nullptr;
+        for (int p = 0; p < head_dim / 2; ++p) q_pairs[r * (head_dim / 2) + p] = src ? src[p] : 0u;
+      } else if (r < rows) {
         load_row(a.q, token_offset(a.q_stride, i0 + r), a.dtype, q_scale, head_dim, dst);
       } else {
         for (int d = 0; d < head_dim; ++d) dst[d] = 0.f;
@@ -215,6 +309,23 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       float* key_bias = k_t + head_dim * bs;                       // [bs]
       float* v_tile = key_bias + bs;                               // [bs][head_dim], 16-bit inputs only
       if (!cached) {
+       if (bf16_dot) {  // k and v as bf16 pairs (zeros past the last key)
+        uint32_t* k_pairs = reinterpret_cast<uint32_t*>(k_t);   // [head_dim / 2][bs]
+        uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_tile);  // [padded_keys / 2][head_dim]
+        for (int j = 0; j < padded_keys; ++j) {
+          const uint32_t* k_row =
+              j < keys ? reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.k) + token_offset(a.k_stride, j0 + j))
+                       : nullptr;
+          for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
+        }
+        for (int i = 0; i < padded_keys / 2; ++i) {
+          const uint16_t* even = 2 * i < keys ? static_cast<const uint16_t*>(a.v) + token_offset(a.v_stride, j0 + 2 * i) : nullptr;
+          const uint16_t* odd = 2 * i + 1 < keys ? static_cast<const uint16_t*>(a.v) + token_offset(a.v_stride, j0 + 2 * i + 1)
+                                                 : nullptr;
+          for (int d = 0; d < head_dim; ++d)
+            v_pairs[i * head_dim + d] = (even ? even[d] : 0u) | (odd ? uint32_t(odd[d]) << 16 : 0u);
+        }
+       } else {
         for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
           load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
           for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = scores[d];
@@ -225,6 +336,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           for (int j = 0; j < keys; ++j)
             load_row(a.v, token_offset(a.v_stride, j0 + j), a.dtype, 1.f, head_dim, v_tile + j * head_dim);
         }
+       }
         // Keys past the sequence or padded out get -inf added to their scores.
         bool any_masked_key = padded_keys != keys;
         for (int j = 0; j < padded_keys; ++j) {
@@ -242,7 +354,13 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
         const int64_t first = i0 + r0;
         int j_begin, j_end;
         if (!visible_columns(first, j0, padded_keys, band, &j_begin, &j_end)) continue;
-        score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);
+#ifdef MBK_BF16_DOT
+        if (bf16_dot) {
+          score_tile_bf16(q_pairs + r0 * (head_dim / 2), reinterpret_cast<const uint32_t*>(k_t), bs, head_dim, j_begin,
+                          j_end, score_scale, scores);
+        } else
+#endif
+          score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);
 
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {
@@ -286,6 +404,14 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + reduce_sum(sum);
           row_max[r0 + r] = new_max;
         }
+#ifdef MBK_BF16_DOT
+        if (bf16_dot) {  // masked, padded and unseen columns hold probability 0 and their value pairs 0
+          for (int r = 0; r < kRowTile; ++r) probabilities_to_pairs(scores + r * kRowStride, j_begin, j_end);
+          accumulate_tile_bf16(reinterpret_cast<const uint32_t*>(scores), reinterpret_cast<const uint32_t*>(v_tile),
+                               head_dim, j_begin / 2, j_end / 2, rescale, acc + r0 * head_dim);
+          continue;
+        }
+#endif
         accumulate_tile(scores, v_rows, v_row_stride, head_dim, j_begin, j_end < keys ? j_end : keys, rescale,
                         acc + r0 * head_dim);
       }
