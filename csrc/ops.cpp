@@ -33,7 +33,8 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   // out may be x itself (in place).
   m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");
-  // Which CPU kernel build this machine runs (avx512, avx2 or baseline), for `modernbert-kernels info`.
+  // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
+  // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");
 }
 

@@ -14,7 +14,6 @@
 #include <sstream>
 #include <string>
 #include <string_view>
-#include <vector>
 
 #include "params.h"
 
@@ -43,12 +42,7 @@ inline const char* device_name(DeviceType device) {
   }
 }
 
-inline bool same_shape(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != b.size(d)) return false;
-  return true;
-}
+inline bool same_shape(const Tensor& a, const Tensor& b) { return a.sizes() == b.sizes(); }
 
 inline int64_t last_stride(const Tensor& t) { return t.stride(t.dim() - 1); }
 
@@ -57,11 +51,9 @@ inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, cons
                               std::nullopt, like.device());
 }
 
+// A contiguous tensor of t's shape, dtype and device (empty_like would keep t's strides).
 inline Tensor empty_like_shape(const Tensor& t) {
-  std::vector<int64_t> sizes(t.dim());
-  for (int64_t d = 0; d < t.dim(); ++d) sizes[d] = t.size(d);
-  return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()), t.scalar_type(),
-                              std::nullopt, t.device());
+  return torch::stable::empty(t.sizes(), t.scalar_type(), std::nullopt, t.device());
 }
 
 // A contiguous fp32 copy of a small vector (bias, norm weight, smoothing), kept alive by its owner.

@@ -13,17 +13,18 @@ import torch
 from ._ops import add_op_namespace_prefix, ops
 
 
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[tuple[bool, str], str | None]:
+    """(the CPU status, the CPU kernel build chosen at run time: avx512_bf16, avx512, avx2 or
+    baseline; None without the extension)."""
     try:
         from . import _C  # noqa: F401
     except ImportError as err:
-        return False, f"the C++ extension is not built ({err}); reinstall with a compiler and torch present"
-    return True, f"C++ kernels ({ops.cpu_isa()} build)"
+        return (False, f"the C++ extension is not built ({err}); reinstall with a compiler and torch present"), None
+    isa = ops.cpu_isa()
+    return (True, f"C++ kernels ({isa} build)"), isa
 
 
-_CPU_STATUS = _load()
-# The CPU kernel build chosen at run time: avx512_bf16, avx512, avx2 or baseline (None: not built).
-CPU_ISA = ops.cpu_isa() if _CPU_STATUS[0] else None
+_CPU_STATUS, CPU_ISA = _load()
 _CUDA_BUILT = _CPU_STATUS[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
     add_op_namespace_prefix("int8_linear_native"), "CUDA"
 )

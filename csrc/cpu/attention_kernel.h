@@ -264,7 +264,6 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   float* cache = row_sum + kMaxBlockSize + kRowTile;
   const bool fp32 = a.dtype == ElementType::Float32;
   const bool bf16_dot = kBf16Dot && a.dtype == ElementType::BFloat16;
-  [[maybe_unused]] const float score_scale = q_scale;  // applied after the bf16 dot products
   [[maybe_unused]] uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_tile);  // [bs + kRowTile][head_dim / 2]
   const size_t slot_floats = modernbert_kernels::cpu::attention_slot_floats(bs, head_dim, fp32);
   BlockCache slots(cache_slots);
@@ -309,34 +308,34 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       float* key_bias = k_t + head_dim * bs;                       // [bs]
       float* v_tile = key_bias + bs;                               // [bs][head_dim], 16-bit inputs only
       if (!cached) {
-       if (bf16_dot) {  // k and v as bf16 pairs (zeros past the last key)
-        uint32_t* k_pairs = reinterpret_cast<uint32_t*>(k_t);   // [head_dim / 2][bs]
-        uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_tile);  // [padded_keys / 2][head_dim]
-        for (int j = 0; j < padded_keys; ++j) {
-          const uint32_t* k_row =
-              j < keys ? reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.k) + token_offset(a.k_stride, j0 + j))
-                       : nullptr;
-          for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
+        if (bf16_dot) {  // k and v as bf16 pairs (zeros past the last key)
+          const uint16_t* k_in = static_cast<const uint16_t*>(a.k);
+          const uint16_t* v_in = static_cast<const uint16_t*>(a.v);
+          uint32_t* k_pairs = reinterpret_cast<uint32_t*>(k_t);     // [head_dim / 2][bs]
+          uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_tile);  // [padded_keys / 2][head_dim]
+          for (int j = 0; j < padded_keys; ++j) {
+            const uint32_t* k_row =
+                j < keys ? reinterpret_cast<const uint32_t*>(k_in + token_offset(a.k_stride, j0 + j)) : nullptr;
+            for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
+          }
+          for (int i = 0; i < padded_keys / 2; ++i) {
+            const uint16_t* even = 2 * i < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i) : nullptr;
+            const uint16_t* odd = 2 * i + 1 < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i + 1) : nullptr;
+            for (int d = 0; d < head_dim; ++d)
+              v_pairs[i * head_dim + d] = (even ? even[d] : 0u) | (odd ? uint32_t(odd[d]) << 16 : 0u);
+          }
+        } else {
+          for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
+            load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
+            for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = scores[d];
+          }
+          for (int j = keys; j < padded_keys; ++j)
+            for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = 0.f;
+          if (!fp32) {
+            for (int j = 0; j < keys; ++j)
+              load_row(a.v, token_offset(a.v_stride, j0 + j), a.dtype, 1.f, head_dim, v_tile + j * head_dim);
+          }
         }
-        for (int i = 0; i < padded_keys / 2; ++i) {
-          const uint16_t* even = 2 * i < keys ? static_cast<const uint16_t*>(a.v) + token_offset(a.v_stride, j0 + 2 * i) : nullptr;
-          const uint16_t* odd = 2 * i + 1 < keys ? static_cast<const uint16_t*>(a.v) + token_offset(a.v_stride, j0 + 2 * i + 1)
-                                                 : nullptr;
-          for (int d = 0; d < head_dim; ++d)
-            v_pairs[i * head_dim + d] = (even ? even[d] : 0u) | (odd ? uint32_t(odd[d]) << 16 : 0u);
-        }
-       } else {
-        for (int j = 0; j < keys; ++j) {  // transposed through the scores buffer, one key at a time
-          load_row(a.k, token_offset(a.k_stride, j0 + j), a.dtype, 1.f, head_dim, scores);
-          for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = scores[d];
-        }
-        for (int j = keys; j < padded_keys; ++j)
-          for (int d = 0; d < head_dim; ++d) k_t[d * bs + j] = 0.f;
-        if (!fp32) {
-          for (int j = 0; j < keys; ++j)
-            load_row(a.v, token_offset(a.v_stride, j0 + j), a.dtype, 1.f, head_dim, v_tile + j * head_dim);
-        }
-       }
         // Keys past the sequence or padded out get -inf added to their scores.
         bool any_masked_key = padded_keys != keys;
         for (int j = 0; j < padded_keys; ++j) {
@@ -357,7 +356,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 #ifdef MBK_BF16_DOT
         if (bf16_dot) {
           score_tile_bf16(q_pairs + r0 * (head_dim / 2), reinterpret_cast<const uint32_t*>(k_t), bs, head_dim, j_begin,
-                          j_end, score_scale, scores);
+                          j_end, q_scale, scores);
         } else
 #endif
           score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);

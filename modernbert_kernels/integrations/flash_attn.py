@@ -18,16 +18,14 @@ from __future__ import annotations
 import torch
 
 from ..attention import block_sparse_attention
-from .transformers.attention import BLOCK_SIZE, layout_for
+from .transformers.attention import BLOCK_SIZE, layout_for, share_kv_heads
 
 NAME = "modernbert_kernels.flash_attn"
 
 
 def _window(window_size, causal: bool) -> int | None:
     left, right = (int(w) for w in window_size)
-    if causal:
-        return None if left < 0 else left
-    if left != right:
+    if not causal and left != right:
         raise NotImplementedError(f"{NAME}: a bidirectional window must be symmetric, got window_size={window_size}")
     return None if left < 0 else left
 
@@ -43,13 +41,6 @@ def _check(dropout_p: float, softcap: float, alibi_slopes, q: torch.Tensor, k: t
         raise ValueError(f"{NAME}: {q.shape[-2]} query heads are not a multiple of {k.shape[-2]} key heads")
 
 
-def _share_kv_heads(q, k, v, head_axis: int):
-    repeat = q.shape[head_axis] // k.shape[head_axis]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, head_axis), v.repeat_interleave(repeat, head_axis)
-    return k, v
-
-
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                     softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False) -> torch.Tensor:
@@ -58,7 +49,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if q.dim() != 4 or k.shape[:2] != q.shape[:2]:
         raise ValueError(f"{NAME}: q, k, v must be [batch, seq, heads, head_dim] with one seq, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    k, v = _share_kv_heads(q, k, v, 2)
+    k, v = share_kv_heads(q, k, v, head_axis=2)
     window = _window(window_size, causal)
     layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal)
     out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
@@ -74,7 +65,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _check(dropout_p, softcap, alibi_slopes, q, k)
     if cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise NotImplementedError(f"{NAME}: queries and keys must come from the same sequences (no KV cache)")
-    k, v = _share_kv_heads(q, k, v, 1)
+    k, v = share_kv_heads(q, k, v, head_axis=1)
     window = _window(window_size, causal)
     max_seqlen = int(max_seqlen_q)
     layout = layout_for(max(1, -(-max_seqlen // BLOCK_SIZE)), window, causal)

@@ -38,6 +38,14 @@ def layout_for(num_blocks: int, window: int | None, causal: bool):
     return layouts.dense(num_blocks * BLOCK_SIZE, BLOCK_SIZE)
 
 
+def share_kv_heads(q, k, v, head_axis: int):
+    """Grouped-query attention: each key/value head repeated for the query heads that share it."""
+    repeat = q.shape[head_axis] // k.shape[head_axis]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, head_axis), v.repeat_interleave(repeat, head_axis)
+    return k, v
+
+
 def _attention_after_cache(query, key, value, key_padding_mask, window, scale):
     """Causal attention of queries shorter than the keys: the queries are the last of the keys'
     positions (a StaticCache's padding mask, shorter than its keys, ends at the last real one), and
@@ -75,9 +83,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"{NAME} expects a [batch, seq] padding mask, got shape {tuple(attention_mask.shape)}; "
                          "register() installs the matching mask function")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: share key/value heads
-        repeat = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    key, value = share_kv_heads(query, key, value, head_axis=1)
     seq_len = query.shape[2]
     window = None if sliding_window is None else sliding_window - 1
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
