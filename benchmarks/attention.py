@@ -225,7 +225,7 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
                             fn(q, k, v)
 
                 try:
-                    measured[name] = summarize(time_fn(step, device))
+                    measured[name] = summarize(time_fn(step, device, smoke=smoke))
                 except RuntimeError as err:  # a baseline backend that cannot take this input
                     if progress:
                         progress(f"{bench} {pass_name} seq={seq_len} {name}: unavailable ({str(err)[:80]})")

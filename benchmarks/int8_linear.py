@@ -99,7 +99,7 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
             measured = {}
             with torch.no_grad():
                 for provider, fn in providers.items():
-                    measured[provider] = summarize(time_fn(fn, device))
+                    measured[provider] = summarize(time_fn(fn, device, smoke=smoke))
                     if progress:
                         progress(f"int8_linear {name} M={tokens} {provider}: {measured[provider]['median_ms']:.2f} ms")
             flops = 2.0 * tokens * k * n

@@ -45,7 +45,7 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False) -
         measured = {}
         with torch.no_grad():
             for provider, fn in providers.items():
-                measured[provider] = summarize(time_fn(fn, device, repeats=10))
+                measured[provider] = summarize(time_fn(fn, device, repeats=10, smoke=smoke))
                 if progress:
                     progress(f"rotary tokens={tokens} {provider}: {measured[provider]['median_ms']:.3f} ms")
         elements = 2 * tokens * HEADS * HEAD_DIM  # q and k

@@ -33,7 +33,10 @@ def time_gpu(fn: Callable[[], object], *, budget_ms: int = 100) -> list[float]:
     return list(triton.testing.do_bench(fn, warmup=25, rep=budget_ms, return_mode="all"))
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> list[float]:
+def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int = 5, smoke: bool = False) -> list[float]:
+    """``smoke``: one call after one warm-up, to check that a script runs (its numbers are not kept)."""
+    if smoke:
+        return time_gpu(fn, budget_ms=5) if device.type == "cuda" else time_cpu(fn, warmup=1, repeats=1, budget_s=0)
     return time_gpu(fn) if device.type == "cuda" else time_cpu(fn, repeats=repeats)
 
 

@@ -4,8 +4,9 @@ its own step and prints its time).
 
 Examples per op and backend: EXAMPLES on the C++ (`cpu`) and PyTorch (`torch`) backends;
 INTERPRETER_EXAMPLES[op] for Triton in its interpreter, which runs a kernel about a thousand times
-slower: fewer attention examples (forward and both backward passes each), and up to 200 tokens. Examples are derandomized: a CI run is reproducible, and a
-failure prints the example to paste into a regression test. Tolerances are TOLERANCES (helpers.py),
+slower: fewer attention examples (forward and both backward passes each), up to 144 tokens and 2
+heads. Examples are derandomized: a CI run is reproducible, and a failure prints the example to
+paste into a regression test. Tolerances are TOLERANCES (helpers.py),
 stated once per dtype.
 """
 
@@ -73,8 +74,10 @@ def dtypes_for(backend):
 @st.composite
 def attention_problems(draw, backend):
     block = draw(st.sampled_from([16, 32, 64]))
-    seq_len = draw(st.integers(1, 160 if backend != "triton" else 200))
-    heads = draw(st.integers(1, 3))
+    # In the interpreter up to 144 tokens (three blocks of 64, the last partial) and two heads: its
+    # cost grows with the tiles visited, and the third head or fourth block found nothing new (#20).
+    seq_len = draw(st.integers(1, 160 if backend != "triton" else 144))
+    heads = draw(st.integers(1, 3 if backend != "triton" else 2))
     head_dim = draw(st.sampled_from([32, 64, 128]))
     num_blocks = -(-seq_len // block)
     layout_heads = draw(st.sampled_from([1, heads]))

@@ -22,7 +22,10 @@ from modernbert.distill import distill, make_student
 from modernbert.prune import head_importance, prune_least_important
 from modernbert.train import TrainingConfig, evaluate, finetune
 
-TRAIN_CONFIG = TrainingConfig(max_steps=150, batch_size=16, learning_rate=2e-3, warmup_ratio=0.1, eval_every=0)
+# Step counts from measured curves (eval every 10 steps, seeds 0 and 1, AMD EPYC Zen 4): the teacher
+# reaches 1.0 test accuracy by step 30-40 of 100, the distilled student by step 10-20 of 60; the
+# rest is margin for other CPUs' rounding (the slow step's critical path is this chain, issue #20).
+TRAIN_CONFIG = TrainingConfig(max_steps=100, batch_size=16, learning_rate=2e-3, warmup_ratio=0.1, eval_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def test_distilled_half_depth_student_stays_within_two_points(trained_teacher, c
     teacher_accuracy = evaluate(teacher, test, "sequence")
     student = make_student(teacher, num_layers=2)
     assert student.config.layer_types == ["sliding_attention", "full_attention"]
-    distill(teacher, student, train, test, TrainingConfig(max_steps=150, batch_size=16, learning_rate=1e-3),
+    distill(teacher, student, train, test, TrainingConfig(max_steps=60, batch_size=16, learning_rate=1e-3),
             temperature=2.0, alpha=0.7, hidden_weight=0.1, progress=False)
     student_accuracy = evaluate(student, test, "sequence")
     print(f"teacher {teacher_accuracy:.3f}, student {student_accuracy:.3f}")
