@@ -11,7 +11,8 @@ Each engine at each precision runs in a process of its own (an engine's idle thr
 the next one's), after one process has exported the checkpoint. Each row reports the median time and the drift from transformers' fp32 output over the real tokens
 (padding excluded): the minimum per-token cosine. An engine whose output holds a NaN or an Inf on a
 real token is reported as wrong (``note``), not ranked. bf16 rows appear where the CPU has bf16
-units (AVX512_BF16 or AMX): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated.
+units (AVX512_BF16 or AMX): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated. Our
+int8 model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere (``attention_dtype``).
 Needs the ``runtimes`` extra (pip install -e '.[runtimes]').
 
     python -m benchmarks.runtimes --out benchmarks/results/local
@@ -95,6 +96,11 @@ def export(folder: Path) -> None:
     quantize_dynamic(folder / "onnxruntime-fp32.onnx", folder / "onnxruntime-int8.onnx", weight_type=QuantType.QInt8)
 
 
+def our_int8_attention_dtype() -> torch.dtype | None:
+    """bf16 where the CPU has bf16 dot products (our avx512_bf16 kernels, or AMX), else fp32 (None)."""
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
 def engine(name: str, precision: str, folder: Path, threads: int):
     """fn(ids, mask) -> [batch, seq, hidden] fp32 tensor, for one engine at one precision."""
     checkpoint = folder / "checkpoint"
@@ -108,7 +114,9 @@ def engine(name: str, precision: str, folder: Path, threads: int):
         if precision == "bf16":
             model.to(torch.bfloat16)
         elif precision == "int8":
-            quantize_int8(model)
+            # int8 linears, and the attention on bf16 q, k, v where the CPU has bf16 dot products
+            # (as int8 deployments run it); the row's attention_dtype says which.
+            quantize_int8(model, attention_dtype=our_int8_attention_dtype())
         return lambda ids, mask: model(ids, mask).float()
     if name == "openvino":
         import openvino as ov
@@ -205,7 +213,9 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
                 out = output(provider)
                 finite = bool(torch.isfinite(out).all())
                 cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1).min().item()
-                return {"engine": provider.rsplit("_", 1)[0], "precision": provider.rsplit("_", 1)[1],
+                engine_name, precision = provider.rsplit("_", 1)
+                attention = ("bf16" if our_int8_attention_dtype() else "fp32") if provider == "ours_int8" else None
+                return {"engine": engine_name, "precision": precision, "attention_dtype": attention,
                         "tokens_per_s": tokens / (measured[provider]["median_ms"] * 1e-3),
                         "cosine_min": cosine if finite else None,
                         "note": None if finite else "wrong: NaN or Inf on real tokens"}

@@ -80,6 +80,9 @@ def return_freed_memory_to_the_os() -> None:
     Without this the resident set remembers earlier, larger calls and hides what a call needs."""
     import ctypes
 
+    from modernbert_kernels import cpu_memory
+
+    cpu_memory.keep_freed_memory(0)  # and no heap pad kept by the encoder (see cpu_memory)
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 64 << 10)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from modernbert_kernels import Int8Linear, block_sparse_attention, layouts, rotary_embedding
+from modernbert_kernels import Int8Linear, block_sparse_attention, cpu_memory, layouts, rotary_embedding
 from modernbert_kernels.cpu_linear import Linear
 from modernbert_kernels.rotary import ROTARY
 
@@ -44,11 +44,15 @@ def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def normed_linear(norm: nn.Module, linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def normed_linear(norm: nn.Module, linear: nn.Module, hidden: torch.Tensor,
+                  int8_out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """linear(norm(hidden)); an Int8Linear folds a bias-free LayerNorm into its quantization pass,
-    so the normalized activations are never written out."""
-    if isinstance(linear, Int8Linear) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
-        return linear(hidden, norm_weight=norm.weight, eps=norm.eps)
+    so the normalized activations are never written out, and writes ``int8_out_dtype`` (default:
+    hidden's) from its epilogue."""
+    if isinstance(linear, Int8Linear):
+        if isinstance(norm, nn.LayerNorm) and norm.bias is None:
+            return linear(hidden, norm_weight=norm.weight, eps=norm.eps, out_dtype=int8_out_dtype)
+        return linear(norm(hidden), out_dtype=int8_out_dtype)
     return linear(norm(hidden))
 
 
@@ -97,7 +101,10 @@ class ModernBertAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout, window,
                 backend=None) -> torch.Tensor:
-        qkv = normed_linear(norm, self.Wqkv, hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim)
+        # In an int8 model with a bf16 attention, Wqkv's epilogue writes bf16 q, k, v and Wo
+        # quantizes the bf16 output: no cast passes around the attention.
+        qkv = normed_linear(norm, self.Wqkv, hidden, int8_out_dtype=self.attention_dtype)
+        qkv = qkv.view(hidden.shape[0], 3, self.num_heads, self.head_dim)
         # An attention-only backend ("reference") turns q and k with the device's default.
         rope_backend = backend if backend in ROTARY.backends else None
         if qkv.requires_grad and torch.is_grad_enabled():
@@ -109,10 +116,13 @@ class ModernBertAttention(nn.Module):
         if self.attention_dtype is not None and self.attention_dtype != q.dtype:
             q, k, v = (t.to(self.attention_dtype) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, layout, window=window, cu_seqlens=batch.cu_seqlens,
-                                     max_seqlen=batch.max_seqlen, backend=backend).to(hidden.dtype)
+                                     max_seqlen=batch.max_seqlen, backend=backend)
         if self.head_gate is not None:
             out = out * self.head_gate[:, None].to(out.dtype)
-        return self.out_drop(self.Wo(out.reshape(hidden.shape[0], -1)))
+        out = out.reshape(hidden.shape[0], -1)
+        if isinstance(self.Wo, Int8Linear):
+            return self.out_drop(self.Wo(out, out_dtype=hidden.dtype))
+        return self.out_drop(self.Wo(out.to(hidden.dtype)))
 
     @torch.no_grad()
     def prune(self, heads) -> None:
@@ -233,6 +243,8 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         Everything that depends on the data's values happens here: under torch.compile the graph
         breaks at this call only, and the layers compile into one graph.
         """
+        if attention_mask.device.type == "cpu":  # large activations stay resident between calls
+            cpu_memory.keep_freed_memory()
         batch = pack(attention_mask)
         if batch.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(f"a sequence of {batch.max_seqlen} tokens is longer than max_position_embeddings="

@@ -8,12 +8,13 @@ has its own entry point (``modernbert-finetune``) and the suite runs from a chec
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
 import torch
 
-from . import backends
+from . import backends, cpu_memory
 
 
 def backend_table() -> list[tuple[str, str, bool, str]]:
@@ -45,6 +46,9 @@ def info() -> int:
                                       "(an exact fp32 / fp64 GEMM of the int8 values: no VNNI / AMX here)"))
     from .cpu_linear import GEMMS, encoder_gemms
 
+    pad = os.environ.get("MODERNBERT_KERNELS_CPU_HEAP_PAD", str(cpu_memory.DEFAULT_PAD_BYTES))
+    print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {pad} bytes"
+          + ("" if cpu_memory.glibc_available() else " (not glibc: not applied)"))
     print(f"CPU GEMM of each linear of ModernBERT-base (the faster of {' / '.join(GEMMS)}, measured here):")
     for precision, (in_features, out_features), chosen in encoder_gemms():
         print(f"  {precision} {in_features:5d} -> {out_features:5d}: {chosen}")

@@ -317,15 +317,17 @@ class Int8Linear(nn.Module):
             layer.bias.copy_(bias)
         return layer.to(linear.weight.device)
 
-    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-        """``norm_weight`` fuses a bias-free LayerNorm of x into the quantization."""
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``norm_weight`` fuses a bias-free LayerNorm of x into the quantization; ``out_dtype`` (default
+        x's) is what the epilogue writes, so a consumer in another dtype needs no cast pass."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         leading = x.shape[:-1]
         x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
                                           smooth=self.smooth)
         y = int8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, self.activation,
-                        out_dtype=x.dtype)
+                        out_dtype=x.dtype if out_dtype is None else out_dtype)
         return y.reshape(*leading, y.shape[-1])
 
     def extra_repr(self) -> str:

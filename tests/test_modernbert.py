@@ -201,9 +201,15 @@ def test_int8_with_bf16_attention(tmp_path, monkeypatch):
     with torch.no_grad():
         reference = model.model(ids, mask)
         modernbert.quantize_int8(model, attention_dtype=torch.bfloat16)
+        # Wqkv's epilogue writes bf16 and Wo quantizes the bf16 output itself: no cast pass between.
+        dtypes = []
+        for layer in model.model.layers:
+            layer.attn.Wqkv.register_forward_hook(lambda m, args, out: dtypes.append(("Wqkv out", out.dtype)))
+            layer.attn.Wo.register_forward_hook(lambda m, args, out: dtypes.append(("Wo in", args[0].dtype)))
         seen.clear()
         quantized = model.model(ids, mask)
     assert seen and set(seen) == {torch.bfloat16}
+    assert set(dtypes) == {("Wqkv out", torch.bfloat16), ("Wo in", torch.bfloat16)}
     assert quantized.dtype == torch.float32
     real = mask.bool()
     cosine = torch.nn.functional.cosine_similarity(quantized[real], reference[real], dim=-1)

@@ -1,0 +1,75 @@
+"""Freed CPU memory kept for the next call instead of handed back to the OS.
+
+PyTorch's CPU allocator is glibc's malloc. glibc serves a request of 32 MiB or more (an encoder's
+[tokens, 2304] activations at 4096 tokens are 38 MB) with a fresh mmap and unmaps it when freed, so
+every call page-faults its large activations in again: oneDNN's fp32 GEMM at 4096 x 768 -> 2304
+runs at 187 GFLOP/s into a fresh output and 220 into a reused one (AMD EPYC Zen 4,
+benchmarks/NOTES.md). Runtimes avoid this with their own arenas (ONNX Runtime's, OpenVINO's).
+
+Here glibc's heap keeps a pad of free memory at its top (``mallopt(M_TOP_PAD)``): requests are cut
+from it when it is large enough, and a trim keeps the pad, so the pages stay resident between
+calls. The encoder sets it at its first CPU call; MODERNBERT_KERNELS_CPU_HEAP_PAD (bytes, 0 for
+glibc's default) overrides the size. Only glibc (Linux) has it; elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+
+DEFAULT_PAD_BYTES = 1 << 30
+# glibc's mallopt parameter numbers, and the largest mmap threshold it accepts on 64-bit (the top of
+# its dynamic range): with it fixed there, every request under 32 MiB comes from the heap, whose
+# first growth then takes the pad, and larger ones are cut from the pad when it has room.
+_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+_pad_in_effect: int | None = None  # bytes, once set in this process (None: not set by us)
+
+
+@functools.cache
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
+    """Keep ``pad_bytes`` (default: MODERNBERT_KERNELS_CPU_HEAP_PAD, else 1 GiB) of freed memory at
+    the top of glibc's heap. The first call in a process decides; later calls return what it set.
+    Returns the pad in effect, or None where the C library is not glibc."""
+    global _pad_in_effect
+    if _pad_in_effect is not None:
+        return _pad_in_effect
+    libc = _glibc()
+    if libc is None:
+        return None
+    if pad_bytes is None:
+        setting = os.environ.get("MODERNBERT_KERNELS_CPU_HEAP_PAD", str(DEFAULT_PAD_BYTES))
+        try:
+            pad_bytes = int(setting)
+        except ValueError:
+            raise ValueError(f"MODERNBERT_KERNELS_CPU_HEAP_PAD must be a number of bytes, got {setting!r}") from None
+    if pad_bytes < 0:
+        raise ValueError(f"the heap pad must be >= 0 bytes, got {pad_bytes}")
+    if pad_bytes > 0:
+        if not libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(pad_bytes, 2**31 - 1))):
+            return None
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD_MAX))
+    _pad_in_effect = pad_bytes
+    return _pad_in_effect
+
+
+def glibc_available() -> bool:
+    return _glibc() is not None
+
+
+def pad_in_effect() -> int | None:
+    """The heap pad this process runs with, if keep_freed_memory set one."""
+    return _pad_in_effect
