@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from benchmarks.attention import attention_flops, visible_pairs
 from benchmarks.report import result_rows, write_report
-from benchmarks.timing import peak_memory, return_freed_memory_to_the_os, summarize, time_cpu, time_fn
+from benchmarks.timing import peak_memory, summarize, time_cpu, time_fn
 from modernbert_kernels import block_sparse_attention, layouts, native
+from modernbert_kernels.cpu_memory import return_freed_memory_to_the_os
 
 SEQ_LENS = [16384, 32768, 65536]
 HEADS, HEAD_DIM, WINDOW, BLOCK = 12, 64, 64, 64

@@ -74,28 +74,14 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def return_freed_memory_to_the_os() -> None:
-    """Make glibc hand every freed block of 64 KiB or more back to the OS (a fixed mmap threshold;
-    by default it rises up to 32 MiB after a large free, and the freed memory stays resident).
-    Without this the resident set remembers earlier, larger calls and hides what a call needs."""
-    import ctypes
-
-    from modernbert_kernels import cpu_memory
-
-    cpu_memory.keep_freed_memory(0)  # and no heap pad kept by the encoder (see cpu_memory)
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 << 10)
-    libc.mallopt(m_trim_threshold, 64 << 10)
-
-
 def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     """Run ``fn`` once; the memory it needed on top of what was held before it.
 
     CUDA: the caching allocator's peak. CPU: the process's peak resident set (Linux VmHWM, reset
     through /proc/self/clear_refs before the call), so it counts every allocation of the call,
-    the C++ kernels' workspaces included, not only tensors; call return_freed_memory_to_the_os()
-    first, in a process that has not run larger work.
+    the C++ kernels' workspaces included, not only tensors; call
+    modernbert_kernels.cpu_memory.return_freed_memory_to_the_os() first, in a process that has not
+    run larger work.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)

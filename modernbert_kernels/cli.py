@@ -8,7 +8,6 @@ has its own entry point (``modernbert-finetune``) and the suite runs from a chec
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 
@@ -46,8 +45,7 @@ def info() -> int:
                                       "(an exact fp32 / fp64 GEMM of the int8 values: no VNNI / AMX here)"))
     from .cpu_linear import GEMMS, encoder_gemms
 
-    pad = os.environ.get("MODERNBERT_KERNELS_CPU_HEAP_PAD", str(cpu_memory.DEFAULT_PAD_BYTES))
-    print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {pad} bytes"
+    print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {cpu_memory.configured_pad_bytes()} bytes"
           + ("" if cpu_memory.glibc_available() else " (not glibc: not applied)"))
     print(f"CPU GEMM of each linear of ModernBERT-base (the faster of {' / '.join(GEMMS)}, measured here):")
     for precision, (in_features, out_features), chosen in encoder_gemms():

@@ -23,7 +23,7 @@ DEFAULT_PAD_BYTES = 1 << 30
 # glibc's mallopt parameter numbers, and the largest mmap threshold it accepts on 64-bit (the top of
 # its dynamic range): with it fixed there, every request under 32 MiB comes from the heap, whose
 # first growth then takes the pad, and larger ones are cut from the pad when it has room.
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 
 _pad_in_effect: int | None = None  # bytes, once set in this process (None: not set by us)
@@ -40,6 +40,15 @@ def _glibc():
         return None
 
 
+def configured_pad_bytes() -> int:
+    """MODERNBERT_KERNELS_CPU_HEAP_PAD in bytes, or the default (1 GiB) when it is not set."""
+    setting = os.environ.get("MODERNBERT_KERNELS_CPU_HEAP_PAD", str(DEFAULT_PAD_BYTES))
+    try:
+        return int(setting)
+    except ValueError:
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_HEAP_PAD must be a number of bytes, got {setting!r}") from None
+
+
 def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
     """Keep ``pad_bytes`` (default: MODERNBERT_KERNELS_CPU_HEAP_PAD, else 1 GiB) of freed memory at
     the top of glibc's heap. The first call in a process decides; later calls return what it set.
@@ -51,11 +60,7 @@ def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
     if libc is None:
         return None
     if pad_bytes is None:
-        setting = os.environ.get("MODERNBERT_KERNELS_CPU_HEAP_PAD", str(DEFAULT_PAD_BYTES))
-        try:
-            pad_bytes = int(setting)
-        except ValueError:
-            raise ValueError(f"MODERNBERT_KERNELS_CPU_HEAP_PAD must be a number of bytes, got {setting!r}") from None
+        pad_bytes = configured_pad_bytes()
     if pad_bytes < 0:
         raise ValueError(f"the heap pad must be >= 0 bytes, got {pad_bytes}")
     if pad_bytes > 0:
@@ -64,6 +69,19 @@ def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
         libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD_MAX))
     _pad_in_effect = pad_bytes
     return _pad_in_effect
+
+
+def return_freed_memory_to_the_os(threshold_bytes: int = 64 << 10) -> None:
+    """The opposite, for measuring memory (benchmarks.timing.peak_memory): no heap pad, and every
+    freed block of ``threshold_bytes`` or more handed back to the OS (a fixed mmap and trim
+    threshold; by default the mmap threshold rises up to 32 MiB after a large free, and the freed
+    memory stays resident), so the resident set does not remember earlier, larger calls."""
+    keep_freed_memory(0)
+    libc = _glibc()
+    if libc is None:
+        raise RuntimeError("returning freed memory to the OS needs glibc's mallopt")
+    libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold_bytes))
+    libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(threshold_bytes))
 
 
 def glibc_available() -> bool:

@@ -50,7 +50,8 @@ def test_dense_layout_is_every_tile_and_its_own_transpose(seq_len, block_size, h
 
 LAYOUT_PEAKS = """
 import json, torch
-from benchmarks.timing import peak_memory, return_freed_memory_to_the_os
+from benchmarks.timing import peak_memory
+from modernbert_kernels.cpu_memory import return_freed_memory_to_the_os
 from modernbert_kernels import layouts
 return_freed_memory_to_the_os()
 layouts.sliding_window(1024, 64, 64), layouts.dense(1024, 64)  # libraries loaded before measuring
