@@ -151,8 +151,9 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
         const int64_t first = i0 + r0;
         int c_begin, c_end;
         if (!visible_columns(first, j0, padded_cols, band, &c_begin, &c_end)) continue;
-        score_tile(w.rows_a + r0 * head_dim, other.t_a, kRowStride, head_dim, c_begin, c_end, w.s);
-        score_tile(w.rows_b + r0 * head_dim, other.t_b, kRowStride, head_dim, c_begin, c_end, w.dp);
+        PlainScoreStore scores{w.s}, dp_scores{w.dp};
+        score_tile(w.rows_a + r0 * head_dim, other.t_a, kRowStride, head_dim, c_begin, c_end, scores);
+        score_tile(w.rows_b + r0 * head_dim, other.t_b, kRowStride, head_dim, c_begin, c_end, dp_scores);
         for (int r = 0; r < kRowTile; ++r) {
           float* s = w.s + r * kRowStride;
           float* dp = w.dp + r * kRowStride;
@@ -169,10 +170,10 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
             // NaN scores or a NaN lse (a row the forward made NaN) keep their NaN through exp.
             if (dq_pass) {
               sv = select(load(other.vec_a + c) == 0.f, sv, splat(-inf));  // masked keys
-              p = vexp2_nan(sv - w.stat_a[r0 + r]);
+              p = vexp2(sv - w.stat_a[r0 + r]);
               ds = p * (load(dp + c) - w.stat_b[r0 + r]);
             } else {
-              p = vexp2_nan(sv - load(other.vec_a + c));
+              p = vexp2(sv - load(other.vec_a + c));
               ds = p * (load(dp + c) - load(other.vec_b + c));
               if (!row_live) p = ds = splat(0.f);
             }

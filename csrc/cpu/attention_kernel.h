@@ -33,6 +33,11 @@ struct BlockCache {
   explicit BlockCache(int count) : slots(count) {
     for (int s = 0; s < slots; ++s) tags[s] = -1, last_use[s] = 0;
   }
+  bool contains(int64_t tag) const {
+    for (int s = 0; s < slots; ++s)
+      if (tags[s] == tag) return true;
+    return false;
+  }
   // The slot holding tag; sets *hit, or picks the least recently used slot for it.
   int find(int64_t tag, bool* hit) {
     int slot = 0;
@@ -48,6 +53,43 @@ struct BlockCache {
     last_use[slot] = ++clock;
     return slot;
   }
+};
+
+// Rows of q, k and v lie a packed qkv row apart (4.5 KiB in the base encoder), a stride the
+// hardware prefetcher does not follow: every row the kernel reads first waited on DRAM (a quarter
+// of the bf16 kernel's time at 8 x 512, in a profile). So the rows needed next (the next item's
+// queries, the next key block's keys and values) are queued here, and each row tile issues the
+// prefetches of a few of them: spread over the current block's compute, never a burst that would
+// fill the core's miss buffers.
+class RowPrefetcher {
+ public:
+  // Queues `rows` rows of `row_bytes` each, the first at `first`, `step` bytes apart.
+  void add(const void* first, int64_t step, int rows, int row_bytes) {
+    if (rows <= 0) return;
+    if (count_ == kRanges) issue(kRanges * kMaxBlockSize);  // full: drain the oldest at once
+    ranges_[(head_ + count_++) % kRanges] = {static_cast<const char*>(first), step, rows, row_bytes};
+  }
+  // Issues the prefetches of up to `rows` queued rows, oldest first.
+  void issue(int rows) {
+    while (rows > 0 && count_ > 0) {
+      Range& range = ranges_[head_];
+      for (; rows > 0 && range.rows > 0; --rows, --range.rows, range.next += range.step) {
+        for (int b = 0; b < range.row_bytes; b += 64) __builtin_prefetch(range.next + b);
+        __builtin_prefetch(range.next + range.row_bytes - 1);  // a row need not start a cache line
+      }
+      if (range.rows == 0) head_ = (head_ + 1) % kRanges, --count_;
+    }
+  }
+
+ private:
+  static constexpr int kRanges = 4;
+  struct Range {
+    const char* next;
+    int64_t step;
+    int rows, row_bytes;
+  };
+  Range ranges_[kRanges];
+  int head_ = 0, count_ = 0;
 };
 
 // The kLanes-aligned columns [*begin, *end) of a block starting at token block_start (padded to
@@ -90,6 +132,14 @@ struct WorkItem {
   int64_t stat(const AttentionParams& a, int64_t t) const {
     return (a.cu_seqlens ? 0 : batch * a.lse_stride[0]) + head * a.lse_stride[1] + seq_start + t;
   }
+  // Queues rows [first, first + count) of a (batch, head, token) strided tensor, clipped to the sequence.
+  void prefetch(const AttentionParams& a, RowPrefetcher& prefetcher, const void* data, const int64_t* stride,
+                int64_t first, int64_t count) const {
+    const int element = a.dtype == ElementType::Float32 ? 4 : 2;
+    const int64_t rows = (first + count < seq_len ? first + count : seq_len) - first;
+    prefetcher.add(static_cast<const char*>(data) + offset(a, stride, first) * element, stride[2] * element,
+                   static_cast<int>(rows), static_cast<int>(a.head_dim) * element);
+  }
   bool key_is_real(const AttentionParams& a, int64_t t) const {
     return t < seq_len && (a.key_padding == nullptr || a.key_padding[batch * a.seq_len + t]);
   }
@@ -115,25 +165,98 @@ inline void outer_product_microkernel(const float* a, ptrdiff_t a_row, const flo
   }
 }
 
-// scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j.
-// q rows are head_dim apart; kt rows kt_stride apart; score rows kRowStride apart.
-template <int Vectors>
-inline void score_microkernel(const float* q, const float* kt, int kt_stride, int head_dim, int j, float* scores) {
+// How a score tile leaves the microkernel's registers: scaled (bf16; fp32 q comes pre-scaled),
+// -inf on masked keys and on columns outside the band, stored, and folded into each row's running
+// max. Masking and the max in memory would be one more pass over the scores.
+struct ScoreStore {
+  float* scores;          // [kRowTile][kRowStride]
+  const float* key_bias;  // 0 or -inf per column of the block; null when every key is real
+  const Band& band;
+  int64_t diagonal;  // key - query at row 0, column 0 (j0 - first)
+  float scale;
+  vfloat max[kRowTile];
+
+  ScoreStore(float* scores, const float* key_bias, const Band& band, int64_t diagonal, float scale)
+      : scores(scores), key_bias(key_bias), band(band), diagonal(diagonal), scale(scale) {
+    for (int r = 0; r < kRowTile; ++r) max[r] = splat(-__builtin_inff());
+  }
+
+  // Columns [j, j + Vectors * kLanes).
+  template <int Vectors>
+  void operator()(vfloat (&acc)[kRowTile][Vectors], int j) {
+    // Locals: the score stores may alias the members (floats), which would be reloaded after each.
+    const vfloat minus_inf = splat(-__builtin_inff()), scale_v = splat(scale);
+    const float* bias = key_bias;
+    float* out = scores;
+    const bool banded = band.on;
+    const int64_t below = band.below, above = band.above, first_diagonal = diagonal + j;
+    vfloat row_max[kRowTile];
+    for (int r = 0; r < kRowTile; ++r) row_max[r] = max[r];
+    // Unrolled, so that acc stays in registers (indexed by a loop variable, it would live in memory).
+#pragma GCC unroll 4
+    for (int c = 0; c < Vectors; ++c) {
+      const int column = j + c * kLanes;
+      // Masked keys are replaced, not offset: a NaN key that no query sees stays unseen.
+      const vint real = bias ? load(bias + column) == 0.f : vint{} == 0;
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowTile; ++r) {
+        vfloat s = acc[r][c] * scale_v;
+        if (bias) s = select(real, s, minus_inf);
+        // key - query at this vector's first lane; only vectors that cross the band's edges are masked
+        const int64_t lo = first_diagonal + c * kLanes - r;
+        if (banded && (lo < -below || lo + kLanes - 1 > above)) {
+          const vint distance = iota() + static_cast<int>(lo);
+          s = select((distance >= -static_cast<int>(below)) & (distance <= static_cast<int>(above)), s, minus_inf);
+        }
+        store(out + r * kRowStride + column, s);
+        row_max[r] = vmax(row_max[r], s);
+      }
+    }
+    for (int r = 0; r < kRowTile; ++r) max[r] = row_max[r];
+  }
+};
+
+// The backward's store: the tile as it is, rows kRowStride apart.
+struct PlainScoreStore {
+  float* scores;
+  template <int Vectors>
+  void operator()(vfloat (&acc)[kRowTile][Vectors], int j) {
+    for (int r = 0; r < kRowTile; ++r)
+      for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c]);
+  }
+};
+
+// scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j,
+// handed to `out`. q rows are head_dim apart; kt rows kt_stride apart.
+template <int Vectors, typename Store>
+inline void score_microkernel(const float* q, const float* kt, int kt_stride, int head_dim, int j, Store& out) {
   vfloat acc[kRowTile][Vectors] = {};
   outer_product_microkernel<Vectors>(q, head_dim, kt + j, kt_stride, head_dim, acc);
-  for (int r = 0; r < kRowTile; ++r)
-    for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c]);
+  out(acc, j);
 }
 
 // Scores for columns [j_begin, j_end) (multiples of kLanes), kKeyVectors vectors at a time.
+template <typename Store>
 inline void score_tile(const float* q, const float* kt, int kt_stride, int head_dim, int j_begin, int j_end,
-                       float* scores) {
+                       Store& out) {
   int j = j_begin;
   for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
-    score_microkernel<kKeyVectors>(q, kt, kt_stride, head_dim, j, scores);
+    score_microkernel<kKeyVectors>(q, kt, kt_stride, head_dim, j, out);
   with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
-    score_microkernel<decltype(vectors)::value>(q, kt, kt_stride, head_dim, j, scores);
+    score_microkernel<decltype(vectors)::value>(q, kt, kt_stride, head_dim, j, out);
   });
+}
+
+// p = 2^(s - max) over a score row's columns [j_begin, j_end) (multiples of kLanes), in place.
+// Returns the sum of p: NaN when a score was NaN.
+inline float exponentiate(float* row, int j_begin, int j_end, float max) {
+  vfloat sum = splat(0.f);
+  for (int j = j_begin; j < j_end; j += kLanes) {
+    const vfloat p = vexp2(load(row + j) - max);
+    store(row + j, p);
+    sum += p;
+  }
+  return reduce_sum(sum);
 }
 
 // out[r] = out[r] * rescale[r] + sum_{j in [j_begin, j_end)} probs[r][j] * v[j] for kRowTile rows.
@@ -189,34 +312,37 @@ inline void pair_outer_product(const uint32_t* a, ptrdiff_t a_row, const uint32_
 
 template <int Vectors>
 inline void score_microkernel_bf16(const uint32_t* q_pairs, const uint32_t* k_pairs, int bs, int head_dim, int j,
-                                   float scale, float* scores) {
+                                   ScoreStore& out) {
   vfloat acc[kRowTile][Vectors] = {};
   pair_outer_product<Vectors>(q_pairs, head_dim / 2, k_pairs + j, bs, head_dim / 2, acc);
-  for (int r = 0; r < kRowTile; ++r)
-    for (int c = 0; c < Vectors; ++c) store(scores + r * kRowStride + j + c * kLanes, acc[r][c] * scale);
+  out(acc, j);
 }
 
 inline void score_tile_bf16(const uint32_t* q_pairs, const uint32_t* k_pairs, int bs, int head_dim, int j_begin,
-                            int j_end, float scale, float* scores) {
+                            int j_end, ScoreStore& out) {
   int j = j_begin;
   for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
-    score_microkernel_bf16<kKeyVectors>(q_pairs, k_pairs, bs, head_dim, j, scale, scores);
+    score_microkernel_bf16<kKeyVectors>(q_pairs, k_pairs, bs, head_dim, j, out);
   with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
-    score_microkernel_bf16<decltype(vectors)::value>(q_pairs, k_pairs, bs, head_dim, j, scale, scores);
+    score_microkernel_bf16<decltype(vectors)::value>(q_pairs, k_pairs, bs, head_dim, j, out);
   });
 }
 
-// A score row's probabilities [j_begin, j_end) (multiples of kLanes) -> bf16 pairs at pair index
-// j / 2, in place: each step reads its 32 floats before it writes their 16 pairs below them.
-inline void probabilities_to_pairs(float* row, int j_begin, int j_end) {
+// p = 2^(s - max) over a score row's columns [j_begin, j_end) (multiples of kLanes), written as
+// bf16 pairs at pair index j / 2, in place (each step reads its 32 floats before it writes their
+// 16 pairs below them). Returns the sum of the fp32 p: NaN when a score was NaN.
+inline float exponentiate_to_pairs(float* row, int j_begin, int j_end, float max) {
   uint32_t* pairs = reinterpret_cast<uint32_t*>(row);
+  vfloat sum = splat(0.f);
   for (int j = j_begin; j < j_end; j += 2 * kLanes) {
     const bool full = j + kLanes < j_end;
-    const __m512 low = _mm512_loadu_ps(row + j);
-    const __m512 high = full ? _mm512_loadu_ps(row + j + kLanes) : _mm512_setzero_ps();
-    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+    const vfloat low = vexp2(load(row + j) - max);
+    const vfloat high = full ? vexp2(load(row + j + kLanes) - max) : splat(0.f);
+    sum += low + high;
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
     _mm512_mask_storeu_epi32(pairs + j / 2, full ? 0xFFFF : 0x00FF, packed);
   }
+  return reduce_sum(sum);
 }
 
 template <int Vectors>
@@ -269,12 +395,31 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   BlockCache slots(cache_slots);
   bool any_masked_key_in[modernbert_kernels::cpu::kMaxCacheSlots] = {};
 
+  RowPrefetcher prefetcher;
+  auto block_tag = [&](const WorkItem& w, int64_t j0) { return (w.batch * a.heads + w.head) * num_q_blocks + j0 / bs; };
+  // Queues the keys and values of the key block at entry e of item w's layout row, unless packed already.
+  auto prefetch_keys = [&](const WorkItem& w, int32_t e) {
+    const int32_t* offsets = a.row_offsets + w.head * a.layout_head_stride;
+    if (e >= offsets[w.block + 1]) return;
+    const int64_t j0 = int64_t(a.col_indices[e]) * bs;
+    if (j0 >= w.seq_len || slots.contains(block_tag(w, j0))) return;
+    w.prefetch(a, prefetcher, a.k, a.k_stride, j0, bs);
+    w.prefetch(a, prefetcher, a.v, a.v_stride, j0, bs);
+  };
+
   for (int64_t item = begin; item < end; ++item) {
     const WorkItem it(a, item, num_q_blocks);
     if (it.empty()) continue;
-    const int64_t q_block = it.block, head = it.head, batch = it.batch, seq_len = it.seq_len, i0 = it.i0;
+    const int64_t q_block = it.block, head = it.head, seq_len = it.seq_len, i0 = it.i0;
     const int rows = it.rows, padded_rows = it.padded_rows;
     auto token_offset = [&](const int64_t* stride, int64_t token) { return it.offset(a, stride, token); };
+    if (item + 1 < end) {  // the next item's queries and first key block arrive while this one computes
+      const WorkItem next(a, item + 1, num_q_blocks);
+      if (!next.empty()) {
+        next.prefetch(a, prefetcher, a.q, a.q_stride, next.i0, next.rows);
+        prefetch_keys(next, a.row_offsets[next.head * a.layout_head_stride + next.block]);
+      }
+    }
     for (int r = 0; r < padded_rows; ++r) {
       float* dst = q_tile + r * head_dim;
       if (bf16_dot) {  // q's bf16 pairs as they are; the scale multiplies the scores
@@ -302,8 +447,9 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       if (band.misses(i0, q_last, j0, j0 + keys - 1)) continue;
       const int padded_keys = (keys + kLanes - 1) / kLanes * kLanes;
 
+      prefetch_keys(it, e + 1);
       bool cached;
-      const int slot = slots.find((batch * a.heads + head) * num_q_blocks + j0 / bs, &cached);
+      const int slot = slots.find(block_tag(it, j0), &cached);
       float* k_t = cache + slot * slot_floats;                    // [head_dim][bs]
       float* key_bias = k_t + head_dim * bs;                       // [bs]
       float* v_tile = key_bias + bs;                               // [bs][head_dim], 16-bit inputs only
@@ -351,61 +497,48 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t first = i0 + r0;
+        prefetcher.issue(8);
         int j_begin, j_end;
         if (!visible_columns(first, j0, padded_keys, band, &j_begin, &j_end)) continue;
+        ScoreStore tile(scores, any_masked_key ? key_bias : nullptr, band, j0 - first, bf16_dot ? q_scale : 1.f);
 #ifdef MBK_BF16_DOT
         if (bf16_dot) {
           score_tile_bf16(q_pairs + r0 * (head_dim / 2), reinterpret_cast<const uint32_t*>(k_t), bs, head_dim, j_begin,
-                          j_end, q_scale, scores);
+                          j_end, tile);
         } else
 #endif
-          score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, scores);
+          score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, tile);
 
+        // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
+        // bf16 products). Masked, padded and unseen columns get probability 0.
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {
           float* s = scores + r * kRowStride;
-          const int64_t i = first + r;
-          const bool tile_needs_band = band.on && (j0 + j_begin < i - band.below || j0 + j_end - 1 > i + band.above);
-          vfloat running_max = splat(-inf);
-          for (int j = j_begin; j < j_end; j += kLanes) {
-            vfloat sv = load(s + j);
-            // Masked keys are replaced, not offset: a NaN key that no query sees stays unseen.
-            if (any_masked_key) sv = select(load(key_bias + j) == 0.f, sv, splat(-inf));
-            if (tile_needs_band) {
-              vint column = iota() + static_cast<int>(j0 + j - i);  // key - query, in [-below, above] to keep
-              sv = select((column >= -static_cast<int>(band.below)) & (column <= static_cast<int>(band.above)), sv,
-                          splat(-inf));
-            }
-            store(s + j, sv);
-            running_max = vmax_nan(running_max, sv);
-          }
-          const float tile_max = reduce_max_nan(running_max), old_max = row_max[r0 + r];
-          // A NaN or +inf score makes the row's output NaN, as exp(inf - inf) does in dense
-          // attention (vexp2 would clamp the NaN to a finite probability).
-          if (tile_max != tile_max || old_max != old_max || tile_max == inf) {
-            rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
-            for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
+          const float tile_max = reduce_max(tile.max[r]), old_max = row_max[r0 + r];
+          const float new_max = tile_max > old_max ? tile_max : old_max;  // NaN once the row is NaN
+          if (new_max == -inf) {  // nothing visible yet: the row adds nothing, unless a score is NaN (max drops it)
+            bool nan = false;
+            for (int j = j_begin; j < j_end; ++j) nan |= s[j] != s[j];
+            if (nan) row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
+            rescale[r] = nan ? __builtin_nanf("") : 1.f;
+            for (int j = bf16_dot ? j_begin / 2 : j_begin; j < (bf16_dot ? j_end / 2 : j_end); j += kLanes)
+              store(s + j, splat(0.f));
             continue;
           }
-          const float new_max = tile_max > old_max ? tile_max : old_max;
-          if (new_max == -inf) {  // nothing visible yet for this row: leave it untouched
-            rescale[r] = 1.f;
-            for (int j = j_begin; j < j_end; j += kLanes) store(s + j, splat(0.f));
-            continue;
-          }
-          vfloat sum = splat(0.f);
-          for (int j = j_begin; j < j_end; j += kLanes) {
-            vfloat p = vexp2(load(s + j) - new_max);
-            store(s + j, p);
-            sum += p;
-          }
-          rescale[r] = vexp2(splat(row_max[r0 + r] - new_max))[0];
-          row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + reduce_sum(sum);
+          // NaN and +inf scores need no test: s - max is NaN for them (inf - inf), so the row's sum,
+          // output and lse become NaN, as in dense attention.
+#ifdef MBK_BF16_DOT
+          const float sum =
+              bf16_dot ? exponentiate_to_pairs(s, j_begin, j_end, new_max) : exponentiate(s, j_begin, j_end, new_max);
+#else
+          const float sum = exponentiate(s, j_begin, j_end, new_max);
+#endif
+          rescale[r] = vexp2(splat(old_max - new_max))[0];
+          row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + sum;
           row_max[r0 + r] = new_max;
         }
 #ifdef MBK_BF16_DOT
-        if (bf16_dot) {  // masked, padded and unseen columns hold probability 0 and their value pairs 0
-          for (int r = 0; r < kRowTile; ++r) probabilities_to_pairs(scores + r * kRowStride, j_begin, j_end);
+        if (bf16_dot) {
           accumulate_tile_bf16(reinterpret_cast<const uint32_t*>(scores), reinterpret_cast<const uint32_t*>(v_tile),
                                head_dim, j_begin / 2, j_end / 2, rescale, acc + r0 * head_dim);
           continue;

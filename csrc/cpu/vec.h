@@ -50,40 +50,51 @@ inline float reduce(vfloat v, Op op) {
 
 inline float reduce_max(vfloat v) { return reduce(v, vmax); }
 
-// max and 2^x that keep a NaN operand (vmax keeps only its second operand's, vexp2 clamps it):
-// attention uses them where a NaN score must reach its row's output and gradients.
-inline vfloat vmax_nan(vfloat a, vfloat b) { return select((a != a) | (b != b), a + b, vmax(a, b)); }
-inline float reduce_max_nan(vfloat v) { return reduce(v, vmax_nan); }
 inline float reduce_sum(vfloat v) { return reduce(v, vadd); }
 
 inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
 
-// 2^x to ~2e-7 relative: x = n + f with n = round(x) and |f| <= 1/2, 2^f by its degree-6 Taylor
-// series in f ln 2 (truncation error (ln 2 / 2)^7 / 7! = 1.2e-7), 2^n built in the exponent bits.
-// Rounding adds 1.5 * 2^23, whose float has unit spacing, so the sum's low bits hold n.
-// Exactly 0 below -126, so masked scores (-inf) contribute nothing.
+// 2^x to ~2e-7 relative, NaN for NaN (attention needs a NaN score to reach its row's output and
+// gradients): x = n + f with n = round(x) and |f| <= 1/2, 2^f by its degree-6 Taylor series
+// (coefficients ln2^k / k!; truncation error (ln 2 / 2)^7 / 7! = 1.2e-7), times 2^n. Exactly 0 far
+// enough below -126 (-inf included), so masked scores contribute nothing.
+inline vfloat exp2_fraction(vfloat f) {
+  vfloat p = splat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 0.24022650695910071f;
+  p = p * f + 0.69314718055994531f;
+  return p * f + 1.f;
+}
+
+#ifdef __AVX512F__
+// AVX-512: round and 2^n in one instruction each (vrndscaleps, vscalefps); results below -126
+// are denormals, exactly 0 below -149.
+inline vfloat vexp2(vfloat x) {
+  // Clamped so that -inf gives 2^-150 * 1, which rounds to 0, and +inf gives inf (not inf - inf);
+  // max and min return their second operand, a NaN x.
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), (__m512)x));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vfloat)_mm512_scalef_ps((__m512)exp2_fraction((vfloat)_mm512_sub_ps(xc, n)), n);
+}
+#else
+// Rounding adds 1.5 * 2^23, whose float has unit spacing, so the sum's low bits hold n; 2^n is
+// built in the exponent bits. Exactly 0 below -126.
 inline vfloat vexp2(vfloat x) {
   constexpr float kRoundingShift = 12582912.f;  // 1.5 * 2^23
-  vfloat xc = vmin(vmax(x, splat(-126.f)), splat(127.f));
+  // The constant first: a comparison with a NaN is false, so the NaN x is what each clamp keeps.
+  vfloat xc = vmin(splat(127.f), vmax(splat(-126.f), x));
   vfloat shifted = xc + kRoundingShift;
   vfloat n = shifted - kRoundingShift;
-  vfloat f = (xc - n) * 0.69314718055994531f;
-  vfloat p = splat(1.f / 720.f);
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
   vint bits;
   __builtin_memcpy(&bits, &shifted, sizeof(bits));
   bits = (bits - 0x4B400000 + 127) << 23;
   vfloat two_n;
   __builtin_memcpy(&two_n, &bits, sizeof(bits));
-  return select(x < -126.f, splat(0.f), p * two_n);
+  return select(x < -126.f, splat(0.f), exp2_fraction(xc - n) * two_n);
 }
-
-inline vfloat vexp2_nan(vfloat x) { return select(x != x, x, vexp2(x)); }
+#endif
 
 inline vfloat vexp(vfloat x) { return vexp2(x * 1.4426950408889634f); }
 
