@@ -326,12 +326,14 @@ def block_sparse_attention(
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
+        # fp32 with gradients keeps PyTorch's kernel: its fused backward beats ours.
+        fp32_backward = q.dtype == torch.float32 and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v))
         if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
-                and not (q.dtype == torch.bfloat16 and backends.DENSE_BF16_IN_OUR_CPU_KERNELS)):
-            # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel, which
-            # runs dense fp32 work ~1.7x faster than ours (benchmarks/NOTES.md); ours wins on sparse
-            # work, and on dense bf16 where it takes bf16 dot products and PyTorch has no AMX.
+                and (q.dtype not in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS or fp32_backward)):
+            # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel where that
+            # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work.
             backend = "torch"
     backend = ATTENTION.resolve(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

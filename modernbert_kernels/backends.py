@@ -49,15 +49,22 @@ def cpu_capabilities() -> dict:
     return probe() if probe is not None else {}
 
 
-def _dense_bf16_in_our_cpu_kernels() -> bool:
-    """Dense bf16 attention runs faster in our kernels than in PyTorch's fused CPU kernel where
-    our build takes bf16 pair dot products (AVX512-BF16) and the CPU has no AMX tiles, which
-    PyTorch's kernel uses (benchmarks/NOTES.md, "bf16 attention through vdpbf16ps")."""
-    return native.CPU_ISA == "avx512_bf16" and not cpu_capabilities().get("amx_bf16", False)
+def _dense_forward_in_our_cpu_kernels() -> frozenset:
+    """The dtypes whose dense attention forward runs faster in our CPU kernels than in PyTorch's
+    fused CPU kernel (benchmarks/NOTES.md, "The attention kernel's reductions, exp and spills"):
+    bf16 where our build takes bf16 pair dot products (AVX512-BF16) and the CPU has no AMX tiles,
+    which PyTorch's kernel uses; fp32 where our AVX-512 build runs (1.26x PyTorch's at 8 x 512 on
+    a Zen 4). On AVX2-only CPUs PyTorch's kernel keeps fp32: not measured there."""
+    dtypes = set()
+    if native.CPU_ISA == "avx512_bf16" and not cpu_capabilities().get("amx_bf16", False):
+        dtypes.add(torch.bfloat16)
+    if native.CPU_ISA in ("avx512", "avx512_bf16"):
+        dtypes.add(torch.float32)
+    return frozenset(dtypes)
 
 
 # Decided once at import: a constant under torch.compile.
-DENSE_BF16_IN_OUR_CPU_KERNELS = _dense_bf16_in_our_cpu_kernels()
+DENSE_FORWARD_IN_OUR_CPU_KERNELS = _dense_forward_in_our_cpu_kernels()
 
 
 def layout_is_dense(layout, num_blocks: int) -> bool:

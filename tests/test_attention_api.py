@@ -83,6 +83,26 @@ def test_cpu_tensors_default_to_a_cpu_backend():
     assert default_backend(torch.device("cpu")) == ("cpu" if native.cpu_status()[0] else "torch")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "with_grad"])
+def test_dense_attention_runs_on_the_kernel_measured_faster(dtype, grad):
+    """With no backend named, dense CPU attention runs in our kernels for the dtypes they were
+    measured ahead of PyTorch's fused kernel on this CPU's build (backends.py), except fp32 with
+    gradients (PyTorch's fused backward is faster); everything else runs PyTorch's kernel."""
+    from modernbert_kernels import backends, native
+
+    if not native.cpu_status()[0]:
+        pytest.skip("the C++ extension is not built: every CPU call takes the torch path")
+    q, k, v = (t.to(dtype).requires_grad_(grad) for t in qkv((2, 2, 128, 64)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        block_sparse_attention(q, k, v, layouts.dense(128, 64))
+    names = {event.name for event in profile.events()}
+    ours = dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS and not (dtype == torch.float32 and grad)
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == (not ours)
+    if native.CPU_ISA in ("avx512", "avx512_bf16"):
+        assert torch.float32 in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS
+
+
 def op_args(backend, varlen, window=(20, 20)):
     layout = layouts.bigbird(128, 16, 32, 1, 32, num_heads=2)
     if varlen:

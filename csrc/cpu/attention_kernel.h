@@ -511,16 +511,23 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 
         // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
         // bf16 products). Masked, padded and unseen columns get probability 0.
+        // The rows' new maxima, then their rescales 2^(old max - new max) in one vexp2.
+        float new_max[kRowTile];
+        vfloat max_drop = splat(0.f);
+        for (int r = 0; r < kRowTile; ++r) {
+          const float tile_max = reduce_max(tile.max[r]), old_max = row_max[r0 + r];
+          new_max[r] = tile_max > old_max ? tile_max : old_max;  // NaN once the row is NaN
+          max_drop[r] = new_max[r] == -inf ? 0.f : old_max - new_max[r];
+        }
+        const vfloat rescales = vexp2(max_drop);
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {
           float* s = scores + r * kRowStride;
-          const float tile_max = reduce_max(tile.max[r]), old_max = row_max[r0 + r];
-          const float new_max = tile_max > old_max ? tile_max : old_max;  // NaN once the row is NaN
-          if (new_max == -inf) {  // nothing visible yet: the row adds nothing, unless a score is NaN (max drops it)
+          rescale[r] = rescales[r];
+          if (new_max[r] == -inf) {  // nothing visible yet: the row adds nothing, unless a score is NaN (max drops it)
             bool nan = false;
             for (int j = j_begin; j < j_end; ++j) nan |= s[j] != s[j];
-            if (nan) row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
-            rescale[r] = nan ? __builtin_nanf("") : 1.f;
+            if (nan) rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
             for (int j = bf16_dot ? j_begin / 2 : j_begin; j < (bf16_dot ? j_end / 2 : j_end); j += kLanes)
               store(s + j, splat(0.f));
             continue;
@@ -528,14 +535,13 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           // NaN and +inf scores need no test: s - max is NaN for them (inf - inf), so the row's sum,
           // output and lse become NaN, as in dense attention.
 #ifdef MBK_BF16_DOT
-          const float sum =
-              bf16_dot ? exponentiate_to_pairs(s, j_begin, j_end, new_max) : exponentiate(s, j_begin, j_end, new_max);
+          const float sum = bf16_dot ? exponentiate_to_pairs(s, j_begin, j_end, new_max[r])
+                                     : exponentiate(s, j_begin, j_end, new_max[r]);
 #else
-          const float sum = exponentiate(s, j_begin, j_end, new_max);
+          const float sum = exponentiate(s, j_begin, j_end, new_max[r]);
 #endif
-          rescale[r] = vexp2(splat(old_max - new_max))[0];
           row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + sum;
-          row_max[r0 + r] = new_max;
+          row_max[r0 + r] = new_max[r];
         }
 #ifdef MBK_BF16_DOT
         if (bf16_dot) {

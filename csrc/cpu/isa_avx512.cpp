@@ -3,6 +3,7 @@
 
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#include <immintrin.h>
 #define MBK_LANES 16
 #include "vec.h"
 #include "attention_kernel.h"

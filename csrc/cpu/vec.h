@@ -35,22 +35,34 @@ inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
-inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
 
-// Butterfly reduction: log2(kLanes) shuffle + op steps; every lane ends with the result.
+// op over every lane: the upper half folded onto the lower half until one lane is left, each step
+// on half as wide a vector (constant shuffles: a butterfly whose index vectors are built in a
+// loop was compiled into ~15 instructions a step).
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef float vfloat2 __attribute__((vector_size(8)));
 template <typename Op>
 inline float reduce(vfloat v, Op op) {
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    vint partner;
-    for (int i = 0; i < kLanes; ++i) partner[i] = i ^ width;
-    v = op(v, __builtin_shuffle(v, partner));
-  }
-  return v[0];
+#if MBK_LANES == 16
+  const vfloat8 v8 = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vfloat4 v4 = op(__builtin_shufflevector(v8, v8, 0, 1, 2, 3), __builtin_shufflevector(v8, v8, 4, 5, 6, 7));
+#elif MBK_LANES == 8
+  const vfloat4 v4 = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+  const vfloat4 v4 = v;
+#endif
+  const vfloat2 v2 = op(__builtin_shufflevector(v4, v4, 0, 1), __builtin_shufflevector(v4, v4, 2, 3));
+  return op(v2[0], v2[1]);
 }
 
-inline float reduce_max(vfloat v) { return reduce(v, vmax); }
-
-inline float reduce_sum(vfloat v) { return reduce(v, vadd); }
+inline float reduce_max(vfloat v) {
+  return reduce(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+inline float reduce_sum(vfloat v) {
+  return reduce(v, [](auto a, auto b) { return a + b; });
+}
 
 inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
 
@@ -68,7 +80,7 @@ inline vfloat exp2_fraction(vfloat f) {
   return p * f + 1.f;
 }
 
-#ifdef __AVX512F__
+#if MBK_LANES == 16  // the AVX-512 builds (g++ does not define __AVX512F__ under #pragma GCC target)
 // AVX-512: round and 2^n in one instruction each (vrndscaleps, vscalefps); results below -126
 // are denormals, exactly 0 below -149.
 inline vfloat vexp2(vfloat x) {
