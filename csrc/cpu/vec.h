@@ -85,10 +85,11 @@ inline vfloat exp2_fraction(vfloat f) {
 // are denormals, exactly 0 below -149.
 inline vfloat vexp2(vfloat x) {
   // Clamped so that -inf gives 2^-150 * 1, which rounds to 0, and +inf gives inf (not inf - inf);
-  // max and min return their second operand, a NaN x.
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), (__m512)x));
-  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (vfloat)_mm512_scalef_ps((__m512)exp2_fraction((vfloat)_mm512_sub_ps(xc, n)), n);
+  // the constant first, so the NaN x is what each clamp keeps. The maskz forms with every lane
+  // set: the unmasked intrinsics pass _mm512_undefined_ps, which GCC 12 warns is uninitialized.
+  const vfloat xc = vmin(splat(128.f), vmax(splat(-150.f), x));
+  const __m512 n = _mm512_maskz_roundscale_ps(__mmask16(0xFFFF), (__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vfloat)_mm512_maskz_scalef_ps(__mmask16(0xFFFF), (__m512)exp2_fraction(xc - (vfloat)n), n);
 }
 #else
 // Rounding adds 1.5 * 2^23, whose float has unit spacing, so the sum's low bits hold n; 2^n is
