@@ -10,12 +10,11 @@ FLOP is spent on padding.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from modernbert_kernels import Int8Linear, block_sparse_attention, cpu_memory, layouts, rotary_embedding
-from modernbert_kernels.cpu_linear import Linear
+from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear
 from modernbert_kernels.rotary import ROTARY
 
 from .config import ModernBertConfig
@@ -25,13 +24,7 @@ from .padding import PackedBatch, pack, unpack
 # 64-token blocks: a sliding window of 64 each side touches 3 blocks per row.
 ATTENTION_BLOCK = 64
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "relu": F.relu,
-}
+ACTIVATIONS = {name: function for name, (function, _, _) in GATED_ACTIVATIONS.items()}
 
 
 def activation(name: str):
@@ -163,11 +156,14 @@ class ModernBertMLP(nn.Module):
     def __init__(self, config: ModernBertConfig):
         super().__init__()
         self.Wi = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.activation = config.hidden_activation
         self.act = activation(config.hidden_activation)
         self.drop = nn.Dropout(config.mlp_dropout)
         self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if isinstance(self.Wi, Linear):  # the activation and the product in the GEMMs' post-ops, where it can
+            return self.Wo(self.drop(self.Wi(norm(hidden), gated=self.activation)))
         projected = normed_linear(norm, self.Wi, hidden)
         if getattr(self.Wi, "activation", None) == "geglu":  # an Int8Linear with GeGLU in its epilogue
             return self.Wo(self.drop(projected))

@@ -125,19 +125,64 @@ class Linear(nn.Linear):
     ``F.linear``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _runs_packed(self, x: torch.Tensor) -> bool:
         weight = self.weight
-        if (
+        return not (
             x.device.type != "cpu"
             or x.dtype != weight.dtype
             or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (self.bias is not None and self.bias.requires_grad)))
             or cpu_gemm(x.dtype, self.in_features, self.out_features) != "onednn_packed"
-        ):
-            return F.linear(x, weight, self.bias)
-        # Keyed by storage and dtype too: Module.to() swaps a parameter's data without a version bump.
-        key = ("onednn_packed", weight.data_ptr(), weight.dtype)
-        packed = _packed_weights.get(weight, key, lambda: pack_weight(weight))
-        return packed_linear(x, packed, self.bias)
+        )
 
+    def _packed(self, part: str, rows: slice):
+        """The packed copy of the weight's ``rows``; made once per weight version (``part`` names it).
+        Keyed by storage and dtype too: Module.to() swaps a parameter's data without a version bump."""
+        weight = self.weight
+        key = ("onednn_packed", part, weight.data_ptr(), weight.dtype)
+        return _packed_weights.get(weight, key, lambda: pack_weight(weight[rows]))
+
+    def forward(self, x: torch.Tensor, gated: str | None = None) -> torch.Tensor:
+        """x A^T + b; or, with ``gated`` (a name of ``GATED_ACTIVATIONS``), act(x A^T + a) * (x G^T + g)
+        where A, G are the first and second halves of the weight's rows (a, g of the bias): the input
+        projection of a gated MLP (GeGLU). Gated on the packed path, oneDNN computes the two halves
+        as two GEMMs with the activation, and then the product, as their post-ops: the
+        [tokens, 2 x intermediate] projection is never written, and no activation or product pass
+        reads it back (NOTES "GeGLU in the GEMMs' post-ops"). Called as a module either way, so
+        forward hooks (calibration) see it."""
+        if gated is not None:
+            return self._gated(x, gated)
+        if not self._runs_packed(x):
+            return F.linear(x, self.weight, self.bias)
+        return packed_linear(x, self._packed("all", slice(None)), self.bias)
+
+    def _gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported gated activation {activation!r}; supported: {sorted(GATED_ACTIVATIONS)}")
+        function, post_op, algorithm = GATED_ACTIVATIONS[activation]
+        if not self._runs_packed(x):
+            activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
+            return function(activated) * gate
+        half = self.out_features // 2
+        bias_a, bias_g = (None, None) if self.bias is None else (self.bias[:half], self.bias[half:])
+        rows = x.reshape(-1, x.shape[-1])
+        activated = torch.ops.mkldnn._linear_pointwise(rows, self._packed("first half", slice(None, half)), bias_a,
+                                                       post_op, [], algorithm)
+        out = torch.ops.mkldnn._linear_pointwise.binary(rows, activated, self._packed("second half", slice(half, None)),
+                                                        bias_g, "mul")
+        return out.view(*x.shape[:-1], half)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# Gated MLP activations: (the PyTorch function, oneDNN's post-op, its algorithm).
+GATED_ACTIVATIONS = {
+    "gelu": (F.gelu, "gelu", "none"),
+    "gelu_tanh": (_gelu_tanh, "gelu", "tanh"),
+    "gelu_pytorch_tanh": (_gelu_tanh, "gelu", "tanh"),
+    "silu": (F.silu, "swish", ""),
+    "relu": (F.relu, "relu", ""),
+}

@@ -50,6 +50,38 @@ def test_inference_matches_float64(gemm, dtype, leading, in_features, out_featur
     assert relative_error(out, float64_linear(linear, x)) < TOLERANCE[dtype]
 
 
+# A gated projection rounds twice more than a linear in bf16 (the activated half, then the product).
+GATED_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+FLOAT64_ACTIVATIONS = {
+    "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu,
+}
+
+
+@pytest.mark.parametrize("gemm", [pytest.param("onednn_packed", marks=needs_onednn), "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", sorted(FLOAT64_ACTIVATIONS))
+@pytest.mark.parametrize("leading, in_features, half", [((64,), 768, 96), ((3, 37), 48, 40), ((1,), 130, 7)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_gated_matches_float64(gemm, dtype, activation, leading, in_features, half, bias, monkeypatch):
+    """act(x A^T + a) * (x G^T + g) over the weight's two halves, on either GEMM (the packed one
+    computes the activation and the product as oneDNN post-ops)."""
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
+    linear = random_linear(in_features, 2 * half, dtype, bias, seed=in_features + half)
+    x = torch.randn(*leading, in_features).to(dtype)
+    with torch.no_grad():
+        out = linear(x, gated=activation)
+    activated, gate = float64_linear(linear, x).chunk(2, dim=-1)
+    expected = FLOAT64_ACTIVATIONS[activation](activated) * gate
+    assert out.shape == (*leading, half) and out.dtype == dtype
+    assert relative_error(out, expected) < GATED_TOLERANCE[dtype]
+
+
+def test_gated_refuses_an_unknown_activation():
+    with torch.no_grad(), pytest.raises(ValueError, match="unsupported gated activation 'tanh'"):
+        random_linear(16, 8, torch.float32)(torch.randn(3, 16), gated="tanh")
+
+
 @needs_onednn
 def test_packed_weight_follows_the_weight(monkeypatch):
     """The packed copy is made again after an in-place change, a load_state_dict and a dtype change."""
