@@ -66,7 +66,7 @@ class RowPrefetcher {
   // Queues `rows` rows of `row_bytes` each, the first at `first`, `step` bytes apart.
   void add(const void* first, int64_t step, int rows, int row_bytes) {
     if (rows <= 0) return;
-    if (count_ == kRanges) issue(kRanges * kMaxBlockSize);  // full: drain the oldest at once
+    if (count_ == kRanges) issue(kRanges * kMaxBlockSize);  // full: issue everything queued at once
     ranges_[(head_ + count_++) % kRanges] = {static_cast<const char*>(first), step, rows, row_bytes};
   }
   // Issues the prefetches of up to `rows` queued rows, oldest first.
@@ -509,8 +509,6 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 #endif
           score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, tile);
 
-        // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
-        // bf16 products). Masked, padded and unseen columns get probability 0.
         // The rows' new maxima, then their rescales 2^(old max - new max) in one vexp2.
         float new_max[kRowTile];
         vfloat max_drop = splat(0.f);
@@ -520,6 +518,8 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           max_drop[r] = new_max[r] == -inf ? 0.f : old_max - new_max[r];
         }
         const vfloat rescales = vexp2(max_drop);
+        // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
+        // bf16 products). Masked, padded and unseen columns get probability 0.
         float rescale[kRowTile];
         for (int r = 0; r < kRowTile; ++r) {
           float* s = scores + r * kRowStride;
