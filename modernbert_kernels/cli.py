@@ -42,7 +42,8 @@ def info() -> int:
 
     gemm = cpu_int8_gemm()
     print(f"CPU int8 GEMM: {gemm} " + ("(oneDNN's int8 GEMM)" if gemm == "int8" else
-                                      "(an exact fp32 / fp64 GEMM of the int8 values: no VNNI / AMX here)"))
+                                      "(an exact fp32 / fp64 GEMM of the int8 values: oneDNN's int8 GEMM is exact and fast "
+                                      "only with VNNI / AMX)"))
     from .cpu_linear import GEMMS, encoder_gemms
 
     print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {cpu_memory.configured_pad_bytes()} bytes"

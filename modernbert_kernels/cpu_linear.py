@@ -42,8 +42,22 @@ def cpu_has_bf16() -> bool:
     return any(cpu_capabilities().get(flag) for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether the packed oneDNN GEMM runs ``dtype`` here: PyTorch built with oneDNN, oneDNN
+    enabled, and the CPU able to (oneDNN's bf16 inner product needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT, which AVX2-only CPUs lack)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _onednn_runs(dtype)
+
+
+@functools.cache
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    """Tried once on a tiny problem: what oneDNN refuses on this CPU raises (the ISA it requires is
+    oneDNN's to know, and ONEDNN_MAX_CPU_ISA can narrow it below what the CPU reports)."""
+    try:
+        packed_linear(torch.ones(2, 16, dtype=dtype), pack_weight(torch.ones(8, 16, dtype=dtype), 2), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor, tokens_hint: int = TIMING_TOKENS) -> torch.Tensor:
@@ -69,9 +83,9 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
         bias = torch.zeros(out_features, dtype=dtype)
-        problems.append((x, weight, bias, pack_weight(weight, tokens) if onednn_available() else None))
+        problems.append((x, weight, bias, pack_weight(weight, tokens) if onednn_available(dtype) else None))
     runs = {"aten": lambda x, w, b, packed: F.linear(x, w, b)}
-    if onednn_available():
+    if onednn_available(dtype):
         runs["onednn_packed"] = lambda x, w, b, packed: packed_linear(x, packed, b)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -99,10 +113,13 @@ def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
         raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {' or '.join(GEMMS)}, not {forced!r}")
     if dtype not in PRECISIONS:
         return "aten"
-    if forced == "onednn_packed" and not onednn_available():
-        raise RuntimeError("MODERNBERT_KERNELS_CPU_GEMM=onednn_packed, but PyTorch was built without oneDNN")
+    if forced == "onednn_packed" and not onednn_available(dtype):
+        raise RuntimeError(f"MODERNBERT_KERNELS_CPU_GEMM=onednn_packed, but oneDNN's packed GEMM does not run {dtype} "
+                           "here (PyTorch built without oneDNN, oneDNN disabled, or a CPU oneDNN refuses it on)")
     if forced != "auto":
         return forced
+    if not onednn_available(dtype):
+        return "aten"  # nothing to choose between
     return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
 
 

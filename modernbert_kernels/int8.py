@@ -136,15 +136,32 @@ def cpu_has_int8_dot_product() -> bool:
     return any(capabilities.get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+@functools.cache
+def cpu_int8_gemm_is_exact() -> bool:
+    """Whether oneDNN's int8 GEMM (torch._int_mm) sums int8 products exactly here. With VNNI or AMX
+    each product accumulates in int32; without them oneDNN multiplies u8 x s8 pairs whose sums
+    saturate at int16 (vpmaddubsw), a path ONEDNN_MAX_CPU_ISA below VNNI selects on any CPU. So a
+    product that would saturate is tried once. The C++ backend makes the same test."""
+    x = torch.full((32, 64), 127, dtype=torch.int8)
+    return bool((torch._int_mm(x, x.t().contiguous()) == 127 * 127 * 64).all())
+
+
 def cpu_int8_gemm() -> str:
     """"int8" (oneDNN's int8 GEMM) or "float" (an exact fp32 / fp64 GEMM of the int8 values): what
-    the CPU backends run. MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one (read per call)."""
+    the CPU backends run. MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one (read per call);
+    forcing int8 where it is not exact is refused."""
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_INT8_GEMM", "auto")
     if forced not in ("auto", "int8", "float"):
         raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not {forced!r}")
+    if forced == "int8" and not cpu_int8_gemm_is_exact():
+        raise RuntimeError(INEXACT_INT8_GEMM)
     if forced != "auto":
         return forced
-    return "int8" if cpu_has_int8_dot_product() else "float"
+    return "int8" if cpu_has_int8_dot_product() and cpu_int8_gemm_is_exact() else "float"
+
+
+INEXACT_INT8_GEMM = ("MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products "
+                     "exactly on this CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto")
 
 
 def exact_float_dtype(k: int) -> torch.dtype:

@@ -1,5 +1,9 @@
 """CPU linears on the measured-fastest GEMM (modernbert_kernels.cpu_linear) against float64."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +18,12 @@ TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
 # sizes that are not multiples of any vector width.
 SHAPES = [((64,), 768, 96), ((3, 37), 48, 80), ((1,), 130, 7), ((257,), 32, 1152)]
 
-needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="PyTorch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(torch.float32), reason="no oneDNN here")
+
+
+def skip_unless_runs(gemm, dtype):
+    if gemm == "onednn_packed" and not cpu_linear.onednn_available(dtype):
+        pytest.skip(f"oneDNN's packed GEMM does not run {dtype} here")
 
 
 def relative_error(actual, expected):
@@ -41,6 +50,7 @@ def float64_linear(linear, x):
 @pytest.mark.parametrize("leading, in_features, out_features", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_inference_matches_float64(gemm, dtype, leading, in_features, out_features, bias, monkeypatch):
+    skip_unless_runs(gemm, dtype)
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
     linear = random_linear(in_features, out_features, dtype, bias, seed=len(leading) + in_features)
     x = torch.randn(*leading, in_features).to(dtype)
@@ -66,6 +76,7 @@ FLOAT64_ACTIVATIONS = {
 def test_gated_matches_float64(gemm, dtype, activation, leading, in_features, half, bias, monkeypatch):
     """act(x A^T + a) * (x G^T + g) over the weight's two halves, on either GEMM (the packed one
     computes the activation and the product as oneDNN post-ops)."""
+    skip_unless_runs(gemm, dtype)
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
     linear = random_linear(in_features, 2 * half, dtype, bias, seed=in_features + half)
     x = torch.randn(*leading, in_features).to(dtype)
@@ -94,6 +105,8 @@ def test_packed_weight_follows_the_weight(monkeypatch):
         assert relative_error(linear(x), float64_linear(linear, x)) < TOLERANCE[torch.float32]
         linear.load_state_dict(random_linear(64, 48, torch.float32, seed=9).state_dict())
         assert relative_error(linear(x), float64_linear(linear, x)) < TOLERANCE[torch.float32]
+        if not cpu_linear.onednn_available(torch.bfloat16):
+            return
         linear.to(torch.bfloat16)
         x16 = x.bfloat16()
         assert relative_error(linear(x16), float64_linear(linear, x16)) < TOLERANCE[torch.bfloat16]
@@ -148,5 +161,39 @@ def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
 
 def test_timing_measures_every_gemm():
     times = cpu_linear.time_gemms(torch.float32, shapes=((32, 48),), tokens=16, rounds=2)
-    assert set(times) == ({"aten", "onednn_packed"} if cpu_linear.onednn_available() else {"aten"})
+    assert set(times) == ({"aten", "onednn_packed"} if cpu_linear.onednn_available(torch.float32) else {"aten"})
     assert all(seconds > 0 for seconds in times.values())
+
+
+def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
+    """Where oneDNN's bf16 inner product does not run (AVX2-only CPUs, emulated here by capping
+    oneDNN's ISA), bf16 linears take aten, forcing the packed GEMM says why, and fp32 still packs."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, torch\n"
+        "from modernbert_kernels import cpu_linear\n"
+        "from modernbert_kernels.cpu_linear import Linear\n"
+        "assert not cpu_linear.onednn_available(torch.bfloat16)\n"
+        "assert cpu_linear.cpu_gemm(torch.bfloat16, 64, 48) == 'aten'\n"
+        "linear = Linear(64, 48).bfloat16()\n"
+        "x = torch.randn(5, 64).bfloat16()\n"
+        "with torch.no_grad():\n"
+        "    out = linear(x)\n"
+        "    gated = linear(x, gated='gelu')\n"
+        "expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())\n"
+        "assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 8e-3\n"
+        "assert gated.shape == (5, 24)\n"
+        "os.environ['MODERNBERT_KERNELS_CPU_GEMM'] = 'onednn_packed'\n"
+        "try:\n"
+        "    cpu_linear.cpu_gemm(torch.bfloat16, 64, 48)\n"
+        "except RuntimeError as error:\n"
+        "    assert 'does not run torch.bfloat16' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('forcing an unsupported packed GEMM went through')\n"
+        "print('fp32', cpu_linear.onednn_available(torch.float32))\n"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env.pop("MODERNBERT_KERNELS_CPU_GEMM", None)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"fp32 {cpu_linear.onednn_available(torch.float32)}"

@@ -3,6 +3,10 @@
 Without a GPU, backend="triton" runs the kernels in Triton's interpreter (int8 dots are exact there).
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import CPU_BACKENDS, CPU_EXTENSION, CUDA_EXTENSION, relative_error
@@ -214,9 +218,15 @@ def test_both_cpu_gemms_give_the_exact_integer_products(backend, k, gemm, monkey
     """oneDNN's int8 GEMM and the float one CPUs without VNNI / AMX run instead: the same integer
     products, K on both sides of fp32's exact limit (1040), rows and columns at +-127 so that
     partial sums reach 127 * 127 * K."""
+    import modernbert_kernels.int8 as int8
+
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
     x_q, w_q = random_int8(40, k, seed=11), random_int8(24, k, seed=12)
     x_q[:3], w_q[:2], w_q[2:4] = 127, 127, -127
+    if gemm == "int8" and not int8.cpu_int8_gemm_is_exact():  # oneDNN without VNNI / AMX saturates
+        with pytest.raises(RuntimeError, match="does not sum int8 products exactly"):
+            int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
+        return
     out = int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
     expected = int8_matmul_reference(x_q, w_q)
     assert expected.abs().max() == 127 * 127 * k
@@ -226,11 +236,39 @@ def test_both_cpu_gemms_give_the_exact_integer_products(backend, k, gemm, monkey
 def test_cpu_gemm_choice(monkeypatch):
     import modernbert_kernels.int8 as int8
 
-    for has_dot_product, chosen in ((True, "int8"), (False, "float")):
+    for has_dot_product, exact, chosen in ((True, True, "int8"), (False, True, "float"), (True, False, "float")):
         monkeypatch.setattr(int8, "cpu_has_int8_dot_product", lambda has=has_dot_product: has)
+        monkeypatch.setattr(int8, "cpu_int8_gemm_is_exact", lambda exact=exact: exact)
         assert int8.cpu_int8_gemm() == chosen
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "int8")
+    with pytest.raises(RuntimeError, match="does not sum int8 products exactly"):
+        int8.cpu_int8_gemm()  # the last case's GEMM, not exact, refused when forced
+    monkeypatch.setattr(int8, "cpu_int8_gemm_is_exact", lambda: True)
     assert int8.cpu_int8_gemm() == "int8"
+
+
+@CPU_EXTENSION
+def test_int8_gemm_exactness_is_measured():
+    """The probe behind the choice: exact where oneDNN takes VNNI / AMX, not exact when its ISA is
+    capped below them (as on AVX2-only CPUs), and the C++ backend then runs the float GEMM."""
+    code = """
+import torch
+from modernbert_kernels import int8
+from modernbert_kernels.int8 import int8_linear
+assert not int8.cpu_int8_gemm_is_exact() and int8.cpu_int8_gemm() == "float"
+x_q = torch.full((40, 64), 127, dtype=torch.int8)
+for backend in ("cpu", "torch"):
+    out = int8_linear(x_q, torch.ones(40), x_q[:24], torch.ones(24), out_dtype=torch.float32, backend=backend)
+    assert torch.equal(out, torch.full((40, 24), 127.0 * 127 * 64)), backend
+"""
+    import modernbert_kernels.int8 as int8
+
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ:  # oneDNN takes what the CPU has
+        assert int8.cpu_int8_gemm_is_exact() == int8.cpu_has_int8_dot_product()
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env.pop("MODERNBERT_KERNELS_CPU_INT8_GEMM", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)

@@ -8,6 +8,7 @@
 // exactly (see cpu_int8_gemm_in_float).
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -57,14 +58,37 @@ bool has_int8_dot_product() {
 #endif
 }
 
+// Whether aten::_int_mm (oneDNN) sums int8 products exactly here. With VNNI or AMX each product
+// accumulates in int32; without them oneDNN multiplies u8 x s8 pairs whose sums saturate at int16
+// (vpmaddubsw), a path ONEDNN_MAX_CPU_ISA below VNNI selects on any CPU. So a product that would
+// saturate (all 127s) is tried once, as modernbert_kernels.int8.cpu_int8_gemm_is_exact does.
+bool int8_gemm_is_exact(const Tensor& like) {
+  static const bool exact = [&] {
+    constexpr int64_t m = 32, k = 64, n = 32;
+    const Tensor x = empty({m, k}, ScalarType::Char, like), w = empty({k, n}, ScalarType::Char, like);
+    const Tensor sums = empty({m, n}, ScalarType::Int, like);
+    std::memset(x.data_ptr(), 127, m * k);
+    std::memset(w.data_ptr(), 127, k * n);
+    matmul_out("aten::_int_mm", sums, x, w);
+    const auto* values = static_cast<const int32_t*>(sums.data_ptr());
+    for (int64_t i = 0; i < m * n; ++i)
+      if (values[i] != 127 * 127 * k) return false;
+    return true;
+  }();
+  return exact;
+}
+
 // MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one GEMM (read per call, for tests and
-// benchmarks); unset or "auto" picks by the CPU.
-bool cpu_int8_gemm_in_float() {
+// benchmarks; int8 only where it is exact); unset or "auto" picks by the CPU.
+bool cpu_int8_gemm_in_float(const Tensor& like) {
   const char* forced = std::getenv("MODERNBERT_KERNELS_CPU_INT8_GEMM");
   const std::string mode = forced == nullptr ? "auto" : forced;
   MBK_CHECK(mode == "auto" || mode == "int8" || mode == "float",
               "MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not '", mode, "'");
-  return mode == "auto" ? !has_int8_dot_product() : mode == "float";
+  MBK_CHECK(mode != "int8" || int8_gemm_is_exact(like),
+            "MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products exactly on this "
+            "CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto");
+  return mode == "auto" ? !(has_int8_dot_product() && int8_gemm_is_exact(like)) : mode == "float";
 }
 
 // int8 x int8 products are integers of magnitude <= 127 * 127 < 2^14, so a floating-point GEMM
@@ -86,7 +110,7 @@ struct CpuInt8 {
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
     const int64_t chunk = std::min(m, chunk_rows(n));
     const int64_t chunks = (m + chunk - 1) / chunk;
-    const bool in_float = cpu_int8_gemm_in_float();
+    const bool in_float = cpu_int8_gemm_in_float(x_q);
     const ScalarType float_type = exact_float_type(p.k);
     const Tensor w_t_float = in_float ? torch::stable::to(w_t, float_type) : Tensor();  // once per call
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
