@@ -158,14 +158,12 @@ def cpu_int8_gemm() -> str:
     if forced not in ("auto", "int8", "float"):
         raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not {forced!r}")
     if forced == "int8" and not cpu_int8_gemm_is_exact():
-        raise RuntimeError(INEXACT_INT8_GEMM)
+        raise RuntimeError("MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products "
+                           "exactly on this CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto")
     if forced != "auto":
         return forced
     return "int8" if cpu_has_int8_dot_product() and cpu_int8_gemm_is_exact() else "float"
 
-
-INEXACT_INT8_GEMM = ("MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products "
-                     "exactly on this CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto")
 
 
 def exact_float_dtype(k: int) -> torch.dtype:
