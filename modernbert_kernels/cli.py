@@ -42,13 +42,13 @@ def info() -> int:
 
     gemm = cpu_int8_gemm()
     print(f"CPU int8 GEMM: {gemm} " + ("(oneDNN's int8 GEMM)" if gemm == "int8" else
-                                      "(an exact fp32 / fp64 GEMM of the int8 values: oneDNN's int8 GEMM is exact and fast "
-                                      "only with VNNI / AMX)"))
+                                      "(exact fp32 GEMMs of the int8 values, K in parts of at most 1040: oneDNN's "
+                                      "int8 GEMM is exact and fast only with VNNI / AMX)"))
     from .cpu_linear import GEMMS, encoder_gemms
 
     print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {cpu_memory.configured_pad_bytes()} bytes"
           + ("" if cpu_memory.glibc_available() else " (not glibc: not applied)"))
-    print(f"CPU GEMM of each linear of ModernBERT-base (the faster of {' / '.join(GEMMS)}, measured here):")
+    print(f"CPU GEMM of each linear of ModernBERT-base (the fastest of {' / '.join(GEMMS)}, measured here):")
     for precision, (in_features, out_features), chosen in encoder_gemms():
         print(f"  {precision} {in_features:5d} -> {out_features:5d}: {chosen}")
     print()

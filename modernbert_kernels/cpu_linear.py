@@ -1,16 +1,23 @@
 """CPU linears at the machine's GEMM ceiling: the fastest GEMM per precision, chosen by measurement.
 
-Two GEMMs serve fp32 and bf16 linears on the CPU:
+Three GEMMs serve fp32 and bf16 linears on the CPU:
 - ``"aten"``: ``F.linear`` as PyTorch dispatches it (MKL's sgemm for fp32, oneDNN for bf16);
 - ``"onednn_packed"``: the weight reordered once into oneDNN's blocked layout
-  (``torch.ops.mkldnn._reorder_linear_weight``), then oneDNN's inner product on it.
+  (``torch.ops.mkldnn._reorder_linear_weight``), then oneDNN's inner product on it;
+- ``"onednn_packed_fp32"`` (bf16 linears only): the same fp32 GEMM on a packed fp32 copy of the
+  bf16 weight, the bf16 input widened and the output rounded back to bf16 (both exact or one
+  rounding, as a bf16 GEMM's fp32 accumulation does). Where the CPU has no bf16 units, bf16
+  GEMMs are emulated: oneDNN's and aten's run at a quarter of the fp32 rate on an AVX2-only
+  CPU, so a bf16 model there computes its linears in fp32.
 
 Which is faster depends on the CPU, not on its vendor's name: MKL's sgemm reaches 125-180 GFLOP/s
 at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 reaches 165-225
-(benchmarks/NOTES.md "CPU linears"). ``cpu_gemm(dtype, in_features, out_features)`` times both
-the first time a linear of that dtype and shape runs, and keeps the faster;
-MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed forces one. ``Linear`` is an ``nn.Linear`` (same parameters, same state dict) whose inference calls
-on the CPU run the chosen GEMM; anything that needs gradients runs ``F.linear``.
+(benchmarks/NOTES.md "CPU linears"). ``cpu_gemm(dtype, in_features, out_features)`` times every
+GEMM that runs the dtype here the first time a linear of that dtype and shape runs, and keeps the
+fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32 forces one (fp32
+linears take onednn_packed under the last). ``Linear`` is an ``nn.Linear`` (same parameters,
+same state dict) whose inference calls on the CPU run the chosen GEMM; anything that needs
+gradients runs ``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torch import nn
 from .backends import cpu_capabilities
 from .tensor_cache import TensorCache
 
-GEMMS = ("aten", "onednn_packed")
+GEMMS = ("aten", "onednn_packed", "onednn_packed_fp32")
 PRECISIONS = (torch.float32, torch.bfloat16)
 # (in_features, out_features) of ModernBERT-base's linears: Wqkv, attention Wo, Wi (GeGLU), MLP Wo.
 ENCODER_SHAPES = ((768, 2304), (768, 768), (768, 2304), (1152, 768))
@@ -60,6 +67,23 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
     return True
 
 
+def available_gemms(dtype: torch.dtype) -> tuple[str, ...]:
+    """The GEMMs of ``GEMMS`` that run a ``dtype`` linear here."""
+    if dtype not in PRECISIONS:
+        return ("aten",)
+    gemms = ["aten"]
+    if onednn_available(dtype):
+        gemms.append("onednn_packed")
+    if dtype == torch.bfloat16 and onednn_available(torch.float32):
+        gemms.append("onednn_packed_fp32")
+    return tuple(gemms)
+
+
+def packed_dtype(gemm: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a packed ``gemm`` computes a ``dtype`` linear in; None for ``F.linear``."""
+    return {"onednn_packed": dtype, "onednn_packed_fp32": torch.float32}.get(gemm)
+
+
 def pack_weight(weight: torch.Tensor, tokens_hint: int = TIMING_TOKENS) -> torch.Tensor:
     """``weight`` [N, K] in oneDNN's blocked layout for its inner product (any number of tokens;
     the hint picks the layout)."""
@@ -76,17 +100,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_TOKENS,
                rounds: int = 5) -> dict[str, float]:
     """Seconds per pass over ``shapes`` for each GEMM: the median of ``rounds`` passes, the GEMMs
-    interleaved so a drift in the machine's speed falls on both alike."""
+    interleaved so a drift in the machine's speed falls on all alike."""
     generator = torch.Generator().manual_seed(0)
     problems = []
     for in_features, out_features in shapes:
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
         bias = torch.zeros(out_features, dtype=dtype)
-        problems.append((x, weight, bias, pack_weight(weight, tokens) if onednn_available(dtype) else None))
-    runs = {"aten": lambda x, w, b, packed: F.linear(x, w, b)}
-    if onednn_available(dtype):
-        runs["onednn_packed"] = lambda x, w, b, packed: packed_linear(x, packed, b)
+        packed = {gemm: pack_weight(weight.to(packed_dtype(gemm, dtype)), tokens)
+                  for gemm in available_gemms(dtype) if gemm != "aten"}
+        problems.append((x, weight, bias, packed))
+
+    def run_packed(gemm):
+        compute = packed_dtype(gemm, dtype)
+        return lambda x, w, b, packed: packed_linear(x.to(compute), packed[gemm], b.to(compute)).to(dtype)
+
+    runs = {gemm: run_packed(gemm) for gemm in available_gemms(dtype) if gemm != "aten"}
+    runs["aten"] = lambda x, w, b, packed: F.linear(x, w, b)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for round_index in range(rounds + 1):  # round 0 warms up
@@ -106,19 +136,24 @@ def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, thre
 
 
 def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
-    """The GEMM a CPU linear of this dtype and shape runs: the faster of ``GEMMS`` measured once per
-    (dtype, shape, thread count), or the one MODERNBERT_KERNELS_CPU_GEMM forces (read per call)."""
+    """The GEMM a CPU linear of this dtype and shape runs: the fastest of ``available_gemms``
+    measured once per (dtype, shape, thread count), or the one MODERNBERT_KERNELS_CPU_GEMM forces
+    (read per call)."""
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
     if forced not in ("auto",) + GEMMS:
-        raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {' or '.join(GEMMS)}, not {forced!r}")
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {', '.join(GEMMS)}, not {forced!r}")
     if dtype not in PRECISIONS:
         return "aten"
-    if forced == "onednn_packed" and not onednn_available(dtype):
-        raise RuntimeError(f"MODERNBERT_KERNELS_CPU_GEMM=onednn_packed, but oneDNN's packed GEMM does not run {dtype} "
-                           "here (PyTorch built without oneDNN, oneDNN disabled, or a CPU oneDNN refuses it on)")
+    if forced == "onednn_packed_fp32" and dtype == torch.float32:
+        forced = "onednn_packed"  # an fp32 linear widened to fp32 is the packed fp32 GEMM itself
+    available = available_gemms(dtype)
+    if forced != "auto" and forced not in available:
+        raise RuntimeError(f"MODERNBERT_KERNELS_CPU_GEMM={forced}, but oneDNN's packed GEMM does not run "
+                           f"{packed_dtype(forced, dtype)} here (PyTorch built without oneDNN, oneDNN disabled, "
+                           "or a CPU oneDNN refuses it on)")
     if forced != "auto":
         return forced
-    if not onednn_available(dtype):
+    if len(available) == 1:
         return "aten"  # nothing to choose between
     return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
 
@@ -142,23 +177,27 @@ class Linear(nn.Linear):
     ``F.linear``.
     """
 
-    def _runs_packed(self, x: torch.Tensor) -> bool:
+    def _packed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype this call's packed GEMM computes in, or None where it takes ``F.linear``."""
         weight = self.weight
-        return not (
-            x.device.type != "cpu"
-            or x.dtype != weight.dtype
-            or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (self.bias is not None and self.bias.requires_grad)))
-            or cpu_gemm(x.dtype, self.in_features, self.out_features) != "onednn_packed"
-        )
+        if (x.device.type != "cpu"
+                or x.dtype != weight.dtype
+                or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (self.bias is not None and self.bias.requires_grad)))):
+            return None
+        return packed_dtype(cpu_gemm(x.dtype, self.in_features, self.out_features), x.dtype)
 
-    def _packed(self, part: str, rows: slice):
-        """The packed copy of the weight's ``rows``; made once per weight version (``part`` names it).
-        Keyed by storage and dtype too: Module.to() swaps a parameter's data without a version bump."""
+    def _packed(self, part: str, rows: slice, dtype: torch.dtype):
+        """The packed ``dtype`` copy of the weight's ``rows``; made once per weight version (``part``
+        names it). Keyed by storage and dtype too: Module.to() swaps a parameter's data without a
+        version bump."""
         weight = self.weight
-        key = ("onednn_packed", part, weight.data_ptr(), weight.dtype)
-        return _packed_weights.get(weight, key, lambda: pack_weight(weight[rows]))
+        key = ("onednn_packed", part, weight.data_ptr(), weight.dtype, dtype)
+        return _packed_weights.get(weight, key, lambda: pack_weight(weight[rows].to(dtype)))
+
+    def _bias(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[rows].to(dtype)
 
     def forward(self, x: torch.Tensor, gated: str | None = None) -> torch.Tensor:
         """x A^T + b; or, with ``gated`` (a name of ``GATED_ACTIVATIONS``), act(x A^T + a) * (x G^T + g)
@@ -170,25 +209,29 @@ class Linear(nn.Linear):
         forward hooks (calibration) see it."""
         if gated is not None:
             return self._gated(x, gated)
-        if not self._runs_packed(x):
+        compute = self._packed_dtype(x)
+        if compute is None:
             return F.linear(x, self.weight, self.bias)
-        return packed_linear(x, self._packed("all", slice(None)), self.bias)
+        everything = slice(None)
+        out = packed_linear(x.to(compute), self._packed("all", everything, compute), self._bias(everything, compute))
+        return out.to(x.dtype)
 
     def _gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         if activation not in GATED_ACTIVATIONS:
             raise ValueError(f"unsupported gated activation {activation!r}; supported: {sorted(GATED_ACTIVATIONS)}")
         function, post_op, algorithm = GATED_ACTIVATIONS[activation]
-        if not self._runs_packed(x):
+        compute = self._packed_dtype(x)
+        if compute is None:
             activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
             return function(activated) * gate
         half = self.out_features // 2
-        bias_a, bias_g = (None, None) if self.bias is None else (self.bias[:half], self.bias[half:])
-        rows = x.reshape(-1, x.shape[-1])
-        activated = torch.ops.mkldnn._linear_pointwise(rows, self._packed("first half", slice(None, half)), bias_a,
-                                                       post_op, [], algorithm)
-        out = torch.ops.mkldnn._linear_pointwise.binary(rows, activated, self._packed("second half", slice(half, None)),
-                                                        bias_g, "mul")
-        return out.view(*x.shape[:-1], half)
+        first, second = slice(None, half), slice(half, None)
+        rows = x.reshape(-1, x.shape[-1]).to(compute)
+        activated = torch.ops.mkldnn._linear_pointwise(rows, self._packed("first half", first, compute),
+                                                       self._bias(first, compute), post_op, [], algorithm)
+        out = torch.ops.mkldnn._linear_pointwise.binary(rows, activated, self._packed("second half", second, compute),
+                                                        self._bias(second, compute), "mul")
+        return out.to(x.dtype).view(*x.shape[:-1], half)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,7 @@ def cpu_int8_gemm_is_exact() -> bool:
 
 
 def cpu_int8_gemm() -> str:
-    """"int8" (oneDNN's int8 GEMM) or "float" (an exact fp32 / fp64 GEMM of the int8 values): what
+    """"int8" (oneDNN's int8 GEMM) or "float" (exact fp32 GEMMs of the int8 values): what
     the CPU backends run. MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one (read per call);
     forcing int8 where it is not exact is refused."""
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_INT8_GEMM", "auto")
@@ -165,18 +165,24 @@ def cpu_int8_gemm() -> str:
     return "int8" if cpu_has_int8_dot_product() and cpu_int8_gemm_is_exact() else "float"
 
 
+# int8 x int8 products are integers of magnitude <= 127^2 < 2^14, so an fp32 GEMM sums up to this
+# many of them exactly (every partial sum below 2^24).
+EXACT_FP32_K = (2**24 - 1) // 127**2  # 1040
 
-def exact_float_dtype(k: int) -> torch.dtype:
-    """int8 x int8 products are integers below 2^14: a float GEMM sums K of them exactly while
-    every partial sum stays below 2^(mantissa + 1), fp32 up to K = 1040, fp64 beyond."""
-    return torch.float32 if k * 127 * 127 < 2**24 else torch.float64
+
+def exact_fp32_parts(k: int) -> list[slice]:
+    """K split into the fewest equal parts an fp32 GEMM sums exactly: their int32 sum is the product.
+    (fp64 would be exact in one GEMM, at half the rate or less.)"""
+    parts = -(-k // EXACT_FP32_K)
+    size = -(-k // parts)
+    return [slice(start, min(start + size, k)) for start in range(0, k, size)]
 
 
 def _int_mm(x_q, w_q):
     m, k = x_q.shape
     if x_q.device.type == "cpu" and cpu_int8_gemm() == "float":
-        dtype = exact_float_dtype(k)
-        return torch.matmul(x_q.to(dtype), w_q.to(dtype).t()).int()
+        x, w = x_q.float(), w_q.float()
+        return sum(torch.matmul(x[:, part], w[:, part].t()).int() for part in exact_fp32_parts(k))
     # torch._int_mm has shape limits (on CUDA: M > 16, K and N multiples of 8); small problems
     # take the exact int32 matmul.
     if m > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0:

@@ -22,8 +22,9 @@ needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(torch.float32)
 
 
 def skip_unless_runs(gemm, dtype):
-    if gemm == "onednn_packed" and not cpu_linear.onednn_available(dtype):
-        pytest.skip(f"oneDNN's packed GEMM does not run {dtype} here")
+    runs = "onednn_packed" if (gemm, dtype) == ("onednn_packed_fp32", torch.float32) else gemm
+    if runs not in cpu_linear.available_gemms(dtype):
+        pytest.skip(f"{gemm} does not run {dtype} here")
 
 
 def relative_error(actual, expected):
@@ -45,7 +46,7 @@ def float64_linear(linear, x):
     return F.linear(x.double(), linear.weight.double(), bias)
 
 
-@pytest.mark.parametrize("gemm", [pytest.param("onednn_packed", marks=needs_onednn), "aten"])
+@pytest.mark.parametrize("gemm", cpu_linear.GEMMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("leading, in_features, out_features", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -68,7 +69,7 @@ FLOAT64_ACTIVATIONS = {
 }
 
 
-@pytest.mark.parametrize("gemm", [pytest.param("onednn_packed", marks=needs_onednn), "aten"])
+@pytest.mark.parametrize("gemm", cpu_linear.GEMMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation", sorted(FLOAT64_ACTIVATIONS))
 @pytest.mark.parametrize("leading, in_features, half", [((64,), 768, 96), ((3, 37), 48, 40), ((1,), 130, 7)])
@@ -141,11 +142,13 @@ def fresh_choices():
 
 
 def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
+    monkeypatch.setattr(cpu_linear, "available_gemms", lambda dtype: cpu_linear.GEMMS)
     for times, chosen in (({"aten": 2.0, "onednn_packed": 1.0}, "onednn_packed"),
-                          ({"aten": 1.0, "onednn_packed": 2.0}, "aten")):
+                          ({"aten": 1.0, "onednn_packed": 2.0}, "aten"),
+                          ({"aten": 3.0, "onednn_packed": 2.0, "onednn_packed_fp32": 1.0}, "onednn_packed_fp32")):
         cpu_linear._measured_gemm.cache_clear()
         monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, times=times: times)
-        assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == chosen
+        assert cpu_linear.cpu_gemm(torch.bfloat16, 768, 2304) == chosen
     timed = []
     monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes: timed.append(shapes) or {"aten": 1.0})
     cpu_linear.cpu_gemm(torch.float32, 64, 32)
@@ -154,35 +157,53 @@ def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
     assert cpu_linear.cpu_gemm(torch.float16, 64, 32) == "aten"  # no packed fp16 path: never timed
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "aten")
     assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == "aten"
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "onednn_packed_fp32")
+    assert cpu_linear.cpu_gemm(torch.bfloat16, 768, 2304) == "onednn_packed_fp32"
+    assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == "onednn_packed"  # fp32 widened is the packed fp32 GEMM
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "fast")
-    with pytest.raises(ValueError, match="MODERNBERT_KERNELS_CPU_GEMM must be auto, aten or onednn_packed"):
+    with pytest.raises(ValueError, match="must be auto, aten, onednn_packed, onednn_packed_fp32, not 'fast'"):
         cpu_linear.cpu_gemm(torch.float32, 768, 2304)
 
 
-def test_timing_measures_every_gemm():
-    times = cpu_linear.time_gemms(torch.float32, shapes=((32, 48),), tokens=16, rounds=2)
-    assert set(times) == ({"aten", "onednn_packed"} if cpu_linear.onednn_available(torch.float32) else {"aten"})
+def test_available_gemms():
+    fp32_packs = cpu_linear.onednn_available(torch.float32)
+    assert cpu_linear.available_gemms(torch.float32) == (("aten", "onednn_packed") if fp32_packs else ("aten",))
+    bf16 = {"aten"} | ({"onednn_packed"} if cpu_linear.onednn_available(torch.bfloat16) else set())
+    assert set(cpu_linear.available_gemms(torch.bfloat16)) == bf16 | ({"onednn_packed_fp32"} if fp32_packs else set())
+    assert cpu_linear.available_gemms(torch.float16) == ("aten",)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_timing_measures_every_gemm(dtype):
+    times = cpu_linear.time_gemms(dtype, shapes=((32, 48),), tokens=16, rounds=2)
+    assert set(times) == set(cpu_linear.available_gemms(dtype))
     assert all(seconds > 0 for seconds in times.values())
 
 
 def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
     """Where oneDNN's bf16 inner product does not run (AVX2-only CPUs, emulated here by capping
-    oneDNN's ISA), bf16 linears take aten, forcing the packed GEMM says why, and fp32 still packs."""
+    oneDNN's ISA), bf16 linears choose between aten and the packed fp32 GEMM, both right; forcing
+    the packed bf16 GEMM says why it cannot; fp32 still packs."""
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, torch\n"
         "from modernbert_kernels import cpu_linear\n"
         "from modernbert_kernels.cpu_linear import Linear\n"
         "assert not cpu_linear.onednn_available(torch.bfloat16)\n"
-        "assert cpu_linear.cpu_gemm(torch.bfloat16, 64, 48) == 'aten'\n"
+        "fp32_packs = cpu_linear.onednn_available(torch.float32)\n"
+        "assert cpu_linear.available_gemms(torch.bfloat16) == ('aten', 'onednn_packed_fp32')[:1 + fp32_packs]\n"
+        "assert cpu_linear.cpu_gemm(torch.bfloat16, 64, 48) in cpu_linear.available_gemms(torch.bfloat16)\n"
         "linear = Linear(64, 48).bfloat16()\n"
         "x = torch.randn(5, 64).bfloat16()\n"
-        "with torch.no_grad():\n"
-        "    out = linear(x)\n"
-        "    gated = linear(x, gated='gelu')\n"
         "expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())\n"
-        "assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 8e-3\n"
-        "assert gated.shape == (5, 24)\n"
+        "for gemm in cpu_linear.available_gemms(torch.bfloat16):\n"
+        "    os.environ['MODERNBERT_KERNELS_CPU_GEMM'] = gemm\n"
+        "    with torch.no_grad():\n"
+        "        out = linear(x)\n"
+        "        gated = linear(x, gated='gelu')\n"
+        "    assert out.dtype == gated.dtype == torch.bfloat16, gemm\n"
+        "    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 8e-3, gemm\n"
+        "    assert gated.shape == (5, 24)\n"
         "os.environ['MODERNBERT_KERNELS_CPU_GEMM'] = 'onednn_packed'\n"
         "try:\n"
         "    cpu_linear.cpu_gemm(torch.bfloat16, 64, 48)\n"
@@ -190,7 +211,7 @@ def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
         "    assert 'does not run torch.bfloat16' in str(error)\n"
         "else:\n"
         "    raise AssertionError('forcing an unsupported packed GEMM went through')\n"
-        "print('fp32', cpu_linear.onednn_available(torch.float32))\n"
+        "print('fp32', fp32_packs)\n"
     )
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     env.pop("MODERNBERT_KERNELS_CPU_GEMM", None)

@@ -37,10 +37,11 @@ int64_t chunk_rows(int64_t n) {
   return (rows + 31) / 32 * 32;
 }
 
-// A [rows, cols] row-major view of memory that another tensor owns: made by the shim directly,
-// cheaper than a narrow() through the dispatcher, once per row chunk.
-Tensor rows_view(const void* data, int64_t rows, int64_t cols, ScalarType dtype, const Tensor& owner) {
-  const int64_t sizes[2] = {rows, cols}, strides[2] = {cols, 1};
+// A [rows, cols] view, with the given element strides, of memory that another tensor owns: made by
+// the shim directly, cheaper than a narrow() through the dispatcher, once per row chunk.
+Tensor matrix_view(const void* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                   ScalarType dtype, const Tensor& owner) {
+  const int64_t sizes[2] = {rows, cols}, strides[2] = {row_stride, col_stride};
   return torch::stable::from_blob(const_cast<void*>(data), {sizes, 2}, {strides, 2}, owner.device(), dtype);
 }
 
@@ -91,11 +92,15 @@ bool cpu_int8_gemm_in_float(const Tensor& like) {
   return mode == "auto" ? !(has_int8_dot_product() && int8_gemm_is_exact(like)) : mode == "float";
 }
 
-// int8 x int8 products are integers of magnitude <= 127 * 127 < 2^14, so a floating-point GEMM
-// of the int8 values sums them exactly while every partial sum stays below 2^(mantissa + 1):
-// fp32 up to K = 1040, fp64 beyond (2^53).
-ScalarType exact_float_type(int64_t k) {
-  return k * 127 * 127 < (int64_t(1) << 24) ? ScalarType::Float : ScalarType::Double;
+// int8 x int8 products are integers of magnitude <= 127 * 127 < 2^14, so an fp32 GEMM of the int8
+// values sums up to this many of them exactly (every partial sum below 2^24). A longer K is cut
+// into the fewest equal parts within it, one fp32 GEMM each, their integer results added in int32
+// (fp64 would be exact in one GEMM, at half the rate or less). As modernbert_kernels.int8.exact_fp32_parts.
+constexpr int64_t kExactFp32K = ((int64_t(1) << 24) - 1) / (127 * 127);  // 1040
+
+int64_t exact_fp32_part_size(int64_t k) {
+  const int64_t parts = (k + kExactFp32K - 1) / kExactFp32K;
+  return (k + parts - 1) / parts;
 }
 
 struct CpuInt8 {
@@ -111,20 +116,35 @@ struct CpuInt8 {
     const int64_t chunk = std::min(m, chunk_rows(n));
     const int64_t chunks = (m + chunk - 1) / chunk;
     const bool in_float = cpu_int8_gemm_in_float(x_q);
-    const ScalarType float_type = exact_float_type(p.k);
-    const Tensor w_t_float = in_float ? torch::stable::to(w_t, float_type) : Tensor();  // once per call
+    const int64_t k = p.k, part_size = exact_fp32_part_size(k);
+    const Tensor w_float = in_float ? torch::stable::to(w_q, ScalarType::Float) : Tensor();  // [N, K], once per call
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       Tensor acc = empty({chunk, n}, ScalarType::Int, x_q);
-      Tensor acc_float = in_float ? empty({chunk, n}, float_type, x_q) : Tensor();
+      Tensor acc_float = in_float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
       for (int64_t c = begin; c < end; ++c) {
         const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
-        Tensor acc_rows = rows_view(acc.data_ptr(), rows, n, ScalarType::Int, acc);
-        Tensor x_rows = rows_view(x_data + m0 * p.k, rows, p.k, ScalarType::Char, x_q);
+        Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
+        Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
         if (in_float) {
-          Tensor float_rows = rows_view(acc_float.data_ptr(), rows, n, float_type, acc_float);
-          matmul_out("aten::mm", float_rows, torch::stable::to(x_rows, float_type), w_t_float);
-          torch::stable::copy_(acc_rows, float_rows);  // integers, exact
+          const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
+          Tensor float_rows = matrix_view(acc_float.data_ptr(), rows, n, n, 1, ScalarType::Float, acc_float);
+          auto* sums = static_cast<int32_t*>(acc_rows.data_ptr());
+          const auto* part_sums = static_cast<const float*>(float_rows.data_ptr());
+          for (int64_t k0 = 0; k0 < k; k0 += part_size) {
+            const int64_t width = std::min(part_size, k - k0);
+            const Tensor x_part = matrix_view(static_cast<const float*>(x_float.data_ptr()) + k0, rows, width, k, 1,
+                                              ScalarType::Float, x_float);
+            const Tensor w_part = matrix_view(static_cast<const float*>(w_float.data_ptr()) + k0, width, n, 1, k,
+                                              ScalarType::Float, w_float);  // the part's rows of w^T
+            matmul_out("aten::mm", float_rows, x_part, w_part);
+            // Each part's sums are integers below 2^24, exact in fp32; their total, in int32.
+            if (k0 == 0) {
+              for (int64_t i = 0; i < rows * n; ++i) sums[i] = static_cast<int32_t>(part_sums[i]);
+            } else {
+              for (int64_t i = 0; i < rows * n; ++i) sums[i] += static_cast<int32_t>(part_sums[i]);
+            }
+          }
         } else {
           matmul_out("aten::_int_mm", acc_rows, x_rows, w_t);
         }
