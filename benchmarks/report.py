@@ -50,7 +50,8 @@ def _slug(text: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["bench", "model", "scope", "batch", "pass", "seq_len", "provider", "median_ms", "iqr_ms", "baseline_median_ms",
-               "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "pct_of_copy_ceiling", "relative_error_vs_float",
+               "speedup_vs_baseline", "tflops", "pct_of_matmul_ceiling", "chosen", "pct_of_precision_ceiling",
+               "over_linears_at_ceiling", "pct_of_copy_ceiling", "relative_error_vs_float",
                "tokens_per_s", "int8_cosine_mean", "call_peak_mib", "sentences_per_s", "cosine_mean", "cosine_min",
                "nn_agreement", "nn_agreement_clear", "nn_recall_at_3", "note"]
     columns = [c for c in columns if any(row.get(c) is not None for row in rows)]  # only what was measured

@@ -10,12 +10,13 @@ import time
 
 import torch
 
-from benchmarks import attention, encoder, int8_linear, rotary, runtimes, sentence_embeddings, sparse_models
+from benchmarks import (attention, cpu_linears, encoder, int8_linear, rotary, runtimes, sentence_embeddings,
+                        sparse_models)
 from benchmarks.report import write_report
 from benchmarks.timing import device_ceilings
 
 SUBJECTS = {
-    "attention": attention.run, "encoder": encoder.run, "int8_linear": int8_linear.run, "rotary": rotary.run,
+    "attention": attention.run, "cpu_linears": cpu_linears.run, "encoder": encoder.run, "int8_linear": int8_linear.run, "rotary": rotary.run,
     "runtimes": runtimes.run, "sentence_embeddings": sentence_embeddings.run, "sparse_models": sparse_models.run,
 }
 

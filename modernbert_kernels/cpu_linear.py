@@ -98,9 +98,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_TOKENS,
-               rounds: int = 5) -> dict[str, float]:
-    """Seconds per pass over ``shapes`` for each GEMM: the median of ``rounds`` passes, the GEMMs
-    interleaved so a drift in the machine's speed falls on all alike."""
+               rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per pass over ``shapes`` for each GEMM that runs ``dtype`` here, ``rounds`` passes
+    after a warm-up, the GEMMs interleaved so a drift in the machine's speed falls on all alike."""
     generator = torch.Generator().manual_seed(0)
     problems = []
     for in_features, out_features in shapes:
@@ -126,13 +126,13 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
                     run(*problem)
                 if round_index:
                     times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 @functools.cache
 def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, threads: int) -> str:
     times = time_gemms(dtype, shapes=((in_features, out_features),))
-    return min(times, key=times.get)
+    return min(times, key=lambda gemm: statistics.median(times[gemm]))
 
 
 def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:

@@ -24,6 +24,32 @@ def test_smoke_cpu_suite_writes_json_markdown_and_plot(tmp_path):
         assert row["iqr_ms"] >= 0, row  # 0 where a provider is timed once
 
 
+def test_cpu_linears_rates_every_gemm_against_its_precisions_ceiling():
+    """Every GEMM that runs each precision here, at the encoder's shapes and on the square problem
+    whose fastest GEMM is the precision's ceiling (100%); the choice the linears make; the fp32
+    encoder against its linears at that ceiling."""
+    from benchmarks import cpu_linears
+    from modernbert_kernels import cpu_linear
+
+    rows = cpu_linears.run(torch.device("cpu"), quick=True, progress=print, smoke=True)
+    for precision, dtype in cpu_linears.PRECISIONS.items():
+        gemm_rows = [r for r in rows if r["pass"].startswith(f"{precision} ") and r["provider"] in cpu_linear.GEMMS]
+        square = [r for r in gemm_rows if " square " in r["pass"]]
+        assert {r["provider"] for r in square} == set(cpu_linear.available_gemms(dtype))
+        assert max(r["pct_of_precision_ceiling"] for r in square) == pytest.approx(100)
+        shapes = {r["pass"] for r in gemm_rows if " encoder " in r["pass"]}
+        assert len(shapes) == len(set(cpu_linear.ENCODER_SHAPES))
+        for row in gemm_rows:
+            assert row["median_ms"] > 0 and row["pct_of_precision_ceiling"] > 0
+            if " encoder " in row["pass"]:
+                assert row["chosen"] in cpu_linear.available_gemms(dtype)
+    (encoder,) = [r for r in rows if r["provider"] == "ours_fp32"]
+    (at_ceiling,) = [r for r in rows if r["provider"] == "linears_at_fp32_ceiling"]
+    assert encoder["over_linears_at_ceiling"] == pytest.approx(encoder["median_ms"] / at_ceiling["median_ms"])
+    square_fp32 = max(r["tflops"] for r in rows if r["pass"].startswith("fp32 square"))
+    assert at_ceiling["tflops"] == pytest.approx(square_fp32)  # the linears' FLOPs at exactly that rate
+
+
 # ~65 s (an export, then ten worker processes): in CI's slow step, beside the fuzz tests while the
 # slow group trains, where a worker has that much slack (issue #20's budget).
 @pytest.mark.slow
