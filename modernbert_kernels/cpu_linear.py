@@ -5,10 +5,10 @@ Three GEMMs serve fp32 and bf16 linears on the CPU:
 - ``"onednn_packed"``: the weight reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``), then oneDNN's inner product on it;
 - ``"onednn_packed_fp32"`` (bf16 linears only): the same fp32 GEMM on a packed fp32 copy of the
-  bf16 weight, the bf16 input widened and the output rounded back to bf16 (both exact or one
-  rounding, as a bf16 GEMM's fp32 accumulation does). Where the CPU has no bf16 units, bf16
-  GEMMs are emulated: oneDNN's and aten's run at a quarter of the fp32 rate on an AVX2-only
-  CPU, so a bf16 model there computes its linears in fp32.
+  bf16 weight, the bf16 input widened (exactly) and the output rounded to bf16 once, as a bf16
+  GEMM with fp32 accumulation rounds it. Where the CPU has no bf16 units, oneDNN has no bf16
+  inner product and ``F.linear`` emulates bf16 (a fifth of the packed fp32 rate on a Zen 4 with
+  every library capped to AVX2), so a bf16 model there computes its linears in fp32.
 
 Which is faster depends on the CPU, not on its vendor's name: MKL's sgemm reaches 125-180 GFLOP/s
 at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 reaches 165-225
