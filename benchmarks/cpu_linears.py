@@ -3,8 +3,8 @@
 For fp32 and bf16, every GEMM ``modernbert_kernels.cpu_linear`` can run here (``F.linear``;
 oneDNN's inner product on a prepacked weight; for bf16 also the prepacked fp32 GEMM on the widened
 input) at each linear shape of ModernBERT-base, with the tokens of a batch of 8 x 512, and on a
-square 2048^3 problem, with the heap kept as the encoder keeps it. A precision's ceiling is its fastest square GEMM, and every row reports its
-share of it (``pct_of_precision_ceiling``). Last, the fp32 encoder at 8 x 512 against the time its
+square 2048^3 problem, with the heap kept as the encoder keeps it. A precision's ceiling is its
+fastest square GEMM, and every row reports its share of it (``pct_of_precision_ceiling``). Last, the fp32 encoder at 8 x 512 against the time its
 linears would take at the fp32 ceiling (``over_linears_at_ceiling``; the goal is at most 1.15).
 
     python -m benchmarks.cpu_linears
@@ -55,17 +55,16 @@ def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) 
             samples = cpu_linear.time_gemms(dtype, shapes=((k, n),), tokens=m, rounds=rounds)
             measured = {gemm: summarize([s * 1e3 for s in seconds]) for gemm, seconds in samples.items()}
             flops = gemm_flops(m, k, n)
+            rates = {gemm: flops / (stats["median_ms"] * 1e-3) for gemm, stats in measured.items()}  # FLOP/s
             if kind == "square":  # the precision's ceiling: its fastest square GEMM
-                ceilings[precision] = max(flops / (stats["median_ms"] * 1e-3) for stats in measured.values())
-            for gemm, stats in measured.items():
-                progress(f"cpu_linears {precision} {m} x {k} -> {n} {gemm}: "
-                         f"{flops / (stats['median_ms'] * 1e-3) / 1e9:.0f} GFLOP/s")
+                ceilings[precision] = max(rates.values())
+            for gemm, rate in rates.items():
+                progress(f"cpu_linears {precision} {m} x {k} -> {n} {gemm}: {rate / 1e9:.0f} GFLOP/s")
             rows += result_rows(
                 "cpu_linears", f"{precision} {kind} {k} -> {n}", measured, "aten", flops=flops, tokens=m,
                 dtype=precision, chosen=cpu_linear.cpu_gemm(dtype, k, n) if kind == "encoder" else None,
-                per_provider=lambda gemm, flops=flops, measured=measured, precision=precision: {
-                    "pct_of_precision_ceiling":
-                        100 * flops / (measured[gemm]["median_ms"] * 1e-3) / ceilings[precision]},
+                per_provider=lambda gemm, rates=rates, ceiling=ceilings[precision]: {
+                    "pct_of_precision_ceiling": 100 * rates[gemm] / ceiling},
             )
 
     config = dict(BASE, num_hidden_layers=2) if smoke else BASE
