@@ -45,7 +45,8 @@ def test_pure_python_install_falls_back_cleanly():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_narrower_isa_builds(isa):
     """The AVX-512 (without AVX512-BF16), AVX2 and SSE2 builds (chosen at run time) give the same
-    answers as the reference, bf16 attention included."""
+    answers as the reference: attention in fp32 (forward and gradients), fp16 and bf16 (their keys
+    converted, then transposed by each width's register transpose), and the int8 kernels."""
     widest = torch.ops.modernbert_kernels.cpu_isa()
     order = ["baseline", "avx2", "avx512", "avx512_bf16"]
     if order.index(isa) > order.index(widest):
@@ -61,8 +62,17 @@ layout = layouts.sliding_window(150, 40, 32)
 out = block_sparse_attention(q, k, v, layout, window=40, backend="cpu")
 ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, window=40)
 assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
-out = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, window=40, backend="cpu")
-assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2
+for dtype in (torch.float16, torch.bfloat16):
+    out = block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, window=40, backend="cpu")
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2, dtype
+leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+grad_out = torch.randn(2, 2, 150, 64, generator=g)
+block_sparse_attention(*leaves, layout, window=40, backend="cpu").backward(grad_out)
+block_sparse_attention_reference(*leaves64, layout, window=40).backward(grad_out.double())
+for name, got, want in zip("qkv", leaves, leaves64):
+    err = ((got.grad.double() - want.grad).abs().max() / want.grad.abs().max()).item()
+    assert err <= 1e-5, (name, err)
 x = torch.randn(37, 90, generator=g)  # 90 and 42: a scalar tail for every vector width
 assert torch.equal(quantize_per_token(x, backend="cpu")[0], quantize_per_row_reference(x)[0])
 x_q, x_scale = quantize_per_token(x[:, :80], backend="cpu")

@@ -134,10 +134,6 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
           } else {
             for (int d = 0; d < head_dim; ++d) ra[d] = rb[d] = 0.f;
           }
-          for (int d = 0; d < head_dim; ++d) {
-            other.t_a[d * kRowStride + j] = ra[d];
-            other.t_b[d * kRowStride + j] = rb[d];
-          }
           if (dq_pass) {
             other.vec_a[j] = j < cols && it.key_is_real(a, j0 + j) ? 0.f : -inf;  // key bias
           } else {
@@ -145,6 +141,8 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
             other.vec_b[j] = j < cols ? a.delta[it.stat(a, j0 + j)] : 0.f;
           }
         }
+        transpose_rows(other.rows_a, head_dim, padded_cols, padded_cols, head_dim, other.t_a, kRowStride);
+        transpose_rows(other.rows_b, head_dim, padded_cols, padded_cols, head_dim, other.t_b, kRowStride);
       }
 
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {

@@ -64,6 +64,41 @@ inline float reduce_sum(vfloat v) {
   return reduce(v, [](auto a, auto b) { return a + b; });
 }
 
+// The first and second halves of a and b interleaved: (a0, b0, a1, b1, ...) and the rest.
+inline vfloat interleave_low(vfloat a, vfloat b) {
+#if MBK_LANES == 16
+  return __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+#elif MBK_LANES == 8
+  return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+#else
+  return __builtin_shufflevector(a, b, 0, 4, 1, 5);
+#endif
+}
+inline vfloat interleave_high(vfloat a, vfloat b) {
+#if MBK_LANES == 16
+  return __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#elif MBK_LANES == 8
+  return __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+  return __builtin_shufflevector(a, b, 2, 6, 3, 7);
+#endif
+}
+
+// A kLanes x kLanes tile transposed in registers: log2(kLanes) rounds, each interleaving row i
+// with row i + kLanes / 2 into rows 2i and 2i + 1, make row r hold column r.
+inline void transpose_tile(vfloat (&rows)[kLanes]) {
+  for (int round = 1; round < kLanes; round *= 2) {
+    vfloat next[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes / 2; ++i) {
+      next[2 * i] = interleave_low(rows[i], rows[i + kLanes / 2]);
+      next[2 * i + 1] = interleave_high(rows[i], rows[i + kLanes / 2]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) rows[i] = next[i];
+  }
+}
+
 inline vfloat vabs(vfloat a) { return a < 0.f ? -a : a; }
 
 // 2^x to ~2e-7 relative, NaN for NaN (attention needs a NaN score to reach its row's output and
