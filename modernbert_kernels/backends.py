@@ -51,15 +51,18 @@ def cpu_capabilities() -> dict:
 
 def _dense_forward_in_our_cpu_kernels() -> frozenset:
     """The dtypes whose dense attention forward runs faster in our CPU kernels than in PyTorch's
-    fused CPU kernel (benchmarks/NOTES.md, "The attention kernel's reductions, exp and spills"):
-    bf16 where our build takes bf16 pair dot products (AVX512-BF16) and the CPU has no AMX tiles,
-    which PyTorch's kernel uses; fp32 where our AVX-512 build runs (1.26x PyTorch's at 8 x 512 on
-    a Zen 4). On AVX2-only CPUs PyTorch's kernel keeps fp32: not measured there."""
+    fused CPU kernel, measured on a 2-core Zen 4 at 8 x 512 (benchmarks/NOTES.md, "The attention
+    kernel's reductions, exp and spills" and "The AVX2 build's microkernel"), the narrower builds
+    with ATen, oneDNN and MKL capped to their ISA:
+    - fp32 in the AVX-512 build (1.26x) and the AVX2 build (1.2-1.3x);
+    - bf16 in those builds (bf16 pair dot products 2.4x; fp32 products on the widened blocks 1.4-1.5x)
+      where the CPU has no AMX tiles, which PyTorch's kernel uses.
+    The SSE2 build keeps PyTorch's kernel."""
     dtypes = set()
-    if native.CPU_ISA == "avx512_bf16" and not cpu_capabilities().get("amx_bf16", False):
-        dtypes.add(torch.bfloat16)
-    if native.CPU_ISA in ("avx512", "avx512_bf16"):
+    if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16"):
         dtypes.add(torch.float32)
+        if not cpu_capabilities().get("amx_bf16", False):
+            dtypes.add(torch.bfloat16)
     return frozenset(dtypes)
 
 
