@@ -65,6 +65,14 @@ assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 for dtype in (torch.float16, torch.bfloat16):
     out = block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, window=40, backend="cpu")
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-2, dtype
+# The microkernels' tails: head_dim 32 and 128 (one and five full vector groups plus a tail at 8
+# lanes), 16-token blocks (a two-vector tail), 150 tokens (a short last block).
+for head_dim, block in ((32, 16), (128, 32)):
+    qs, ks, vs = (torch.randn(1, 2, 150, head_dim, generator=g) for _ in range(3))
+    small = layouts.dense(150, block)
+    out = block_sparse_attention(qs, ks, vs, small, backend="cpu")
+    ref_small = block_sparse_attention_reference(qs.double(), ks.double(), vs.double(), small)
+    assert ((out.double() - ref_small).abs().max() / ref_small.abs().max()).item() <= 1e-5, head_dim
 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
 grad_out = torch.randn(2, 2, 150, 64, generator=g)
