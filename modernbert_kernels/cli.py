@@ -49,6 +49,9 @@ def info() -> int:
     print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {cpu_memory.configured_pad_bytes()} bytes"
           + ("" if cpu_memory.glibc_available() else " (not glibc: not applied)"))
     print(f"CPU GEMM of each linear of ModernBERT-base (the fastest of {' / '.join(GEMMS)}, measured here):")
+    # Measured as the encoder measures them, with its heap pad in place: without it, a GEMM whose
+    # output is faulted in again on some calls and not others can lose to a slower one by chance.
+    cpu_memory.keep_freed_memory()
     for precision, (in_features, out_features), chosen in encoder_gemms():
         print(f"  {precision} {in_features:5d} -> {out_features:5d}: {chosen}")
     print()
