@@ -2,10 +2,10 @@
 //
 // For every key block the layout row visits, the key block is packed transposed (head_dim x keys)
 // so that scores come from an outer-product microkernel (4 query rows x 4 vectors of keys in
-// registers, broadcasting q); probabilities then multiply V rows the same way. Online softmax in
-// fp32, log2 domain (q is pre-scaled by scale * log2(e)). With a window, each 4-row tile only
-// computes the key columns its window reaches, so the work tracks the ideal FLOP count rather than
-// whole tiles. Included by the isa_*.cpp builds.
+// registers, 3 in the AVX2 build; broadcasting q); probabilities then multiply V rows the same
+// way. Online softmax in fp32, log2 domain (q is pre-scaled by scale * log2(e)). With a window,
+// each 4-row tile only computes the key columns its window reaches, so the work tracks the ideal
+// FLOP count rather than whole tiles. Included by the isa_*.cpp builds.
 #pragma once
 
 #include "kernels.h"

@@ -216,7 +216,7 @@ inline uint16_t float_to_half(float f) {
   return uint16_t(sign | ((rounded - (112u << 23)) >> 13));
 }
 
-// Calls f(VectorCount<n>{}) for n = count in 1..3: the tails of loops that step 4 vectors.
+// Calls f(VectorCount<n>{}) for n = count in 1..3: the tails of loops that step 3 or 4 vectors.
 template <int N>
 struct VectorCount {
   static constexpr int value = N;
