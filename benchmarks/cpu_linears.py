@@ -4,8 +4,9 @@ For fp32 and bf16, every GEMM ``modernbert_kernels.cpu_linear`` can run here (``
 oneDNN's inner product on a prepacked weight; for bf16 also the prepacked fp32 GEMM on the widened
 input) at each linear shape of ModernBERT-base, with the tokens of a batch of 8 x 512, and on a
 square 2048^3 problem, with the heap kept as the encoder keeps it. A precision's ceiling is its
-fastest square GEMM, and every row reports its share of it (``pct_of_precision_ceiling``). Last, the fp32 encoder at 8 x 512 against the time its
-linears would take at the fp32 ceiling (``over_linears_at_ceiling``; the goal is at most 1.15).
+fastest square GEMM, and every row reports its share of it (``pct_of_precision_ceiling``). Last,
+the fp32 encoder at 8 x 512 against the time its linears would take at the fp32 ceiling
+(``over_linears_at_ceiling``; the goal is at most 1.15).
 
     python -m benchmarks.cpu_linears
 """

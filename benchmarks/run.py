@@ -17,7 +17,8 @@ from benchmarks.timing import device_ceilings
 
 SUBJECTS = {
     "attention": attention.run, "cpu_linears": cpu_linears.run, "encoder": encoder.run, "int8_linear": int8_linear.run,
-    "rotary": rotary.run, "runtimes": runtimes.run, "sentence_embeddings": sentence_embeddings.run, "sparse_models": sparse_models.run,
+    "rotary": rotary.run, "runtimes": runtimes.run, "sentence_embeddings": sentence_embeddings.run,
+    "sparse_models": sparse_models.run,
 }
 
 
