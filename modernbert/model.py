@@ -181,8 +181,18 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp = ModernBertMLP(config)
 
     def forward(self, hidden, rotary, batch, layout, window, backend=None):
-        hidden = hidden + self.attn(hidden, self.attn_norm, rotary, batch, layout, window, backend)
-        return hidden + self.mlp(hidden, self.mlp_norm)
+        hidden = add_residual(self.attn(hidden, self.attn_norm, rotary, batch, layout, window, backend), hidden)
+        return add_residual(self.mlp(hidden, self.mlp_norm), hidden)
+
+
+def add_residual(update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden + update, written into update: a sublayer's output is a fresh tensor that nothing else
+    reads (autograd saves the linears' inputs, not their outputs), and adding into it saves filling a
+    new [tokens, hidden] one (the fp32 encoder at 8 x 512: ~35 ms of 4.7 s; NOTES "The residual add
+    in place"). Out of place where update's dtype differs (autocast): the sum keeps hidden's precision."""
+    if update.dtype != hidden.dtype or update.shape != hidden.shape:
+        return hidden + update
+    return update.add_(hidden)
 
 
 class ModernBertModel(PretrainedMixin, nn.Module):

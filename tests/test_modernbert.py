@@ -132,6 +132,36 @@ def test_packed_batch_equals_each_sequence_alone(tmp_path):
             assert (together[row, :length] - alone[0]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["inference", "autocast_bf16", "gradients"])
+def test_residual_added_in_place_gives_what_the_out_of_place_sum_gives(monkeypatch, mode):
+    """The residual is added into each sublayer's fresh output: the same outputs and gradients as
+    hidden + update, and under autocast (bf16 sublayer outputs) a residual stream kept in fp32."""
+    from modernbert import model as model_module
+
+    torch.manual_seed(0)
+    model = ModernBertModel(ModernBertConfig(**TINY))
+    ids, mask = random_batch([100, 64], 100, TINY["vocab_size"])
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast_bf16"), \
+                torch.set_grad_enabled(mode == "gradients"):
+            out = model(ids, mask)
+        if mode == "gradients":
+            out.square().sum().backward()
+            return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out, []
+
+    in_place, in_place_grads = run()
+    monkeypatch.setattr(model_module, "add_residual", lambda update, hidden: hidden + update)
+    out_of_place, out_of_place_grads = run()
+    assert in_place.dtype == out_of_place.dtype == torch.float32
+    assert torch.equal(in_place, out_of_place)
+    assert len(in_place_grads) == len(out_of_place_grads) == (len(list(model.parameters())) if mode == "gradients" else 0)
+    for a, b in zip(in_place_grads, out_of_place_grads):
+        assert torch.equal(a, b)
+
+
 def test_save_and_load_round_trip(tmp_path):
     _, ours = hf_pair(tmp_path / "hf", "ModernBertForMaskedLM", **TINY)
     ours.save_pretrained(tmp_path / "ours")
