@@ -157,7 +157,8 @@ def test_residual_added_in_place_gives_what_the_out_of_place_sum_gives(monkeypat
     out_of_place, out_of_place_grads = run()
     assert in_place.dtype == out_of_place.dtype == torch.float32
     assert torch.equal(in_place, out_of_place)
-    assert len(in_place_grads) == len(out_of_place_grads) == (len(list(model.parameters())) if mode == "gradients" else 0)
+    expected_grads = len(list(model.parameters())) if mode == "gradients" else 0
+    assert len(in_place_grads) == len(out_of_place_grads) == expected_grads
     for a, b in zip(in_place_grads, out_of_place_grads):
         assert torch.equal(a, b)
 
