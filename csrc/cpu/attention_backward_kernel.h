@@ -125,14 +125,12 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
         // dq pass: keys (k^T, v^T, k rows, key bias); dk/dv pass: queries (q^T, dO^T, q rows,
         // dO rows, lse * log2(e), delta).
         const RowPair src = row_pair(a, !dq_pass);
+        // Rows past cols are left as they are: the products stop at cols, and the transposes
+        // write zeros for them.
         for (int j = 0; j < padded_cols; ++j) {
-          float* ra = other.rows_a + j * head_dim;
-          float* rb = other.rows_b + j * head_dim;
           if (j < cols) {
-            load_row(src.a, offset(src.a_stride, j0 + j), a.dtype, 1.f, head_dim, ra);
-            load_row(src.b, offset(src.b_stride, j0 + j), a.dtype, 1.f, head_dim, rb);
-          } else {
-            for (int d = 0; d < head_dim; ++d) ra[d] = rb[d] = 0.f;
+            load_row(src.a, offset(src.a_stride, j0 + j), a.dtype, 1.f, head_dim, other.rows_a + j * head_dim);
+            load_row(src.b, offset(src.b_stride, j0 + j), a.dtype, 1.f, head_dim, other.rows_b + j * head_dim);
           }
           if (dq_pass) {
             other.vec_a[j] = j < cols && it.key_is_real(a, j0 + j) ? 0.f : -inf;  // key bias
@@ -141,8 +139,8 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
             other.vec_b[j] = j < cols ? a.delta[it.stat(a, j0 + j)] : 0.f;
           }
         }
-        transpose_rows(other.rows_a, head_dim, padded_cols, padded_cols, head_dim, other.t_a, kRowStride);
-        transpose_rows(other.rows_b, head_dim, padded_cols, padded_cols, head_dim, other.t_b, kRowStride);
+        transpose_rows(other.rows_a, head_dim, cols, padded_cols, head_dim, other.t_a, kRowStride);
+        transpose_rows(other.rows_b, head_dim, cols, padded_cols, head_dim, other.t_b, kRowStride);
       }
 
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
