@@ -36,7 +36,7 @@ def test_cpu_linears_rates_every_gemm_against_its_precisions_ceiling():
         gemm_rows = [r for r in rows if r["pass"].startswith(f"{precision} ") and r["provider"] in cpu_linear.GEMMS]
         square = [r for r in gemm_rows if " square " in r["pass"]]
         assert {r["provider"] for r in square} == set(cpu_linear.available_gemms(dtype))
-        assert max(r["pct_of_precision_ceiling"] for r in square) == pytest.approx(100)
+        assert max(r["pct_of_precision_ceiling"] for r in gemm_rows) == pytest.approx(100)  # no GEMM beats it
         shapes = {r["pass"] for r in gemm_rows if " encoder " in r["pass"]}
         assert len(shapes) == len(set(cpu_linear.ENCODER_SHAPES))
         for row in gemm_rows:
@@ -46,8 +46,27 @@ def test_cpu_linears_rates_every_gemm_against_its_precisions_ceiling():
     (encoder,) = [r for r in rows if r["provider"] == "ours_fp32"]
     (at_ceiling,) = [r for r in rows if r["provider"] == "linears_at_fp32_ceiling"]
     assert encoder["over_linears_at_ceiling"] == pytest.approx(encoder["median_ms"] / at_ceiling["median_ms"])
-    square_fp32 = max(r["tflops"] for r in rows if r["pass"].startswith("fp32 square"))
-    assert at_ceiling["tflops"] == pytest.approx(square_fp32)  # the linears' FLOPs at exactly that rate
+    fp32_ceiling = max(r["tflops"] for r in rows if r["pass"].startswith("fp32 ") and r["provider"] in cpu_linear.GEMMS)
+    assert at_ceiling["tflops"] == pytest.approx(fp32_ceiling)  # the linears' FLOPs at exactly that rate
+    (floor,) = [r for r in rows if r["provider"] == "flop_floor_at_fp32_ceiling"]
+    assert floor["median_ms"] > at_ceiling["median_ms"]
+    assert floor["over_linears_at_ceiling"] == pytest.approx(floor["median_ms"] / at_ceiling["median_ms"])
+
+
+@pytest.mark.parametrize("seq_len", [64, 512, 1000])
+def test_encoder_attention_flops_count_every_visible_pair_of_each_layer(seq_len):
+    """Against pairs counted on the dense mask: every pair in global layers, |i - j| <= the half
+    window in sliding ones; 4 FLOPs per pair and head dimension (QK^T and PV)."""
+    from benchmarks import cpu_linears
+    from benchmarks.encoder import BASE
+    from modernbert import ModernBertConfig
+
+    config = ModernBertConfig(**BASE)
+    position = torch.arange(seq_len)
+    band = ((position[:, None] - position[None, :]).abs() <= config.local_attention // 2).sum().item()
+    pairs = {"full_attention": seq_len**2, "sliding_attention": band}
+    expected = sum(4 * 2 * config.hidden_size * pairs[kind] for kind in config.layer_types)  # batch 2, heads x dim
+    assert cpu_linears.encoder_attention_flops(config, 2, seq_len) == pytest.approx(expected)
 
 
 # ~65 s (an export, then ten worker processes): in CI's slow step, beside the fuzz tests while the
