@@ -111,6 +111,9 @@ def _attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse). Query i sees key j only where -window_right <= i - j <= window_left
     (-1: that side unbounded)."""
+    if q.numel() == 0:  # no batch, head or token: nothing to launch (PyTorch's fused CPU kernel divides by zero)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+            _lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     return ATTENTION[backend].forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
                                       key_padding_mask, cu_seqlens, max_seqlen)
 
@@ -130,6 +133,8 @@ def _attention_backward_op(
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:
+        return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     return ATTENTION[backend].backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
                                        block_size, window_left, window_right, scale, key_padding_mask, cu_seqlens,
                                        max_seqlen)

@@ -69,6 +69,8 @@ QUANTIZE.add("cuda", "C++/CUDA, a block per row", _quantize_rows_native)
 def _quantize_op(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:  # no rows, or rows of no columns: all-zero rows, scale 1
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_ones(x.shape[0], dtype=torch.float32)
     return QUANTIZE[backend](x, norm_weight, eps, smooth)
 
 
@@ -108,7 +110,7 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [N, K] -> (int8 [N, K], fp32 scales [N]); done once, so plain PyTorch."""
     if w.dim() != 2:
         raise ValueError(f"w must be [N, K], got shape {tuple(w.shape)}")
-    return _quantize_rows_torch(w.detach(), None, 0.0, None)
+    return _quantize_op(w.detach(), None, 0.0, None, "torch")
 
 
 def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
@@ -121,7 +123,7 @@ def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
     elif activation == "gelu_tanh":
         y = torch.nn.functional.gelu(y, approximate="tanh")
     elif activation == "geglu":
-        pairs = y.view(y.shape[0], -1, 2)
+        pairs = y.view(y.shape[0], y.shape[1] // 2, 2)
         y = torch.nn.functional.gelu(pairs[..., 0]) * pairs[..., 1]
     return y.to(out_dtype)
 
@@ -221,6 +223,9 @@ def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
 ) -> torch.Tensor:
+    if x_q.numel() == 0 or w_q.numel() == 0:  # an empty product: act(bias), as nn.Linear gives; no kernel launch
+        empty = torch.zeros(x_q.shape[0], w_q.shape[0], device=x_q.device, dtype=torch.int32)
+        return _epilogue_torch(empty, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype)
     return INT8_LINEAR[backend](x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 

@@ -9,6 +9,8 @@ benchmarks/NOTES.md). ``backend``: "triton", "cpu" / "cuda" (the C++ extension) 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backends
@@ -48,7 +50,8 @@ def _rotate_torch(x, cos, sin, out):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, backend: str) -> None:
     """x, out [tokens, groups, head_dim]; out may be x."""
-    ROTARY[backend](x, cos, sin, out)
+    if x.numel():  # an empty tensor's strides need not be a row layout the kernels accept
+        ROTARY[backend](x, cos, sin, out)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("rotary_embedding"), mutates_args=())
@@ -115,15 +118,16 @@ def rotary_embedding(
         raise ValueError("inplace=True cannot record a gradient; use inplace=False when x requires grad")
     backend = ROTARY.resolve(backend, x.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    groups = math.prod(x.shape[1:-1])  # not -1: ambiguous when x is empty
     try:
-        rows = x.view(tokens, -1, head_dim)  # a view: in-place writes reach x
+        rows = x.view(tokens, groups, head_dim)  # a view: in-place writes reach x
     except RuntimeError:
         if inplace:
             raise ValueError(
                 f"inplace=True needs x's middle dimensions to merge into one (shape {tuple(x.shape)}, "
                 f"strides {x.stride()}); use inplace=False"
             ) from None
-        rows = x.reshape(tokens, -1, head_dim)
+        rows = x.reshape(tokens, groups, head_dim)
     if rows.stride(-1) != 1:
         if inplace:
             raise ValueError("inplace=True needs unit stride along head_dim")

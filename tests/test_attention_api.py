@@ -105,6 +105,29 @@ def test_dense_attention_runs_on_the_kernel_measured_faster(dtype, grad):
         assert (torch.bfloat16 in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS) == (not amx)
 
 
+EMPTY_SHAPES = {"no_batch": (0, 2, 64, 32), "no_heads": (2, 0, 64, 32), "no_tokens": (2, 2, 0, 32),
+                "varlen_no_tokens": (0, 2, 32), "varlen_no_heads": (40, 0, 32)}
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES.values(), ids=EMPTY_SHAPES.keys())
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "reference", None])
+def test_empty_inputs_give_empty_outputs_and_gradients(backend, shape):
+    """No batch, head or token: empty outputs and gradients on every backend, dense or not (PyTorch's
+    fused CPU attention, which dense layouts take, died of SIGFPE with no heads or no tokens)."""
+    varlen = len(shape) == 3
+    options = dict(cu_seqlens=cu(16, 24) if shape[0] else cu(0, 0)) if varlen else {}
+    tokens = shape[0] if varlen else shape[2]
+    global_tokens = torch.zeros(shape[0] if varlen else (shape[0], tokens), dtype=torch.bool)
+    for layout, extra in ((layouts.dense(64, 32), {}), (layouts.dense(64, 32), dict(causal=True)),
+                          (layouts.sliding_window(64, 16, 32), dict(window=16)),
+                          (layouts.sliding_window(64, 16, 32), dict(window=16, global_tokens=global_tokens))):
+        q, k, v = (t.requires_grad_() for t in qkv(shape))
+        out = block_sparse_attention(q, k, v, layout, backend=backend, **options, **extra)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        out.sum().backward()
+        assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
 def op_args(backend, varlen, window=(20, 20)):
     layout = layouts.bigbird(128, 16, 32, 1, 32, num_heads=2)
     if varlen:

@@ -73,3 +73,17 @@ def test_what_it_cannot_do_is_refused():
                                torch.tensor([0, 30, 64], dtype=torch.int32), 32, 34)
     with pytest.raises(ValueError, match="multiple"):
         flash_attn_func(torch.randn(1, 64, 3, 64), q, q)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_empty_batches_give_empty_outputs(case):
+    """No sequence, or sequences of no tokens: empty outputs of the input's shape."""
+    causal, window_size, kv_heads = CASES[case]
+    for batch, seq in ((2, 0), (0, 16)):
+        q = torch.randn(batch, seq, 4, 64)
+        k, v = (torch.randn(batch, seq, kv_heads, 64) for _ in range(2))
+        assert flash_attn_func(q, k, v, causal=causal, window_size=window_size).shape == q.shape
+    q = torch.randn(0, 4, 64)
+    k, v = (torch.randn(0, kv_heads, 64) for _ in range(2))
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    assert flash_attn_varlen_func(q, k, v, cu, cu, 0, 0, causal=causal, window_size=window_size).shape == q.shape

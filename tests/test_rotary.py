@@ -76,6 +76,20 @@ def test_gradient_is_the_inverse_rotation(backend):
     assert relative_error(x.grad, x64.grad) <= TOLERANCES[torch.float32]
 
 
+@pytest.mark.parametrize("tokens, heads", [(0, 3), (5, 0)], ids=["no_tokens", "no_heads"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_input(backend, tokens, heads):
+    """An empty q / k (no tokens, or no heads in the middle) is rotated to an empty result, in place
+    or not, with an empty gradient: nothing reaches a kernel."""
+    qkv, cos, sin = qkv_and_angles(tokens, heads, 64, torch.float32)
+    x = qkv[:, :2].clone().requires_grad_()
+    out = rotary_embedding(x, cos, sin, backend=backend)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert rotary_embedding(qkv[:, :2], cos, sin, inplace=True, backend=backend).shape == x.shape
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     qkv, cos, sin = qkv_and_angles(12, 2, 32, torch.float32, seed=6)

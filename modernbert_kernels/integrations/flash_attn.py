@@ -51,7 +51,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     k, v = share_kv_heads(q, k, v, head_axis=2)
     window = _window(window_size, causal)
-    layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal)
+    layout = layout_for(max(1, -(-q.shape[1] // BLOCK_SIZE)), window, causal)  # one block even for no tokens
     out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
                                  causal=causal, scale=softmax_scale)
     return out.transpose(1, 2)
