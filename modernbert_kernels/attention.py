@@ -341,6 +341,11 @@ def block_sparse_attention(
             # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work.
             backend = "torch"
     backend = ATTENTION.resolve(backend, q.device)
+    if backend == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton's interpreter (numpy, which has no bf16) returns garbage from bf16 tl.dot: ~8e8 for
+        # outputs of magnitude 4 with Triton 3.8. RoPE, quantization and the int8 linear are right there.
+        raise TypeError("bf16 attention does not run in Triton's interpreter (TRITON_INTERPRET=1): its bf16 dot "
+                        "products are wrong; use fp16 or fp32 there, or backend='cpu' / 'torch' for bf16")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kernels = ATTENTION[backend]
     if kernels.differentiable is not None:

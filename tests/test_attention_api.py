@@ -37,6 +37,15 @@ def test_bad_tensors(make_call, error, message):
         block_sparse_attention(*make_call(*qkv()))
 
 
+@pytest.mark.interpreter
+def test_bf16_is_refused_in_tritons_interpreter():
+    """The interpreter's bf16 dot products are garbage (~8e8 for outputs of magnitude 4): refused,
+    not returned."""
+    q, k, v = qkv(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter"):
+        block_sparse_attention(q, k, v, LAYOUT, backend="triton")
+
+
 def test_bad_varlen_and_masks():
     q, k, v = qkv((100, 2, 64))
     with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32"):
