@@ -73,6 +73,18 @@ def test_fewer_queries_than_keys_in_a_bidirectional_layer_are_refused():
         attention_forward(torch.nn.Module(), q, kv, kv, None)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 33], ids=["full", "sliding"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_a_layer_of_no_tokens_gives_an_empty_output(causal, sliding_window):
+    from modernbert_kernels.integrations.transformers import attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = causal
+    q = torch.randn(2, 2, 0, 32)
+    out, _ = attention_forward(module, q, q, q, None, sliding_window=sliding_window)
+    assert out.shape == (2, 0, 2, 32)
+
+
 def test_quantize_int8_converts_the_encoder_and_keeps_embeddings_and_head_float():
     from modernbert_kernels import Int8Linear
     from modernbert_kernels.integrations.transformers import quantize_int8

@@ -51,7 +51,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     k, v = share_kv_heads(q, k, v, head_axis=2)
     window = _window(window_size, causal)
-    layout = layout_for(max(1, -(-q.shape[1] // BLOCK_SIZE)), window, causal)  # one block even for no tokens
+    layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal)
     out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
                                  causal=causal, scale=softmax_scale)
     return out.transpose(1, 2)
@@ -68,6 +68,6 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     k, v = share_kv_heads(q, k, v, head_axis=1)
     window = _window(window_size, causal)
     max_seqlen = int(max_seqlen_q)
-    layout = layout_for(max(1, -(-max_seqlen // BLOCK_SIZE)), window, causal)
+    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal)
     return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=softmax_scale,
                                   cu_seqlens=cu_seqlens_q.to(torch.int32), max_seqlen=max_seqlen)

@@ -30,7 +30,9 @@ BLOCK_SIZE = 64
 @functools.lru_cache(maxsize=64)
 def layout_for(num_blocks: int, window: int | None, causal: bool):
     """The layout of ``num_blocks`` blocks of BLOCK_SIZE for a layer (made once per shape; the
-    Longformer adapter shares it)."""
+    Longformer adapter and the FlashAttention API share it). At least one block: a call with no
+    tokens still needs a layout, and gets empty outputs."""
+    num_blocks = max(1, num_blocks)
     if window is not None:
         return layouts.sliding_window(num_blocks * BLOCK_SIZE, window, BLOCK_SIZE, causal=causal)
     if causal:
