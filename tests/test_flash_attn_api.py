@@ -65,6 +65,10 @@ def test_what_it_cannot_do_is_refused():
         flash_attn_func(q, q, q, dropout_p=0.1)
     with pytest.raises(NotImplementedError, match="soft-capping"):
         flash_attn_func(q, q, q, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
+    with pytest.raises(NotImplementedError, match="probabilities"):
+        flash_attn_func(q, q, q, return_attn_probs=True)
     with pytest.raises(NotImplementedError, match="symmetric"):
         flash_attn_func(q, q, q, window_size=(8, 0))
     flat = q[0]

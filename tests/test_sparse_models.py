@@ -136,6 +136,94 @@ def test_decoder_generates_the_same_tokens(name):
     assert torch.equal(tokens[0], tokens[1])
 
 
+def packed_batch():
+    """Three sequences (60, 1 and 89 tokens; a partial block, a lone token) packed in one row of 150,
+    told apart by position_ids that restart; and the same three one at a time."""
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (1, 150), generator=generator)
+    lengths = [60, 1, 89]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, positions, lengths
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_packed_sequences_do_not_see_each_other(name, flash_kwargs, monkeypatch):
+    """Sequences packed in a row without a padding mask (DataCollatorWithFlattening's batches): each
+    token sees only its own sequence, as transformers' SDPA masks make it when they detect packing;
+    forward and backward. With return_flash_attn_kwargs=True the collator also passes cu_seq_lens."""
+    calls = count_kernel_calls(monkeypatch)
+    theirs, ours = decoder_pair(name)
+    ids, positions, lengths = packed_batch()
+    extra = {}
+    if flash_kwargs:
+        bounds = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
+        extra = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=89, max_length_k=89)
+    outputs = []
+    for model in (theirs, ours):
+        out = model.eval()(input_ids=ids, position_ids=positions, labels=ids, use_cache=False,
+                           **(extra if model is ours else {}))
+        out.loss.backward()
+        outputs.append((out.logits, gradients(model)))
+    assert max_difference(outputs[1][0], outputs[0][0]) <= 1e-5
+    assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
+    assert all(call["cu_seqlens"].tolist() == [0, 60, 61, 150] for call in calls) and calls
+    # Against each sequence run alone: nothing leaks between them.
+    with torch.no_grad():
+        alone = torch.cat([ours(input_ids=part).logits for part in ids.split(lengths, dim=1)], dim=1)
+    assert max_difference(outputs[1][0], alone) <= 1e-5
+
+
+def test_one_sequence_a_row_is_not_taken_for_packing(monkeypatch):
+    """position_ids that count up in every row (what transformers makes without a mask, and what a
+    continuation starting past 0 gives) run the padded path, not varlen."""
+    calls = count_kernel_calls(monkeypatch)
+    theirs, ours = decoder_pair("mistral")
+    ids = decoder_batch()["input_ids"]
+    positions = torch.arange(ids.shape[1])[None] + torch.tensor([[0], [7]])
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids, position_ids=positions, use_cache=False).logits
+        actual = ours.eval()(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert max_difference(actual, expected) <= 1e-5
+    assert calls and all(call.get("cu_seqlens") is None for call in calls)
+
+
+def test_compiled_decoder_runs_in_one_graph_and_keeps_packed_sequences_apart():
+    """torch.compile of a decoder with local and global layers: a padded batch compiles to one graph
+    with no break, as with SDPA (the layouts are made while tracing, the padding mask is not
+    branched on); packed sequences compile too (one graph where Dynamo may capture the op whose
+    output size depends on the positions) and match SDPA in forward and backward."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    theirs, ours = decoder_pair("gemma3")
+    batch = decoder_batch()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_counter = CompileCounter()
+    compiled = torch.compile(ours.eval(), backend=compile_counter)
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the graph: no recompilation
+            actual = compiled(**batch).logits
+        expected = theirs.eval()(**batch).logits
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert compile_counter.frame_count == 1
+    real = batch["attention_mask"].bool()
+    assert max_difference(actual[real], expected[real]) <= 1e-5
+
+    ids, positions, _ = packed_batch()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out = torch.compile(ours)(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        out.loss.backward()
+    reference = theirs(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+    reference.loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert max_difference(out.logits, reference.logits) <= 1e-5
+    assert_gradients_match(gradients(ours), gradients(theirs), 1e-4)
+
+
 def test_soft_capping_is_refused():
     from modernbert_kernels.integrations.transformers import attention_forward
 

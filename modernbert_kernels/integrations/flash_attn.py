@@ -9,7 +9,7 @@ unpads padded batches into varlen ones (README "Building", scripts/build_hub_ker
 Covered: self-attention (queries and keys of the same sequences), bidirectional or causal, a
 sliding window given as ``window_size=(left, right)`` (-1 = unbounded; a causal window ignores
 ``right``), grouped-query attention, ``softmax_scale``. Refused with a clear error: dropout, logit
-soft-capping, ALiBi, queries shorter than the keys (a KV cache), and asymmetric windows of a
+soft-capping, ALiBi, the attention probabilities (``return_attn_probs``), queries shorter than the keys (a KV cache), and asymmetric windows of a
 bidirectional layer.
 """
 
@@ -30,7 +30,11 @@ def _window(window_size, causal: bool) -> int | None:
     return None if left < 0 else left
 
 
-def _check(dropout_p: float, softcap: float, alibi_slopes, q: torch.Tensor, k: torch.Tensor) -> None:
+def _check(dropout_p: float, softcap: float, alibi_slopes, return_attn_probs: bool, q: torch.Tensor,
+           k: torch.Tensor) -> None:
+    if return_attn_probs:
+        raise NotImplementedError(f"{NAME}: the attention probabilities are never formed (return_attn_probs=True); "
+                                  "pass False")
     if dropout_p:
         raise NotImplementedError(f"{NAME}: no attention dropout (dropout_p={dropout_p}); pass 0")
     if softcap:
@@ -43,15 +47,16 @@ def _check(dropout_p: float, softcap: float, alibi_slopes, q: torch.Tensor, k: t
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
-                    softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False) -> torch.Tensor:
+                    softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> torch.Tensor:
     """q, k, v [batch, seq, heads, head_dim] (k, v may have fewer heads) -> [batch, seq, heads, head_dim]."""
-    _check(dropout_p, softcap, alibi_slopes, q, k)
+    _check(dropout_p, softcap, alibi_slopes, return_attn_probs, q, k)
     if q.dim() != 4 or k.shape[:2] != q.shape[:2]:
         raise ValueError(f"{NAME}: q, k, v must be [batch, seq, heads, head_dim] with one seq, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     k, v = share_kv_heads(q, k, v, head_axis=2)
     window = _window(window_size, causal)
-    layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal)
+    layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal, q.device)
     out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
                                  causal=causal, scale=softmax_scale)
     return out.transpose(1, 2)
@@ -60,14 +65,15 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                            softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
-                           softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False) -> torch.Tensor:
+                           softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                           return_attn_probs: bool = False) -> torch.Tensor:
     """q, k, v [total_tokens, heads, head_dim], sequence b at cu_seqlens[b]:cu_seqlens[b + 1]."""
-    _check(dropout_p, softcap, alibi_slopes, q, k)
+    _check(dropout_p, softcap, alibi_slopes, return_attn_probs, q, k)
     if cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise NotImplementedError(f"{NAME}: queries and keys must come from the same sequences (no KV cache)")
     k, v = share_kv_heads(q, k, v, head_axis=1)
     window = _window(window_size, causal)
     max_seqlen = int(max_seqlen_q)
-    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal)
+    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
     return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=softmax_scale,
                                   cu_seqlens=cu_seqlens_q.to(torch.int32), max_seqlen=max_seqlen)

@@ -61,8 +61,9 @@ class LongformerSelfAttention(nn.Module):
         real = ~is_index_masked if is_index_masked is not None else None
         global_tokens = is_index_global_attn if is_global_attn else None
         window = self.one_sided_attn_window_size
-        out = block_sparse_attention(q, k, v, layout_for(-(-seq_len // BLOCK_SIZE), window, False), window=window,
-                                     key_padding_mask=real, global_tokens=global_tokens)
+        layout = layout_for(-(-seq_len // BLOCK_SIZE), window, False, q.device)
+        out = block_sparse_attention(q, k, v, layout, window=window, key_padding_mask=real,
+                                     global_tokens=global_tokens)
         if global_tokens is not None:
             out = self._replace_global_rows(out, hidden_states, global_tokens, real)
         if real is not None:  # transformers zeroes the attention of padded queries
