@@ -137,13 +137,17 @@ def test_decoder_generates_the_same_tokens(name):
 
 
 def packed_batch():
-    """Three sequences (60, 1 and 89 tokens; a partial block, a lone token) packed in one row of 150,
-    told apart by position_ids that restart; and the same three one at a time."""
+    """Two rows of 150 tokens: three sequences packed in the first (60, 1 and 89 tokens: a partial
+    block, a lone token), one sequence in the second; told apart by position_ids that restart.
+    Returns the ids, the positions and each row's sequence lengths."""
     generator = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, VOCAB, (1, 150), generator=generator)
-    lengths = [60, 1, 89]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(3, VOCAB, (2, 150), generator=generator)
+    lengths = [[60, 1, 89], [150]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     return ids, positions, lengths
+
+
+PACKED_BOUNDS = [0, 60, 61, 150, 300]
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
@@ -155,10 +159,21 @@ def test_packed_sequences_do_not_see_each_other(name, flash_kwargs, monkeypatch)
     calls = count_kernel_calls(monkeypatch)
     theirs, ours = decoder_pair(name)
     ids, positions, lengths = packed_batch()
+    # Each sequence run alone, the packed run must give the same: nothing leaks between them.
+    with torch.no_grad():
+        alone = torch.stack([torch.cat([ours.eval()(input_ids=part[None]).logits[0] for part in row.split(parts)])
+                             for row, parts in zip(ids, lengths)])
+    calls.clear()
     extra = {}
     if flash_kwargs:
-        bounds = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
-        extra = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=89, max_length_k=89)
+        bounds = torch.tensor(PACKED_BOUNDS, dtype=torch.int32)
+        extra = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=150, max_length_k=150)
+        # The bounds given are used as they are: the positions are not read for them.
+        from modernbert_kernels.integrations.transformers import attention
+
+        def unexpected(position_ids):
+            raise AssertionError("the sequences were read from position_ids, not from cu_seq_lens")
+        monkeypatch.setattr(attention, "sequences_from_positions", unexpected)
     outputs = []
     for model in (theirs, ours):
         out = model.eval()(input_ids=ids, position_ids=positions, labels=ids, use_cache=False,
@@ -167,10 +182,7 @@ def test_packed_sequences_do_not_see_each_other(name, flash_kwargs, monkeypatch)
         outputs.append((out.logits, gradients(model)))
     assert max_difference(outputs[1][0], outputs[0][0]) <= 1e-5
     assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
-    assert all(call["cu_seqlens"].tolist() == [0, 60, 61, 150] for call in calls) and calls
-    # Against each sequence run alone: nothing leaks between them.
-    with torch.no_grad():
-        alone = torch.cat([ours(input_ids=part).logits for part in ids.split(lengths, dim=1)], dim=1)
+    assert calls and all(call["cu_seqlens"].tolist() == PACKED_BOUNDS for call in calls)
     assert max_difference(outputs[1][0], alone) <= 1e-5
 
 
