@@ -64,13 +64,26 @@ def test_real_bert_checkpoint_sentence_embeddings_match_sdpa(monkeypatch):
     assert (cosine >= 0.9999).all(), cosine
 
 
-def test_fewer_queries_than_keys_in_a_bidirectional_layer_are_refused():
-    """Only a causal layer after a KV cache has fewer queries than keys (tests/test_sparse_models.py)."""
+def test_cross_attention_attends_to_every_real_key():
+    """A bidirectional layer with queries of one sequence and keys of another (an encoder-decoder's
+    cross-attention) sees every real key, against float64; an example with no real key gets 0 and
+    finite gradients. A sliding window over other keys has no defined meaning and is refused."""
     from modernbert_kernels.integrations.transformers import attention_forward
 
-    q, kv = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 64, 32)
-    with pytest.raises(ValueError, match="1 queries but 64 keys in a bidirectional layer"):
-        attention_forward(torch.nn.Module(), q, kv, kv, None)
+    q = torch.randn(2, 2, 5, 32, requires_grad=True)
+    k, v = (torch.randn(2, 2, 64, 32, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[0, 40:] = 0
+    mask[1] = 0
+    out, _ = attention_forward(torch.nn.Module(), q, k, v, mask)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 32 ** 0.5
+    expected = scores[0].masked_fill(mask[0, None, None, :] == 0, float("-inf")).softmax(-1) @ v[0].double()
+    assert (out[0].transpose(0, 1).double() - expected).abs().max() <= 1e-5
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+    with pytest.raises(ValueError, match="5 queries but 64 keys in a bidirectional sliding-window layer"):
+        attention_forward(torch.nn.Module(), q, k, v, None, sliding_window=16)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 33], ids=["full", "sliding"])

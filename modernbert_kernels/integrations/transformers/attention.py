@@ -10,7 +10,8 @@ window layers on a sliding_window layout with the exact token window, bidirectio
 the module says; the padding mask becomes ``key_padding_mask``. transformers passes the window in
 flash-attention's convention (``sliding_window - 1`` tokens back, and ahead for encoders), which is
 what its SDPA masks compute too. Queries shorter than the keys (decoding after a KV cache) have no
-tiles to skip: they run in PyTorch's SDPA over the keys inside their window.
+tiles to skip: they run in PyTorch's SDPA over the keys inside their window, as do an
+encoder-decoder's cross-attention layers (queries of one sequence, keys of another).
 
 Packed sequences (no padding mask; several sequences in a row, told apart by ``position_ids`` that
 restart, or by the ``cu_seq_lens_q`` of ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)
@@ -162,6 +163,20 @@ def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
     return _packings.get(position_ids, batch, lambda: _eager_packing(position_ids, batch))
 
 
+def _cross_attention(query, key, value, key_padding_mask, scale):
+    """Bidirectional attention of queries to other keys (an encoder-decoder's cross-attention): no
+    tiles to skip, so PyTorch's SDPA over every real key. A query whose example has no real key gets
+    0, as from the kernels (SDPA would give NaN)."""
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    if key_padding_mask.shape[1] != key.shape[2]:
+        raise ValueError(f"{NAME}: a padding mask of {key_padding_mask.shape[1]} keys for {key.shape[2]} keys")
+    no_key = ~key_padding_mask.any(dim=1)
+    visible = (key_padding_mask | no_key[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+    return out.masked_fill(no_key[:, None, None, None], 0)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                       softcap=None, **kwargs):
     """transformers' attention-function contract: [batch, heads, seq, dim] in, ([batch, seq, heads, dim], None) out."""
@@ -182,9 +197,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     window = None if sliding_window is None else sliding_window - 1
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
-        if not causal:
-            raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional layer")
-        out = _attention_after_cache(query, key, value, key_padding_mask, window, scaling)
+        if causal:
+            out = _attention_after_cache(query, key, value, key_padding_mask, window, scaling)
+        elif window is None:
+            out = _cross_attention(query, key, value, key_padding_mask, scaling)
+        else:
+            raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional sliding-window "
+                             "layer: which keys a query's window holds is not defined")
         return out.transpose(1, 2).contiguous(), None
     packed = None
     if key_padding_mask is None and query.shape[0] > 0 and seq_len > 0:
