@@ -14,6 +14,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import backends, torch_backend
 from ._ops import add_op_namespace_prefix, ops
@@ -245,8 +246,9 @@ def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens,
         layout_name = "[total_tokens, heads, head_dim] with cu_seqlens" if varlen else "[batch, heads, seq, head_dim]"
         raise ValueError(f"q must be {layout_name}, got shape {tuple(q.shape)}")
     head_dim = q.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if head_dim > SUPPORTED_HEAD_DIMS[-1]:
+        raise ValueError(f"head_dim must be at most {SUPPORTED_HEAD_DIMS[-1]} (the kernels are built for "
+                         f"{SUPPORTED_HEAD_DIMS}; smaller ones run zero-padded to the next), got {head_dim}")
     heads = q.shape[-2] if varlen else q.shape[1]
     if layout.num_heads not in (1, heads):
         raise ValueError(f"layout has {layout.num_heads} heads; q has {heads} (a layout must have 1 or {heads})")
@@ -322,12 +324,24 @@ def block_sparse_attention(
     ``global_tokens`` (bool, ``[batch, seq]``, or ``[total_tokens]`` with cu_seqlens) marks tokens,
     per example, that see every real key of their sequence and that every query of their sequence
     sees, whatever the layout and the band say (Longformer's global attention; see
-    global_attention.py). A query that sees no key gets 0. head_dim 32, 64 or 128; fp16, bf16 or fp32; the output has q's dtype.
+    global_attention.py). A query that sees no key gets 0. fp16, bf16 or fp32; the output has q's
+    dtype. head_dim up to 128: the kernels are built for 32, 64 and 128, and other head dims run
+    zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does).
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
+    head_dim = q.shape[-1]
+    kernel_head_dim = next(d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim)
+    if kernel_head_dim != head_dim:
+        # The kernels are built for 32, 64 and 128. Zeros appended to q, k and v change no score and
+        # give zero columns after the output's own, so another head_dim runs padded to the next.
+        padded = (F.pad(t, (0, kernel_head_dim - head_dim)) for t in (q, k, v))
+        return block_sparse_attention(
+            *padded, layout, window=window, causal=causal, scale=head_dim ** -0.5 if scale is None else scale,
+            key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            global_tokens=global_tokens, backend=backend)[..., :head_dim]
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)

@@ -201,7 +201,7 @@ def test_global_token_mask_is_token_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 96, 128])  # 16 and 96 (Phi-3's) run zero-padded to 32 and 128
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_head_dims(backend, head_dim, dtype, poison_allocations):
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "varlen", 40, dtype, head_dim)

@@ -88,7 +88,7 @@ CATALOGUE = [
                                                           LAYOUT), TypeError, r"share a dtype"),
     ("an unsupported dtype", lambda: block_sparse_attention(*qkv(1, 2, 64, 64, dtype=torch.float64), LAYOUT), TypeError,
      r"supported: fp16, bf16, fp32"),
-    ("an unsupported head_dim", lambda: attention(shape=(1, 2, 64, 48)), ValueError, r"head_dim must be one of"),
+    ("a head_dim past the kernels'", lambda: attention(shape=(1, 2, 64, 256)), ValueError, r"head_dim must be at most 128"),
     ("k on another device", lambda: block_sparse_attention(qkv(1, 2, 64, 64)[0], *qkv(1, 2, 64, 64, device="meta")[1:],
                                                            LAYOUT), ValueError, r"k is on meta but q is on cpu"),
     ("a layout of another type", lambda: attention(layout=torch.ones(2, 2, dtype=torch.bool)), TypeError,
