@@ -245,10 +245,6 @@ def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens,
     if q.dim() != expected_dims:
         layout_name = "[total_tokens, heads, head_dim] with cu_seqlens" if varlen else "[batch, heads, seq, head_dim]"
         raise ValueError(f"q must be {layout_name}, got shape {tuple(q.shape)}")
-    head_dim = q.shape[-1]
-    if head_dim > SUPPORTED_HEAD_DIMS[-1]:
-        raise ValueError(f"head_dim must be at most {SUPPORTED_HEAD_DIMS[-1]} (the kernels are built for "
-                         f"{SUPPORTED_HEAD_DIMS}; smaller ones run zero-padded to the next), got {head_dim}")
     heads = q.shape[-2] if varlen else q.shape[1]
     if layout.num_heads not in (1, heads):
         raise ValueError(f"layout has {layout.num_heads} heads; q has {heads} (a layout must have 1 or {heads})")
@@ -325,15 +321,23 @@ def block_sparse_attention(
     per example, that see every real key of their sequence and that every query of their sequence
     sees, whatever the layout and the band say (Longformer's global attention; see
     global_attention.py). A query that sees no key gets 0. fp16, bf16 or fp32; the output has q's
-    dtype. head_dim up to 128: the kernels are built for 32, 64 and 128, and other head dims run
-    zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does).
+    dtype. The kernels are built for head_dim 32, 64 and 128; other head dims up to 128 run
+    zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does), and larger ones
+    on the "torch" backend only (the default for them).
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
     head_dim = q.shape[-1]
-    kernel_head_dim = next(d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim)
+    if head_dim > SUPPORTED_HEAD_DIMS[-1]:
+        # Past the kernels' largest head_dim (Gemma 2 and 3 have 256) only the PyTorch paths run.
+        if backend is None:
+            backend = "torch"
+        elif backend not in ("torch", "reference"):
+            raise ValueError(f"head_dim {head_dim} runs on the 'torch' and 'reference' backends only: the "
+                             f"{backend} kernels are built for head dims up to {SUPPORTED_HEAD_DIMS[-1]}")
+    kernel_head_dim = next((d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim), head_dim)
     if kernel_head_dim != head_dim:
         # The kernels are built for 32, 64 and 128. Zeros appended to q, k and v change no score and
         # give zero columns after the output's own, so another head_dim runs padded to the next.

@@ -207,6 +207,13 @@ def test_head_dims(backend, head_dim, dtype, poison_allocations):
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "varlen", 40, dtype, head_dim)
 
 
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["default", "torch"])
+def test_head_dims_past_the_kernels_run_on_the_torch_backend(backend, poison_allocations):
+    """head_dim 256 (Gemma 2 and 3): the PyTorch tile path, chosen by default, against float64."""
+    check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "key_padding", 40, torch.float32,
+                            head_dim=256, causal=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_custom_scale(backend):
     check_against_reference(backend, LAYOUTS["bigbird_per_head"](), "padded", None, torch.float32, scale=0.37)

@@ -25,8 +25,6 @@ def cu(*lengths):
         (lambda q, k, v: (q, k[:, :, :64], v, LAYOUT), ValueError, "k has shape"),
         (lambda q, k, v: (q, k.half(), v, LAYOUT), TypeError, "k has dtype"),
         (lambda q, k, v: (q.double(), k.double(), v.double(), LAYOUT), TypeError, "q has dtype"),
-        (lambda q, k, v: tuple(t.repeat(1, 1, 1, 3) for t in (q, k, v)) + (LAYOUT,), ValueError,
-         "head_dim must be at most 128"),
         (lambda q, k, v: (q[:, :, :100, None], k, v, LAYOUT), ValueError, "k has shape"),
         (lambda q, k, v: (q, k, v, layouts.bigbird(128, 32, 32, 1, 32, num_heads=3)), ValueError, "layout has 3 heads"),
         (lambda q, k, v: (q, k, v, layouts.sliding_window(96, 32, 32)), ValueError, "layout covers 96 tokens"),
