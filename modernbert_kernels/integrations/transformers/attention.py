@@ -116,8 +116,9 @@ def _attention_after_cache(query, key, value, key_padding_mask, window, scale):
 def sequences_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """cu_seqlens (int32) of the sequences packed in the rows of ``position_ids`` [batch, seq], the
     rows one after another. A sequence starts at each row's first token and wherever the position
-    does not grow by one (transformers' rule for packed sequences). A custom op, so that under
-    torch.compile its data-dependent size does not break the graph."""
+    does not grow by one (transformers' rule for packed sequences). A custom op: under
+    torch.compile, Dynamo keeps its data-dependent size in the graph where
+    ``capture_dynamic_output_shape_ops`` is on, and breaks the graph there where it is not."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids.diff(dim=1) != 1
     first_tokens = starts.flatten().nonzero().flatten()
