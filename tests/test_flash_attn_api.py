@@ -11,12 +11,13 @@ from modernbert_kernels import flash_attn_func, flash_attn_varlen_func
 
 
 def reference(q, k, v, causal, window, scale):
-    """q [seq, heads, dim], k / v [seq, kv_heads, dim] of one sequence, in float64."""
+    """q [seq, heads, dim], k / v [seq, kv_heads, dim] of one sequence, in float64. Fewer queries
+    than keys are the keys' last positions (FlashAttention's alignment of the causal mask)."""
     q, k, v = (t.double() for t in (q, k, v))
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    i = torch.arange(q.shape[0])[:, None]
+    i = torch.arange(q.shape[0])[:, None] + k.shape[0] - q.shape[0]
     j = torch.arange(k.shape[0])[None, :]
     visible = torch.ones_like(scores[0], dtype=torch.bool)
     if causal:
@@ -59,6 +60,34 @@ def test_varlen_and_padded_calls_match_the_reference(case, dtype):
     assert relative_error(padded[0], reference(q[:n], k[:n], v[:n], causal, window, scale)) < TOLERANCES[dtype]
 
 
+@pytest.mark.parametrize("case", ["bidirectional", "causal", "causal_window_gqa"])
+def test_queries_fewer_than_the_keys_match_the_reference(case):
+    """Decoding after a KV cache (causal: the queries are the keys' last positions) and a
+    bidirectional layer's cross-attention, padded and varlen, against float64; forward and backward
+    run. The varlen sequences have 1, 0 and 5 queries over 70, 12 and 5 keys."""
+    causal, window_size, kv_heads = CASES[case]
+    window = None if window_size[0] < 0 else window_size[0]
+    q = torch.randn(2, 3, 4, 64, requires_grad=True)
+    k, v = (torch.randn(2, 90, kv_heads, 64, requires_grad=True) for _ in range(2))
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    out.sum().backward()
+    assert q.grad.isfinite().all() and k.grad.isfinite().all()
+    for b in range(2):
+        assert relative_error(out[b], reference(q[b], k[b], v[b], causal, window, 1 / 8)) < TOLERANCES[torch.float32]
+    q_lengths, k_lengths = [1, 0, 5], [70, 12, 5]
+    q = torch.randn(sum(q_lengths), 4, 64)
+    k, v = (torch.randn(sum(k_lengths), kv_heads, 64) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *lengths]).cumsum(0).to(torch.int32) for lengths in (q_lengths, k_lengths))
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(q_lengths), max(k_lengths), causal=causal,
+                                 window_size=window_size)
+    assert out.shape == q.shape
+    for b in range(3):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if q_lengths[b]:
+            expected = reference(q[rows], k[keys], v[keys], causal, window, 1 / 8)
+            assert relative_error(out[rows], expected) < TOLERANCES[torch.float32], b
+
+
 def test_what_it_cannot_do_is_refused():
     q = torch.randn(1, 64, 2, 64)
     with pytest.raises(NotImplementedError, match="dropout"):
@@ -71,10 +100,12 @@ def test_what_it_cannot_do_is_refused():
         flash_attn_func(q, q, q, return_attn_probs=True)
     with pytest.raises(NotImplementedError, match="symmetric"):
         flash_attn_func(q, q, q, window_size=(8, 0))
+    with pytest.raises(NotImplementedError, match="another sequence's keys"):
+        flash_attn_func(q[:, :5], q, q, window_size=(8, 8))
     flat = q[0]
-    with pytest.raises(NotImplementedError, match="KV cache"):
+    with pytest.raises(ValueError, match="count the same sequences"):
         flash_attn_varlen_func(flat, flat, flat, torch.tensor([0, 32, 64], dtype=torch.int32),
-                               torch.tensor([0, 30, 64], dtype=torch.int32), 32, 34)
+                               torch.tensor([0, 64], dtype=torch.int32), 32, 64)
     with pytest.raises(ValueError, match="multiple"):
         flash_attn_func(torch.randn(1, 64, 3, 64), q, q)
 

@@ -120,3 +120,26 @@ def test_transformers_loads_it_as_an_attention_implementation(hub_repo, offline,
     # same kernels on a different split of the work, so equal to fp32 rounding, not bit for bit.
     for name in (register(), "sdpa"):
         assert (hub_out - outputs[name])[real].abs().max() < 1e-5, name
+
+
+def test_a_decoder_generates_with_it(hub_repo, offline, monkeypatch):
+    """transformers' flash-attention path on the hub kernel in a decoder: the prefill on the kernels,
+    then one-token steps with fewer queries than keys (flash_attn_func's KV-cache case); greedy
+    tokens equal SDPA's, for one prompt and for a left-padded batch."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("LOCAL_KERNELS", f"acme/modernbert-kernels={hub_repo}")
+    models = []
+    for name in ("sdpa", "acme/modernbert-kernels:attention_forward"):
+        torch.manual_seed(0)
+        config = transformers.MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                            sliding_window=40)
+        models.append(transformers.AutoModelForCausalLM.from_config(config, attn_implementation=name).eval())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 90), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    ids[1, :30] = 0
+    for batch in (dict(input_ids=ids[:1, :70]), dict(input_ids=ids, attention_mask=mask)):
+        tokens = [m.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=0) for m in models]
+        assert torch.equal(tokens[0], tokens[1])

@@ -8,9 +8,12 @@ unpads padded batches into varlen ones (README "Building", scripts/build_hub_ker
 
 Covered: self-attention (queries and keys of the same sequences), bidirectional or causal, a
 sliding window given as ``window_size=(left, right)`` (-1 = unbounded; a causal window ignores
-``right``), grouped-query attention, ``softmax_scale``. Refused with a clear error: dropout, logit
-soft-capping, ALiBi, the attention probabilities (``return_attn_probs``), queries shorter than the keys (a KV cache), and asymmetric windows of a
-bidirectional layer.
+``right``), grouped-query attention, ``softmax_scale``. Queries fewer than the keys (decoding after
+a KV cache: the causal mask aligned to the keys' end, as FlashAttention aligns it; or the
+cross-attention of a bidirectional layer) have no tiles to skip and run in PyTorch's SDPA, one
+sequence at a time in the varlen form. Refused with a clear error: dropout, logit soft-capping,
+ALiBi, the attention probabilities (``return_attn_probs``), asymmetric windows of a bidirectional
+layer, and a window over another sequence's keys.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import block_sparse_attention
-from .transformers.attention import BLOCK_SIZE, layout_for, share_kv_heads
+from .transformers.attention import BLOCK_SIZE, attention_after_cache, cross_attention, layout_for, share_kv_heads
 
 NAME = "modernbert_kernels.flash_attn"
 
@@ -45,17 +48,33 @@ def _check(dropout_p: float, softcap: float, alibi_slopes, return_attn_probs: bo
         raise ValueError(f"{NAME}: {q.shape[-2]} query heads are not a multiple of {k.shape[-2]} key heads")
 
 
+def _other_keys(q, k, v, window, causal, scale):
+    """[batch, heads, seq, dim] queries whose keys are not their own tokens: the last queries of a
+    causal sequence (after a KV cache), or a bidirectional layer's cross-attention."""
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"{NAME}: {q.shape[2]} queries but only {k.shape[2]} keys")
+    if causal:
+        return attention_after_cache(q, k, v, None, window, scale)
+    if window is not None:
+        raise NotImplementedError(f"{NAME}: a bidirectional window over another sequence's keys "
+                                  f"({q.shape[2]} queries, {k.shape[2]} keys)")
+    return cross_attention(q, k, v, None, scale)
+
+
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                     softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
                     return_attn_probs: bool = False) -> torch.Tensor:
     """q, k, v [batch, seq, heads, head_dim] (k, v may have fewer heads) -> [batch, seq, heads, head_dim]."""
     _check(dropout_p, softcap, alibi_slopes, return_attn_probs, q, k)
-    if q.dim() != 4 or k.shape[:2] != q.shape[:2]:
-        raise ValueError(f"{NAME}: q, k, v must be [batch, seq, heads, head_dim] with one seq, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0]:
+        raise ValueError(f"{NAME}: q, k, v must be [batch, seq, heads, head_dim], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     k, v = share_kv_heads(q, k, v, head_axis=2)
     window = _window(window_size, causal)
+    if k.shape[1] != q.shape[1]:
+        return _other_keys(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, causal,
+                           softmax_scale).transpose(1, 2)
     layout = layout_for(-(-q.shape[1] // BLOCK_SIZE), window, causal, q.device)
     out = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, window=window,
                                  causal=causal, scale=softmax_scale)
@@ -69,10 +88,20 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            return_attn_probs: bool = False) -> torch.Tensor:
     """q, k, v [total_tokens, heads, head_dim], sequence b at cu_seqlens[b]:cu_seqlens[b + 1]."""
     _check(dropout_p, softcap, alibi_slopes, return_attn_probs, q, k)
-    if cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
-        raise NotImplementedError(f"{NAME}: queries and keys must come from the same sequences (no KV cache)")
     k, v = share_kv_heads(q, k, v, head_axis=1)
     window = _window(window_size, causal)
+    if cu_seqlens_q is not cu_seqlens_k and (cu_seqlens_q.shape != cu_seqlens_k.shape
+                                             or not torch.equal(cu_seqlens_q, cu_seqlens_k)):
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            raise ValueError(f"{NAME}: cu_seqlens_q and cu_seqlens_k must count the same sequences, got "
+                             f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+        q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs = []
+        for q_start, q_end, k_start, k_end in zip(q_bounds, q_bounds[1:], k_bounds, k_bounds[1:]):
+            rows = [t[start:end].transpose(0, 1)[None] for t, start, end in
+                    ((q, q_start, q_end), (k, k_start, k_end), (v, k_start, k_end))]
+            outs.append(_other_keys(*rows, window, causal, softmax_scale)[0].transpose(0, 1))
+        return torch.cat(outs) if outs else torch.empty_like(q)
     max_seqlen = int(max_seqlen_q)
     layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
     return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=softmax_scale,

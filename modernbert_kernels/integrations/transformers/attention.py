@@ -90,7 +90,7 @@ def share_kv_heads(q, k, v, head_axis: int):
     return k, v
 
 
-def _attention_after_cache(query, key, value, key_padding_mask, window, scale):
+def attention_after_cache(query, key, value, key_padding_mask, window, scale):
     """Causal attention of queries shorter than the keys: the queries are the last of the keys'
     positions (a StaticCache's padding mask, shorter than its keys, ends at the last real one), and
     only the keys inside the window are read."""
@@ -164,7 +164,7 @@ def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
     return _packings.get(position_ids, batch, lambda: _eager_packing(position_ids, batch))
 
 
-def _cross_attention(query, key, value, key_padding_mask, scale):
+def cross_attention(query, key, value, key_padding_mask, scale):
     """Bidirectional attention of queries to other keys (an encoder-decoder's cross-attention): no
     tiles to skip, so PyTorch's SDPA over every real key. A query whose example has no real key gets
     0, as from the kernels (SDPA would give NaN)."""
@@ -199,9 +199,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
         if causal:
-            out = _attention_after_cache(query, key, value, key_padding_mask, window, scaling)
+            out = attention_after_cache(query, key, value, key_padding_mask, window, scaling)
         elif window is None:
-            out = _cross_attention(query, key, value, key_padding_mask, scaling)
+            out = cross_attention(query, key, value, key_padding_mask, scaling)
         else:
             raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional sliding-window "
                              "layer: which keys a query's window holds is not defined")
