@@ -21,7 +21,15 @@ from __future__ import annotations
 import torch
 
 from ..attention import block_sparse_attention
-from .transformers.attention import BLOCK_SIZE, attention_after_cache, cross_attention, layout_for, share_kv_heads
+from .transformers.attention import (
+    BLOCK_SIZE,
+    attention_after_cache,
+    cross_attention,
+    layout_for,
+    same_sequences,
+    share_kv_heads,
+    varlen_attention,
+)
 
 NAME = "modernbert_kernels.flash_attn"
 
@@ -90,8 +98,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _check(dropout_p, softcap, alibi_slopes, return_attn_probs, q, k)
     k, v = share_kv_heads(q, k, v, head_axis=1)
     window = _window(window_size, causal)
-    if cu_seqlens_q is not cu_seqlens_k and (cu_seqlens_q.shape != cu_seqlens_k.shape
-                                             or not torch.equal(cu_seqlens_q, cu_seqlens_k)):
+    if not same_sequences(cu_seqlens_q, cu_seqlens_k):
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
             raise ValueError(f"{NAME}: cu_seqlens_q and cu_seqlens_k must count the same sequences, got "
                              f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
@@ -102,7 +109,4 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                     ((q, q_start, q_end), (k, k_start, k_end), (v, k_start, k_end))]
             outs.append(_other_keys(*rows, window, causal, softmax_scale)[0].transpose(0, 1))
         return torch.cat(outs) if outs else torch.empty_like(q)
-    max_seqlen = int(max_seqlen_q)
-    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
-    return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=softmax_scale,
-                                  cu_seqlens=cu_seqlens_q.to(torch.int32), max_seqlen=max_seqlen)
+    return varlen_attention(q, k, v, cu_seqlens_q.to(torch.int32), int(max_seqlen_q), window, causal, softmax_scale)

@@ -149,8 +149,7 @@ def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None:
         keys = kwargs.get("cu_seq_lens_k")
-        if keys is not None and keys is not cu_seqlens and (keys.shape != cu_seqlens.shape or not torch.equal(
-                keys, cu_seqlens)):
+        if keys is not None and not same_sequences(keys, cu_seqlens):
             raise NotImplementedError(f"{NAME}: packed queries and keys must come from the same sequences "
                                       "(cu_seq_lens_q == cu_seq_lens_k)")
         longest = kwargs.get("max_length_q")
@@ -162,6 +161,19 @@ def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
     if torch.compiler.is_compiling():
         return sequences_from_positions(position_ids.expand(batch, -1)), seq_len
     return _packings.get(position_ids, batch, lambda: _eager_packing(position_ids, batch))
+
+
+def same_sequences(cu_seqlens_a: torch.Tensor, cu_seqlens_b: torch.Tensor) -> bool:
+    """Whether two cu_seqlens bound the same sequences."""
+    return cu_seqlens_a is cu_seqlens_b or (cu_seqlens_a.shape == cu_seqlens_b.shape
+                                            and torch.equal(cu_seqlens_a, cu_seqlens_b))
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window, causal: bool, scale):
+    """[total_tokens, heads, dim] sequences on the kernels, the layout sized for the longest."""
+    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
+    return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
 
 
 def cross_attention(query, key, value, key_padding_mask, scale):
@@ -221,9 +233,7 @@ def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal,
     """The rows of [batch, heads, seq, dim] as one varlen batch -> [batch, seq, heads, dim]."""
     batch, heads, seq_len, head_dim = query.shape
     tokens = [t.transpose(1, 2).reshape(batch * seq_len, heads, head_dim) for t in (query, key, value)]
-    layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, query.device)
-    out = block_sparse_attention(*tokens, layout, window=window, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
-                                 max_seqlen=max_seqlen)
+    out = varlen_attention(*tokens, cu_seqlens, max_seqlen, window, causal, scale)
     return out.view(batch, seq_len, heads, head_dim)
 
 
