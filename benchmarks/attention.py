@@ -1,8 +1,10 @@
 """Block-sparse attention vs dense baselines with the same mask: the sliding window of ModernBERT's
 local layers (bench "attention"), the causal sliding window of decoders' local layers (Mistral,
-Gemma: 0 <= i - j <= w; bench "attention_causal"), and Longformer's pattern (bench
+Gemma: 0 <= i - j <= w; bench "attention_causal"), Longformer's pattern (bench
 "attention_global": a window of 256 each side plus 1% of the tokens global, at random positions
-that differ per example; its baselines get the same per-example mask).
+that differ per example; its baselines get the same per-example mask), and Gemma 3's local layer
+with its heads of 256 (bench "attention_wide_heads": the 1B model's 4 heads and causal window of
+512, in 128-token blocks).
 
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
@@ -161,7 +163,10 @@ def global_providers(device: torch.device, seq_len: int, block_size: int, global
 HEADLINE_SEQ_LENS = [4096, 8192, 16384]
 
 
-BENCHES = ("attention", "attention_causal", "attention_global")
+BENCHES = ("attention", "attention_causal", "attention_global", "attention_wide_heads")
+# (heads, head_dim, window, layout block): ModernBERT's local layer, and Gemma 3 1B's.
+GEOMETRY = {"attention_wide_heads": (4, 256, 512, 128)}
+MODERNBERT_GEOMETRY = (12, 64, 64, 64)
 
 
 def run(device: torch.device, quick: bool, progress=None, headline: bool = False, smoke: bool = False,
@@ -174,16 +179,18 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
         dtype, seq_lens, passes = torch.float32, [8192] if quick else [2048, 8192], ["fwd"] if quick else ["fwd", "fwd+bwd"]
     if smoke:  # every provider once, at the smallest size worth a layout of several blocks
         seq_lens, passes = [1024], ["fwd"]
-    batch, heads, head_dim, window, block_size = 1, 12, 64, 64, 64
-    # The causal sliding window at every length, Longformer's pattern at the longest; in the GPU
-    # suite's budgeted headline, both at 8192 only.
+    # The causal sliding window at every length, Longformer's pattern and the wide heads at the
+    # longest; in the GPU suite's budgeted headline, the first two at 8192 only. The smoke run skips
+    # the wide heads: the causal bench's code with other sizes, and one more FlexAttention compile.
     long_only = [8192] if headline else seq_lens[-1:]
     cases = ([(n, "attention") for n in seq_lens] + [(n, "attention_causal") for n in (long_only if headline else seq_lens)]
-             + [(n, "attention_global") for n in long_only])
+             + [(n, "attention_global") for n in long_only]
+             + [(n, "attention_wide_heads") for n in ([] if headline or smoke else long_only)])
     cases = [(n, bench) for n, bench in cases if benches is None or bench in benches]
     rows = []
     for seq_len, bench in cases:
-        causal = bench == "attention_causal"
+        causal = bench in ("attention_causal", "attention_wide_heads")
+        heads, head_dim, window, block_size = GEOMETRY.get(bench, MODERNBERT_GEOMETRY)
         batch, extra = 1, {}
         if bench == "attention_global":
             batch = GLOBAL_BATCH

@@ -79,6 +79,8 @@ MATRIX_HEAD_DIMS = (32, 64, 128)
 MATRIX_WINDOWS = (None, 64)
 MATRIX_MODES = ("padded", "varlen")
 MATRIX_ROTARY = [(1000, 12, 64), (77, 4, 128), (5, 3, 40)]
+# head_dim 256 (Gemma 2 and 3) has tile tables of its own: Gemma 3's sliding layer, both batch modes.
+WIDE_HEAD_ATTENTION = [AttentionCase(dtype, 256, 64, True, varlen) for varlen in (False, True) for dtype in DTYPES]
 
 
 def matrix_attention_cases() -> list[AttentionCase]:
@@ -97,5 +99,5 @@ def smoke_specializations() -> set:
 
 def matrix_specializations() -> set:
     rotary = {("rotary", dtype, _next_power_of_2(head_dim // 2)) for _, _, head_dim in MATRIX_ROTARY for dtype in DTYPES}
-    attention = set().union(*(case.specializations() for case in matrix_attention_cases()))
+    attention = set().union(*(case.specializations() for case in matrix_attention_cases() + WIDE_HEAD_ATTENTION))
     return attention | rotary

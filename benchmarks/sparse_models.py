@@ -6,7 +6,9 @@ alone, forward and forward+backward.
   (4096, 3500, 2500 and 1200 tokens; the first 32 tokens of each, a question, global);
 - BigBird-RoBERTa-base (block_sparse, eval) at 4096 tokens;
 - a sliding-window decoder at 8192 tokens: Mistral-style, 12 layers of 768 with a window of 1024
-  (transformers: sdpa with its [seq, seq] mask).
+  (transformers: sdpa with its [seq, seq] mask);
+- Gemma 3 1B's attention at 4096 tokens: heads of 256 (4 query heads, 1 kv head), five sliding
+  layers (window 512) to one global, 6 layers of 1152 (the released model has 26).
 
 Ours: ``replace_attention`` (Longformer, BigBird) and ``attn_implementation="modernbert_kernels"``
 (the decoder). "attention" rows time the first layer's self-attention module on the inputs the
@@ -57,6 +59,7 @@ PROJECTIONS = {
     "longformer": (("query", "key", "value", "key_global", "value_global"), None),
     "big_bird": (("query", "key", "value"), None),
     "mistral": (("q_proj", "k_proj", "v_proj"), "o_proj"),
+    "gemma3_text": (("q_proj", "k_proj", "v_proj"), "o_proj"),
 }
 
 
@@ -105,6 +108,17 @@ def _decoder(small: bool):
     return transformers.MistralModel(config), lambda model: model.layers[0].self_attn
 
 
+def _gemma3(small: bool):
+    import transformers
+
+    size = dict(SMOKE, num_key_value_heads=1, sliding_window=64, layer_types=["sliding_attention"]) if small else dict(
+        hidden_size=1152, intermediate_size=6912, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+        sliding_window=512, layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    config = transformers.Gemma3TextConfig(vocab_size=32000, head_dim=256, max_position_embeddings=8192,
+                                           attn_implementation="sdpa", **size)
+    return transformers.Gemma3TextModel(config), lambda model: model.layers[0].self_attn
+
+
 def _inputs(lengths, global_count, vocab, seq_len):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (len(lengths), seq_len), generator=generator)
@@ -136,6 +150,8 @@ def cases(small: bool):
         ("longformer-base padded batch 4", _longformer, _inputs(lengths, 32, 50265, n), replace_attention),
         ("bigbird-roberta-base", _bigbird, _inputs([n], 0, 50358, n), replace_attention),
         ("mistral-style sliding-window decoder", _decoder, dict(_inputs([2 * n], 0, 32000, 2 * n), use_cache=False),
+         decoder_ours),
+        ("gemma3-1b-style decoder, head_dim 256", _gemma3, dict(_inputs([n], 0, 32000, n), use_cache=False),
          decoder_ours),
     ]
 

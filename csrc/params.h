@@ -14,7 +14,7 @@ enum class ElementType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Geglu = 3 };
 
 constexpr int kMaxBlockSize = 128;
-constexpr int kMaxHeadDim = 128;
+constexpr int kMaxHeadDim = 256;
 // A band side without bound, as the kernels take it: farther than any sequence reaches, small
 // enough that a distance against it fits an int32 lane.
 constexpr int64_t kUnboundedWindow = int64_t(1) << 30;

@@ -123,7 +123,8 @@ inline void check_attention_inputs(const Tensor& q, const Tensor& k, const Tenso
   MBK_CHECK(q.scalar_type() == ScalarType::Float || q.scalar_type() == ScalarType::BFloat16 || q.scalar_type() == ScalarType::Half,
               "q must be fp32, bf16 or fp16, got ", q.scalar_type());
   const int64_t head_dim = q.size(q.dim() - 1);
-  MBK_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, "head_dim must be 32, 64 or 128, got ", head_dim);
+  MBK_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256,
+            "head_dim must be 32, 64, 128 or 256, got ", head_dim);
   MBK_CHECK(block_size >= 16 && block_size <= kMaxBlockSize && (block_size & (block_size - 1)) == 0,
               "block_size must be a power of two in [16, 128], got ", block_size);
   for (const Tensor* t : {&row_offsets, &col_indices}) {

@@ -24,7 +24,7 @@ from .reference import block_sparse_attention_reference, window_bounds
 from .tensor_cache import TensorCache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (32, 64, 128)  # every backend's; the Triton tile tables are built for these
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)  # every backend's; the Triton tile tables are built for these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +321,7 @@ def block_sparse_attention(
     per example, that see every real key of their sequence and that every query of their sequence
     sees, whatever the layout and the band say (Longformer's global attention; see
     global_attention.py). A query that sees no key gets 0. fp16, bf16 or fp32; the output has q's
-    dtype. The kernels are built for head_dim 32, 64 and 128; other head dims up to 128 run
+    dtype. The kernels are built for head_dim 32, 64, 128 and 256; other head dims up to 256 run
     zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does), and larger ones
     on the "torch" backend only (the default for them).
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
@@ -331,7 +331,7 @@ def block_sparse_attention(
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
     head_dim = q.shape[-1]
     if head_dim > SUPPORTED_HEAD_DIMS[-1]:
-        # Past the kernels' largest head_dim (Gemma 2 and 3 have 256) only the PyTorch paths run.
+        # Past the kernels' largest head_dim only the PyTorch paths run.
         if backend is None:
             backend = "torch"
         elif backend not in ("torch", "reference"):
@@ -339,7 +339,7 @@ def block_sparse_attention(
                              f"{backend} kernels are built for head dims up to {SUPPORTED_HEAD_DIMS[-1]}")
     kernel_head_dim = next((d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim), head_dim)
     if kernel_head_dim != head_dim:
-        # The kernels are built for 32, 64 and 128. Zeros appended to q, k and v change no score and
+        # The kernels are built for SUPPORTED_HEAD_DIMS. Zeros appended to q, k and v change no score and
         # give zero columns after the output's own, so another head_dim runs padded to the next.
         padded = (F.pad(t, (0, kernel_head_dim - head_dim)) for t in (q, k, v))
         return block_sparse_attention(

@@ -141,7 +141,7 @@ def attention_builds(arch: int, quick: bool):
     from .triton.configs import configs_for
     from .triton.attention_kernel import PASSES, block_sparse_attention_kernel
 
-    head_dims = (64, 128) if quick else (32, 64, 128)
+    head_dims = (64, 128, 256) if quick else (32, 64, 128, 256)
     layout_blocks = (64,) if quick else SHIPPED_LAYOUT_BLOCKS
     for kind, pass_number in PASSES.items():
         for dtype, type_name in TYPE_NAMES.items():

@@ -135,7 +135,7 @@ BF16_CASES = {
 
 
 @CPU_EXTENSION
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("mode", ["padded", "key_padding", "varlen"])
 @pytest.mark.parametrize("case", BF16_CASES)
 def test_cpu_bf16_matches_reference(case, mode, head_dim, poison_allocations):
@@ -201,7 +201,8 @@ def test_global_token_mask_is_token_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 96, 128])  # 16 and 96 (Phi-3's) run zero-padded to 32 and 128
+# 16 and 96 (Phi-3's) run zero-padded to 32 and 128; 256 is Gemma 2 and 3's.
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 96, 128, 256])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_head_dims(backend, head_dim, dtype, poison_allocations):
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "varlen", 40, dtype, head_dim)
@@ -209,9 +210,9 @@ def test_head_dims(backend, head_dim, dtype, poison_allocations):
 
 @pytest.mark.parametrize("backend", [None, "torch"], ids=["default", "torch"])
 def test_head_dims_past_the_kernels_run_on_the_torch_backend(backend, poison_allocations):
-    """head_dim 256 (Gemma 2 and 3): the PyTorch tile path, chosen by default, against float64."""
+    """head_dim 512, past the kernels' 256: the PyTorch tile path, chosen by default, against float64."""
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "key_padding", 40, torch.float32,
-                            head_dim=256, causal=True)
+                            head_dim=512, causal=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -539,7 +540,7 @@ def test_dense_layout_bf16_forward_and_backward(backend):
 def test_native_attention_op_errors_are_clear():
     (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(64, seed=0)
     forward = torch.ops.modernbert_kernels.block_sparse_attention_forward_native
-    with pytest.raises(RuntimeError, match="head_dim must be 32, 64 or 128"):
+    with pytest.raises(RuntimeError, match="head_dim must be 32, 64, 128 or 256"):
         forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, -1, 1.0, None, None, 0)
     with pytest.raises(RuntimeError, match="layout covers 64 tokens"):
         big = [t.repeat(1, 1, 2, 1) for t in (q, k, v)]
@@ -572,6 +573,15 @@ assert {name: layout().block_size for name, layout in GPU_LAYOUTS.items()} == gp
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
     check_on_gpu(backend, GPU_LAYOUTS[layout_name](), head_dim, mode, dtype, window=window)
+
+
+# head_dim 256 (Gemma 2 and 3): its own tile tables, over Gemma 3's causal sliding window.
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", gpu_cases.WIDE_HEAD_ATTENTION, ids=lambda c: f"{c.dtype}-{'varlen' if c.varlen else 'padded'}")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_head_dim_256_on_gpu(backend, case):
+    check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, case.layout_block, causal=True), case.head_dim,
+                 "varlen" if case.varlen else "padded", DTYPES[case.dtype], window=64, causal=True)
 
 
 # Causal windows and per-example global tokens (in the middle of blocks; one sequence without any):

@@ -83,7 +83,7 @@ DECODERS = {
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, sliding_window=40,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
-    # Gemma 3's released head_dim, 256: past the kernels' 128, so the PyTorch tile path.
+    # Gemma 3's released head_dim, 256: the kernels' widest.
     "gemma3-head256": lambda: transformers.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=256, sliding_window=40, layer_types=["sliding_attention", "full_attention"]),

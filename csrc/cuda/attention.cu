@@ -17,6 +17,41 @@ namespace {
 constexpr int kWarps = 8;   // rows per thread block
 constexpr int kChunk = 32;  // keys (or queries) per shared-memory stage: one per lane
 
+// Staged rows live in dynamic shared memory, each padded to D + 1 floats (column reads across
+// lanes then hit distinct banks): the kWarps rows a block owns (q; or q and dout, k and v in the
+// backward) and two kChunk stages of the other side. The backward's reach 82 KB at head_dim 256,
+// past the 48 KB of static shared memory; 99 KB is the per-block limit of sm_86 / sm_89, the
+// smallest of the GPUs that the sm_80 build runs on.
+template <int D>
+using SharedRows = float (*)[D + 1];
+
+template <int D, int OwnArrays>
+constexpr size_t shared_bytes() {
+  return size_t(OwnArrays * kWarps + 2 * kChunk) * (D + 1) * sizeof(float);
+}
+static_assert(shared_bytes<256, 2>() <= 99 * 1024, "staged rows exceed sm_86's shared memory per block");
+
+// A kernel's staged arrays, carved from the dynamic shared memory in order.
+template <int D, int OwnArrays>
+struct StagedRows {
+  SharedRows<D> own[OwnArrays];    // [kWarps][D + 1]: the block's rows
+  SharedRows<D> chunk_a, chunk_b;  // [kChunk][D + 1]: the stage of the other side
+  __device__ static StagedRows carve() {
+    extern __shared__ float shared[];
+    float* next = shared;
+    auto take = [&](int rows) {
+      auto p = reinterpret_cast<SharedRows<D>>(next);
+      next += rows * (D + 1);
+      return p;
+    };
+    StagedRows s;
+    for (int i = 0; i < OwnArrays; ++i) s.own[i] = take(kWarps);
+    s.chunk_a = take(kChunk);
+    s.chunk_b = take(kChunk);
+    return s;
+  }
+};
+
 struct Sequence {
   int64_t start, length;
 };
@@ -111,9 +146,8 @@ __device__ __forceinline__ void for_each_visible_chunk(const AttentionParams& a,
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(AttentionParams a) {
   constexpr int kPerLane = D / 32;
-  __shared__ float q_s[kWarps][D + 1];
-  __shared__ float k_s[kChunk][D + 1];
-  __shared__ float v_s[kChunk][D + 1];
+  const auto staged = StagedRows<D, 1>::carve();
+  const SharedRows<D> q_s = staged.own[0], k_s = staged.chunk_a, v_s = staged.chunk_b;
   const RowTile t = row_tile(a);
   if (t.empty()) return;
   const int warp = t.warp, lane = t.lane;
@@ -161,10 +195,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBackwardParams a) {
   constexpr int kPerLane = D / 32;
-  __shared__ float q_s[kWarps][D + 1];
-  __shared__ float do_s[kWarps][D + 1];
-  __shared__ float k_s[kChunk][D + 1];
-  __shared__ float v_s[kChunk][D + 1];
+  const auto staged = StagedRows<D, 2>::carve();
+  const SharedRows<D> q_s = staged.own[0], do_s = staged.own[1], k_s = staged.chunk_a, v_s = staged.chunk_b;
   const RowTile t = row_tile(a);
   if (t.empty()) return;
   const int warp = t.warp, lane = t.lane;
@@ -218,10 +250,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBack
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBackwardParams a) {
   constexpr int kPerLane = D / 32;
-  __shared__ float k_s[kWarps][D + 1];
-  __shared__ float v_s[kWarps][D + 1];
-  __shared__ float q_s[kChunk][D + 1];
-  __shared__ float do_s[kChunk][D + 1];
+  const auto staged = StagedRows<D, 2>::carve();
+  const SharedRows<D> k_s = staged.own[0], v_s = staged.own[1], q_s = staged.chunk_a, do_s = staged.chunk_b;
   __shared__ float lse_s[kChunk];
   __shared__ float delta_s[kChunk];
   const RowTile t = row_tile(a);  // rows are keys here
@@ -289,6 +319,7 @@ cudaError_t dispatch(const Params& a, cudaStream_t stream) {
       case 32: return Launch<T, 32>::run(a, stream);
       case 64: return Launch<T, 64>::run(a, stream);
       case 128: return Launch<T, 128>::run(a, stream);
+      case 256: return Launch<T, 256>::run(a, stream);
       default: return cudaErrorInvalidValue;
     }
   });
@@ -299,22 +330,33 @@ dim3 row_grid(const AttentionParams& a) {
               static_cast<unsigned>(a.batch));
 }
 
+// Launches a kernel over row_grid(a) with the staged rows' dynamic shared memory, first raising
+// the kernel's limit where they need more than the default 48 KB.
+template <int D, int OwnArrays, typename Params>
+cudaError_t launch_rows(void (*kernel)(Params), const Params& a, cudaStream_t stream) {
+  constexpr size_t bytes = shared_bytes<D, OwnArrays>();
+  if constexpr (bytes > 48 * 1024) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (status != cudaSuccess) return status;
+  }
+  kernel<<<row_grid(a), kWarps * 32, bytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T, int D>
 struct Forward {
   static cudaError_t run(const AttentionParams& a, cudaStream_t stream) {
-    attention_forward_kernel<T, D><<<row_grid(a), kWarps * 32, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_rows<D, 1>(attention_forward_kernel<T, D>, a, stream);
   }
 };
 
 template <typename T, int D>
 struct Backward {
   static cudaError_t run(const AttentionBackwardParams& a, cudaStream_t stream) {
-    attention_dq_kernel<T, D><<<row_grid(a), kWarps * 32, 0, stream>>>(a);
-    cudaError_t status = cudaGetLastError();
+    const cudaError_t status = launch_rows<D, 2>(attention_dq_kernel<T, D>, a, stream);
     if (status != cudaSuccess) return status;
-    attention_dkdv_kernel<T, D><<<row_grid(a), kWarps * 32, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_rows<D, 2>(attention_dkdv_kernel<T, D>, a, stream);
   }
 };
 

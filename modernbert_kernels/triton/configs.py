@@ -48,6 +48,28 @@ _TILES = {
         "fp32": _FP32_TILES,
     },
 }
+# head_dim 256 (Gemma 2 and 3) doubles every q, k, v and accumulator tile: the tables above spill or
+# overflow shared memory there, so it has narrower tiles of its own, from a sweep of the tables
+# above and of narrower shapes at head_dim 256 (benchmarks/NOTES.md, "head_dim 256").
+_FP32_WIDE_TILES = {kernel: [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)] for kernel in ("fwd", "dq", "dkdv")}
+_WIDE_TILES = {
+    90: {
+        "16bit": {
+            "fwd": _staged([(64, 32, 8)]) + [(64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 3)],
+            "dq": _staged([(64, 32, 8)]) + [(64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 3)],
+            "dkdv": _staged([(32, 64, 8)]) + [(32, 32, 8, 3), (64, 16, 8, 2)],
+        },
+        "fp32": _FP32_WIDE_TILES,
+    },
+    80: {
+        "16bit": {
+            "fwd": _staged([(64, 32, 8)]) + [(64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 3)],
+            "dq": _staged([(64, 32, 8)]) + [(32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 3)],
+            "dkdv": _staged([(32, 32, 8)]) + [(32, 64, 8, 2), (64, 32, 8, 2), (32, 16, 8, 2)],
+        },
+        "fp32": _FP32_WIDE_TILES,
+    },
+}
 # (arch family, precision, kernel, head_dim, BLOCK_M, BLOCK_N, warps, stages) that the compile
 # check found spilling at some layout block, under Triton 3.8 or 3.6 (the GPU machines' version:
 # ptxas sees different code from each); excluded at every layout block and every Triton version,
@@ -85,6 +107,11 @@ _SPILLS = {
     (80, "fp32", "dq", 128, 16, 32, 4, 2),
     (80, "fp32", "dkdv", 32, 32, 32, 4, 1),
     (80, "fp32", "dkdv", 64, 32, 32, 4, 1),
+    # head_dim 256: Triton 3.8, then 3.6
+    (90, "fp32", "dq", 256, 16, 32, 8, 2),
+    (80, "fp32", "dq", 256, 32, 16, 8, 2),
+    (80, "fp32", "dkdv", 256, 32, 16, 8, 2),
+    (90, "fp32", "fwd", 256, 16, 32, 8, 2),
 }
 
 
@@ -102,9 +129,10 @@ def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtyp
     """
     family = arch_family(arch)
     precision = "fp32" if dtype == torch.float32 else "16bit"
+    tiles = (_WIDE_TILES if head_dim > 128 else _TILES)[family][precision][kernel]
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bm, bn, warps, stages in _TILES[family][precision][kernel]
+        for bm, bn, warps, stages in tiles
         if layout_block % bm == 0 and layout_block % bn == 0
         and (family, precision, kernel, head_dim, bm, bn, warps, stages) not in _SPILLS
     ]
