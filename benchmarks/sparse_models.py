@@ -17,7 +17,7 @@ beforehand and the decoder's output projection left out (the same matmuls in bot
 was replaced): the attention itself, with the masks, the global tokens and the layout work. fp32,
 the model's base class (no task head). Whole models: 1 warm-up call, the median of 3 (CPU).
 
-    python -m benchmarks.sparse_models --device cpu
+    python -m benchmarks.sparse_models --device cpu [--models gemma3 ...]
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def _inputs(lengths, global_count, vocab, seq_len):
 
 
 def cases(small: bool):
-    """(name, build, inputs, ours) per row group; ``ours(model)`` turns transformers' model into ours."""
+    """(short name, name, build, inputs, ours) per row group; ``ours(model)`` turns transformers' model
+    into ours."""
     from modernbert_kernels.integrations.transformers import register, replace_attention
 
     name = register()
@@ -146,12 +147,12 @@ def cases(small: bool):
     n = 256 if small else 4096
     lengths = [n, n * 7 // 8, n * 5 // 8, n * 3 // 10]
     return [
-        ("longformer-base batch 1", _longformer, _inputs([n], 1, 50265, n), replace_attention),
-        ("longformer-base padded batch 4", _longformer, _inputs(lengths, 32, 50265, n), replace_attention),
-        ("bigbird-roberta-base", _bigbird, _inputs([n], 0, 50358, n), replace_attention),
-        ("mistral-style sliding-window decoder", _decoder, dict(_inputs([2 * n], 0, 32000, 2 * n), use_cache=False),
+        ("longformer", "longformer-base batch 1", _longformer, _inputs([n], 1, 50265, n), replace_attention),
+        ("longformer_padded", "longformer-base padded batch 4", _longformer, _inputs(lengths, 32, 50265, n), replace_attention),
+        ("bigbird", "bigbird-roberta-base", _bigbird, _inputs([n], 0, 50358, n), replace_attention),
+        ("mistral", "mistral-style sliding-window decoder", _decoder, dict(_inputs([2 * n], 0, 32000, 2 * n), use_cache=False),
          decoder_ours),
-        ("gemma3-1b-style decoder, head_dim 256", _gemma3, dict(_inputs([n], 0, 32000, n), use_cache=False),
+        ("gemma3", "gemma3-1b-style decoder, head_dim 256", _gemma3, dict(_inputs([n], 0, 32000, n), use_cache=False),
          decoder_ours),
     ]
 
@@ -193,7 +194,7 @@ def _timed(fn, device, backward: bool, repeats: int, warmup: int):
 def _prepared(case_index: int, device: torch.device, smoke: bool, providers=("transformers", "ours")):
     """(case name, {provider: model}, the layer-attention getter, inputs on ``device``): the same
     random weights for every provider, and in every process (seeded)."""
-    case_name, build, inputs, make_ours = cases(small=smoke)[case_index]
+    _, case_name, build, inputs, make_ours = cases(small=smoke)[case_index]
     torch.manual_seed(0)
     theirs, layer_attention = build(smoke)
     theirs = theirs.to(device).eval()
@@ -226,20 +227,26 @@ def _in_worker(case_index: int, provider: str, device: torch.device, smoke: bool
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) -> list[dict]:
+MODELS = ("longformer", "longformer_padded", "bigbird", "mistral", "gemma3")  # cases()' short names, for --models
+
+
+def run(device: torch.device, quick: bool, progress=print, smoke: bool = False, models=None) -> list[dict]:
+    """Every case of cases(), or those named in ``models`` (MODELS)."""
     rows = []
     passes = ["fwd"] if smoke else ["fwd", "fwd+bwd"]
     repeats = 1 if smoke else 3
-    for case_index in range(len(cases(small=smoke))):
-        case_name, models, layer_attention, inputs = _prepared(case_index, device, smoke)
+    for case_index, (short_name, *_) in enumerate(cases(small=smoke)):
+        if models is not None and short_name not in models:
+            continue
+        case_name, models_by_provider, layer_attention, inputs = _prepared(case_index, device, smoke)
         seq_len = inputs["input_ids"].shape[1]
         tokens = int(inputs["attention_mask"].sum())
-        calls = {name: _captured_call(model, layer_attention(model), inputs) for name, model in models.items()}
+        calls = {name: _captured_call(model, layer_attention(model), inputs) for name, model in models_by_provider.items()}
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
             for scope in ("model", "attention"):
                 measured, unavailable = {}, {}
-                for name, model in models.items():
+                for name, model in models_by_provider.items():
                     if scope == "model" and backward:
                         stats = _in_worker(case_index, name, device, smoke, repeats)
                         if "error" in stats:
@@ -283,7 +290,8 @@ def main(argv=None):
         device = torch.device(argv[argv.index("--device") + 1]) if "--device" in argv else torch.device("cpu")
         print(json.dumps(_model_fwd_bwd(job["case"], job["provider"], device, job["smoke"], job["repeats"])))
         return
-    script_main(run, __doc__, "sparse_models", argv)
+    script_main(run, __doc__, "sparse_models", argv,
+                options={"--models": dict(nargs="+", choices=MODELS, help="only these cases (default: all)")})
 
 
 if __name__ == "__main__":

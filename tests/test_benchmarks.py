@@ -18,6 +18,12 @@ def test_smoke_cpu_suite_writes_json_markdown_and_plot(tmp_path):
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert report["meta"]["device"]
     assert {"attention", "int8_linear", "rotary"} <= {row["bench"] for row in report["rows"]}
+    # Every sparse model case, each under the short name that --models takes.
+    from benchmarks import sparse_models
+
+    cases = sparse_models.cases(small=True)
+    assert {row["model"] for row in report["rows"] if row["bench"] == "sparse_models"} == {c[1] for c in cases}
+    assert tuple(c[0] for c in cases) == sparse_models.MODELS
     for row in report["rows"]:
         for field in ("median_ms", "baseline_median_ms", "speedup_vs_baseline"):
             assert row[field] > 0, (field, row)
