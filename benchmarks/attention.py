@@ -4,7 +4,7 @@ Gemma: 0 <= i - j <= w; bench "attention_causal"), Longformer's pattern (bench
 "attention_global": a window of 256 each side plus 1% of the tokens global, at random positions
 that differ per example; its baselines get the same per-example mask), and Gemma 3's local layer
 with its heads of 256 (bench "attention_wide_heads": the 1B model's 4 heads and causal window of
-512, in 128-token blocks).
+512, in 128-token blocks; ours also with Gemma 2's logit soft-capping at 50, "_softcap").
 
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import block_sparse_attention, layouts, native
+from modernbert_kernels.attention import SOFTCAP_BACKENDS
 
 
 def visible_pairs(seq_len: int, window: int, causal: bool = False) -> int:
@@ -53,8 +54,10 @@ def _sdpa_with(backend, attn_mask):
     return call
 
 
-def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool, causal: bool = False):
-    """name -> function(q, k, v) returning the attention output, for this device."""
+def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool, causal: bool = False,
+              softcap: float | None = None):
+    """name -> function(q, k, v) returning the attention output, for this device; with ``softcap``,
+    also each of ours with the scores soft-capped (the cost of Gemma 2's cap; the baselines do not cap)."""
     from torch.nn.attention import SDPBackend
 
     layout = layouts.sliding_window(seq_len, window, block_size, causal=causal)
@@ -71,6 +74,12 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         )
         for backend in ours
     }
+    for backend in ours if softcap else ():
+        if backend in SOFTCAP_BACKENDS:
+            found[f"block_sparse_{backend}_softcap"] = (
+                lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
+                                                                       softcap=softcap, backend=backend)
+            )
     found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if causal:
         found["sdpa_is_causal_no_window"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -166,6 +175,7 @@ HEADLINE_SEQ_LENS = [4096, 8192, 16384]
 BENCHES = ("attention", "attention_causal", "attention_global", "attention_wide_heads")
 # (heads, head_dim, window, layout block): ModernBERT's local layer, and Gemma 3 1B's.
 GEOMETRY = {"attention_wide_heads": (4, 256, 512, 128)}
+WIDE_HEADS_SOFTCAP = 50.0  # Gemma 2's attn_logit_softcapping: the wide heads also run capped
 MODERNBERT_GEOMETRY = (12, 64, 64, 64)
 
 
@@ -200,7 +210,8 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
                          flex_block_sparsity_percent=round(flex_sparsity, 1))
         else:
             pairs = visible_pairs(seq_len, window, causal)
-            funcs = providers(device, seq_len, window, block_size, quick, causal)
+            funcs = providers(device, seq_len, window, block_size, quick, causal,
+                              WIDE_HEADS_SOFTCAP if bench == "attention_wide_heads" else None)
             extra = dict(window=window)
         baseline_name = "sdpa_dense_masked"
         for pass_name in passes:

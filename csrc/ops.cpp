@@ -18,13 +18,13 @@ std::string cpu_isa() { return modernbert_kernels::cpu::kernels().isa; }
 MODERNBERT_KERNELS_LIBRARY(m) {
   m.def(
       "block_sparse_attention_forward_native(Tensor q, Tensor k, Tensor v, Tensor row_offsets, "
-      "Tensor col_indices, int block_size, int window_left, int window_right, float scale, "
+      "Tensor col_indices, int block_size, int window_left, int window_right, float scale, float softcap, "
       "Tensor? key_padding_mask, "
       "Tensor? cu_seqlens, int max_seqlen) -> (Tensor, Tensor)");
   m.def(
       "block_sparse_attention_backward_native(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor row_offsets, Tensor col_indices, Tensor col_offsets, Tensor row_indices, "
-      "int block_size, int window_left, int window_right, float scale, Tensor? key_padding_mask, "
+      "int block_size, int window_left, int window_right, float scale, float softcap, Tensor? key_padding_mask, "
       "Tensor? cu_seqlens, "
       "int max_seqlen) -> (Tensor, Tensor, Tensor)");
   m.def(

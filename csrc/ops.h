@@ -34,14 +34,14 @@ template <typename Kernels>
 std::tuple<Tensor, Tensor> attention_forward_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                                         const Tensor& row_offsets, const Tensor& col_indices,
                                                         int64_t block_size, int64_t window_left,
-                                                        int64_t window_right, double scale,
+                                                        int64_t window_right, double scale, double softcap,
                                                         const std::optional<Tensor>& key_padding_mask,
                                                         const std::optional<Tensor>& cu_seqlens,
                                                         int64_t max_seqlen) {
   const DeviceScope scope(q);
   const AttentionForward call =
       attention_forward_outputs(attention_params(q, k, v, row_offsets, col_indices, block_size, window_left,
-                                                 window_right, scale, key_padding_mask, cu_seqlens, max_seqlen,
+                                                 window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen,
                                                  Kernels::kDevice),
                                 q);
   if (q.numel() > 0) Kernels::attention_forward(call.params);
@@ -53,10 +53,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_op(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const Tensor& row_offsets, const Tensor& col_indices, const Tensor& col_offsets,
     const Tensor& row_indices, int64_t block_size, int64_t window_left, int64_t window_right, double scale,
-    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen) {
+    double softcap, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen) {
   const DeviceScope scope(q);
   const AttentionBackward call = attention_backward_outputs(
-      attention_params(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+      attention_params(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale, softcap,
                        key_padding_mask, cu_seqlens, max_seqlen, Kernels::kDevice),
       dout, q, out, lse, col_offsets, row_indices);
   if (q.numel() > 0) Kernels::attention_backward(call.params);

@@ -45,6 +45,7 @@ struct AttentionParams {
   int64_t window_left, window_right;
   bool banded;
   float scale;
+  float softcap;  // 0: scores as they are; else softcap * tanh(score / softcap), before any mask
 };
 
 #if defined(__CUDACC__)

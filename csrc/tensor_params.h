@@ -157,7 +157,7 @@ inline void check_attention_inputs(const Tensor& q, const Tensor& k, const Tenso
 inline AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& row_offsets, const Tensor& col_indices,
                                         int64_t block_size, int64_t window_left, int64_t window_right,
-                                        double scale,
+                                        double scale, double softcap,
                                         const std::optional<Tensor>& key_padding_mask,
                                         const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen,
                                         DeviceType device) {
@@ -190,6 +190,8 @@ inline AttentionParams attention_params(const Tensor& q, const Tensor& k, const 
   p.window_right = window_right < 0 ? kUnboundedWindow : window_right;
   p.banded = window_left >= 0 || window_right >= 0;
   p.scale = static_cast<float>(scale);
+  MBK_CHECK(softcap >= 0 && softcap < __builtin_inf(), "softcap must be 0 (no cap) or finite and > 0, got ", softcap);
+  p.softcap = static_cast<float>(softcap);
   return p;
 }
 

@@ -30,11 +30,12 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)  # every backend's; the Triton tile tab
 @dataclasses.dataclass(frozen=True)
 class AttentionKernels:
     """One backend's forward ``(q, k, v, row_offsets, col_indices, block_size, window_left,
-    window_right, scale, key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and backward
-    ``(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
-    window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen) -> (dq, dk, dv)``,
-    run through the custom ops (query i sees key j only where ``-window_right <= i - j <=
-    window_left``, -1 leaving a side unbounded: see reference.window_bounds); or
+    window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen) -> (out, lse)`` and
+    backward ``(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
+    block_size, window_left, window_right, scale, softcap, key_padding_mask, cu_seqlens,
+    max_seqlen) -> (dq, dk, dv)``, run through the custom ops (query i sees key j only where
+    ``-window_right <= i - j <= window_left``, -1 leaving a side unbounded: see
+    reference.window_bounds; ``softcap`` 0 for none); or
     ``differentiable``, a function with block_sparse_attention's own signature that plain autograd
     differentiates (the reference)."""
 
@@ -46,10 +47,17 @@ class AttentionKernels:
 ATTENTION = backends.op("block_sparse_attention")
 
 
-def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+def _no_softcap(backend: str, softcap: float):
+    if softcap:
+        raise NotImplementedError(f"logit soft-capping is not built into the {backend} kernels; "
+                                  f"backends {SOFTCAP_BACKENDS} run it")
+
+
+def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale, softcap,
                     key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_forward
 
+    _no_softcap("triton", softcap)
     return attention_forward(
         q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=(window_left, window_right),
         scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -57,9 +65,10 @@ def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window_left, 
 
 
 def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
-                     window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen):
+                     window_left, window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_backward
 
+    _no_softcap("triton", softcap)
     return attention_backward(
         dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
         row_offsets.shape[0], window=(window_left, window_right), scale=scale, key_padding_mask=key_padding_mask,
@@ -75,16 +84,16 @@ def _native_backward(dout, *args):
     return ops.block_sparse_attention_backward_native(dout.contiguous(), *args)
 
 
-def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
+def _torch_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale, softcap,
                    key_padding_mask, cu_seqlens, max_seqlen):
     return torch_backend.attention_forward(q, k, v, row_offsets, col_indices, block_size, (window_left, window_right),
-                                           scale, key_padding_mask, cu_seqlens)
+                                           scale, softcap, key_padding_mask, cu_seqlens)
 
 
 def _torch_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size,
-                    window_left, window_right, scale, key_padding_mask, cu_seqlens, max_seqlen):
+                    window_left, window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen):
     return torch_backend.attention_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size,
-                                            (window_left, window_right), scale, key_padding_mask, cu_seqlens)
+                                            (window_left, window_right), scale, softcap, key_padding_mask, cu_seqlens)
 
 
 ATTENTION.add("triton", "forward, dq and dk/dv kernels (autotuned on GPUs)",
@@ -96,6 +105,8 @@ ATTENTION.add("torch", "visited tiles in PyTorch (dense layouts on CPU: PyTorch'
               AttentionKernels(_torch_forward, _torch_backward))
 ATTENTION.add("reference", "dense masked attention under plain autograd, the test oracle",
               AttentionKernels(differentiable=block_sparse_attention_reference))
+# The backends whose kernels apply logit soft-capping (softcap * tanh(scores / softcap), Gemma 2's).
+SOFTCAP_BACKENDS = ("cpu", "cuda", "torch", "reference")
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -106,22 +117,22 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
-    block_size: int, window_left: int, window_right: int, scale: float,
+    block_size: int, window_left: int, window_right: int, scale: float, softcap: float,
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse). Query i sees key j only where -window_right <= i - j <= window_left
-    (-1: that side unbounded)."""
+    (-1: that side unbounded); softcap 0 leaves the scores uncapped."""
     if q.numel() == 0:  # no batch, head or token: nothing to launch (PyTorch's fused CPU kernel divides by zero)
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
             _lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     return ATTENTION[backend].forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale,
-                                      key_padding_mask, cu_seqlens, max_seqlen)
+                                      softcap, key_padding_mask, cu_seqlens, max_seqlen)
 
 
 @_attention_op.register_fake
 def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left, window_right, scale,
-      key_padding_mask, cu_seqlens, max_seqlen, backend):
+      softcap, key_padding_mask, cu_seqlens, max_seqlen, backend):
     lse = q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
@@ -130,39 +141,40 @@ def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, w
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
-    block_size: int, window_left: int, window_right: int, scale: float,
+    block_size: int, window_left: int, window_right: int, scale: float, softcap: float,
     key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     return ATTENTION[backend].backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
-                                       block_size, window_left, window_right, scale, key_padding_mask, cu_seqlens,
-                                       max_seqlen)
+                                       block_size, window_left, window_right, scale, softcap, key_padding_mask,
+                                       cu_seqlens, max_seqlen)
 
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left,
-      window_right, scale, key_padding_mask, cu_seqlens, max_seqlen, backend):
+      window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen, backend):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, window_left, window_right, scale,
-     key_padding_mask, cu_seqlens, max_seqlen, backend) = inputs
+     softcap, key_padding_mask, cu_seqlens, max_seqlen, backend) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask,
                           cu_seqlens)
-    ctx.options = (block_size, window_left, window_right, scale, max_seqlen, backend)
+    ctx.options = (block_size, window_left, window_right, scale, softcap, max_seqlen, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *layout_tensors, key_padding_mask, cu_seqlens = ctx.saved_tensors
-    block_size, window_left, window_right, scale, max_seqlen, backend = ctx.options
+    block_size, window_left, window_right, scale, softcap, max_seqlen, backend = ctx.options
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, *layout_tensors, block_size, window_left,
-                                        window_right, scale, key_padding_mask, cu_seqlens, max_seqlen, backend)
-    return (dq, dk, dv) + (None,) * 12
+                                        window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen,
+                                        backend)
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -223,6 +235,17 @@ def _check_global_tokens(global_tokens, q, varlen):
         raise ValueError(f"global_tokens must be {what} = {expected}, got {tuple(global_tokens.shape)}")
     if global_tokens.device != q.device:
         raise ValueError(f"global_tokens is on {global_tokens.device} but q is on {q.device}")
+
+
+def _checked_softcap(softcap, global_tokens) -> float:
+    """softcap as the kernels take it: a float > 0, or 0 for no cap."""
+    if softcap is None or softcap == 0:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be None, 0 or a finite number > 0, got {softcap!r}")
+    if global_tokens is not None:
+        raise ValueError("softcap with global_tokens is not supported: the global tokens' scores are not capped")
+    return float(softcap)
 
 
 def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens=None):
@@ -308,6 +331,7 @@ def block_sparse_attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     global_tokens: torch.Tensor | None = None,
+    softcap: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v over the tiles ``layout`` visits.
@@ -324,11 +348,17 @@ def block_sparse_attention(
     dtype. The kernels are built for head_dim 32, 64, 128 and 256; other head dims up to 256 run
     zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does), and larger ones
     on the "torch" backend only (the default for them).
+    ``softcap`` > 0 caps the scores as ``softcap * tanh(scale * q k^T / softcap)`` before the
+    softmax (Gemma 2's logit soft-capping; None or 0: no cap). The C++ (CPU and CUDA), torch and
+    reference backends apply it; where the default backend does not (Triton), "torch" runs it.
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
+    softcap = _checked_softcap(softcap, global_tokens)
+    if softcap and backend not in (None,) + SOFTCAP_BACKENDS:
+        raise ValueError(f"softcap runs on the {SOFTCAP_BACKENDS} backends, not on {backend!r}")
     head_dim = q.shape[-1]
     if head_dim > SUPPORTED_HEAD_DIMS[-1]:
         # Past the kernels' largest head_dim only the PyTorch paths run.
@@ -345,18 +375,21 @@ def block_sparse_attention(
         return block_sparse_attention(
             *padded, layout, window=window, causal=causal, scale=head_dim ** -0.5 if scale is None else scale,
             key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-            global_tokens=global_tokens, backend=backend)[..., :head_dim]
+            global_tokens=global_tokens, softcap=softcap, backend=backend)[..., :head_dim]
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
         # fp32 with gradients keeps PyTorch's kernel: its fused backward beats ours.
         fp32_backward = q.dtype == torch.float32 and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k, v))
-        if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None
+        if softcap and backend not in SOFTCAP_BACKENDS:
+            backend = "torch"
+        if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
                 and (q.dtype not in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS or fp32_backward)):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel where that
-            # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work.
+            # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work; PyTorch's
+            # has no soft-capping.
             backend = "torch"
     backend = ATTENTION.resolve(backend, q.device)
     if backend == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -369,14 +402,14 @@ def block_sparse_attention(
     if kernels.differentiable is not None:
         return kernels.differentiable(
             q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
-            causal=causal, global_tokens=global_tokens,
+            causal=causal, global_tokens=global_tokens, softcap=softcap,
         )
     if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # Kernels address rows through strides but need unit stride along head_dim.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, key_padding_mask, cu_seqlens,
+    options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, softcap, key_padding_mask, cu_seqlens,
                seq_len if cu_seqlens is not None else 0, backend)
     if global_tokens is not None:
         local_ops = (lambda q, k, v: _attention_op(q, k, v, *options),

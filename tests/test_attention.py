@@ -10,6 +10,7 @@ from benchmarks import gpu_cases
 from helpers import (
     CPU_BACKENDS,
     CPU_EXTENSION,
+    CUDA_EXTENSION,
     DTYPES,
     GPU_BACKENDS,
     TOLERANCES,
@@ -84,10 +85,12 @@ def global_tokens_for(mode):
 
 
 def check_against_reference(backend, layout, mode, window, dtype, head_dim=64, scale=None, magnitude=1.0,
-                            tol=None, causal=False, with_globals=False):
+                            tol=None, causal=False, with_globals=False, softcap=None):
     q, k, v, dout, extra = make_inputs(mode, dtype, head_dim)
     if with_globals:
         extra["global_tokens"] = global_tokens_for(mode)
+    if softcap is not None:
+        extra["softcap"] = softcap
     q, k = q * magnitude, k * magnitude
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention(*inputs, layout, window=window, causal=causal, scale=scale, backend=backend, **extra)
@@ -213,6 +216,40 @@ def test_head_dims_past_the_kernels_run_on_the_torch_backend(backend, poison_all
     """head_dim 512, past the kernels' 256: the PyTorch tile path, chosen by default, against float64."""
     check_against_reference(backend, layouts.sliding_window(SEQ, 40, BLOCK), "key_padding", 40, torch.float32,
                             head_dim=512, causal=True)
+
+
+# Logit soft-capping (Gemma 2's): scores of magnitude ~12 against a cap of 5, so tanh bends them,
+# in every batch mode, over a causal window and a per-head layout, forward and backward.
+SOFTCAP_CPU_BACKENDS = [b for b in CPU_BACKENDS if getattr(b, "values", (b,))[0] != "triton"]  # not built there
+SOFTCAP_CASES = {
+    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
+    "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["padded", "key_padding", "varlen"])
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+@pytest.mark.parametrize("backend", SOFTCAP_CPU_BACKENDS)
+def test_softcap_matches_reference(backend, case, mode, dtype, poison_allocations):
+    layout, window, causal = SOFTCAP_CASES[case]
+    check_against_reference(backend, layout(), mode, window, dtype, magnitude=3.0, causal=causal, softcap=5.0)
+
+
+def test_softcap_changes_the_result_and_is_refused_where_not_built():
+    q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
+    q, k = q * 3, k * 3
+    layout = LAYOUTS["sliding_window"]()
+    capped = block_sparse_attention(q, k, v, layout, window=40, softcap=5.0, backend="torch", **extra)
+    plain = block_sparse_attention(q, k, v, layout, window=40, backend="torch", **extra)
+    assert relative_error(capped, plain) > 0.05  # the cap is not a no-op at these magnitudes
+    with pytest.raises(ValueError, match="softcap runs on the"):
+        block_sparse_attention(q, k, v, layout, softcap=5.0, backend="triton", **extra)
+    with pytest.raises(ValueError, match="softcap must be None, 0 or a finite number > 0"):
+        block_sparse_attention(q, k, v, layout, softcap=-1.0, **extra)
+    with pytest.raises(ValueError, match="softcap with global_tokens"):
+        block_sparse_attention(q, k, v, layout, softcap=5.0, global_tokens=torch.zeros(q.shape[0], SEQ, dtype=torch.bool),
+                               **extra)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -510,7 +547,7 @@ def native_op_inputs(seq_len, seed):
 def test_lse_matches_reference():
     (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(96, seed=4)
     out, lse = torch.ops.modernbert_kernels.block_sparse_attention_forward_native(
-        q, k, v, row_offsets, col_indices, 32, 20, 20, 0.125, None, None, 0
+        q, k, v, row_offsets, col_indices, 32, 20, 20, 0.125, 0.0, None, None, 0
     )
     mask = layout.to_dense_mask(96)[0]
     pos = torch.arange(96)
@@ -541,12 +578,12 @@ def test_native_attention_op_errors_are_clear():
     (q, k, v), layout, (row_offsets, col_indices) = native_op_inputs(64, seed=0)
     forward = torch.ops.modernbert_kernels.block_sparse_attention_forward_native
     with pytest.raises(RuntimeError, match="head_dim must be 32, 64, 128 or 256"):
-        forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, -1, 1.0, None, None, 0)
+        forward(q[..., :48], k[..., :48], v[..., :48], row_offsets, col_indices, 32, -1, -1, 1.0, 0.0, None, None, 0)
     with pytest.raises(RuntimeError, match="layout covers 64 tokens"):
         big = [t.repeat(1, 1, 2, 1) for t in (q, k, v)]
-        forward(*big, row_offsets, col_indices, 32, -1, -1, 1.0, None, None, 0)
+        forward(*big, row_offsets, col_indices, 32, -1, -1, 1.0, 0.0, None, None, 0)
     with pytest.raises(RuntimeError, match="int32"):
-        forward(q, k, v, row_offsets.long(), col_indices, 32, -1, -1, 1.0, None, None, 0)
+        forward(q, k, v, row_offsets.long(), col_indices, 32, -1, -1, 1.0, 0.0, None, None, 0)
     with pytest.raises(ValueError, match="runs on cpu tensors"):
         block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), layout, backend="cpu")
 
@@ -633,6 +670,17 @@ def check_on_gpu(backend, layout, head_dim, mode, dtype, **options):
     ]:
         assert not torch.isnan(actual).any(), name
         assert relative_error(actual, expected) <= TOLERANCES[dtype], name
+
+
+# Logit soft-capping on the CUDA kernels, and on the torch path (the GPU default for it: the Triton
+# kernels do not cap); scores ~N(0, 1) against a cap of 1.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
+@pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=CUDA_EXTENSION), None], ids=["cuda", "default"])
+def test_softcap_on_gpu(backend, mode, dtype):
+    check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, 64, causal=True), 64, mode, dtype, window=64,
+                 causal=True, softcap=1.0)
 
 
 @pytest.mark.gpu

@@ -10,13 +10,15 @@ from helpers import TOLERANCES, relative_error
 from modernbert_kernels import flash_attn_func, flash_attn_varlen_func
 
 
-def reference(q, k, v, causal, window, scale):
+def reference(q, k, v, causal, window, scale, softcap=0.0):
     """q [seq, heads, dim], k / v [seq, kv_heads, dim] of one sequence, in float64. Fewer queries
     than keys are the keys' last positions (FlashAttention's alignment of the causal mask)."""
     q, k, v = (t.double() for t in (q, k, v))
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     i = torch.arange(q.shape[0])[:, None] + k.shape[0] - q.shape[0]
     j = torch.arange(k.shape[0])[None, :]
     visible = torch.ones_like(scores[0], dtype=torch.bool)
@@ -88,12 +90,28 @@ def test_queries_fewer_than_the_keys_match_the_reference(case):
             assert relative_error(out[rows], expected) < TOLERANCES[torch.float32], b
 
 
+@pytest.mark.parametrize("case", ["bidirectional", "causal_window_gqa"])
+def test_softcap_matches_the_reference(case):
+    """Logit soft-capping (a cap of 2 on scores of magnitude ~8) on the kernels' path (equal
+    sequences) and on the decoding path (fewer queries than keys), against float64."""
+    causal, window_size, kv_heads = CASES[case]
+    window = None if window_size[0] < 0 else window_size[0]
+    gen = torch.Generator().manual_seed(3)
+    q = 3 * torch.randn(1, 100, 4, 64, generator=gen)
+    k, v = (3 * torch.randn(1, 100, kv_heads, 64, generator=gen) for _ in range(2))
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window_size, softcap=2.0)
+    expected = reference(q[0], k[0], v[0], causal, window, 1 / 8, softcap=2.0)
+    assert relative_error(out[0], expected) < TOLERANCES[torch.float32]
+    assert relative_error(out[0], reference(q[0], k[0], v[0], causal, window, 1 / 8)) > 1e-2  # the cap bites
+    last = flash_attn_func(q[:, -3:], k, v, causal=causal, window_size=window_size, softcap=2.0)
+    tail = reference(q[0, -3:], k[0], v[0], causal, window, 1 / 8, softcap=2.0)
+    assert relative_error(last[0], tail) < TOLERANCES[torch.float32]
+
+
 def test_what_it_cannot_do_is_refused():
     q = torch.randn(1, 64, 2, 64)
     with pytest.raises(NotImplementedError, match="dropout"):
         flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        flash_attn_func(q, q, q, softcap=30.0)
     with pytest.raises(NotImplementedError, match="ALiBi"):
         flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
     with pytest.raises(NotImplementedError, match="probabilities"):

@@ -87,13 +87,22 @@ DECODERS = {
     "gemma3-head256": lambda: transformers.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=256, sliding_window=40, layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 2: logit soft-capping in every layer. This random model's scores are ~0.01-0.05
+    # (initializer range 0.02): the released cap, 50, would not touch them; 0.01 bends them all.
+    # transformers' SDPA drops the cap: eager is its reference.
+    "gemma2-softcap": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=40, attn_logit_softcapping=0.01,
+        layer_types=["sliding_attention", "full_attention"]),
 }
+# transformers' implementation each decoder is compared with (sdpa unless named).
+REFERENCE_IMPLEMENTATION = {"gemma2-softcap": "eager"}
 
 
 def decoder_pair(name):
-    """(transformers' sdpa model, ours) with the same random weights."""
+    """(transformers' own model, ours) with the same random weights."""
     models = []
-    for implementation in ("sdpa", NAME):
+    for implementation in (REFERENCE_IMPLEMENTATION.get(name, "sdpa"), NAME):
         torch.manual_seed(0)
         models.append(transformers.AutoModelForCausalLM.from_config(DECODERS[name](),
                                                                     attn_implementation=implementation))
@@ -272,12 +281,19 @@ def test_encoder_decoder_matches_sdpa_forward_backward_and_generation():
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_soft_capping_is_refused():
-    from modernbert_kernels.integrations.transformers import attention_forward
-
-    q = torch.randn(1, 2, 64, 32)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        attention_forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+def test_soft_capping_is_applied_and_not_a_no_op():
+    """Gemma 2's softcap reaches the kernels (and the decoding path): without it the model's output
+    moves, so the decoder tests above could not pass with the cap dropped."""
+    theirs, ours = decoder_pair("gemma2-softcap")
+    ids = decoder_batch()["input_ids"][:1, :90]
+    with torch.no_grad():
+        capped = ours.eval()(input_ids=ids).logits
+        uncapped = transformers.AutoModelForCausalLM.from_config(
+            DECODERS["gemma2-softcap"](), attn_implementation=NAME).eval()
+        uncapped.load_state_dict(ours.state_dict())
+        for layer in uncapped.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert max_difference(uncapped(input_ids=ids).logits, capped) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

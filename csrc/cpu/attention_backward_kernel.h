@@ -69,6 +69,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
   const float inf = __builtin_inff();
   const bool dq_pass = pass == BackwardPass::Dq;
   const Band band = dq_pass ? Band::from_queries(a) : Band::from_keys(a);
+  const SoftCap softcap(a.softcap);
   BackwardWorkspace w(workspace);
   BlockCache slots(modernbert_kernels::cpu::kBackwardCacheSlots);
   float ones[kRowTile];
@@ -157,6 +158,12 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
           const bool row_live = dq_pass ? true : w.stat_a[r0 + r] != 0.f;
           for (int c = c_begin; c < c_end; c += kLanes) {
             vfloat sv = load(s + c);
+            vfloat slope = splat(1.f);  // d capped / d score: 1 - tanh^2 under the cap
+            if (softcap.on()) {
+              const vfloat t = softcap.tanh(sv);
+              sv = splat(softcap.bound) * t;
+              slope = splat(1.f) - t * t;
+            }
             if (band.on) {
               vint distance = iota() + static_cast<int>(j0 + c - i);  // column - row
               sv = select((distance >= -static_cast<int>(band.below)) & (distance <= static_cast<int>(band.above)),
@@ -174,7 +181,7 @@ void attention_backward_items(const AttentionBackwardParams& a, BackwardPass pas
               if (!row_live) p = ds = splat(0.f);
             }
             store(s + c, p);
-            store(dp + c, ds);
+            store(dp + c, ds * slope);
           }
         }
         const int c_stop = c_end < cols ? c_end : cols;

@@ -188,16 +188,36 @@ inline void outer_product_microkernel(const float* a, ptrdiff_t a_row, const flo
 // How a score tile leaves the microkernel's registers: scaled (bf16; fp32 q comes pre-scaled),
 // -inf on masked keys and on columns outside the band, stored, and folded into each row's running
 // max. Masking and the max in memory would be one more pass over the scores.
+// Logit soft-capping of scores in log2 units (the kernels' domain: s = log2(e) x for a score x):
+// log2(e) softcap tanh(x / softcap) = bound * tanh(s / bound), bound = log2(e) softcap. With
+// e = 2^(-2 |s| / softcap) = exp(-2 |x| / softcap) in (0, 1], tanh = sign(s) (1 - e) / (1 + e):
+// no overflow, and NaN stays NaN.
+struct SoftCap {
+  float bound = 0.f;     // 0: off
+  float exponent = 0.f;  // -2 / softcap
+
+  explicit SoftCap(float softcap)
+      : bound(softcap * 1.4426950408889634f), exponent(softcap > 0.f ? -2.f / softcap : 0.f) {}
+  bool on() const { return bound > 0.f; }
+  vfloat tanh(vfloat s) const {
+    const vfloat e = vexp2(vabs(s) * exponent);
+    const vfloat t = (splat(1.f) - e) / (splat(1.f) + e);
+    return select(s < 0.f, -t, t);
+  }
+};
+
 struct ScoreStore {
   float* scores;          // [kRowTile][kRowStride]
   const float* key_bias;  // 0 or -inf per column of the block; null when every key is real
   const Band& band;
   int64_t diagonal;  // key - query at row 0, column 0 (j0 - first)
   float scale;
+  const SoftCap& softcap;
   vfloat max[kRowTile];
 
-  ScoreStore(float* scores, const float* key_bias, const Band& band, int64_t diagonal, float scale)
-      : scores(scores), key_bias(key_bias), band(band), diagonal(diagonal), scale(scale) {
+  ScoreStore(float* scores, const float* key_bias, const Band& band, int64_t diagonal, float scale,
+             const SoftCap& softcap)
+      : scores(scores), key_bias(key_bias), band(band), diagonal(diagonal), scale(scale), softcap(softcap) {
     for (int r = 0; r < kRowTile; ++r) max[r] = splat(-__builtin_inff());
   }
 
@@ -208,7 +228,8 @@ struct ScoreStore {
     const vfloat minus_inf = splat(-__builtin_inff()), scale_v = splat(scale);
     const float* bias = key_bias;
     float* out = scores;
-    const bool banded = band.on;
+    const bool banded = band.on, capped = softcap.on();
+    const vfloat bound = splat(softcap.bound);
     const int64_t below = band.below, above = band.above, first_diagonal = diagonal + j;
     vfloat row_max[kRowTile];
     for (int r = 0; r < kRowTile; ++r) row_max[r] = max[r];
@@ -221,6 +242,7 @@ struct ScoreStore {
 #pragma GCC unroll 4
       for (int r = 0; r < kRowTile; ++r) {
         vfloat s = acc[r][c] * scale_v;
+        if (capped) s = bound * softcap.tanh(s);  // before the masks: tanh(-inf) would be -1
         if (bias) s = select(real, s, minus_inf);
         // key - query at this vector's first lane; only vectors that cross the band's edges are masked
         const int64_t lo = first_diagonal + c * kLanes - r;
@@ -400,6 +422,7 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   const Band band = Band::from_queries(a);
   const float q_scale = a.scale * 1.4426950408889634f;
   const float inf = __builtin_inff();
+  const SoftCap softcap(a.softcap);
 
   // Workspace: q tile, output accumulators, scores, row max / sum, then the key block cache.
   float* q_tile = workspace;                                         // [bs + kRowTile][head_dim]
@@ -520,7 +543,8 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
         prefetcher.issue(8);
         int j_begin, j_end;
         if (!visible_columns(first, j0, padded_keys, band, &j_begin, &j_end)) continue;
-        ScoreStore tile(scores, any_masked_key ? key_bias : nullptr, band, j0 - first, bf16_dot ? q_scale : 1.f);
+        ScoreStore tile(scores, any_masked_key ? key_bias : nullptr, band, j0 - first, bf16_dot ? q_scale : 1.f,
+                        softcap);
 #ifdef MBK_BF16_DOT
         if (bf16_dot) {
           score_tile_bf16(q_pairs + r0 * (head_dim / 2), reinterpret_cast<const uint32_t*>(k_t), bs, head_dim, j_begin,

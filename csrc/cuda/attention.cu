@@ -92,6 +92,15 @@ __device__ __forceinline__ int64_t stat_offset(const AttentionParams& a, const R
   return (a.cu_seqlens ? 0 : t.batch * a.lse_stride[0]) + t.head * a.lse_stride[1] + t.seq.start + token;
 }
 
+// Logit soft-capping of a score x (in any unit u, with the cap in the same unit): cap tanh(x / cap);
+// `slope` gets its derivative 1 - tanh^2. A cap of 0 leaves x as it is.
+__device__ __forceinline__ float soft_capped(float x, float cap, float* slope = nullptr) {
+  if (cap == 0.f) return x;
+  const float t = tanhf(x / cap);
+  if (slope) *slope = 1.f - t * t;
+  return cap * t;
+}
+
 __device__ __forceinline__ bool key_is_real(const AttentionParams& a, const RowTile& t, int64_t key) {
   return a.key_padding == nullptr || a.key_padding[t.batch * a.seq_len + key];
 }
@@ -165,6 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
       score = 0.f;
 #pragma unroll 8
       for (int d = 0; d < D; ++d) score += q_s[warp][d] * k_s[lane][d];
+      score = soft_capped(score, a.softcap * kLog2e);  // q was staged scaled by scale * log2(e)
     }
     const float new_max = fmaxf(row_max, warp_max(score));
     // Nothing visible to this row yet. fmaxf drops NaN: a NaN score still goes on, through p.
@@ -230,8 +240,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionBack
         score += q_s[warp][d] * k_s[lane][d];
         dp += do_s[warp][d] * v_s[lane][d];
       }
-      const float p = exp2f((score * a.scale - lse) * kLog2e);
-      ds = p * (dp - delta);
+      float slope = 1.f;
+      const float p = exp2f((soft_capped(score * a.scale, a.softcap, &slope) - lse) * kLog2e);
+      ds = p * (dp - delta) * slope;
     }
     for (int j = 0; j < kChunk; ++j) {
       const float dsj = __shfl_sync(kFullMask, ds, j);
@@ -286,8 +297,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(AttentionBa
         score += q_s[lane][d] * k_s[warp][d];
         dp += do_s[lane][d] * v_s[warp][d];
       }
-      p = exp2f((score * a.scale - lse_s[lane]) * kLog2e);
-      ds = p * (dp - delta_s[lane]);
+      float slope = 1.f;
+      p = exp2f((soft_capped(score * a.scale, a.softcap, &slope) - lse_s[lane]) * kLog2e);
+      ds = p * (dp - delta_s[lane]) * slope;
     }
     for (int i = 0; i < kChunk; ++i) {
       const float pi = __shfl_sync(kFullMask, p, i);

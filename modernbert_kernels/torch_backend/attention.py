@@ -13,19 +13,20 @@ def _plan(row_offsets, col_indices, block_size, seq_len):
     return layout_plan(row_offsets, col_indices, -(-seq_len // block_size))
 
 
-def _forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask):
+def _forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, softcap, key_padding_mask):
     plan = _plan(row_offsets, col_indices, block_size, q.shape[2])
-    if fused_sdpa.applies(q.device, plan.dense, window, key_padding_mask):
+    if fused_sdpa.applies(q.device, plan.dense, window, softcap, key_padding_mask):
         out, lse = fused_sdpa.forward(q, k, v, scale)
         return out.contiguous(), lse.contiguous()
-    return tiles.forward(q, k, v, plan, block_size, window, scale, key_padding_mask)
+    return tiles.forward(q, k, v, plan, block_size, window, scale, softcap, key_padding_mask)
 
 
-def _backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale, key_padding_mask):
+def _backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale, softcap,
+                     key_padding_mask):
     plan = _plan(row_offsets, col_indices, block_size, q.shape[2])
-    if fused_sdpa.applies(q.device, plan.dense, window, key_padding_mask):
+    if fused_sdpa.applies(q.device, plan.dense, window, softcap, key_padding_mask):
         return fused_sdpa.backward(dout, q, k, v, out, lse, scale)
-    return tiles.backward(dout, q, k, v, out, lse, plan, block_size, window, scale, key_padding_mask)
+    return tiles.backward(dout, q, k, v, out, lse, plan, block_size, window, scale, softcap, key_padding_mask)
 
 
 def _per_sequence(bounds, *tensors):
@@ -35,37 +36,39 @@ def _per_sequence(bounds, *tensors):
             yield start, end, [t[start:end].transpose(0, 1)[None] for t in tensors]
 
 
-def attention_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask, cu_seqlens):
+def attention_forward(q, k, v, row_offsets, col_indices, block_size, window, scale, softcap, key_padding_mask,
+                      cu_seqlens):
     """(out, lse) for [batch, heads, seq, dim] inputs, or [total, heads, dim] with cu_seqlens
     (lse [heads, total]); ``window`` is (left, right): query i sees key j only where
-    -right <= i - j <= left, -1 leaving a side unbounded."""
+    -right <= i - j <= left, -1 leaving a side unbounded; ``softcap`` 0 for no cap."""
     if cu_seqlens is None:
-        return _forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, key_padding_mask)
+        return _forward_padded(q, k, v, row_offsets, col_indices, block_size, window, scale, softcap,
+                               key_padding_mask)
     bounds = cu_seqlens.tolist()
     if len(bounds) == 2 and bounds[1] > 0:
         # One sequence: its output, transposed once, is the whole result.
         o, l = _forward_padded(*next(_per_sequence(bounds, q, k, v))[2], row_offsets, col_indices, block_size,
-                               window, scale, None)
+                               window, scale, softcap, None)
         return o[0].transpose(0, 1).contiguous(), l[0].contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
     for start, end, seq in _per_sequence(bounds, q, k, v):
-        o, l = _forward_padded(*seq, row_offsets, col_indices, block_size, window, scale, None)
+        o, l = _forward_padded(*seq, row_offsets, col_indices, block_size, window, scale, softcap, None)
         out[start:end] = o[0].transpose(0, 1)
         lse[:, start:end] = l[0]
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale,
+def attention_backward(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale, softcap,
                        key_padding_mask, cu_seqlens):
     """(dq, dk, dv) like q, contiguous."""
     if cu_seqlens is None:
-        return _backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale,
+        return _backward_padded(dout, q, k, v, out, lse, row_offsets, col_indices, block_size, window, scale, softcap,
                                 key_padding_mask)
     grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     for start, end, seq in _per_sequence(cu_seqlens.tolist(), dout, q, k, v, out):
         seq_grads = _backward_padded(*seq, lse[None, :, start:end], row_offsets, col_indices, block_size, window,
-                                     scale, None)
+                                     scale, softcap, None)
         for grad, seq_grad in zip(grads, seq_grads):
             grad[start:end] = seq_grad[0].transpose(0, 1)
     return tuple(grads)

@@ -3,7 +3,8 @@
 When every query block visits every key block and no token mask applies, the tile groups have no
 work to skip, and PyTorch's fused CPU attention (which also returns the LSE the backward uses)
 beats them (measured: 0.70 s vs 2.24 s at 8192 tokens, 12 heads; benchmarks/NOTES.md). Rows that
-see no key would come out NaN there, so any key mask, window or causal mask takes the tile groups.
+see no key would come out NaN there, so any key mask, window or causal mask takes the tile groups;
+so does soft-capping, which PyTorch's kernel does not have.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 
 
-def applies(device: torch.device, dense: bool, window: tuple[int, int], key_padding_mask) -> bool:
-    return device.type == "cpu" and dense and window == (-1, -1) and key_padding_mask is None
+def applies(device: torch.device, dense: bool, window: tuple[int, int], softcap: float, key_padding_mask) -> bool:
+    return device.type == "cpu" and dense and window == (-1, -1) and not softcap and key_padding_mask is None
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

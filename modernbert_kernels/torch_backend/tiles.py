@@ -157,7 +157,7 @@ def _tile_groups(head: HeadPlan, first: int, last: int, masks: _Masks, k, v):
                    masks.for_gather(rows, key_blocks, valid))
 
 
-def _forward_head(q, k, v, head: HeadPlan, masks, out, lse):
+def _forward_head(q, k, v, head: HeadPlan, masks, softcap, out, lse):
     """q (scaled), k, v: [N, B, G, bs, D]; writes out (same shape) and lse [N, B, G, bs]."""
     row_max = q.new_full(q.shape[:-1], float("-inf"))
     row_sum = q.new_zeros(q.shape[:-1])
@@ -165,6 +165,8 @@ def _forward_head(q, k, v, head: HeadPlan, masks, out, lse):
     for first, last in _chunks(head, q):
         for kind, rows, _, keys_tile, values_tile, mask in _tile_groups(head, first, last, masks, k, v):
             scores = torch.matmul(q[rows], keys_tile.transpose(-1, -2))
+            if softcap:  # before the mask: tanh would turn -inf into -softcap
+                scores.div_(softcap).tanh_().mul_(softcap)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))
             old_max = row_max[rows]
@@ -187,7 +189,7 @@ def _forward_head(q, k, v, head: HeadPlan, masks, out, lse):
     lse.copy_(row_max.add_(torch.log(row_sum)).masked_fill_(~has_keys, float("inf")))
 
 
-def _backward_head(dout, q, k, v, lse, delta, head: HeadPlan, masks, dq, dk, dv):
+def _backward_head(dout, q, k, v, lse, delta, head: HeadPlan, masks, softcap, dq, dk, dv):
     """All [N, B, G, bs, D] (q scaled) or [N, B, G, bs]; writes dq / scale, dk and dv."""
     for grad in (dq, dk, dv):
         grad.zero_()
@@ -195,11 +197,16 @@ def _backward_head(dout, q, k, v, lse, delta, head: HeadPlan, masks, dq, dk, dv)
         for kind, rows, keys, keys_tile, values_tile, mask in _tile_groups(head, first, last, masks, k, v):
             q_rows, do_rows = q[rows], dout[rows]
             scores = torch.matmul(q_rows, keys_tile.transpose(-1, -2))
+            if softcap:  # capped = softcap * t with t = tanh(scores / softcap); d capped / d scores = 1 - t^2
+                tanh = scores.div(softcap).tanh_()
+                scores = torch.mul(tanh, softcap, out=scores)
             if mask is not None:  # masked scores may exceed the LSE: mask before exp, never after
                 scores.masked_fill_(~mask, float("-inf"))
             probs = scores.sub_(lse[rows][..., None]).exp_()
             dprobs = torch.matmul(do_rows, values_tile.transpose(-1, -2))
             dscores = dprobs.sub_(delta[rows][..., None]).mul_(probs)
+            if softcap:
+                dscores.mul_(tanh.square_().neg_().add_(1.0))
             dq[rows] += torch.matmul(dscores, keys_tile)
             dk_tile = torch.matmul(dscores.transpose(-1, -2), q_rows)
             dv_tile = torch.matmul(probs.transpose(-1, -2), do_rows)
@@ -213,7 +220,7 @@ def _backward_head(dout, q, k, v, lse, delta, head: HeadPlan, masks, dq, dk, dv)
                     grad.index_add_(0, keys.reshape(-1), per_slot)
 
 
-def forward(q, k, v, plan: LayoutPlan, block_size, window, scale, key_padding_mask):
+def forward(q, k, v, plan: LayoutPlan, block_size, window, scale, softcap, key_padding_mask):
     """q, k, v [batch, heads, seq, dim] -> (out like q, lse [batch, heads, seq] fp32)."""
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
@@ -228,12 +235,12 @@ def forward(q, k, v, plan: LayoutPlan, block_size, window, scale, key_padding_ma
     out_blocks = _block_major_view(out, layout_heads, block_size)
     lse_blocks = _block_major_view(lse, layout_heads, block_size)
     for h, head in enumerate(plan.heads):
-        _forward_head(qb[h], kb[h], vb[h], head, masks, out_blocks[h], lse_blocks[h])
+        _forward_head(qb[h], kb[h], vb[h], head, masks, softcap, out_blocks[h], lse_blocks[h])
     # Contiguous whatever q's strides are: the op's fake implementation promises it.
     return out[:, :, :seq_len].to(q.dtype).contiguous(), lse[:, :, :seq_len].contiguous()
 
 
-def backward(dout, q, k, v, out, lse, plan: LayoutPlan, block_size, window, scale, key_padding_mask):
+def backward(dout, q, k, v, out, lse, plan: LayoutPlan, block_size, window, scale, softcap, key_padding_mask):
     """(dq, dk, dv) like q, contiguous."""
     seq_len = q.shape[2]
     num_blocks = -(-seq_len // block_size)
@@ -251,6 +258,7 @@ def backward(dout, q, k, v, out, lse, plan: LayoutPlan, block_size, window, scal
     grads = [_padded_output(q.shape[0], q.shape[1], num_blocks, block_size, q.shape[3:], q.device) for _ in range(3)]
     grad_blocks = [_block_major_view(g, layout_heads, block_size) for g in grads]
     for h, head in enumerate(plan.heads):
-        _backward_head(dob[h], qb[h], kb[h], vb[h], lse_b[h], deltab[h], head, masks, *(g[h] for g in grad_blocks))
+        _backward_head(dob[h], qb[h], kb[h], vb[h], lse_b[h], deltab[h], head, masks, softcap,
+                       *(g[h] for g in grad_blocks))
     grads[0].mul_(scale)
     return tuple(g[:, :, :seq_len].to(q.dtype).contiguous() for g in grads)

@@ -90,7 +90,20 @@ def share_kv_heads(q, k, v, head_axis: int):
     return k, v
 
 
-def attention_after_cache(query, key, value, key_padding_mask, window, scale):
+def dense_attention(query, key, value, visible, scale, softcap=None):
+    """PyTorch's SDPA over the keys that ``visible`` (bool, broadcast to the scores) lets through.
+    SDPA has no logit soft-capping: with a cap the same math is written out, which forms the scores
+    (for the short query runs that come here: decoding steps, cross-attention)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * (query.shape[-1] ** -0.5 if scale is None else scale)
+    scores = softcap * torch.tanh(scores / softcap)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+
+
+def attention_after_cache(query, key, value, key_padding_mask, window, scale, softcap=None):
     """Causal attention of queries shorter than the keys: the queries are the last of the keys'
     positions (a StaticCache's padding mask, shorter than its keys, ends at the last real one), and
     only the keys inside the window are read."""
@@ -108,8 +121,7 @@ def attention_after_cache(query, key, value, key_padding_mask, window, scale):
     visible = visible[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, start:]
-    return F.scaled_dot_product_attention(query, key[:, :, start:], value[:, :, start:], attn_mask=visible,
-                                          scale=scale)
+    return dense_attention(query, key[:, :, start:], value[:, :, start:], visible, scale, softcap)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("sequences_from_positions"), mutates_args=())
@@ -169,33 +181,31 @@ def same_sequences(cu_seqlens_a: torch.Tensor, cu_seqlens_b: torch.Tensor) -> bo
                                             and torch.equal(cu_seqlens_a, cu_seqlens_b))
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window, causal: bool, scale):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window, causal: bool, scale, softcap=None):
     """[total_tokens, heads, dim] sequences on the kernels, the layout sized for the longest."""
     layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
     return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen)
+                                  max_seqlen=max_seqlen, softcap=softcap)
 
 
-def cross_attention(query, key, value, key_padding_mask, scale):
+def cross_attention(query, key, value, key_padding_mask, scale, softcap=None):
     """Bidirectional attention of queries to other keys (an encoder-decoder's cross-attention): no
     tiles to skip, so PyTorch's SDPA over every real key. A query whose example has no real key gets
     0, as from the kernels (SDPA would give NaN)."""
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+        return dense_attention(query, key, value, None, scale, softcap)
     if key_padding_mask.shape[1] != key.shape[2]:
         raise ValueError(f"{NAME}: a padding mask of {key_padding_mask.shape[1]} keys for {key.shape[2]} keys")
     no_key = ~key_padding_mask.any(dim=1)
     visible = (key_padding_mask | no_key[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+    out = dense_attention(query, key, value, visible, scale, softcap)
     return out.masked_fill(no_key[:, None, None, None], 0)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                       softcap=None, **kwargs):
-    """transformers' attention-function contract: [batch, heads, seq, dim] in, ([batch, seq, heads, dim], None) out."""
-    if softcap is not None:
-        raise NotImplementedError(f"{NAME} has no attention logit soft-capping (softcap={softcap}, Gemma 2's "
-                                  "attn_logit_softcapping); use a model without it or set it to None")
+    """transformers' attention-function contract: [batch, heads, seq, dim] in, ([batch, seq, heads, dim], None) out.
+    ``softcap``: Gemma 2's attn_logit_softcapping."""
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{NAME} has no attention sinks (s_aux)")
     causal = kwargs.get("is_causal")
@@ -211,9 +221,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
         if causal:
-            out = attention_after_cache(query, key, value, key_padding_mask, window, scaling)
+            out = attention_after_cache(query, key, value, key_padding_mask, window, scaling, softcap)
         elif window is None:
-            out = cross_attention(query, key, value, key_padding_mask, scaling)
+            out = cross_attention(query, key, value, key_padding_mask, scaling, softcap)
         else:
             raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional sliding-window "
                              "layer: which keys a query's window holds is not defined")
@@ -222,18 +232,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if key_padding_mask is None and query.shape[0] > 0 and seq_len > 0:
         packed = _packed_sequences(kwargs, query.shape[0], seq_len)
     if packed is not None:
-        return _packed_attention(query, key, value, *packed, window, causal, scaling), None
+        return _packed_attention(query, key, value, *packed, window, causal, scaling, softcap), None
     layout = layout_for(-(-seq_len // BLOCK_SIZE), window, causal, query.device)
     out = block_sparse_attention(query, key, value, layout, window=window, causal=causal, scale=scaling,
-                                 key_padding_mask=key_padding_mask)
+                                 key_padding_mask=key_padding_mask, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal, scale):
+def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal, scale, softcap):
     """The rows of [batch, heads, seq, dim] as one varlen batch -> [batch, seq, heads, dim]."""
     batch, heads, seq_len, head_dim = query.shape
     tokens = [t.transpose(1, 2).reshape(batch * seq_len, heads, head_dim) for t in (query, key, value)]
-    out = varlen_attention(*tokens, cu_seqlens, max_seqlen, window, causal, scale)
+    out = varlen_attention(*tokens, cu_seqlens, max_seqlen, window, causal, scale, softcap)
     return out.view(batch, seq_len, heads, head_dim)
 
 
