@@ -185,9 +185,6 @@ inline void outer_product_microkernel(const float* a, ptrdiff_t a_row, const flo
   }
 }
 
-// How a score tile leaves the microkernel's registers: scaled (bf16; fp32 q comes pre-scaled),
-// -inf on masked keys and on columns outside the band, stored, and folded into each row's running
-// max. Masking and the max in memory would be one more pass over the scores.
 // Logit soft-capping of scores in log2 units (the kernels' domain: s = log2(e) x for a score x):
 // log2(e) softcap tanh(x / softcap) = bound * tanh(s / bound), bound = log2(e) softcap. With
 // e = 2^(-2 |s| / softcap) = exp(-2 |x| / softcap) in (0, 1], tanh = sign(s) (1 - e) / (1 + e):
@@ -206,6 +203,9 @@ struct SoftCap {
   }
 };
 
+// How a score tile leaves the microkernel's registers: scaled (bf16; fp32 q comes pre-scaled),
+// soft-capped where asked, -inf on masked keys and on columns outside the band, stored, and folded
+// into each row's running max. Masking and the max in memory would be one more pass over the scores.
 struct ScoreStore {
   float* scores;          // [kRowTile][kRowStride]
   const float* key_bias;  // 0 or -inf per column of the block; null when every key is real
