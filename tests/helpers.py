@@ -26,6 +26,9 @@ CPU_BACKENDS = [
     "torch",
 ]
 
+# The CPU backends outside Triton's interpreter: the C++ kernels and the PyTorch path.
+NATIVE_CPU_BACKENDS = [b for b in CPU_BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
+
 # The C++ CPU kernels, where the extension is built.
 CPU_EXTENSION = pytest.mark.skipif(not native.cpu_status()[0], reason=native.cpu_status()[1])
 # Backends the GPU tests run (marked gpu: skipped without a CUDA device): Triton's kernels, and the

@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
-from helpers import TOLERANCES
+from helpers import NATIVE_CPU_BACKENDS, TOLERANCES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modernbert_kernels import block_sparse_attention, int8_linear, layouts, native, quantize_per_token, rotary_embedding
+from modernbert_kernels import block_sparse_attention, int8_linear, layouts, quantize_per_token, rotary_embedding
 from modernbert_kernels.int8 import quantize_per_channel
 from modernbert_kernels.reference import (
     block_sparse_attention_reference,
@@ -31,10 +31,6 @@ pytestmark = pytest.mark.fuzz
 
 EXAMPLES = 1000
 INTERPRETER_EXAMPLES = {"attention": 60, "int8_linear": 1000, "quantize": 500, "rotary": 1000}
-NATIVE_BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not native.cpu_status()[0], reason=native.cpu_status()[1])),
-    "torch",
-]
 INTERPRETED = [pytest.param("triton", marks=pytest.mark.interpreter)]
 SEEDS = st.integers(0, 2**31 - 1)
 # Relative error of the int8 epilogue against float64, per output dtype (as test_int8.py).
@@ -202,10 +198,10 @@ def check_rotary(backend, problem):
         assert close(x, expected, TOLERANCES[dtype])
 
 
-test_fuzz_attention_forward_and_backward = fuzz_test(attention_problems, check_attention, NATIVE_BACKENDS, EXAMPLES)
-test_fuzz_int8_linear = fuzz_test(int8_problems, check_int8_linear, NATIVE_BACKENDS, EXAMPLES)
-test_fuzz_quantize_per_token = fuzz_test(quantize_problems, check_quantize, NATIVE_BACKENDS, EXAMPLES)
-test_fuzz_rotary = fuzz_test(rotary_problems, check_rotary, NATIVE_BACKENDS, EXAMPLES)
+test_fuzz_attention_forward_and_backward = fuzz_test(attention_problems, check_attention, NATIVE_CPU_BACKENDS, EXAMPLES)
+test_fuzz_int8_linear = fuzz_test(int8_problems, check_int8_linear, NATIVE_CPU_BACKENDS, EXAMPLES)
+test_fuzz_quantize_per_token = fuzz_test(quantize_problems, check_quantize, NATIVE_CPU_BACKENDS, EXAMPLES)
+test_fuzz_rotary = fuzz_test(rotary_problems, check_rotary, NATIVE_CPU_BACKENDS, EXAMPLES)
 test_fuzz_attention_forward_and_backward_interpreted = fuzz_test(
     attention_problems, check_attention, INTERPRETED, INTERPRETER_EXAMPLES["attention"])
 test_fuzz_int8_linear_interpreted = fuzz_test(int8_problems, check_int8_linear, INTERPRETED,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import CPU_BACKENDS, CPU_EXTENSION, CUDA_EXTENSION, relative_error
+from helpers import CPU_BACKENDS, CPU_EXTENSION, CUDA_EXTENSION, NATIVE_CPU_BACKENDS, relative_error
 
 from modernbert_kernels import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from modernbert_kernels.int8 import ACTIVATIONS, _int8_linear_op, _quantize_op
@@ -238,9 +238,6 @@ def test_int8_accumulation_is_exact(out_dtype):
     expected = int8_matmul_reference(x_q, w_q)
     assert expected.abs().max() < 2**24
     assert torch.equal(out, expected.to(torch.float32).to(out_dtype))
-
-
-NATIVE_CPU_BACKENDS = [b for b in CPU_BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
 
 
 @pytest.mark.parametrize("gemm", ["int8", "float"])
