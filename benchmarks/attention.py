@@ -4,7 +4,8 @@ Gemma: 0 <= i - j <= w; bench "attention_causal"), Longformer's pattern (bench
 "attention_global": a window of 256 each side plus 1% of the tokens global, at random positions
 that differ per example; its baselines get the same per-example mask), and Gemma 3's local layer
 with its heads of 256 (bench "attention_wide_heads": the 1B model's 4 heads and causal window of
-512, in 128-token blocks; ours also with Gemma 2's logit soft-capping at 50, "_softcap").
+512, in 128-token blocks; ours and FlexAttention (the cap as a score_mod) also with Gemma 2's logit
+soft-capping at 50, "_softcap").
 
 CPU: backend="cpu" (the C++ kernel) and backend="torch" (gathered blocks) vs
 F.scaled_dot_product_attention with the equivalent boolean mask. GPU: backend="triton" and
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from benchmarks.report import result_rows
 from benchmarks.timing import summarize, time_fn
 from modernbert_kernels import block_sparse_attention, layouts, native
-from modernbert_kernels.attention import SOFTCAP_BACKENDS
 
 
 def visible_pairs(seq_len: int, window: int, causal: bool = False) -> int:
@@ -57,7 +57,8 @@ def _sdpa_with(backend, attn_mask):
 def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool, causal: bool = False,
               softcap: float | None = None):
     """name -> function(q, k, v) returning the attention output, for this device; with ``softcap``,
-    also each of ours with the scores soft-capped (the cost of Gemma 2's cap; the baselines do not cap)."""
+    also each of ours and FlexAttention with the scores soft-capped (the cost of Gemma 2's cap; the
+    other baselines do not cap)."""
     from torch.nn.attention import SDPBackend
 
     layout = layouts.sliding_window(seq_len, window, block_size, causal=causal)
@@ -75,11 +76,10 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         for backend in ours
     }
     for backend in ours if softcap else ():
-        if backend in SOFTCAP_BACKENDS:
-            found[f"block_sparse_{backend}_softcap"] = (
-                lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
-                                                                       softcap=softcap, backend=backend)
-            )
+        found[f"block_sparse_{backend}_softcap"] = (
+            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
+                                                                   softcap=softcap, backend=backend)
+        )
     found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if causal:
         found["sdpa_is_causal_no_window"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -105,23 +105,30 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
             pass
 
     found["flex_attention"] = _flex_attention(seq_len, window, device, causal)
+    if softcap:
+        found["flex_attention_softcap"] = _flex_attention(seq_len, window, device, causal, softcap)
     return found
 
 
-def _flex_attention(seq_len: int, window: int, device: torch.device, causal: bool = False):
+def _flex_attention(seq_len: int, window: int, device: torch.device, causal: bool = False,
+                    softcap: float | None = None):
     """torch.compile(flex_attention) with the same window (and causal mask) as a block mask (CPU
-    too: inductor's C++ template). Its first call compiles (~13 s on the 2-core CPU), which the
-    warm-up absorbs."""
+    too: inductor's C++ template), and the cap as a score_mod. Its first call compiles (~13 s on
+    the 2-core CPU), which the warm-up absorbs."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
         near = (q_idx - kv_idx).abs() <= window
         return near & (q_idx >= kv_idx) if causal else near
 
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
     block_mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
     # dynamic=False: one static compile per sequence length (168 ms at 8192 tokens on the CPU).
     compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+    score_mod = capped if softcap else None
+    return lambda q, k, v: compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 GLOBAL_WINDOW, GLOBAL_FRACTION, GLOBAL_BATCH = 256, 0.01, 2

@@ -47,20 +47,13 @@ class AttentionKernels:
 ATTENTION = backends.op("block_sparse_attention")
 
 
-def _no_softcap(backend: str, softcap: float):
-    if softcap:
-        raise NotImplementedError(f"logit soft-capping is not built into the {backend} kernels; "
-                                  f"backends {SOFTCAP_BACKENDS} run it")
-
-
 def _triton_forward(q, k, v, row_offsets, col_indices, block_size, window_left, window_right, scale, softcap,
                     key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_forward
 
-    _no_softcap("triton", softcap)
     return attention_forward(
         q, k, v, (row_offsets, col_indices), block_size, row_offsets.shape[0], window=(window_left, window_right),
-        scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        scale=scale, softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
     )
 
 
@@ -68,10 +61,9 @@ def _triton_backward(dout, q, k, v, out, lse, row_offsets, col_indices, col_offs
                      window_left, window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen):
     from .triton.attention_kernel import attention_backward
 
-    _no_softcap("triton", softcap)
     return attention_backward(
         dout, q, k, v, out, lse, (row_offsets, col_indices, col_offsets, row_indices), block_size,
-        row_offsets.shape[0], window=(window_left, window_right), scale=scale, key_padding_mask=key_padding_mask,
+        row_offsets.shape[0], window=(window_left, window_right), scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
     )
 
@@ -105,8 +97,6 @@ ATTENTION.add("torch", "visited tiles in PyTorch (dense layouts on CPU: PyTorch'
               AttentionKernels(_torch_forward, _torch_backward))
 ATTENTION.add("reference", "dense masked attention under plain autograd, the test oracle",
               AttentionKernels(differentiable=block_sparse_attention_reference))
-# The backends whose kernels apply logit soft-capping (softcap * tanh(scores / softcap), Gemma 2's).
-SOFTCAP_BACKENDS = ("cpu", "cuda", "torch", "reference")
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -349,16 +339,13 @@ def block_sparse_attention(
     zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does), and larger ones
     on the "torch" backend only (the default for them).
     ``softcap`` > 0 caps the scores as ``softcap * tanh(scale * q k^T / softcap)`` before the
-    softmax (Gemma 2's logit soft-capping; None or 0: no cap). The C++ (CPU and CUDA), torch and
-    reference backends apply it; where the default backend does not (Triton), "torch" runs it.
+    softmax (Gemma 2's logit soft-capping; None or 0: no cap), on every backend.
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
     softcap = _checked_softcap(softcap, global_tokens)
-    if softcap and backend not in (None,) + SOFTCAP_BACKENDS:
-        raise ValueError(f"softcap runs on the {SOFTCAP_BACKENDS} backends, not on {backend!r}")
     head_dim = q.shape[-1]
     if head_dim > SUPPORTED_HEAD_DIMS[-1]:
         # Past the kernels' largest head_dim only the PyTorch paths run.
@@ -382,8 +369,6 @@ def block_sparse_attention(
         # fp32 with gradients keeps PyTorch's kernel: its fused backward beats ours.
         fp32_backward = q.dtype == torch.float32 and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k, v))
-        if softcap and backend not in SOFTCAP_BACKENDS:
-            backend = "torch"
         if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
                 and (q.dtype not in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS or fp32_backward)):

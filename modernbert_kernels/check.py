@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -32,7 +33,8 @@ TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 SHIPPED_LAYOUT_BLOCKS = (32, 64, 128)
 # ModernBERT-base / -large hidden and intermediate widths, rounded up to the quantize kernel's block.
 QUANTIZE_WIDTHS = (1024, 2048, 4096)
-# Attention builds are checked with the heaviest specialization (window on, varlen).
+# Attention builds are checked with the heaviest specialization (window on, varlen), with and without
+# logit soft-capping (HAS_SOFTCAP, which keeps one more tile live in the backward).
 ATTENTION_FLAGS = dict(IS_VARLEN=True, HAS_WINDOW=True, HAS_KEY_MASK=False)
 
 
@@ -95,7 +97,7 @@ def _signature(kernel, pointer_types: dict, constexprs: dict):
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name], attrs[(index,)] = f"*{pointer_types[name]}", aligned
-        elif name in ("sm_scale", "eps"):
+        elif name in ("sm_scale", "softcap", "eps"):
             signature[name] = "fp32"
         elif name.startswith("stride_") and name != "stride_mb":
             signature[name], attrs[(index,)] = "i32", aligned
@@ -143,21 +145,25 @@ def attention_builds(arch: int, quick: bool):
 
     head_dims = (64, 128, 256) if quick else (32, 64, 128, 256)
     layout_blocks = (64,) if quick else SHIPPED_LAYOUT_BLOCKS
+    # Quick: one 16-bit type (fp16 and bf16 run the same MMA shapes), and the capped kernels at
+    # head_dim 256 only (Gemma 2's, and the widest tiles: the likeliest to spill).
+    dtypes = {t: n for t, n in TYPE_NAMES.items() if not quick or t != torch.float16}
     for kind, pass_number in PASSES.items():
-        for dtype, type_name in TYPE_NAMES.items():
+        for dtype, type_name in dtypes.items():
             pointers = {name: type_name for name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
             pointers.update(Lse="fp32", Delta="fp32", KeyMask="u8")
             pointers.update({name: "i32" for name in ("Offsets", "Indices", "CuSeqlens")})
-            for head_dim in head_dims:
-                for layout_block in layout_blocks:
-                    chosen = configs_for(kind, layout_block, head_dim, dtype, arch)
+            for head_dim, layout_block in itertools.product(head_dims, layout_blocks):
+                for capped in (False, True) if not quick or head_dim == 256 else (False,):
+                    chosen = configs_for(kind, layout_block, head_dim, dtype, arch, capped)
                     if quick:  # the deepest pipeline of each tile: the likeliest to spill
                         chosen = [c for c in chosen if c.num_stages == max(x.num_stages for x in chosen)]
                     for config in chosen:
                         yield Build(
-                            block_sparse_attention_kernel, type_name, f"d={head_dim} lb={layout_block}", pointers,
+                            block_sparse_attention_kernel, type_name,
+                            f"d={head_dim} lb={layout_block}{' cap' if capped else ''}", pointers,
                             dict(HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, DOT_PRECISION=dot_precision(dtype),
-                                 PASS=pass_number, **ATTENTION_FLAGS, **config.kwargs),
+                                 PASS=pass_number, HAS_SOFTCAP=capped, **ATTENTION_FLAGS, **config.kwargs),
                             config.num_warps, config.num_stages,
                             # dk/dv owns key rows (BLOCK_N); the others own query rows (BLOCK_M).
                             rows_per_program=config.kwargs["BLOCK_N" if kind == "dkdv" else "BLOCK_M"],
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
     def progress(step, total, build):
         status = "; ".join(build.problems()) or "ok"
         print(
-            f"[{step:3d}/{total}] sm_{build.arch} {build.kernel:42s} {build.dtype:9s} {build.shape:13s} "
+            f"[{step:3d}/{total}] sm_{build.arch} {build.kernel:42s} {build.dtype:9s} {build.shape:17s} "
             f"{build.config:18s} regs={build.registers:3d} spill={build.spill_bytes} smem={build.shared_bytes:6d} "
             f"wgmma={'y' if build.uses_wgmma else 'n'} {status}",
             flush=True,

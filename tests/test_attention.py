@@ -10,7 +10,6 @@ from benchmarks import gpu_cases
 from helpers import (
     CPU_BACKENDS,
     CPU_EXTENSION,
-    CUDA_EXTENSION,
     DTYPES,
     GPU_BACKENDS,
     NATIVE_CPU_BACKENDS,
@@ -220,33 +219,42 @@ def test_head_dims_past_the_kernels_run_on_the_torch_backend(backend, poison_all
 
 
 # Logit soft-capping (Gemma 2's): scores of magnitude ~12 against a cap of 5, so tanh bends them,
-# in every batch mode, over a causal window and a per-head layout, forward and backward.
+# in every batch mode, over a causal window and a per-head layout, forward and backward. fp32 and
+# fp16 on every backend (Triton: a pairwise covering, 6 cases), and bf16 on the C++ and PyTorch ones.
 SOFTCAP_CASES = {
     "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
     "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False),
 }
+SOFTCAP_MATRIX = {"case": list(SOFTCAP_CASES), "mode": ["padded", "key_padding", "varlen"],
+                  "dtype": [torch.float32, torch.float16]}
+SOFTCAP_BF16 = [pytest.param(name, case, mode, torch.bfloat16, id=f"{name}-{case}-{mode}-bf16", marks=marks)
+                for name, marks in [(getattr(b, "values", (b,))[0], getattr(b, "marks", ())) for b in NATIVE_CPU_BACKENDS]
+                for case in SOFTCAP_CASES for mode in SOFTCAP_MATRIX["mode"]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["padded", "key_padding", "varlen"])
-@pytest.mark.parametrize("case", SOFTCAP_CASES)
-@pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)  # Triton does not cap
+@pytest.mark.parametrize("backend, case, mode, dtype",
+                         backend_matrix(SOFTCAP_MATRIX, {"dtype": MATRIX_IDS["dtype"]}) + SOFTCAP_BF16)
 def test_softcap_matches_reference(backend, case, mode, dtype, poison_allocations):
     layout, window, causal = SOFTCAP_CASES[case]
     check_against_reference(backend, layout(), mode, window, dtype, magnitude=3.0, causal=causal, softcap=5.0)
 
 
-def test_softcap_changes_the_result_and_is_refused_where_not_built():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softcap_changes_the_result(backend):
     q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
     q, k = q * 3, k * 3
     layout = LAYOUTS["sliding_window"]()
-    capped = block_sparse_attention(q, k, v, layout, window=40, softcap=5.0, backend="torch", **extra)
-    plain = block_sparse_attention(q, k, v, layout, window=40, backend="torch", **extra)
+    capped = block_sparse_attention(q, k, v, layout, window=40, softcap=5.0, backend=backend, **extra)
+    plain = block_sparse_attention(q, k, v, layout, window=40, backend=backend, **extra)
     assert relative_error(capped, plain) > 0.05  # the cap is not a no-op at these magnitudes
-    with pytest.raises(ValueError, match="softcap runs on the"):
-        block_sparse_attention(q, k, v, layout, softcap=5.0, backend="triton", **extra)
-    with pytest.raises(ValueError, match="softcap must be None, 0 or a finite number > 0"):
-        block_sparse_attention(q, k, v, layout, softcap=-1.0, **extra)
+
+
+def test_bad_softcaps_are_refused():
+    q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
+    layout = LAYOUTS["sliding_window"]()
+    for cap in (-1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="softcap must be None, 0 or a finite number > 0"):
+            block_sparse_attention(q, k, v, layout, softcap=cap, **extra)
     with pytest.raises(ValueError, match="softcap with global_tokens"):
         block_sparse_attention(q, k, v, layout, softcap=5.0, global_tokens=torch.zeros(q.shape[0], SEQ, dtype=torch.bool),
                                **extra)
@@ -440,7 +448,7 @@ def test_triton_tiles_smaller_than_the_layout_block(tile, mode, poison_allocatio
     layout = layouts.sliding_window(SEQ, 50, 64)
     q, k, v, dout, extra = make_inputs(mode, torch.float32, 32)
     cu = extra.get("cu_seqlens")
-    options = dict(window=(50, 50), scale=0.2, key_padding_mask=None, cu_seqlens=cu,
+    options = dict(window=(50, 50), scale=0.2, softcap=0.0, key_padding_mask=None, cu_seqlens=cu,
                    max_seqlen=SEQ if cu is not None else None)
     tensors = layout.tensors_on(q.device)
     out, lse = attention_forward(q, k, v, tensors[:2], 64, 1, tile=tile, **options)
@@ -672,12 +680,11 @@ def check_on_gpu(backend, layout, head_dim, mode, dtype, **options):
         assert relative_error(actual, expected) <= TOLERANCES[dtype], name
 
 
-# Logit soft-capping on the CUDA kernels, and on the torch path (the GPU default for it: the Triton
-# kernels do not cap); scores ~N(0, 1) against a cap of 1.
+# Logit soft-capping on the Triton and CUDA kernels; scores ~N(0, 1) against a cap of 1.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
 @pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
-@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=CUDA_EXTENSION), None], ids=["cuda", "default"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_softcap_on_gpu(backend, mode, dtype):
     check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, 64, causal=True), 64, mode, dtype, window=64,
                  causal=True, softcap=1.0)

@@ -153,8 +153,8 @@ def op_args(backend, varlen, window=(20, 20), softcap=0.0):
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend, varlen, window):
-    # Soft-capped where the backend caps (not in Triton): the capped backward under autograd too.
-    torch.library.opcheck(_attention_op, op_args(backend, varlen, window, 0.0 if backend == "triton" else 5.0))
+    # Soft-capped: the capped backward under autograd too.
+    torch.library.opcheck(_attention_op, op_args(backend, varlen, window, 5.0))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -101,7 +101,7 @@ def attention_problems(draw, backend):
     if draw(st.booleans()):  # per-example global tokens, anywhere (often none in an example)
         extra["global_tokens"] = torch.rand(shape[:1] if mode == "varlen" else (shape[0], seq_len),
                                             generator=generator) < draw(st.sampled_from([0.02, 0.1, 0.3]))
-    elif backend != "triton" and draw(st.booleans()):  # logit soft-capping: not with global tokens, not in Triton
+    elif draw(st.booleans()):  # logit soft-capping: not with global tokens
         extra["softcap"] = draw(st.sampled_from([0.3, 1.0, 30.0]))
     q, k, v, dout = (torch.randn(shape, generator=generator).to(dtype) for _ in range(4))
     return dict(q=q, k=k, v=v, dout=dout, layout=layout, window=window, causal=causal, extra=extra)

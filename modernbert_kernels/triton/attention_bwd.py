@@ -5,7 +5,8 @@
 2. dk/dv: a program owns BLOCK_N key rows and walks the transposed layout (the query blocks that
    visit its key block), so every dK and dV row is owned by exactly one program.
 
-Probabilities are recomputed from the forward's log-sum-exp: P = exp(scale * Q K^T - lse).
+Probabilities are recomputed from the forward's log-sum-exp: P = exp(S - lse) with S = scale * Q K^T,
+or softcap * tanh(scale * Q K^T / softcap) with a cap, whose slope 1 - tanh^2 multiplies dS.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import LOG2E, load_key_tile, load_rows, sub_tile_start, tile_mask, tile_needs_mask
+from .attention_common import (LOG2E, load_key_tile, load_rows, scaled_scores, sub_tile_start, tile_mask,
+                               tile_needs_mask)
 
 
 @triton.jit
 def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window_left,
-            window_right, sm_scale,
+            window_right, sm_scale, softcap,
             stride_qt, stride_kt, stride_vt, stride_ot,
             HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """Pointers at token 0 of the program's sequence; Out, DOut and DQ are contiguous tensors of
     q's shape and share stride_ot. Entries [lo, hi) of Indices are the key blocks to visit."""
     offs_m = q_start + tl.arange(0, BLOCK_M)
@@ -35,19 +38,21 @@ def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_s
     tl.store(Delta + offs_m, delta, mask=row_in_seq)
     lse2 = tl.load(Lse + offs_m, mask=row_in_seq, other=float("inf")) * LOG2E
 
-    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     SUB_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     for t in range(lo * SUB_TILES, hi * SUB_TILES):
         k_start, offs_n, k, v = load_key_tile(K, V, Indices, t, offs_n0, offs_d, stride_kt, stride_vt, seq_len,
                                               LAYOUT_BLOCK, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        scores, slope = scaled_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), sm_scale, softcap,
+                                      HAS_SOFTCAP)
+        p = tl.math.exp2(scores - lse2[:, None])
         if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
                            HAS_KEY_MASK):
             visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window_left, window_right, KeyMaskRow,
                                 HAS_WINDOW, HAS_KEY_MASK)
             p = tl.where(visible, p, 0.0)
+        if HAS_SOFTCAP:
+            p = p * slope  # dq needs P only through dS: fold the slope in now, so it is not live across the dot
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -57,10 +62,11 @@ def dq_rows(Q, K, V, Out, DOut, DQ, Lse, Delta, KeyMaskRow, Indices, lo, hi, q_s
 
 @triton.jit
 def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_start, seq_len, window_left,
-              window_right, sm_scale,
+              window_right, sm_scale, softcap,
               stride_qt, stride_kt, stride_vt, stride_ot,
               HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """Pointers at token 0 of the program's sequence; DOut, DK and DV share stride_ot. Entries
     [lo, hi) of Indices (the transposed layout) are the query blocks that visit this key block."""
     offs_n = k_start + tl.arange(0, BLOCK_N)
@@ -69,7 +75,6 @@ def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_
     k = load_rows(K, offs_n, stride_kt, offs_d, seq_len)
     v = load_rows(V, offs_n, stride_vt, offs_d, seq_len)
 
-    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     SUB_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -83,14 +88,17 @@ def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_
         lse2 = tl.load(Lse + offs_m, mask=in_seq, other=float("inf")) * LOG2E
         delta = tl.load(Delta + offs_m, mask=in_seq, other=0.0)
         # Key-major tiles ([BLOCK_N, BLOCK_M]) so dK and dV accumulate without transposes.
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        scores_t, slope_t = scaled_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), sm_scale, softcap,
+                                          HAS_SOFTCAP)
+        p_t = tl.math.exp2(scores_t - lse2[None, :])
         if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
                            HAS_KEY_MASK):
             visible_t = tile_mask(offs_m[None, :], offs_n[:, None], seq_len, window_left, window_right, KeyMaskRow,
                                   HAS_WINDOW, HAS_KEY_MASK)
             p_t = tl.where(visible_t, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            p_t = p_t * slope_t  # the rest needs P only through dS (as in dq)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)

@@ -100,6 +100,20 @@ def first_index_at_or_above(Indices, lo, hi, limit):
     return lo
 
 
+@triton.jit
+def scaled_scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(scores in log2 units, their slope against scale * qk): scale * qk with slope 1, or with
+    the cap softcap * tanh(scale * qk / softcap), whose slope is 1 - tanh^2 (the backward's)."""
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - r with r = 2 / (e^2x + 1): one exp2, and no libdevice, which the
+        # interpreter lacks. r gives the slope r (2 - r) without cancelling near tanh = 1; e^2x
+        # overflowing to inf gives tanh 1, slope 0, and a NaN score stays NaN.
+        r = 2.0 / (tl.math.exp2(qk * (2.0 * LOG2E * sm_scale / softcap)) + 1.0)
+        return (1.0 - r) * (softcap * LOG2E), r * (2.0 - r)
+    else:
+        return qk * (sm_scale * LOG2E), 1.0
+
+
 # The band's unbounded side, as the kernels take it: farther than any sequence reaches.
 UNBOUNDED = 1 << 30
 

@@ -1,8 +1,8 @@
 """The forward pass of the block-sparse attention kernel (attention_kernel.py).
 
 A program owns BLOCK_M query rows and walks the key blocks their layout row visits with an online
-softmax in fp32 (log2 domain, so the exponentials are exp2); it writes the output and the
-log-sum-exp that the backward pass needs.
+softmax in fp32 (log2 domain, so the exponentials are exp2) over the scaled, optionally soft-capped
+scores; it writes the output and the log-sum-exp that the backward pass needs.
 """
 
 from __future__ import annotations
@@ -10,21 +10,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import LOG2E, load_key_tile, load_rows, tile_mask, tile_needs_mask
+from .attention_common import LOG2E, load_key_tile, load_rows, scaled_scores, tile_mask, tile_needs_mask
 
 
 @triton.jit
 def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_len, window_left, window_right, sm_scale,
+                 softcap,
                  stride_qt, stride_kt, stride_vt, stride_ot,
                  HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """Q, K, V, Out, Lse point at token 0 of the program's sequence; entries [lo, hi) of Indices
     are the key blocks to visit."""
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_rows(Q, offs_m, stride_qt, offs_d, seq_len)
-    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -33,7 +34,7 @@ def forward_rows(Q, K, V, Out, Lse, KeyMaskRow, Indices, lo, hi, q_start, seq_le
     for t in range(lo * SUB_TILES, hi * SUB_TILES):
         k_start, offs_n, k, v = load_key_tile(K, V, Indices, t, offs_n0, offs_d, stride_kt, stride_vt, seq_len,
                                               LAYOUT_BLOCK, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk, _ = scaled_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), sm_scale, softcap, HAS_SOFTCAP)
         if tile_needs_mask(q_start, k_start, seq_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW,
                            HAS_KEY_MASK):
             visible = tile_mask(offs_m[:, None], offs_n[None, :], seq_len, window_left, window_right, KeyMaskRow,

@@ -34,10 +34,10 @@ def block_sparse_attention_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
     stride_mb,
-    layout_head_stride, num_heads, seq_len_padded, window_left, window_right, sm_scale,
+    layout_head_stride, num_heads, seq_len_padded, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     """Offsets / Indices: the layout (forward, dq) or its transpose (dk/dv). The o strides are the
@@ -56,16 +56,18 @@ def block_sparse_attention_kernel(
     KeyMaskRow = KeyMask + batch64 * stride_mb
     if PASS == PASS_FWD:
         forward_rows(Q_seq, K_seq, V_seq, Out + o_seq, Lse + lse_seq, KeyMaskRow, Indices, lo, hi, start, seq_len,
-                     window_left, window_right, sm_scale, stride_qt, stride_kt, stride_vt, stride_ot,
-                     HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
+                     window_left, window_right, sm_scale, softcap, stride_qt, stride_kt, stride_vt, stride_ot,
+                     HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, HAS_SOFTCAP, DOT_PRECISION)
     elif PASS == PASS_DQ:
         dq_rows(Q_seq, K_seq, V_seq, Out + o_seq, DOut + o_seq, DQ + o_seq, Lse + lse_seq, Delta + lse_seq,
-                KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, stride_qt,
-                stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
+                KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, softcap, stride_qt,
+                stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK,
+                HAS_SOFTCAP, DOT_PRECISION)
     else:
         dkdv_rows(Q_seq, K_seq, V_seq, DOut + o_seq, DK + o_seq, DV + o_seq, Lse + lse_seq, Delta + lse_seq,
-                  KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, stride_qt,
-                  stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK, DOT_PRECISION)
+                  KeyMaskRow, Indices, lo, hi, start, seq_len, window_left, window_right, sm_scale, softcap, stride_qt,
+                  stride_kt, stride_vt, stride_ot, HEAD_DIM, LAYOUT_BLOCK, BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_KEY_MASK,
+                  HAS_SOFTCAP, DOT_PRECISION)
 
 
 # Tile shapes and pipelining depth are tuned per GPU and pass at first call, among the candidates
@@ -73,7 +75,7 @@ def block_sparse_attention_kernel(
 TUNED = {
     name: triton.autotune(
         configs=all_configs(name),
-        key=["LAYOUT_BLOCK", "HEAD_DIM", "IS_VARLEN", "HAS_WINDOW", "HAS_KEY_MASK", "PASS"],
+        key=["LAYOUT_BLOCK", "HEAD_DIM", "IS_VARLEN", "HAS_WINDOW", "HAS_KEY_MASK", "HAS_SOFTCAP", "PASS"],
         prune_configs_by={"early_config_prune": pruner(name)},
     )(block_sparse_attention_kernel)
     for name in PASSES
@@ -83,11 +85,11 @@ TUNED = {
 class _Launch:
     """The arguments every pass shares, built once per call: problem sizes, the (batch, token, head)
     strides of q, k, v and of the contiguous result (out, or dq with dk and dv), lse strides, the
-    key mask, the layout's head stride, the band and the constexpr flags. ``window`` is (left, right),
-    -1 for an unbounded side (reference.window_bounds)."""
+    key mask, the layout's head stride, the band, the scale, the cap and the constexpr flags. ``window``
+    is (left, right), -1 for an unbounded side (reference.window_bounds); ``softcap`` 0 for none."""
 
     def __init__(self, q, k, v, result, lse, layout_block, layout_heads, row_offsets, *,
-                 window, scale, key_padding_mask, cu_seqlens, max_seqlen):
+                 window, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen):
         varlen = cu_seqlens is not None
         self.heads = q.shape[1]
         if varlen:
@@ -106,11 +108,12 @@ class _Launch:
             *strides[0], *strides[1], *strides[2], *strides[3], *lse_strides,
             self.key_mask.stride(0) if has_key_mask else 0,
             0 if layout_heads == 1 else row_offsets.shape[1],
-            self.heads, self.seq_len_padded, *(UNBOUNDED if side < 0 else side for side in window), scale,
+            self.heads, self.seq_len_padded, *(UNBOUNDED if side < 0 else side for side in window), scale, softcap,
         )
         self.flags = dict(
             HEAD_DIM=q.shape[-1], LAYOUT_BLOCK=layout_block, IS_VARLEN=varlen,
-            HAS_WINDOW=tuple(window) != (-1, -1), HAS_KEY_MASK=has_key_mask, DOT_PRECISION=dot_precision(q.dtype),
+            HAS_WINDOW=tuple(window) != (-1, -1), HAS_KEY_MASK=has_key_mask, HAS_SOFTCAP=softcap > 0,
+            DOT_PRECISION=dot_precision(q.dtype),
         )
         self.layout_block, self.dtype, self.device = layout_block, q.dtype, q.device
         self.unused = q.new_empty(0)  # the pointers a pass does not read
@@ -126,11 +129,12 @@ class _Launch:
         if tile is None and autotuning():
             TUNED[name][lambda meta: grid(meta[axis])](*args, **flags)
         else:
-            launch = tile or fixed_launch(name, self.layout_block, flags["HEAD_DIM"], self.dtype, self.device)
+            launch = tile or fixed_launch(name, self.layout_block, flags["HEAD_DIM"], self.dtype, self.device,
+                                          flags["HAS_SOFTCAP"])
             block_sparse_attention_kernel[grid(launch[axis])](*args, **flags, **launch)
 
 
-def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, window, scale,
+def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, window, scale, softcap,
                       key_padding_mask, cu_seqlens, max_seqlen, tile=None):
     """The forward pass. Shapes were checked by the caller.
 
@@ -142,20 +146,20 @@ def attention_forward(q, k, v, layout_tensors, layout_block, layout_heads, *, wi
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     launch = _Launch(q, k, v, out, lse, layout_block, layout_heads, row_offsets, window=window, scale=scale,
-                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                     softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     launch.run("fwd", dict(q=q, k=k, v=v, out=out, lse=lse), row_offsets, col_indices, tile)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, layout_tensors, layout_block, layout_heads, *,
-                       window, scale, key_padding_mask, cu_seqlens, max_seqlen, tile=None):
+                       window, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen, tile=None):
     """The dq pass, then the dk/dv pass; returns (dq, dk, dv) as contiguous tensors of q's shape."""
     row_offsets, col_indices, col_offsets, row_indices = layout_tensors
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     tensors = dict(q=q, k=k, v=v, out=out.contiguous(), dout=dout.contiguous(), dq=dq, dk=torch.empty_like(dq),
                    dv=torch.empty_like(dq), lse=lse, delta=torch.empty_like(lse))
     launch = _Launch(q, k, v, dq, lse, layout_block, layout_heads, row_offsets, window=window, scale=scale,
-                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                     softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     launch.run("dq", tensors, row_offsets, col_indices, tile)
     launch.run("dkdv", tensors, col_offsets, row_indices, tile)
     return dq, tensors["dk"], tensors["dv"]

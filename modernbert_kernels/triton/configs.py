@@ -6,6 +6,8 @@ candidate for sm_80 and sm_90; a candidate it finds spilling leaves the table.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 
@@ -113,6 +115,26 @@ _SPILLS = {
     (80, "fp32", "dkdv", 256, 32, 16, 8, 2),
     (90, "fp32", "fwd", 256, 16, 32, 8, 2),
 }
+# Found spilling only with logit soft-capping (HAS_SOFTCAP: the tanh costs a few more registers per
+# score, and dk/dv keeps its slope live across the dV product), excluded for the capped kernels only
+# (benchmarks/NOTES.md, "Logit soft-capping in Triton").
+_CAPPED_SPILLS = {
+    # Triton 3.8 and 3.6
+    (80, "16bit", "dq", 64, 64, 64, 8, 3),
+    (90, "16bit", "dq", 128, 64, 64, 4, 2),
+    (90, "16bit", "dq", 128, 64, 64, 4, 3),
+    (90, "16bit", "dq", 256, 64, 64, 8, 2),
+    (90, "fp32", "fwd", 128, 32, 16, 4, 2),
+    (90, "fp32", "fwd", 128, 32, 32, 4, 1),
+    # Triton 3.8
+    (80, "fp32", "fwd", 64, 32, 16, 4, 2),
+    # Triton 3.6
+    (80, "16bit", "dkdv", 64, 32, 64, 8, 3),
+    (80, "16bit", "fwd", 128, 64, 32, 8, 2),
+    (90, "16bit", "dkdv", 128, 64, 64, 8, 3),
+    (90, "16bit", "dkdv", 256, 32, 64, 8, 3),
+    (90, "fp32", "dkdv", 64, 32, 16, 4, 2),
+}
 
 
 def arch_family(capability: int) -> int:
@@ -120,8 +142,10 @@ def arch_family(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype, arch: int = 90) -> list:
-    """The autotuning candidates of ``kernel`` ("fwd", "dq", "dkdv") for one problem class.
+def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype, arch: int = 90,
+                capped: bool = False) -> list:
+    """The autotuning candidates of ``kernel`` ("fwd", "dq", "dkdv") for one problem class
+    (``capped``: with logit soft-capping).
 
     ``arch`` is the compute capability times ten. A tile never straddles two layout blocks, so its
     sides must divide the layout block; layouts with blocks smaller than every listed tile run one
@@ -130,11 +154,12 @@ def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtyp
     family = arch_family(arch)
     precision = "fp32" if dtype == torch.float32 else "16bit"
     tiles = (_WIDE_TILES if head_dim > 128 else _TILES)[family][precision][kernel]
+    spills = _SPILLS | _CAPPED_SPILLS if capped else _SPILLS
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in tiles
         if layout_block % bm == 0 and layout_block % bn == 0
-        and (family, precision, kernel, head_dim, bm, bn, warps, stages) not in _SPILLS
+        and (family, precision, kernel, head_dim, bm, bn, warps, stages) not in spills
     ]
     if not configs:  # 16-token layout blocks: one tile per block
         configs = [triton.Config({"BLOCK_M": layout_block, "BLOCK_N": layout_block}, num_warps=4, num_stages=2)]
@@ -144,12 +169,10 @@ def configs_for(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtyp
 def all_configs(kernel: str) -> list:
     """Every config configs_for() can return for ``kernel``: the autotuner's full list."""
     found = {}
-    for arch in _TILES:
-        for dtype in (torch.float16, torch.float32):
-            for layout_block in (16, 32, 64, 128):
-                for head_dim in SUPPORTED_HEAD_DIMS:
-                    for config in configs_for(kernel, layout_block, head_dim, dtype, arch):
-                        found[str(config)] = config
+    for arch, dtype, layout_block, head_dim, capped in itertools.product(
+            _TILES, (torch.float16, torch.float32), (16, 32, 64, 128), SUPPORTED_HEAD_DIMS, (False, True)):
+        for config in configs_for(kernel, layout_block, head_dim, dtype, arch, capped):
+            found[str(config)] = config
     return list(found.values())
 
 
@@ -159,7 +182,8 @@ def pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
-        wanted = configs_for(kernel, kwargs["LAYOUT_BLOCK"], kwargs["HEAD_DIM"], q.dtype, 10 * major + minor)
+        wanted = configs_for(kernel, kwargs["LAYOUT_BLOCK"], kwargs["HEAD_DIM"], q.dtype, 10 * major + minor,
+                             kwargs["HAS_SOFTCAP"])
         wanted = {str(c) for c in wanted}
         return [c for c in configs if str(c) in wanted]
 
@@ -170,13 +194,14 @@ def _launch(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def fixed_launch(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+def fixed_launch(kernel: str, layout_block: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 capped: bool) -> dict:
     """Launch parameters when not autotuning: small tiles in the interpreter; on a GPU the first
     candidate of configs_for() for its arch (spill-free per the compile check)."""
     if interpreting():
         return {"BLOCK_M": min(64, layout_block), "BLOCK_N": min(32, layout_block)}
     major, minor = torch.cuda.get_device_capability(device)
-    return _launch(configs_for(kernel, layout_block, head_dim, dtype, 10 * major + minor)[0])
+    return _launch(configs_for(kernel, layout_block, head_dim, dtype, 10 * major + minor, capped)[0])
 
 
 # int8 GEMM candidates for A100/H100 int8 tensor cores, as (BLOCK_M, BLOCK_N, BLOCK_K, warps,
