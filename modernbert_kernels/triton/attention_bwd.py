@@ -66,7 +66,7 @@ def dkdv_rows(Q, K, V, DOut, DK, DV, Lse, Delta, KeyMaskRow, Indices, lo, hi, k_
               stride_qt, stride_kt, stride_vt, stride_ot,
               HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr):
     """Pointers at token 0 of the program's sequence; DOut, DK and DV share stride_ot. Entries
     [lo, hi) of Indices (the transposed layout) are the query blocks that visit this key block."""
     offs_n = k_start + tl.arange(0, BLOCK_N)
