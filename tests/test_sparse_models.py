@@ -87,6 +87,18 @@ DECODERS = {
     "gemma3-head256": lambda: transformers.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=256, sliding_window=40, layer_types=["sliding_attention", "full_attention"]),
+    # Qwen 2: the window only from layer max_window_layers on (use_sliding_window), biased q/k/v.
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=40, max_window_layers=1),
+    # Phi-3: a window in every layer, q, k and v from one fused projection.
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=40, pad_token_id=0),
+    # Cohere 2: sliding layers with rotary embeddings, a global layer without them.
+    "cohere2": lambda: transformers.Cohere2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=40, layer_types=["sliding_attention", "full_attention"]),
     # Gemma 2: logit soft-capping in every layer. This random model's scores are ~0.01-0.05
     # (initializer range 0.02): the released cap, 50, would not touch them; 0.01 bends them all.
     # transformers' SDPA drops the cap: eager is its reference.
