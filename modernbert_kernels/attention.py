@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import backends, torch_backend
 from ._ops import add_op_namespace_prefix, ops
+from .attention_sinks import attention_with_sinks
 from .block_sparse_layout import BlockSparseLayout
 from .global_attention import attention_with_global_tokens
 from .reference import block_sparse_attention_reference, window_bounds
@@ -238,6 +239,20 @@ def _checked_softcap(softcap, global_tokens) -> float:
     return float(softcap)
 
 
+def _check_sinks(sinks, q, varlen: bool, global_tokens):
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor [heads], got {type(sinks).__name__}")
+    heads = q.shape[1] if not varlen else q.shape[-2]
+    if sinks.shape != (heads,):
+        raise ValueError(f"sinks must have shape ({heads},), one logit per head, got {tuple(sinks.shape)}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be floating point, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    if global_tokens is not None:
+        raise ValueError("sinks with global_tokens is not supported: the global rows' softmax has no sink")
+
+
 def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -322,6 +337,7 @@ def block_sparse_attention(
     max_seqlen: int | None = None,
     global_tokens: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v over the tiles ``layout`` visits.
@@ -339,13 +355,17 @@ def block_sparse_attention(
     zero-padded to the next of these (a copy of q, k and v; 96 costs what 128 does), and larger ones
     on the "torch" backend only (the default for them).
     ``softcap`` > 0 caps the scores as ``softcap * tanh(scale * q k^T / softcap)`` before the
-    softmax (Gemma 2's logit soft-capping; None or 0: no cap), on every backend.
+    softmax (Gemma 2's logit soft-capping; None or 0: no cap), on every backend. ``sinks``
+    (``[heads]``, GPT-OSS's attention sinks, differentiable) adds a logit per head to every row's
+    softmax with no value: the rows' weights sum to less than 1 (attention_sinks.py).
     ``backend``: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" / "cuda" (the C++
     extension's kernels), "torch" (visited tiles in PyTorch, any device) or "reference" (dense);
     None picks the fastest available for the device.
     """
     seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen, global_tokens)
     softcap = _checked_softcap(softcap, global_tokens)
+    if sinks is not None:
+        _check_sinks(sinks, q, cu_seqlens is not None, global_tokens)
     head_dim = q.shape[-1]
     if head_dim > SUPPORTED_HEAD_DIMS[-1]:
         # Past the kernels' largest head_dim only the PyTorch paths run.
@@ -362,7 +382,7 @@ def block_sparse_attention(
         return block_sparse_attention(
             *padded, layout, window=window, causal=causal, scale=head_dim ** -0.5 if scale is None else scale,
             key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-            global_tokens=global_tokens, softcap=softcap, backend=backend)[..., :head_dim]
+            global_tokens=global_tokens, softcap=softcap, sinks=sinks, backend=backend)[..., :head_dim]
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
@@ -387,7 +407,7 @@ def block_sparse_attention(
     if kernels.differentiable is not None:
         return kernels.differentiable(
             q, k, v, layout, window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
-            causal=causal, global_tokens=global_tokens, softcap=softcap,
+            causal=causal, global_tokens=global_tokens, softcap=softcap, sinks=sinks,
         )
     if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
@@ -396,9 +416,11 @@ def block_sparse_attention(
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, softcap, key_padding_mask, cu_seqlens,
                seq_len if cu_seqlens is not None else 0, backend)
-    if global_tokens is not None:
-        local_ops = (lambda q, k, v: _attention_op(q, k, v, *options),
-                     lambda dout, q, k, v, out, lse: _attention_backward_op(dout, q, k, v, out, lse, *options))
-        return attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,
-                                            local_ops)
-    return _attention_op(q, k, v, *options)[0]
+    if global_tokens is None and sinks is None:
+        return _attention_op(q, k, v, *options)[0]
+    ops = (lambda q, k, v: _attention_op(q, k, v, *options),
+           lambda dout, q, k, v, out, lse: _attention_backward_op(dout, q, k, v, out, lse, *options))
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, sinks, cu_seqlens is not None, ops)
+    return attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,
+                                        ops)

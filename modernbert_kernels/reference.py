@@ -44,14 +44,18 @@ def attention_mask(
     return mask
 
 
-def _dense_masked_attention(q, k, v, mask, scale, softcap=None):
+def _dense_masked_attention(q, k, v, mask, scale, softcap=None, sinks=None):
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     # A finite fill (not -inf) keeps rows that see no key free of NaN in forward and backward;
     # multiplying by the mask afterwards turns their uniform softmax into zeros.
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1) * mask
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1) * mask
+    else:  # one more column per row, the head's sink logit, whose probability multiplies no value
+        sink_column = sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], -1), dim=-1)[..., :-1] * mask
     return torch.matmul(probs, v)
 
 
@@ -68,20 +72,22 @@ def block_sparse_attention_reference(
     causal: bool = False,
     global_tokens: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention with the layout's token mask; same shapes and semantics as the kernels
-    (``softcap``: scores capped as softcap * tanh(scores / softcap) before the softmax)."""
+    (``softcap``: scores capped as softcap * tanh(scores / softcap) before the softmax; ``sinks``
+    [heads]: a logit per head in every row's softmax, with no value)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cu_seqlens is None:
         mask = attention_mask(layout, q.shape[2], window, key_padding_mask, causal, global_tokens).to(q.device)
-        return _dense_masked_attention(q, k, v, mask, scale, softcap)
+        return _dense_masked_attention(q, k, v, mask, scale, softcap, sinks)
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
         seq_globals = None if global_tokens is None else global_tokens[None, start:end]
         mask = attention_mask(layout, end - start, window, causal=causal, global_tokens=seq_globals).to(q.device)
-        outputs.append(_dense_masked_attention(*seq, mask, scale, softcap)[0].transpose(0, 1))
+        outputs.append(_dense_masked_attention(*seq, mask, scale, softcap, sinks)[0].transpose(0, 1))
     return torch.cat(outputs, 0)
 
 

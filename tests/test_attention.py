@@ -85,25 +85,32 @@ def global_tokens_for(mode):
 
 
 def check_against_reference(backend, layout, mode, window, dtype, head_dim=64, scale=None, magnitude=1.0,
-                            tol=None, causal=False, with_globals=False, softcap=None):
+                            tol=None, causal=False, with_globals=False, softcap=None, sinks=None):
+    """Forward and backward against float64; ``sinks`` (fp32 [heads]) also checks their gradient."""
     q, k, v, dout, extra = make_inputs(mode, dtype, head_dim)
     if with_globals:
         extra["global_tokens"] = global_tokens_for(mode)
     if softcap is not None:
         extra["softcap"] = softcap
     q, k = q * magnitude, k * magnitude
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, layout, window=window, causal=causal, scale=scale, backend=backend, **extra)
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    inputs = [t.clone().requires_grad_() for t in leaves]
+    ref_inputs = [t.double().requires_grad_() for t in leaves]
+    if sinks is not None:
+        extra["sinks"], ref_extra = inputs[3], dict(extra, sinks=ref_inputs[3])
+    else:
+        ref_extra = extra
+    out = block_sparse_attention(*inputs[:3], layout, window=window, causal=causal, scale=scale, backend=backend,
+                                 **extra)
     out.backward(dout)
-
-    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, causal=causal, scale=scale, **extra)
+    ref = block_sparse_attention_reference(*ref_inputs[:3], layout, window=window, causal=causal, scale=scale,
+                                           **ref_extra)
     ref.backward(dout.double())
 
     assert out.dtype == dtype and out.shape == q.shape
     tol = TOLERANCES[dtype] if tol is None else tol
     for name, actual, expected in [("out", out, ref)] + [
-        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip(["q", "k", "v", "sinks"], inputs, ref_inputs)
     ]:
         assert not torch.isnan(actual).any(), f"{name} has NaN"
         err = relative_error(actual, expected)
@@ -258,6 +265,58 @@ def test_bad_softcaps_are_refused():
     with pytest.raises(ValueError, match="softcap with global_tokens"):
         block_sparse_attention(q, k, v, layout, softcap=5.0, global_tokens=torch.zeros(q.shape[0], SEQ, dtype=torch.bool),
                                **extra)
+
+
+# Attention sinks (GPT-OSS's): a logit per head in every row's softmax, with no value; sinks of
+# magnitude ~2 against scores ~1, so they take a real share of each row. Over a causal window and a
+# per-head layout with a query block that sees nothing (its rows: all weight on the sink, output
+# 0), in every batch mode, forward and the gradients of q, k, v and the sinks. fp32 and fp16 on
+# every backend (Triton: a pairwise covering), and bf16 on the C++ and PyTorch ones.
+SINK_CASES = {
+    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
+    "from_block_mask_per_head": (LAYOUTS["from_block_mask_per_head"], None, False),
+}
+SINK_MATRIX = {"case": list(SINK_CASES), "mode": ["padded", "key_padding", "varlen"],
+               "dtype": [torch.float32, torch.float16]}
+SINK_BF16 = [pytest.param(name, case, mode, torch.bfloat16, id=f"{name}-{case}-{mode}-bf16", marks=marks)
+             for name, marks in [(getattr(b, "values", (b,))[0], getattr(b, "marks", ())) for b in NATIVE_CPU_BACKENDS]
+             for case in SINK_CASES for mode in SINK_MATRIX["mode"]]
+
+
+@pytest.mark.parametrize("backend, case, mode, dtype",
+                         backend_matrix(SINK_MATRIX, {"dtype": MATRIX_IDS["dtype"]}) + SINK_BF16)
+def test_sinks_match_reference(backend, case, mode, dtype, poison_allocations):
+    layout, window, causal = SINK_CASES[case]
+    sinks = torch.randn(HEADS, generator=torch.Generator().manual_seed(5)) * 2
+    check_against_reference(backend, layout(), mode, window, dtype, causal=causal, sinks=sinks)
+
+
+def test_sinks_with_softcap_and_a_padded_head_dim(poison_allocations):
+    """Sinks beside the other options: a capped score, head_dim 48 (run padded to 64)."""
+    sinks = torch.tensor([1.5, -0.5])
+    check_against_reference("torch", LAYOUTS["bigbird_per_head"](), "varlen", None, torch.float32, head_dim=48,
+                            magnitude=3.0, softcap=5.0, sinks=sinks)
+
+
+def test_sinks_take_weight_and_bad_sinks_are_refused():
+    q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
+    layout = LAYOUTS["sliding_window"]()
+    plain = block_sparse_attention(q, k, v, layout, window=40, backend="torch", **extra)
+    sunk = block_sparse_attention(q, k, v, layout, window=40, sinks=torch.full((HEADS,), 3.0), backend="torch",
+                                  **extra)
+    assert relative_error(sunk, plain) > 0.1  # e^3 = 20 against ~80 keys of weight ~1: ~20% of each row
+    for sinks, error, match in [
+        ([1.0, 2.0], TypeError, "sinks must be a torch.Tensor"),
+        (torch.zeros(HEADS + 1), ValueError, r"sinks must have shape \(2,\)"),
+        (torch.zeros(1, HEADS), ValueError, r"sinks must have shape \(2,\)"),
+        (torch.zeros(HEADS, dtype=torch.long), TypeError, "sinks must be floating point"),
+        (torch.zeros(HEADS, device="meta"), ValueError, "sinks is on meta"),
+    ]:
+        with pytest.raises(error, match=match):
+            block_sparse_attention(q, k, v, layout, sinks=sinks, **extra)
+    with pytest.raises(ValueError, match="sinks with global_tokens"):
+        block_sparse_attention(q, k, v, layout, sinks=torch.zeros(HEADS),
+                               global_tokens=torch.zeros(q.shape[0], SEQ, dtype=torch.bool), **extra)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
