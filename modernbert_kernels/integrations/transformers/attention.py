@@ -90,20 +90,26 @@ def share_kv_heads(q, k, v, head_axis: int):
     return k, v
 
 
-def dense_attention(query, key, value, visible, scale, softcap=None):
+def dense_attention(query, key, value, visible, scale, softcap=None, sinks=None):
     """PyTorch's SDPA over the keys that ``visible`` (bool, broadcast to the scores) lets through.
-    SDPA has no logit soft-capping: with a cap the same math is written out, which forms the scores
-    (for the short query runs that come here: decoding steps, cross-attention)."""
-    if not softcap:
+    SDPA has no logit soft-capping and no sinks: with either, the same math is written out, which
+    forms the scores (for the short query runs that come here: decoding steps, cross-attention)."""
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * (query.shape[-1] ** -0.5 if scale is None else scale)
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # the head's sink logit as one more key with no value
+        sink_column = sinks.float()[:, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], -1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(value.dtype), value)
 
 
-def attention_after_cache(query, key, value, key_padding_mask, window, scale, softcap=None):
+def attention_after_cache(query, key, value, key_padding_mask, window, scale, softcap=None, sinks=None):
     """Causal attention of queries shorter than the keys: the queries are the last of the keys'
     positions (a StaticCache's padding mask, shorter than its keys, ends at the last real one), and
     only the keys inside the window are read."""
@@ -121,7 +127,7 @@ def attention_after_cache(query, key, value, key_padding_mask, window, scale, so
     visible = visible[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, start:]
-    return dense_attention(query, key[:, :, start:], value[:, :, start:], visible, scale, softcap)
+    return dense_attention(query, key[:, :, start:], value[:, :, start:], visible, scale, softcap, sinks)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("sequences_from_positions"), mutates_args=())
@@ -181,33 +187,31 @@ def same_sequences(cu_seqlens_a: torch.Tensor, cu_seqlens_b: torch.Tensor) -> bo
                                             and torch.equal(cu_seqlens_a, cu_seqlens_b))
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window, causal: bool, scale, softcap=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window, causal: bool, scale, softcap=None, sinks=None):
     """[total_tokens, heads, dim] sequences on the kernels, the layout sized for the longest."""
     layout = layout_for(-(-max_seqlen // BLOCK_SIZE), window, causal, q.device)
     return block_sparse_attention(q, k, v, layout, window=window, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen, softcap=softcap)
+                                  max_seqlen=max_seqlen, softcap=softcap, sinks=sinks)
 
 
-def cross_attention(query, key, value, key_padding_mask, scale, softcap=None):
+def cross_attention(query, key, value, key_padding_mask, scale, softcap=None, sinks=None):
     """Bidirectional attention of queries to other keys (an encoder-decoder's cross-attention): no
     tiles to skip, so PyTorch's SDPA over every real key. A query whose example has no real key gets
     0, as from the kernels (SDPA would give NaN)."""
     if key_padding_mask is None:
-        return dense_attention(query, key, value, None, scale, softcap)
+        return dense_attention(query, key, value, None, scale, softcap, sinks)
     if key_padding_mask.shape[1] != key.shape[2]:
         raise ValueError(f"{NAME}: a padding mask of {key_padding_mask.shape[1]} keys for {key.shape[2]} keys")
     no_key = ~key_padding_mask.any(dim=1)
     visible = (key_padding_mask | no_key[:, None])[:, None, None, :]
-    out = dense_attention(query, key, value, visible, scale, softcap)
+    out = dense_attention(query, key, value, visible, scale, softcap, sinks)
     return out.masked_fill(no_key[:, None, None, None], 0)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                      softcap=None, **kwargs):
+                      softcap=None, s_aux=None, **kwargs):
     """transformers' attention-function contract: [batch, heads, seq, dim] in, ([batch, seq, heads, dim], None) out.
-    ``softcap``: Gemma 2's attn_logit_softcapping."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{NAME} has no attention sinks (s_aux)")
+    ``softcap``: Gemma 2's attn_logit_softcapping; ``s_aux``: GPT-OSS's attention sinks, [heads]."""
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     if dropout and module.training:
@@ -221,9 +225,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
         if causal:
-            out = attention_after_cache(query, key, value, key_padding_mask, window, scaling, softcap)
+            out = attention_after_cache(query, key, value, key_padding_mask, window, scaling, softcap, s_aux)
         elif window is None:
-            out = cross_attention(query, key, value, key_padding_mask, scaling, softcap)
+            out = cross_attention(query, key, value, key_padding_mask, scaling, softcap, s_aux)
         else:
             raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional sliding-window "
                              "layer: which keys a query's window holds is not defined")
@@ -232,18 +236,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if key_padding_mask is None and query.shape[0] > 0 and seq_len > 0:
         packed = _packed_sequences(kwargs, query.shape[0], seq_len)
     if packed is not None:
-        return _packed_attention(query, key, value, *packed, window, causal, scaling, softcap), None
+        return _packed_attention(query, key, value, *packed, window, causal, scaling, softcap, s_aux), None
     layout = layout_for(-(-seq_len // BLOCK_SIZE), window, causal, query.device)
     out = block_sparse_attention(query, key, value, layout, window=window, causal=causal, scale=scaling,
-                                 key_padding_mask=key_padding_mask, softcap=softcap)
+                                 key_padding_mask=key_padding_mask, softcap=softcap, sinks=s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal, scale, softcap):
+def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal, scale, softcap, sinks):
     """The rows of [batch, heads, seq, dim] as one varlen batch -> [batch, seq, heads, dim]."""
     batch, heads, seq_len, head_dim = query.shape
     tokens = [t.transpose(1, 2).reshape(batch * seq_len, heads, head_dim) for t in (query, key, value)]
-    out = varlen_attention(*tokens, cu_seqlens, max_seqlen, window, causal, scale, softcap)
+    out = varlen_attention(*tokens, cu_seqlens, max_seqlen, window, causal, scale, softcap, sinks)
     return out.view(batch, seq_len, heads, head_dim)
 
 
