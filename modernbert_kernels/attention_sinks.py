@@ -35,7 +35,8 @@ def _with_sink(out, lse, sinks, varlen):
     no_key = torch.isinf(lse) & (lse > 0)
     lse_sink = torch.where(no_key, sink.expand_as(lse), torch.logaddexp(lse, sink))
     weight = torch.where(no_key, 0.0, torch.exp(lse - lse_sink))
-    return (out.float() * _rows_to_out(weight, varlen)).to(out.dtype), lse_sink
+    # In out's dtype: one pass over the output (the weight's rounding to 16 bits is below out's own).
+    return out * _rows_to_out(weight, varlen).to(out.dtype), lse_sink
 
 
 class _AttentionWithSinks(torch.autograd.Function):
