@@ -1,6 +1,7 @@
 """Block-sparse attention vs dense baselines with the same mask: the sliding window of ModernBERT's
 local layers (bench "attention"), the causal sliding window of decoders' local layers (Mistral,
-Gemma: 0 <= i - j <= w; bench "attention_causal"), Longformer's pattern (bench
+Gemma: 0 <= i - j <= w; bench "attention_causal", where ours also runs with GPT-OSS's attention
+sinks, "_sinks"), Longformer's pattern (bench
 "attention_global": a window of 256 each side plus 1% of the tokens global, at random positions
 that differ per example; its baselines get the same per-example mask), and Gemma 3's local layer
 with its heads of 256 (bench "attention_wide_heads": the 1B model's 4 heads and causal window of
@@ -55,10 +56,11 @@ def _sdpa_with(backend, attn_mask):
 
 
 def providers(device: torch.device, seq_len: int, window: int, block_size: int, quick: bool, causal: bool = False,
-              softcap: float | None = None):
+              softcap: float | None = None, sinks: torch.Tensor | None = None):
     """name -> function(q, k, v) returning the attention output, for this device; with ``softcap``,
     also each of ours and FlexAttention with the scores soft-capped (the cost of Gemma 2's cap; the
-    other baselines do not cap)."""
+    other baselines do not cap); with ``sinks`` ([heads]), also each of ours with GPT-OSS's attention
+    sinks (their cost; no baseline has them)."""
     from torch.nn.attention import SDPBackend
 
     layout = layouts.sliding_window(seq_len, window, block_size, causal=causal)
@@ -79,6 +81,11 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         found[f"block_sparse_{backend}_softcap"] = (
             lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
                                                                    softcap=softcap, backend=backend)
+        )
+    for backend in ours if sinks is not None else ():
+        found[f"block_sparse_{backend}_sinks"] = (
+            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
+                                                                   sinks=sinks, backend=backend)
         )
     found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if causal:
@@ -217,8 +224,10 @@ def run(device: torch.device, quick: bool, progress=None, headline: bool = False
                          flex_block_sparsity_percent=round(flex_sparsity, 1))
         else:
             pairs = visible_pairs(seq_len, window, causal)
+            # The decoder bench also runs ours with sinks (GPT-OSS's), spread over [-1, 1].
+            sinks = torch.linspace(-1, 1, heads, device=device) if bench == "attention_causal" else None
             funcs = providers(device, seq_len, window, block_size, quick, causal,
-                              WIDE_HEADS_SOFTCAP if bench == "attention_wide_heads" else None)
+                              WIDE_HEADS_SOFTCAP if bench == "attention_wide_heads" else None, sinks)
             extra = dict(window=window)
         baseline_name = "sdpa_dense_masked"
         for pass_name in passes:
