@@ -27,10 +27,11 @@ class AttentionCase:
     layout_block: int
     window: bool
     varlen: bool  # False: a padded batch with a key padding mask
+    softcap: bool = False  # logit soft-capping (HAS_SOFTCAP)
 
     def specializations(self) -> set:
         # The forward and both backward kernels; the launch's constexprs decide the compile.
-        flags = (self.dtype, self.head_dim, self.layout_block, self.window, self.varlen, not self.varlen)
+        flags = (self.dtype, self.head_dim, self.layout_block, self.window, self.varlen, not self.varlen, self.softcap)
         return {(kernel, *flags) for kernel in ("attention_fwd", "attention_dq", "attention_dkdv")}
 
 
@@ -81,6 +82,9 @@ MATRIX_MODES = ("padded", "varlen")
 MATRIX_ROTARY = [(1000, 12, 64), (77, 4, 128), (5, 3, 40)]
 # head_dim 256 (Gemma 2 and 3) has tile tables of its own: Gemma 3's sliding layer, both batch modes.
 WIDE_HEAD_ATTENTION = [AttentionCase(dtype, 256, 64, True, varlen) for varlen in (False, True) for dtype in DTYPES]
+# Logit soft-capping (Gemma 2's) over a causal window: capped kernels are specializations of their own.
+CAPPED_ATTENTION = [AttentionCase(dtype, 64, 64, True, varlen, softcap=True) for varlen in (False, True)
+                    for dtype in DTYPES]
 
 
 def matrix_attention_cases() -> list[AttentionCase]:
@@ -99,5 +103,6 @@ def smoke_specializations() -> set:
 
 def matrix_specializations() -> set:
     rotary = {("rotary", dtype, _next_power_of_2(head_dim // 2)) for _, _, head_dim in MATRIX_ROTARY for dtype in DTYPES}
-    attention = set().union(*(case.specializations() for case in matrix_attention_cases() + WIDE_HEAD_ATTENTION))
+    attention = set().union(*(case.specializations()
+                              for case in matrix_attention_cases() + WIDE_HEAD_ATTENTION + CAPPED_ATTENTION))
     return attention | rotary

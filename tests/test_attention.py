@@ -234,13 +234,19 @@ SOFTCAP_CASES = {
 }
 SOFTCAP_MATRIX = {"case": list(SOFTCAP_CASES), "mode": ["padded", "key_padding", "varlen"],
                   "dtype": [torch.float32, torch.float16]}
-SOFTCAP_BF16 = [pytest.param(name, case, mode, torch.bfloat16, id=f"{name}-{case}-{mode}-bf16", marks=marks)
-                for name, marks in [(getattr(b, "values", (b,))[0], getattr(b, "marks", ())) for b in NATIVE_CPU_BACKENDS]
-                for case in SOFTCAP_CASES for mode in SOFTCAP_MATRIX["mode"]]
+
+
+def native_bf16_params(cases, modes) -> list:
+    """pytest params (backend, case, mode, bf16) on the C++ and PyTorch backends: the interpreter has
+    no bf16."""
+    backends = [(getattr(b, "values", (b,))[0], getattr(b, "marks", ())) for b in NATIVE_CPU_BACKENDS]
+    return [pytest.param(name, case, mode, torch.bfloat16, id=f"{name}-{case}-{mode}-bf16", marks=marks)
+            for name, marks in backends for case in cases for mode in modes]
 
 
 @pytest.mark.parametrize("backend, case, mode, dtype",
-                         backend_matrix(SOFTCAP_MATRIX, {"dtype": MATRIX_IDS["dtype"]}) + SOFTCAP_BF16)
+                         backend_matrix(SOFTCAP_MATRIX, {"dtype": MATRIX_IDS["dtype"]})
+                         + native_bf16_params(SOFTCAP_CASES, SOFTCAP_MATRIX["mode"]))
 def test_softcap_matches_reference(backend, case, mode, dtype, poison_allocations):
     layout, window, causal = SOFTCAP_CASES[case]
     check_against_reference(backend, layout(), mode, window, dtype, magnitude=3.0, causal=causal, softcap=5.0)
@@ -278,13 +284,11 @@ SINK_CASES = {
 }
 SINK_MATRIX = {"case": list(SINK_CASES), "mode": ["padded", "key_padding", "varlen"],
                "dtype": [torch.float32, torch.float16]}
-SINK_BF16 = [pytest.param(name, case, mode, torch.bfloat16, id=f"{name}-{case}-{mode}-bf16", marks=marks)
-             for name, marks in [(getattr(b, "values", (b,))[0], getattr(b, "marks", ())) for b in NATIVE_CPU_BACKENDS]
-             for case in SINK_CASES for mode in SINK_MATRIX["mode"]]
 
 
 @pytest.mark.parametrize("backend, case, mode, dtype",
-                         backend_matrix(SINK_MATRIX, {"dtype": MATRIX_IDS["dtype"]}) + SINK_BF16)
+                         backend_matrix(SINK_MATRIX, {"dtype": MATRIX_IDS["dtype"]})
+                         + native_bf16_params(SINK_CASES, SINK_MATRIX["mode"]))
 def test_sinks_match_reference(backend, case, mode, dtype, poison_allocations):
     layout, window, causal = SINK_CASES[case]
     sinks = torch.randn(HEADS, generator=torch.Generator().manual_seed(5)) * 2
@@ -679,9 +683,13 @@ def test_attention_on_gpu(backend, layout_name, head_dim, window, mode, dtype):
     check_on_gpu(backend, GPU_LAYOUTS[layout_name](), head_dim, mode, dtype, window=window)
 
 
+def gpu_case_id(case) -> str:
+    return f"{case.dtype}-{'varlen' if case.varlen else 'padded'}"
+
+
 # head_dim 256 (Gemma 2 and 3): its own tile tables, over Gemma 3's causal sliding window.
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", gpu_cases.WIDE_HEAD_ATTENTION, ids=lambda c: f"{c.dtype}-{'varlen' if c.varlen else 'padded'}")
+@pytest.mark.parametrize("case", gpu_cases.WIDE_HEAD_ATTENTION, ids=gpu_case_id)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_head_dim_256_on_gpu(backend, case):
     check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, case.layout_block, causal=True), case.head_dim,
@@ -741,12 +749,22 @@ def check_on_gpu(backend, layout, head_dim, mode, dtype, **options):
 
 # Logit soft-capping on the Triton and CUDA kernels; scores ~N(0, 1) against a cap of 1.
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", gpu_cases.CAPPED_ATTENTION, ids=gpu_case_id)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_softcap_on_gpu(backend, case):
+    check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, case.layout_block, causal=True), case.head_dim,
+                 "varlen" if case.varlen else "padded", DTYPES[case.dtype], window=64, causal=True, softcap=1.0)
+
+
+# Attention sinks (GPT-OSS's) on the Triton and CUDA kernels: the rescale and the kernels' backward
+# with the sink-aware lse; specializations of the matrix above, so nothing more to compile.
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [DTYPES[name] for name in gpu_cases.DTYPES], ids=list(gpu_cases.DTYPES))
 @pytest.mark.parametrize("mode", gpu_cases.MATRIX_MODES)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_softcap_on_gpu(backend, mode, dtype):
+def test_sinks_on_gpu(backend, mode, dtype):
     check_on_gpu(backend, layouts.sliding_window(GPU_SEQ, 64, 64, causal=True), 64, mode, dtype, window=64,
-                 causal=True, softcap=1.0)
+                 causal=True, sinks=torch.linspace(-1, 1, 4, device="cuda"))
 
 
 @pytest.mark.gpu

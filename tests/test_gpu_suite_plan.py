@@ -34,13 +34,13 @@ def test_plan_counts_the_compiles_of_the_tested_cases():
 
     # 3 dtypes x (fwd, dq, dkdv) for the kernel smoke tests, and the matrix's 180 cases per backend.
     assert {s for s in gpu_cases.smoke_specializations() if s[0].startswith("attention")} >= {
-        (kernel, dtype, 64, 64, True, True, False) for kernel in ("attention_fwd", "attention_dq", "attention_dkdv")
-        for dtype in gpu_cases.DTYPES}
+        (kernel, dtype, 64, 64, True, True, False, False)
+        for kernel in ("attention_fwd", "attention_dq", "attention_dkdv") for dtype in gpu_cases.DTYPES}
     assert len(gpu_cases.matrix_attention_cases()) == 5 * 3 * 2 * 2 * 3
     # Layouts that share a block size share compiles: 3 blocks x 3 head_dims x 2 x 2 x 3 dtypes x 3 kernels,
-    # and head_dim 256's 2 modes x 3 dtypes x 3 kernels.
+    # and head_dim 256's and the capped kernels' 2 modes x 3 dtypes x 3 kernels each.
     attention = {s for s in gpu_cases.matrix_specializations() if s[0].startswith("attention")}
-    assert len(attention) == 3 * 3 * 2 * 2 * 3 * 3 + 2 * 3 * 3
+    assert len(attention) == 3 * 3 * 2 * 2 * 3 * 3 + 2 * (2 * 3 * 3)
 
 
 def test_runner_stops_a_stage_at_its_budget_and_keeps_earlier_results(tmp_path):
