@@ -252,14 +252,15 @@ def test_softcap_matches_reference(backend, case, mode, dtype, poison_allocation
     check_against_reference(backend, layout(), mode, window, dtype, magnitude=3.0, causal=causal, softcap=5.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_softcap_changes_the_result(backend):
+def test_softcap_changes_the_result():
+    """At the magnitudes above the cap bends the scores, so a backend that ignored it could not match
+    the reference there."""
     q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
     q, k = q * 3, k * 3
     layout = LAYOUTS["sliding_window"]()
-    capped = block_sparse_attention(q, k, v, layout, window=40, softcap=5.0, backend=backend, **extra)
-    plain = block_sparse_attention(q, k, v, layout, window=40, backend=backend, **extra)
-    assert relative_error(capped, plain) > 0.05  # the cap is not a no-op at these magnitudes
+    capped = block_sparse_attention(q, k, v, layout, window=40, softcap=5.0, backend="reference", **extra)
+    plain = block_sparse_attention(q, k, v, layout, window=40, backend="reference", **extra)
+    assert relative_error(capped, plain) > 0.05
 
 
 def test_bad_softcaps_are_refused():
@@ -277,7 +278,8 @@ def test_bad_softcaps_are_refused():
 # magnitude ~2 against scores ~1, so they take a real share of each row. Over a causal window and a
 # per-head layout with a query block that sees nothing (its rows: all weight on the sink, output
 # 0), in every batch mode, forward and the gradients of q, k, v and the sinks. fp32 and fp16 on
-# every backend (Triton: a pairwise covering), and bf16 on the C++ and PyTorch ones.
+# every backend, and bf16 on the C++ and PyTorch ones. Sinks change no kernel, only what is done with
+# each backend's (out, lse): in the interpreter, every value once (3 cases).
 SINK_CASES = {
     "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
     "from_block_mask_per_head": (LAYOUTS["from_block_mask_per_head"], None, False),
@@ -287,7 +289,7 @@ SINK_MATRIX = {"case": list(SINK_CASES), "mode": ["padded", "key_padding", "varl
 
 
 @pytest.mark.parametrize("backend, case, mode, dtype",
-                         backend_matrix(SINK_MATRIX, {"dtype": MATRIX_IDS["dtype"]})
+                         backend_matrix(SINK_MATRIX, {"dtype": MATRIX_IDS["dtype"]}, triton_strength=1)
                          + native_bf16_params(SINK_CASES, SINK_MATRIX["mode"]))
 def test_sinks_match_reference(backend, case, mode, dtype, poison_allocations):
     layout, window, causal = SINK_CASES[case]
