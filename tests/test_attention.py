@@ -263,6 +263,14 @@ def test_softcap_changes_the_result():
     assert relative_error(capped, plain) > 0.05
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_cap_far_above_the_scores_keeps_their_digits(backend, poison_allocations):
+    """Scores ~3 under a cap of 1e6: tanh near 0, where 1 - e^-2x cancels (an error of ~6e-8 that
+    the cap multiplies: 2e-3 off in the C++ kernels before the series took over there)."""
+    check_against_reference(backend, LAYOUTS["bigbird_per_head"](), "key_padding", 40, torch.float32, magnitude=1.7,
+                            softcap=1e6)
+
+
 def test_bad_softcaps_are_refused():
     q, k, v, _, extra = make_inputs("padded", torch.float32, 64)
     layout = LAYOUTS["sliding_window"]()

@@ -107,9 +107,16 @@ def scaled_scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         # tanh(x) = 1 - r with r = 2 / (e^2x + 1): one exp2, and no libdevice, which the
         # interpreter lacks. r gives the slope r (2 - r) without cancelling near tanh = 1; e^2x
-        # overflowing to inf gives tanh 1, slope 0, and a NaN score stays NaN.
-        r = 2.0 / (tl.math.exp2(qk * (2.0 * LOG2E * sm_scale / softcap)) + 1.0)
-        return (1.0 - r) * (softcap * LOG2E), r * (2.0 - r)
+        # overflowing to inf gives tanh 1, slope 0, and a NaN score stays NaN. Near x = 0, 1 - r
+        # cancels (an absolute error of ~6e-8, which the cap multiplies: scores far below a large
+        # cap would lose their digits), so there the odd series to x^7 (below 2e-9 relative).
+        x = qk * (sm_scale / softcap)
+        r = 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        near_zero = tl.abs(x) < 0.125
+        tanh = tl.where(near_zero, series, 1.0 - r)
+        return tanh * (softcap * LOG2E), tl.where(near_zero, 1.0 - series * series, r * (2.0 - r))
     else:
         return qk * (sm_scale * LOG2E), 1.0
 
