@@ -77,16 +77,15 @@ def providers(device: torch.device, seq_len: int, window: int, block_size: int, 
         )
         for backend in ours
     }
-    for backend in ours if softcap else ():
-        found[f"block_sparse_{backend}_softcap"] = (
-            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
-                                                                   softcap=softcap, backend=backend)
-        )
-    for backend in ours if sinks is not None else ():
-        found[f"block_sparse_{backend}_sinks"] = (
-            lambda q, k, v, backend=backend: block_sparse_attention(q, k, v, layout, window=window, causal=causal,
-                                                                   sinks=sinks, backend=backend)
-        )
+    variants = {"softcap": dict(softcap=softcap)} if softcap else {}
+    if sinks is not None:
+        variants["sinks"] = dict(sinks=sinks)
+    for suffix, options in variants.items():
+        for backend in ours:
+            found[f"block_sparse_{backend}_{suffix}"] = (
+                lambda q, k, v, backend=backend, options=options: block_sparse_attention(
+                    q, k, v, layout, window=window, causal=causal, backend=backend, **options)
+            )
     found["sdpa_dense_masked"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if causal:
         found["sdpa_is_causal_no_window"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)

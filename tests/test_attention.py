@@ -228,12 +228,10 @@ def test_head_dims_past_the_kernels_run_on_the_torch_backend(backend, poison_all
 # Logit soft-capping (Gemma 2's): scores of magnitude ~12 against a cap of 5, so tanh bends them,
 # in every batch mode, over a causal window and a per-head layout, forward and backward. fp32 and
 # fp16 on every backend (Triton: a pairwise covering, 6 cases), and bf16 on the C++ and PyTorch ones.
-SOFTCAP_CASES = {
-    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
-    "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False),
-}
-SOFTCAP_MATRIX = {"case": list(SOFTCAP_CASES), "mode": ["padded", "key_padding", "varlen"],
-                  "dtype": [torch.float32, torch.float16]}
+# (layout, window, causal) of the option tests below.
+CAUSAL_WINDOW40 = (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True)
+SOFTCAP_CASES = {"causal_window40": CAUSAL_WINDOW40, "bigbird_per_head": (LAYOUTS["bigbird_per_head"], None, False)}
+SOFTCAP_MATRIX = {"case": list(SOFTCAP_CASES), "mode": MATRIX["mode"], "dtype": MATRIX["dtype"]}
 
 
 def native_bf16_params(cases, modes) -> list:
@@ -288,12 +286,9 @@ def test_bad_softcaps_are_refused():
 # 0), in every batch mode, forward and the gradients of q, k, v and the sinks. fp32 and fp16 on
 # every backend, and bf16 on the C++ and PyTorch ones. Sinks change no kernel, only what is done with
 # each backend's (out, lse): in the interpreter, every value once (3 cases).
-SINK_CASES = {
-    "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
-    "from_block_mask_per_head": (LAYOUTS["from_block_mask_per_head"], None, False),
-}
-SINK_MATRIX = {"case": list(SINK_CASES), "mode": ["padded", "key_padding", "varlen"],
-               "dtype": [torch.float32, torch.float16]}
+SINK_CASES = {"causal_window40": CAUSAL_WINDOW40,
+              "from_block_mask_per_head": (LAYOUTS["from_block_mask_per_head"], None, False)}
+SINK_MATRIX = {"case": list(SINK_CASES), "mode": MATRIX["mode"], "dtype": MATRIX["dtype"]}
 
 
 @pytest.mark.parametrize("backend, case, mode, dtype",
