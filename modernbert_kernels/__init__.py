@@ -7,10 +7,31 @@ from .attention import block_sparse_attention
 from .int8 import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
 from .block_sparse_layout import BlockSparseLayout
 from .rotary import rotary_embedding
+
 # transformers' attention-function contract, and FlashAttention-2's calling convention: what
 # transformers calls on a kernel-hub build (attn_implementation="<org>/<repo>:attention_forward").
-from .integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
-from .integrations.transformers.attention import attention_forward
+# Imported on first use: the integration imports torch._dynamo (~1 s), which the kernels alone,
+# and every process that only runs them, do not need.
+_INTEGRATION_ATTRIBUTES = {
+    "attention_forward": ".integrations.transformers.attention",
+    "flash_attn_func": ".integrations.flash_attn",
+    "flash_attn_varlen_func": ".integrations.flash_attn",
+}
+
+
+def __getattr__(name: str):
+    if name not in _INTEGRATION_ATTRIBUTES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_INTEGRATION_ATTRIBUTES[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_INTEGRATION_ATTRIBUTES))
+
 
 __all__ = [
     "BlockSparseLayout",
