@@ -140,3 +140,25 @@ def test_empty_batches_give_empty_outputs(case):
     k, v = (torch.randn(0, kv_heads, 64) for _ in range(2))
     cu = torch.tensor([0, 0], dtype=torch.int32)
     assert flash_attn_varlen_func(q, k, v, cu, cu, 0, 0, causal=causal, window_size=window_size).shape == q.shape
+
+
+def test_the_package_imports_without_the_compiler_and_loads_its_entry_points_on_use():
+    """`import modernbert_kernels` leaves torch._dynamo unimported (it costs ~1 s in every process
+    that only runs the kernels); the transformers and FlashAttention entry points load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, modernbert_kernels as m\n"
+            "print('torch._dynamo' in sys.modules)\n"
+            "assert {'attention_forward', 'flash_attn_func', 'flash_attn_varlen_func'} <= set(dir(m))\n"
+            "print(callable(m.attention_forward), m.flash_attn_func.__module__)\n"
+            "from modernbert_kernels import *\n"
+            "try:\n"
+            "    m.no_such_attribute\n"
+            "except AttributeError as error:\n"
+            "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "False", "True modernbert_kernels.integrations.flash_attn",
+        "module 'modernbert_kernels' has no attribute 'no_such_attribute'"]
