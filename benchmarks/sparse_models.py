@@ -8,7 +8,10 @@ alone, forward and forward+backward.
 - a sliding-window decoder at 8192 tokens: Mistral-style, 12 layers of 768 with a window of 1024
   (transformers: sdpa with its [seq, seq] mask);
 - Gemma 3 1B's attention at 4096 tokens: heads of 256 (4 query heads, 1 kv head), five sliding
-  layers (window 512) to one global, 6 layers of 1152 (the released model has 26).
+  layers (window 512) to one global, 6 layers of 1152 (the released model has 26);
+- Llama 4's chunked attention at 8192 tokens: three chunked layers (chunks of 2048; the released
+  models' 8192, scaled with the length) to one full causal layer, heads of 128 (8 query heads, 2 kv
+  heads), 4 layers of 1024 with dense MLPs (transformers: sdpa with its [seq, seq] chunked mask).
 
 Ours: ``replace_attention`` (Longformer, BigBird) and ``attn_implementation="modernbert_kernels"``
 (the decoder). "attention" rows time the first layer's self-attention module on the inputs the
@@ -60,6 +63,7 @@ PROJECTIONS = {
     "big_bird": (("query", "key", "value"), None),
     "mistral": (("q_proj", "k_proj", "v_proj"), "o_proj"),
     "gemma3_text": (("q_proj", "k_proj", "v_proj"), "o_proj"),
+    "llama4_text": (("q_proj", "k_proj", "v_proj"), "o_proj"),
 }
 
 
@@ -119,6 +123,18 @@ def _gemma3(small: bool):
     return transformers.Gemma3TextModel(config), lambda model: model.layers[0].self_attn
 
 
+def _llama4(small: bool):
+    import transformers
+
+    size = dict(SMOKE, num_key_value_heads=1, head_dim=64, attention_chunk_size=64, num_hidden_layers=2,
+                intermediate_size_mlp=256, no_rope_layers=[1, 0]) if small else dict(
+        hidden_size=1024, intermediate_size_mlp=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=128, attention_chunk_size=2048, no_rope_layers=[1, 1, 1, 0])
+    config = transformers.Llama4TextConfig(vocab_size=32000, max_position_embeddings=8192, moe_layers=[],
+                                           attn_implementation="sdpa", **size)
+    return transformers.Llama4TextModel(config), lambda model: model.layers[0].self_attn
+
+
 def _inputs(lengths, global_count, vocab, seq_len):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (len(lengths), seq_len), generator=generator)
@@ -153,6 +169,8 @@ def cases(small: bool):
         ("mistral", "mistral-style sliding-window decoder", _decoder, dict(_inputs([2 * n], 0, 32000, 2 * n), use_cache=False),
          decoder_ours),
         ("gemma3", "gemma3-1b-style decoder, head_dim 256", _gemma3, dict(_inputs([n], 0, 32000, n), use_cache=False),
+         decoder_ours),
+        ("llama4", "llama4-style chunked decoder", _llama4, dict(_inputs([2 * n], 0, 32000, 2 * n), use_cache=False),
          decoder_ours),
     ]
 
@@ -227,7 +245,7 @@ def _in_worker(case_index: int, provider: str, device: torch.device, smoke: bool
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MODELS = ("longformer", "longformer_padded", "bigbird", "mistral", "gemma3")  # cases()' short names, for --models
+MODELS = ("longformer", "longformer_padded", "bigbird", "mistral", "gemma3", "llama4")  # cases()' short names, for --models
 
 
 def run(device: torch.device, quick: bool, progress=print, smoke: bool = False, models=None) -> list[dict]:

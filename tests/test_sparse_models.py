@@ -4,6 +4,7 @@ attn_implementation="modernbert_kernels", and Longformer, LED and BigBird throug
 Each checks outputs, gradients and a few AdamW steps of training."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,13 @@ DECODERS = {
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, sliding_window=40, num_local_experts=4, num_experts_per_tok=2,
         layer_types=["sliding_attention", "full_attention"], pad_token_id=0),
+    # Llama 4: chunked attention (causal inside chunks of 32 tokens: 150 tokens are four chunks and
+    # a part) in three layers of four, the fourth full causal and without rotary embeddings; a
+    # mixture of experts in every second layer.
+    "llama4-chunked": lambda: transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=32, num_local_experts=2,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0], pad_token_id=0),
 }
 # transformers' implementation each decoder is compared with (sdpa unless named).
 REFERENCE_IMPLEMENTATION = {"gemma2-softcap": "eager", "gpt-oss-sinks": "eager"}
@@ -154,16 +162,20 @@ def test_decoder_matches_sdpa_forward_backward_and_training(name, monkeypatch):
     outputs = []
     for model in (theirs, ours):
         model.eval()
-        out = model(**batch)
+        with warnings.catch_warnings():  # every mask of these models is one the kernels compute
+            warnings.filterwarnings("error", message=f"{NAME}: this model's attention mask")
+            out = model(**batch)
         out.loss.backward()
         outputs.append((out.logits, gradients(model)))
     assert max_difference(outputs[1][0][real], outputs[0][0][real]) <= 1e-5
     assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
-    # Every layer ran on the kernels, causal, with the window where the layer has one.
+    # Every layer ran on the kernels, causal, with the window where the layer has one (a chunked
+    # layer: as a varlen batch, one sequence per chunk).
     layer_types = getattr(theirs.config, "layer_types", None) or ["sliding_attention"] * theirs.config.num_hidden_layers
     assert len(calls) == len(layer_types)
     assert all(call["causal"] for call in calls)
     assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in layer_types]
+    assert [call.get("cu_seqlens") is not None for call in calls] == [t == "chunked_attention" for t in layer_types]
     # Training: the same losses step after step.
     assert train_losses(ours, batch) == pytest.approx(train_losses(theirs, batch), abs=1e-4)
 
@@ -189,6 +201,8 @@ def packed_batch():
 
 
 PACKED_BOUNDS = [0, 60, 61, 150, 300]
+# The same sequences cut into chunks of 32 (a chunked layer's sequences).
+PACKED_CHUNK_BOUNDS = [0, 32, 60, 61, 93, 125, 150, 182, 214, 246, 278, 300]
 # Reference implementations that let packed sequences see each other (transformers 5.x's eager
 # GPT-OSS: past the first sequence its logits differ from the sequences run alone by ~0.5): ours is
 # compared with the sequences run alone only.
@@ -213,12 +227,14 @@ def test_packed_sequences_do_not_see_each_other(name, flash_kwargs, monkeypatch)
     if flash_kwargs:
         bounds = torch.tensor(PACKED_BOUNDS, dtype=torch.int32)
         extra = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=150, max_length_k=150)
-        # The bounds given are used as they are: the positions are not read for them.
+        # The bounds given are used as they are: the positions are not read for them (a chunked
+        # layer reads each token's place in its chunk, counted from those bounds).
         from modernbert_kernels.integrations.transformers import attention
 
-        def unexpected(position_ids):
-            raise AssertionError("the sequences were read from position_ids, not from cu_seq_lens")
-        monkeypatch.setattr(attention, "sequences_from_positions", unexpected)
+        def not_from_the_positions(position_ids, original=attention.sequences_from_positions):
+            assert not torch.equal(position_ids, positions), "the sequences were read from position_ids"
+            return original(position_ids)
+        monkeypatch.setattr(attention, "sequences_from_positions", not_from_the_positions)
     outputs = []
     for model in (theirs, ours) if name not in LEAKS_PACKED_SEQUENCES else (ours,):
         out = model.eval()(input_ids=ids, position_ids=positions, labels=ids, use_cache=False,
@@ -228,7 +244,9 @@ def test_packed_sequences_do_not_see_each_other(name, flash_kwargs, monkeypatch)
     if name not in LEAKS_PACKED_SEQUENCES:
         assert max_difference(outputs[1][0], outputs[0][0]) <= 1e-5
         assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
-    assert calls and all(call["cu_seqlens"].tolist() == PACKED_BOUNDS for call in calls)
+    layer_types = getattr(ours.config, "layer_types", None) or [None] * ours.config.num_hidden_layers
+    assert [call["cu_seqlens"].tolist() for call in calls] == [
+        PACKED_CHUNK_BOUNDS if t == "chunked_attention" else PACKED_BOUNDS for t in layer_types]
     assert max_difference(outputs[-1][0], alone) <= 1e-5
 
 
@@ -244,6 +262,73 @@ def test_one_sequence_a_row_is_not_taken_for_packing(monkeypatch):
         actual = ours.eval()(input_ids=ids, position_ids=positions, use_cache=False).logits
     assert max_difference(actual, expected) <= 1e-5
     assert calls and all(call.get("cu_seqlens") is None for call in calls)
+
+
+def test_chunked_layers_count_chunks_from_the_first_real_token(monkeypatch):
+    """Llama 4's chunked layers with left padding: chunks start at each row's first real token, as
+    in transformers' masks, and each is one sequence of a varlen batch on the kernels (the padding
+    forms sequences of its own). Padding between real tokens has no varlen form: those layers run
+    in PyTorch over the written-out mask. Left-padded batched generation gives the same tokens."""
+    calls = count_kernel_calls(monkeypatch)
+    theirs, ours = decoder_pair("llama4-chunked")
+    ids = decoder_batch()["input_ids"]
+    left_padded = torch.ones(2, 150, dtype=torch.long)
+    left_padded[1, :45] = 0
+    with_a_hole = torch.ones(2, 150, dtype=torch.long)
+    with_a_hole[1, 40:50] = 0
+    for mask in (left_padded, with_a_hole):
+        calls.clear()
+        outputs = []
+        # A label counts where it and the token before it are real: a padding query's output is
+        # the kernels' choice (it sees its padding run, SDPA's sees nothing).
+        real = mask.bool()
+        labels = ids.masked_fill(~(real & torch.nn.functional.pad(real[:, :-1], (1, 0))), -100)
+        for model in (theirs, ours):
+            model.zero_grad()
+            out = model.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            outputs.append((out.logits, gradients(model)))
+        assert max_difference(outputs[1][0][real], outputs[0][0][real]) <= 1e-5
+        assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
+        chunked = [call["cu_seqlens"].tolist() for call in calls if call.get("cu_seqlens") is not None]
+        if mask is left_padded:  # row 1: padding at 0-12 and 13-44 (45 - 13 = 32), then chunks from 45
+            assert chunked == [[0, 32, 64, 96, 128, 150, 163, 195, 227, 259, 291, 300]] * 3
+        else:
+            assert chunked == [] and len(calls) == 1  # only the full layer on the kernels
+    tokens = [m.generate(ids[:, :70], attention_mask=left_padded[:, :70], max_new_tokens=12, do_sample=False,
+                         pad_token_id=0) for m in (theirs, ours)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_a_mask_the_kernels_do_not_compute_runs_on_transformers_own(monkeypatch):
+    """Gemma 3 with an image: its image tokens see each other both ways (a union with the causal
+    mask), which no layout here computes. The mask function hands over transformers' own mask, the
+    layers run in PyTorch's SDPA over it with a warning, and the output is SDPA's (not the causal
+    one: it moves without the image tokens' bidirectional block)."""
+    calls = count_kernel_calls(monkeypatch)
+    config = transformers.Gemma3Config(
+        text_config=DECODERS["gemma3"](),
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=56, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=120, boi_token_index=121, eoi_token_index=122)
+    models = []
+    for implementation in ("sdpa", NAME):
+        torch.manual_seed(0)
+        models.append(transformers.Gemma3ForConditionalGeneration._from_config(
+            copy.deepcopy(config), attn_implementation=implementation).eval())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 110, (1, 90), generator=generator)
+    ids[0, 50:54] = 120  # the image's four tokens
+    image = dict(pixel_values=torch.randn(1, 3, 56, 56, generator=generator), token_type_ids=(ids == 120).long())
+    with torch.no_grad():
+        expected = models[0](input_ids=ids, **image).logits
+        with pytest.warns(UserWarning, match="a pattern the kernels do not compute"):
+            actual = models[1](input_ids=ids, **image).logits
+        causal_only = models[0](input_ids=ids, pixel_values=image["pixel_values"]).logits
+    assert max_difference(actual, expected) <= 1e-5
+    assert max_difference(causal_only, expected) > 1e-3
+    # On the kernels: the vision tower's bidirectional layer only, none of the text's causal ones.
+    assert calls and not any(call["causal"] for call in calls)
 
 
 def test_compiled_decoder_runs_in_one_graph_and_keeps_packed_sequences_apart():

@@ -17,11 +17,18 @@ Packed sequences (no padding mask; several sequences in a row, told apart by ``p
 restart, or by the ``cu_seq_lens_q`` of ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)
 run as a varlen batch, so no token sees another sequence's: what transformers' SDPA masks compute
 when they detect packing, and what its flash-attention path does.
+
+Chunked layers (Llama 4's ``attention_chunk_size``: causal inside chunks of that many tokens, counted
+from each sequence's first real token) run as a varlen batch too, one sequence per chunk. A mask that
+the kernels do not compute (an overlay that lets image tokens see each other both ways, a prefix
+seen bidirectionally, a user's own mask function) is not dropped: the mask function returns
+transformers' own boolean mask, and those layers run in PyTorch's SDPA over it, with a warning.
 """
 
 from __future__ import annotations
 
 import collections
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -160,10 +167,13 @@ def _eager_packing(position_ids: torch.Tensor, batch: int):
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
+def _packed_sequences(kwargs: dict, batch: int, seq_len: int, sequence_ids=None):
     """(cu_seqlens, max_seqlen) of the sequences packed in the batch's rows, or None when each row
-    holds one. Under torch.compile the values cannot be read, so any batch with position_ids runs
-    as varlen, one sequence a row at the least, with max_seqlen = seq_len."""
+    holds one. From the flash-attention kwargs, else from ``position_ids``, else from ``sequence_ids``
+    (transformers' packed-sequence index of each token, which padding_mask returns for models that
+    pass no positions to their attention). Under torch.compile the values cannot be read, so any
+    batch with position_ids or sequence_ids runs as varlen, one sequence a row at the least, with
+    max_seqlen = seq_len."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None:
         keys = kwargs.get("cu_seq_lens_k")
@@ -172,13 +182,20 @@ def _packed_sequences(kwargs: dict, batch: int, seq_len: int):
                                       "(cu_seq_lens_q == cu_seq_lens_k)")
         longest = kwargs.get("max_length_q")
         return cu_seqlens.to(torch.int32), seq_len if longest is None else int(longest)
-    position_ids = kwargs.get("position_ids")
-    if (not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
-            or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch)):
-        return None  # no positions, or not one per token (e.g. multimodal 3-D positions): not packed
+    positions = kwargs.get("position_ids")
+    if (not isinstance(positions, torch.Tensor) or positions.dim() != 2
+            or positions.shape[1] != seq_len or positions.shape[0] not in (1, batch)):
+        positions = None  # no positions, or not one per token (e.g. multimodal 3-D positions)
+    source = positions
+    if positions is None and sequence_ids is not None:
+        # positions that grow by one inside a sequence and jump where the index changes
+        positions = torch.arange(seq_len, device=sequence_ids.device) + sequence_ids.long() * (seq_len + 1)
+        source = sequence_ids
+    if positions is None:
+        return None
     if torch.compiler.is_compiling():
-        return sequences_from_positions(position_ids.expand(batch, -1)), seq_len
-    return _packings.get(position_ids, batch, lambda: _eager_packing(position_ids, batch))
+        return sequences_from_positions(positions.expand(batch, -1)), seq_len
+    return _packings.get(source, batch, lambda: _eager_packing(positions, batch))
 
 
 def same_sequences(cu_seqlens_a: torch.Tensor, cu_seqlens_b: torch.Tensor) -> bool:
@@ -208,22 +225,120 @@ def cross_attention(query, key, value, key_padding_mask, scale, softcap=None, si
     return out.masked_fill(no_key[:, None, None, None], 0)
 
 
+def masked_attention(query, key, value, visible, scale, softcap=None, sinks=None):
+    """SDPA over a boolean [batch, 1 or heads, queries, keys] mask; a query that sees no key gets 0,
+    as from the kernels (SDPA would give NaN)."""
+    sees_none = ~visible.any(dim=-1, keepdim=True)
+    out = dense_attention(query, key, value, visible | sees_none, scale, softcap, sinks)
+    return out.masked_fill(sees_none, 0)
+
+
+def chunk_size(module) -> int | None:
+    """The chunk of a chunked-attention layer (config.attention_chunk_size, Llama 4), None for others."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is None:
+        return None
+    layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types is None or layer is None:
+        raise NotImplementedError(f"{NAME}: the config sets attention_chunk_size but names no layer_types, so which "
+                                  "layers are chunked is not known")
+    return chunk if layer_types[layer] == "chunked_attention" else None
+
+
+# Per padding mask or position_ids tensor: every chunked layer of a forward gets the same one.
+_chunkings = TensorCache()
+
+
+def _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch: int, seq_len: int, chunk: int):
+    """Each token's place in its chunk, [batch, seq], as transformers' chunked masks count: from each
+    row's first real token where there is a padding mask (left padding), by position where the row
+    holds packed sequences, else by index. A chunk ends wherever this does not grow by one."""
+    index = torch.arange(seq_len, device=key_padding_mask.device if key_padding_mask is not None else None)
+    if key_padding_mask is not None:
+        left_padding = (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+        return (index - left_padding) % chunk
+    packed = _packed_sequences(kwargs, batch, seq_len, sequence_ids)
+    if packed is None:
+        return (index % chunk).expand(batch, -1)
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("cu_seq_lens_q") is None and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        return position_ids.expand(batch, -1) % chunk
+    # Told apart by cu_seqlens alone: positions count from each sequence's start.
+    cu_seqlens = packed[0].long()
+    starts = torch.zeros(batch * seq_len, dtype=torch.long, device=cu_seqlens.device)
+    starts[cu_seqlens[:-1]] = cu_seqlens[:-1]
+    tokens = torch.arange(batch * seq_len, device=cu_seqlens.device)
+    return ((tokens - starts.cummax(0).values) % chunk).view(batch, seq_len)
+
+
+def _real_tokens_in_one_run(key_padding_mask) -> torch.Tensor:
+    """Whether each row's real tokens are one run (left and right padding, no holes)."""
+    index = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    first = (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    run = (index >= first) & (index < first + key_padding_mask.sum(dim=1, keepdim=True))
+    return (run == key_padding_mask).all()
+
+
+def chunked_attention(query, key, value, key_padding_mask, sequence_ids, kwargs, chunk, scale, softcap, sinks):
+    """A chunked layer on the kernels: each chunk of each row one sequence of a varlen batch. Padding
+    after a row's last real token sits in its last chunk, where causality hides it; left padding
+    forms chunks of its own. [batch, heads, seq, dim] -> [batch, seq, heads, dim]."""
+    batch, _, seq_len, _ = query.shape
+    if key_padding_mask is not None:
+        if torch.compiler.is_compiling():
+            torch._assert_async(_real_tokens_in_one_run(key_padding_mask),
+                                f"{NAME}: a chunked layer's padding mask must pad only before and after the real tokens")
+        elif not _chunkings.get(key_padding_mask, "one run", lambda: bool(_real_tokens_in_one_run(key_padding_mask))):
+            # Padding between real tokens: no varlen batch skips it, so the mask is written out.
+            index = torch.arange(seq_len, device=query.device)
+            chunk_of = (index - (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)) // chunk
+            visible = ((index[:, None] >= index[None, :]) & (chunk_of[:, :, None] == chunk_of[:, None, :])
+                       & key_padding_mask[:, None, :])
+            return masked_attention(query, key, value, visible[:, None], scale, softcap, sinks).transpose(1, 2)
+
+    def bounds():
+        return sequences_from_positions(
+            _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch, seq_len, chunk))
+
+    source = next((t for t in (key_padding_mask, sequence_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids"))
+                   if isinstance(t, torch.Tensor)), None)
+    if torch.compiler.is_compiling() or source is None:
+        cu_seqlens = bounds()
+    else:
+        cu_seqlens = _chunkings.get(source, ("bounds", batch, seq_len, chunk), bounds)
+    return _packed_attention(query, key, value, cu_seqlens, min(chunk, seq_len), None, True, scale, softcap, sinks)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                       softcap=None, s_aux=None, **kwargs):
     """transformers' attention-function contract: [batch, heads, seq, dim] in, ([batch, seq, heads, dim], None) out.
-    ``softcap``: Gemma 2's attn_logit_softcapping; ``s_aux``: GPT-OSS's attention sinks, [heads]."""
+    ``softcap``: Gemma 2's attn_logit_softcapping; ``s_aux``: GPT-OSS's attention sinks, [heads].
+
+    ``attention_mask`` is what padding_mask made: None, a boolean [batch, keys] padding mask, an
+    int32 [batch, seq] index of each token's packed sequence, or transformers' own boolean
+    [batch, 1, queries, keys] mask for a pattern the kernels do not compute."""
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     if dropout and module.training:
         raise NotImplementedError(f"{NAME} has no attention dropout; set attention_dropout=0 to train")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"{NAME} expects a [batch, seq] padding mask, got shape {tuple(attention_mask.shape)}; "
-                         "register() installs the matching mask function")
     key, value = share_kv_heads(query, key, value, head_axis=1)
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        out = masked_attention(query, key, value, attention_mask, scaling, softcap, s_aux)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"{NAME} expects a [batch, seq] padding mask or a boolean [batch, 1 or heads, queries, keys] "
+                         f"mask, got shape {tuple(attention_mask.shape)} ({attention_mask.dtype}); register() "
+                         "installs the matching mask function")
+    sequence_ids = attention_mask if attention_mask is not None and attention_mask.dtype == torch.int32 else None
+    key_padding_mask = None if attention_mask is None or sequence_ids is not None else attention_mask.bool()
     seq_len = query.shape[2]
     window = None if sliding_window is None else sliding_window - 1
-    key_padding_mask = None if attention_mask is None else attention_mask.bool()
+    chunk = chunk_size(module)
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
+        if chunk is not None:
+            raise ValueError(f"{NAME}: a chunked layer's {seq_len} queries after a KV cache need transformers' chunked "
+                             "mask; register() installs the mask function that makes it")
         if causal:
             out = attention_after_cache(query, key, value, key_padding_mask, window, scaling, softcap, s_aux)
         elif window is None:
@@ -232,11 +347,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             raise ValueError(f"{NAME}: {seq_len} queries but {key.shape[2]} keys in a bidirectional sliding-window "
                              "layer: which keys a query's window holds is not defined")
         return out.transpose(1, 2).contiguous(), None
-    packed = None
-    if key_padding_mask is None and query.shape[0] > 0 and seq_len > 0:
-        packed = _packed_sequences(kwargs, query.shape[0], seq_len)
-    if packed is not None:
-        return _packed_attention(query, key, value, *packed, window, causal, scaling, softcap, s_aux), None
+    if query.shape[0] > 0 and seq_len > 0:
+        if chunk is not None:
+            return chunked_attention(query, key, value, key_padding_mask, sequence_ids, kwargs, chunk, scaling,
+                                     softcap, s_aux), None
+        packed = None if key_padding_mask is not None else _packed_sequences(kwargs, query.shape[0], seq_len,
+                                                                              sequence_ids)
+        if packed is not None:
+            return _packed_attention(query, key, value, *packed, window, causal, scaling, softcap, s_aux), None
     layout = layout_for(-(-seq_len // BLOCK_SIZE), window, causal, query.device)
     out = block_sparse_attention(query, key, value, layout, window=window, causal=causal, scale=scaling,
                                  key_padding_mask=key_padding_mask, softcap=softcap, sinks=s_aux)
@@ -251,13 +369,80 @@ def _packed_attention(query, key, value, cu_seqlens, max_seqlen, window, causal,
     return out.view(batch, seq_len, heads, head_dim)
 
 
+# (code of a transformers mask function, what it is), and (code of a combinator, the closure cell
+# holding what it combines): the pieces of the masks the kernels compute. Set by register().
+_mask_leaves: tuple = ()
+_mask_combinators: tuple = ()
+_packed_index_cell = 0
+
+
+def _learn_mask_pieces():
+    from transformers import masking_utils as mu
+
+    global _mask_leaves, _mask_combinators, _packed_index_cell
+    table = torch.zeros(1, 1, dtype=torch.long)
+    packed = mu.packed_sequence_mask_function(table)
+    _packed_index_cell = packed.__code__.co_freevars.index("packed_sequence_mask")
+    _mask_leaves = (
+        (mu.causal_mask_function.__code__, "causal"),
+        (mu.bidirectional_mask_function.__code__, "bidirectional"),
+        (mu.sliding_window_overlay(1).__code__, "window"),
+        (mu.sliding_window_bidirectional_overlay(1).__code__, "window"),
+        (mu.chunked_overlay(1, table).__code__, "chunked"),
+        (mu.padding_mask_function(table).__code__, "padding"),
+        (packed.__code__, "packed"),
+    )
+    both = mu.and_masks(mu.causal_mask_function)
+    remapped = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, table)
+    _mask_combinators = ((both.__code__, both.__code__.co_freevars.index("mask_functions")),
+                         (remapped.__code__, remapped.__code__.co_freevars.index("mask_function")))
+
+
+def mask_pieces(mask_function) -> dict | None:
+    """What a transformers mask function is made of: {"causal" | "window" | "chunked" | "padding" |
+    "packed" | ...: the piece's function}, read from its closures; None if any piece is one the
+    kernels do not compute (a union with another mask, a user's function). Plain attribute reads:
+    Dynamo traces it."""
+    code = mask_function.__code__
+    for known, piece in _mask_leaves:
+        if code is known:
+            return {piece: mask_function}
+    for known, cell in _mask_combinators:
+        if code is known:
+            parts = mask_function.__closure__[cell].cell_contents
+            pieces = {}
+            for part in parts if isinstance(parts, tuple) else (parts,):
+                found = mask_pieces(part)
+                if found is None:
+                    return None
+                pieces.update(found)
+            return pieces
+    return None
+
+
 def padding_mask(*args, **kwargs):
     """transformers' mask-function contract: the [batch, kv_length] padding mask, or None where every
     key is real, as for flash attention (the kernels take it as is). Under torch.compile the mask is
     kept even where every key is real: a branch on its values would break the graph at every mask,
-    and the kernels give the same output with it."""
-    from transformers.masking_utils import flash_attention_mask
+    and the kernels give the same output with it.
 
+    A mask the kernels do not compute, and a chunked layer's mask for queries after a KV cache, are
+    transformers' own boolean [batch, 1, queries, keys] mask instead (attention_forward runs SDPA
+    over it)."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    mask_function = kwargs.get("mask_function")
+    pieces = {} if mask_function is None else mask_pieces(mask_function)
+    if pieces is None or ("chunked" in pieces and kwargs.get("q_length") != kwargs.get("kv_length")):
+        if pieces is None and not torch.compiler.is_compiling():
+            warnings.warn(f"{NAME}: this model's attention mask holds a pattern the kernels do not compute (a mask "
+                          "function combined with another); its layers run in PyTorch's SDPA over the dense mask",
+                          stacklevel=2)
+        return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    if "packed" in pieces:
+        # Packed sequences (transformers found them in position_ids): their index, since not every
+        # model passes position_ids on to its attention (Llama 4 does not).
+        return pieces["packed"].__closure__[_packed_index_cell].cell_contents.to(torch.int32)
     attention_mask = kwargs.get("attention_mask")
     if torch.compiler.is_compiling() and attention_mask is not None:
         return attention_mask[:, -kwargs["kv_length"]:]
@@ -268,6 +453,7 @@ def register(name: str = NAME) -> str:
     """Register the attention function and its padding-mask function under ``name``."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    _learn_mask_pieces()
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, padding_mask)
     return name
