@@ -377,25 +377,33 @@ _packed_index_cell = 0
 
 
 def _learn_mask_pieces():
+    """Reads the codes of transformers' mask functions. One this transformers lacks, or builds
+    differently, is left out: a mask made with it runs on transformers' own mask (safe, slower)."""
     from transformers import masking_utils as mu
 
     global _mask_leaves, _mask_combinators, _packed_index_cell
     table = torch.zeros(1, 1, dtype=torch.long)
-    packed = mu.packed_sequence_mask_function(table)
-    _packed_index_cell = packed.__code__.co_freevars.index("packed_sequence_mask")
-    _mask_leaves = (
-        (mu.causal_mask_function.__code__, "causal"),
-        (mu.bidirectional_mask_function.__code__, "bidirectional"),
-        (mu.sliding_window_overlay(1).__code__, "window"),
-        (mu.sliding_window_bidirectional_overlay(1).__code__, "window"),
-        (mu.chunked_overlay(1, table).__code__, "chunked"),
-        (mu.padding_mask_function(table).__code__, "padding"),
-        (packed.__code__, "packed"),
-    )
-    both = mu.and_masks(mu.causal_mask_function)
-    remapped = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, table)
-    _mask_combinators = ((both.__code__, both.__code__.co_freevars.index("mask_functions")),
-                         (remapped.__code__, remapped.__code__.co_freevars.index("mask_function")))
+
+    def made(factory: str, *args):
+        try:
+            return getattr(mu, factory)(*args)
+        except (AttributeError, TypeError):
+            return None
+
+    leaves = [(mu.causal_mask_function, "causal"), (getattr(mu, "bidirectional_mask_function", None), "bidirectional"),
+              (made("sliding_window_overlay", 1), "window"), (made("sliding_window_bidirectional_overlay", 1), "window"),
+              (made("chunked_overlay", 1, table), "chunked"), (made("padding_mask_function", table), "padding")]
+    packed = made("packed_sequence_mask_function", table)
+    if packed is not None and "packed_sequence_mask" in packed.__code__.co_freevars:
+        _packed_index_cell = packed.__code__.co_freevars.index("packed_sequence_mask")
+        leaves.append((packed, "packed"))
+    _mask_leaves = tuple((function.__code__, piece) for function, piece in leaves if function is not None)
+    combinators = []
+    for function, cell in ((made("and_masks", mu.causal_mask_function), "mask_functions"),
+                           (made("remap_positions_for_packed_sequence", mu.causal_mask_function, table), "mask_function")):
+        if function is not None and cell in function.__code__.co_freevars:
+            combinators.append((function.__code__, function.__code__.co_freevars.index(cell)))
+    _mask_combinators = tuple(combinators)
 
 
 def mask_pieces(mask_function) -> dict | None:
@@ -420,6 +428,22 @@ def mask_pieces(mask_function) -> dict | None:
     return None
 
 
+def _pieces_while_compiling(mask_function, kwargs) -> dict | None:
+    """mask_pieces for a mask function made inside a traced region, where Dynamo reads a function's
+    code but not (before torch 2.14) what its closures hold: a known piece alone; a combination
+    made by transformers itself (a window, a chunk, packing: ``use_vmap`` is off where no other
+    mask function was added), taken as one the kernels compute, except after a KV cache, where it
+    could be a chunk's; anything else, None."""
+    code = mask_function.__code__
+    for known, piece in _mask_leaves:
+        if code is known:
+            return {piece: mask_function}
+    if (_mask_combinators and code is _mask_combinators[0][0] and not kwargs.get("use_vmap")
+            and kwargs.get("q_length") == kwargs.get("kv_length")):
+        return {"combined": mask_function}
+    return None
+
+
 def padding_mask(*args, **kwargs):
     """transformers' mask-function contract: the [batch, kv_length] padding mask, or None where every
     key is real, as for flash attention (the kernels take it as is). Under torch.compile the mask is
@@ -428,11 +452,17 @@ def padding_mask(*args, **kwargs):
 
     A mask the kernels do not compute, and a chunked layer's mask for queries after a KV cache, are
     transformers' own boolean [batch, 1, queries, keys] mask instead (attention_forward runs SDPA
-    over it)."""
+    over it). Packed sequences that transformers found are their int32 [batch, seq] index (eager
+    only: see _pieces_while_compiling)."""
     from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
     mask_function = kwargs.get("mask_function")
-    pieces = {} if mask_function is None else mask_pieces(mask_function)
+    if mask_function is None:
+        pieces = {}
+    elif torch.compiler.is_compiling():
+        pieces = _pieces_while_compiling(mask_function, kwargs)
+    else:
+        pieces = mask_pieces(mask_function)
     if pieces is None or ("chunked" in pieces and kwargs.get("q_length") != kwargs.get("kv_length")):
         if pieces is None and not torch.compiler.is_compiling():
             warnings.warn(f"{NAME}: this model's attention mask holds a pattern the kernels do not compute (a mask "
