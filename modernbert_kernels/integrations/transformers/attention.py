@@ -250,11 +250,11 @@ def chunk_size(module) -> int | None:
 _chunkings = TensorCache()
 
 
-def _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch: int, seq_len: int, chunk: int):
+def _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch: int, seq_len: int, chunk: int, device):
     """Each token's place in its chunk, [batch, seq], as transformers' chunked masks count: from each
     row's first real token where there is a padding mask (left padding), by position where the row
     holds packed sequences, else by index. A chunk ends wherever this does not grow by one."""
-    index = torch.arange(seq_len, device=key_padding_mask.device if key_padding_mask is not None else None)
+    index = torch.arange(seq_len, device=device)
     if key_padding_mask is not None:
         left_padding = (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
         return (index - left_padding) % chunk
@@ -299,7 +299,7 @@ def chunked_attention(query, key, value, key_padding_mask, sequence_ids, kwargs,
 
     def bounds():
         return sequences_from_positions(
-            _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch, seq_len, chunk))
+            _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch, seq_len, chunk, query.device))
 
     source = next((t for t in (key_padding_mask, sequence_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids"))
                    if isinstance(t, torch.Tensor)), None)
