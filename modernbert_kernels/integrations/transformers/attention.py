@@ -219,10 +219,7 @@ def cross_attention(query, key, value, key_padding_mask, scale, softcap=None, si
         return dense_attention(query, key, value, None, scale, softcap, sinks)
     if key_padding_mask.shape[1] != key.shape[2]:
         raise ValueError(f"{NAME}: a padding mask of {key_padding_mask.shape[1]} keys for {key.shape[2]} keys")
-    no_key = ~key_padding_mask.any(dim=1)
-    visible = (key_padding_mask | no_key[:, None])[:, None, None, :]
-    out = dense_attention(query, key, value, visible, scale, softcap, sinks)
-    return out.masked_fill(no_key[:, None, None, None], 0)
+    return masked_attention(query, key, value, key_padding_mask[:, None, None, :], scale, softcap, sinks)
 
 
 def masked_attention(query, key, value, visible, scale, softcap=None, sinks=None):
@@ -250,14 +247,18 @@ def chunk_size(module) -> int | None:
 _chunkings = TensorCache()
 
 
+def _left_padding(key_padding_mask) -> torch.Tensor:
+    """[batch, 1]: the padding tokens before each row's first real one."""
+    return (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+
+
 def _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch: int, seq_len: int, chunk: int, device):
     """Each token's place in its chunk, [batch, seq], as transformers' chunked masks count: from each
     row's first real token where there is a padding mask (left padding), by position where the row
     holds packed sequences, else by index. A chunk ends wherever this does not grow by one."""
     index = torch.arange(seq_len, device=device)
     if key_padding_mask is not None:
-        left_padding = (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
-        return (index - left_padding) % chunk
+        return (index - _left_padding(key_padding_mask)) % chunk
     packed = _packed_sequences(kwargs, batch, seq_len, sequence_ids)
     if packed is None:
         return (index % chunk).expand(batch, -1)
@@ -275,7 +276,7 @@ def _positions_in_chunks(key_padding_mask, sequence_ids, kwargs, batch: int, seq
 def _real_tokens_in_one_run(key_padding_mask) -> torch.Tensor:
     """Whether each row's real tokens are one run (left and right padding, no holes)."""
     index = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
-    first = (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    first = _left_padding(key_padding_mask)
     run = (index >= first) & (index < first + key_padding_mask.sum(dim=1, keepdim=True))
     return (run == key_padding_mask).all()
 
@@ -292,7 +293,7 @@ def chunked_attention(query, key, value, key_padding_mask, sequence_ids, kwargs,
         elif not _chunkings.get(key_padding_mask, "one run", lambda: bool(_real_tokens_in_one_run(key_padding_mask))):
             # Padding between real tokens: no varlen batch skips it, so the mask is written out.
             index = torch.arange(seq_len, device=query.device)
-            chunk_of = (index - (key_padding_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)) // chunk
+            chunk_of = (index - _left_padding(key_padding_mask)) // chunk
             visible = ((index[:, None] >= index[None, :]) & (chunk_of[:, :, None] == chunk_of[:, None, :])
                        & key_padding_mask[:, None, :])
             return masked_attention(query, key, value, visible[:, None], scale, softcap, sinks).transpose(1, 2)
@@ -406,15 +407,24 @@ def _learn_mask_pieces():
     _mask_combinators = tuple(combinators)
 
 
+def _known_leaf(mask_function) -> dict | None:
+    """{piece: mask_function} if it is one of transformers' known mask pieces, else None."""
+    code = mask_function.__code__
+    for known, piece in _mask_leaves:
+        if code is known:
+            return {piece: mask_function}
+    return None
+
+
 def mask_pieces(mask_function) -> dict | None:
     """What a transformers mask function is made of: {"causal" | "window" | "chunked" | "padding" |
     "packed" | ...: the piece's function}, read from its closures; None if any piece is one the
     kernels do not compute (a union with another mask, a user's function). Plain attribute reads:
     Dynamo traces it."""
+    leaf = _known_leaf(mask_function)
+    if leaf is not None:
+        return leaf
     code = mask_function.__code__
-    for known, piece in _mask_leaves:
-        if code is known:
-            return {piece: mask_function}
     for known, cell in _mask_combinators:
         if code is known:
             parts = mask_function.__closure__[cell].cell_contents
@@ -434,10 +444,10 @@ def _pieces_while_compiling(mask_function, kwargs) -> dict | None:
     made by transformers itself (a window, a chunk, packing: ``use_vmap`` is off where no other
     mask function was added), taken as one the kernels compute, except after a KV cache, where it
     could be a chunk's; anything else, None."""
+    leaf = _known_leaf(mask_function)
+    if leaf is not None:
+        return leaf
     code = mask_function.__code__
-    for known, piece in _mask_leaves:
-        if code is known:
-            return {piece: mask_function}
     if (_mask_combinators and code is _mask_combinators[0][0] and not kwargs.get("use_vmap")
             and kwargs.get("q_length") == kwargs.get("kv_length")):
         return {"combined": mask_function}
