@@ -6,10 +6,19 @@ every call page-faults its large activations in again: oneDNN's fp32 GEMM at 409
 runs at 187 GFLOP/s into a fresh output and 220 into a reused one (AMD EPYC Zen 4,
 benchmarks/NOTES.md). Runtimes avoid this with their own arenas (ONNX Runtime's, OpenVINO's).
 
-Here glibc's heap keeps a pad of free memory at its top (``mallopt(M_TOP_PAD)``): requests are cut
-from it when it is large enough, and a trim keeps the pad, so the pages stay resident between
-calls. The encoder sets it at its first CPU call; MODERNBERT_KERNELS_CPU_HEAP_PAD (bytes, 0 for
-glibc's default) overrides the size. Only glibc (Linux) has it; elsewhere nothing changes.
+Here glibc's heap keeps a pad of free memory at its top (``mallopt(M_TOP_PAD)``), grown into place
+at once: requests are cut from it when it is large enough, and a trim keeps the pad, so the pages
+stay resident between calls. The encoder sets it at its first CPU call;
+MODERNBERT_KERNELS_CPU_HEAP_PAD (bytes, 0 for glibc's default) overrides the size. Only glibc
+(Linux) has it; elsewhere nothing changes.
+
+It is a heuristic, not an arena: a freed block comes back only if it rejoined the top or fits a
+later request exactly. A small allocation that outlives it and sits just after it (say, a
+result kept from each call) pins it, and the next request is cut from fresh pad pages: a loop of
+40 MB tensors that keeps one 1.2 KB tensor per round faulted every round in (AMD EPYC Zen 4).
+The encoder's own calls settle to ~0 faults, whether or not the caller keeps outputs
+(benchmarks/NOTES.md). A real arena would replace torch's CPU allocator, which the stable ABI the
+extension is built on does not expose.
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 
 _pad_in_effect: int | None = None  # bytes, once set in this process (None: not set by us)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 @functools.cache
@@ -67,8 +81,38 @@ def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
         if not libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(pad_bytes, 2**31 - 1))):
             return None
         libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD_MAX))
+        _grow_the_heap_by_the_pad(libc, pad_bytes)
     _pad_in_effect = pad_bytes
     return _pad_in_effect
+
+
+def heap_top_bytes() -> int | None:
+    """Free bytes at the top of glibc's main heap (mallinfo2's keepcost), or None without glibc 2.33+."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().keepcost
+
+
+def _grow_the_heap_by_the_pad(libc, pad_bytes: int) -> None:
+    """glibc adds the pad at the heap's next growth, and until one happens a first request of 32 MiB
+    or more is still mmapped. Blocks just under the mmap threshold, cut from the top until the heap
+    grows, then freed, put the pad in place now; nothing is written, so no page is touched."""
+    block = _MMAP_THRESHOLD_MAX - (1 << 20)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = []
+    for _ in range(pad_bytes // block + 2):
+        top = heap_top_bytes()
+        if top is None or top >= min(pad_bytes, 2**31 - 1):
+            break
+        pointer = libc.malloc(block)
+        if not pointer:
+            break
+        blocks.append(pointer)
+    for pointer in blocks:
+        libc.free(pointer)
 
 
 def return_freed_memory_to_the_os(threshold_bytes: int = 64 << 10) -> None:
