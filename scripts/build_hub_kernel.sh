@@ -53,7 +53,9 @@ PY
   sed -i "s/^NAMESPACE = \"modernbert_kernels\"$/NAMESPACE = \"$namespace\"/" "$dest/_ops.py"
   grep -q "^NAMESPACE = \"$namespace\"$" "$dest/_ops.py" || { echo "could not set the namespace in _ops.py"; exit 1; }
   archs='null'
-  if [[ $backend == cuda ]]; then archs='["8.0", "9.0"]'; fi
+  if [[ $backend == cuda ]]; then  # the archs built, as TORCH_CUDA_ARCH_LIST names them ("+PTX" dropped)
+    archs=$(python -c 'import json, os, re; print(json.dumps([a.removesuffix("+PTX") for a in re.split(r"[ ;]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]))')
+  fi
   cat >"$dest/metadata.json" <<JSON
 {
   "name": "modernbert-kernels",
