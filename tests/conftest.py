@@ -7,6 +7,12 @@ import torch
 # this when a kernel is defined, so it must be set before modernbert_kernels.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor under torch 2.11 checks each vector ISA that /proc/cpuinfo lists by building a library
+# and loading it in a fresh Python process, in every process that compiles for the CPU (torch 2.14
+# keeps the answer in its cache): ~17 s of stack 1's compile tests, measured cold on a 2-core AMD
+# EPYC Zen 4. The flags decide the same on the machines these tests run on; it is read when
+# torch._inductor.config is first imported, after this.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 
 
 def _interpreter_problem() -> str | None:
