@@ -96,6 +96,12 @@ DECODERS = {
     "phi3": lambda: transformers.Phi3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=40, pad_token_id=0),
+    # PhiMoE: a window in every layer that only its masks apply (its attention is given no
+    # sliding_window), a mixture of experts (without the router's training noise).
+    "phimoe": lambda: transformers.PhimoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=40, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.0, input_jitter_noise=0.0),
     # Cohere 2: sliding layers with rotary embeddings, a global layer without them.
     "cohere2": lambda: transformers.Cohere2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -178,6 +184,44 @@ def test_decoder_matches_sdpa_forward_backward_and_training(name, monkeypatch):
     assert [call.get("cu_seqlens") is not None for call in calls] == [t == "chunked_attention" for t in layer_types]
     # Training: the same losses step after step.
     assert train_losses(ours, batch) == pytest.approx(train_losses(theirs, batch), abs=1e-4)
+
+
+# More of transformers' decoders with sliding-window layers, each built from its own config class at
+# the tiny sizes below (the fields a config lacks are left alone): MoE, GQA and per-layer windows in
+# shapes the hand-written configs above do not cover.
+MORE_WINDOWED_DECODERS = ["afmoe", "cohere2_moe", "cwm", "exaone4", "ministral", "ministral3", "mixtral", "olmo3",
+                          "starcoder2"]
+TINY_DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=40, moe_intermediate_size=32, num_experts=4,
+                    num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("model_type", MORE_WINDOWED_DECODERS)
+def test_more_windowed_decoders_match_sdpa(model_type, monkeypatch):
+    try:
+        config_class = type(transformers.AutoConfig.for_model(model_type))
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    defaults = config_class()
+    config = config_class(**{key: value for key, value in TINY_DECODER.items() if hasattr(defaults, key)})
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        config.layer_types = layer_types = layer_types[:config.num_hidden_layers]
+    layer_types = layer_types or ["sliding_attention"] * config.num_hidden_layers
+    assert "sliding_attention" in layer_types and config.sliding_window == 40, (layer_types, config.sliding_window)
+    models = []
+    for implementation in ("sdpa", NAME):
+        torch.manual_seed(0)
+        models.append(transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                                    attn_implementation=implementation).eval())
+    batch = decoder_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = models[0](**batch).logits
+        calls = count_kernel_calls(monkeypatch)
+        actual = models[1](**batch).logits
+    assert max_difference(actual[real], expected[real]) <= 1e-5
+    assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in layer_types]
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

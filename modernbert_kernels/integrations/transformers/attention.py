@@ -9,7 +9,8 @@ Full attention runs on a dense block layout (causal layers on the lower-triangul
 window layers on a sliding_window layout with the exact token window, bidirectional or causal as
 the module says; the padding mask becomes ``key_padding_mask``. transformers passes the window in
 flash-attention's convention (``sliding_window - 1`` tokens back, and ahead for encoders), which is
-what its SDPA masks compute too. Queries shorter than the keys (decoding after a KV cache) have no
+what its SDPA masks compute too. A model that gives its attention no window (PhiMoE) and slides only
+in its masks gets the window its masks apply, read from its config. Queries shorter than the keys (decoding after a KV cache) have no
 tiles to skip: they run in PyTorch's SDPA over the keys inside their window, as do an
 encoder-decoder's cross-attention layers (queries of one sequence, keys of another).
 
@@ -230,6 +231,23 @@ def masked_attention(query, key, value, visible, scale, softcap=None, sinks=None
     return out.masked_fill(sees_none, 0)
 
 
+def sliding_window_of(module) -> int | None:
+    """The window of a layer whose model gives its attention no ``sliding_window`` (PhiMoE), as the
+    model's masks apply it: config.sliding_window in the layers config.layer_types names
+    "sliding_attention", or in every layer where the config has no layer_types."""
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types is None:
+        return window
+    if layer is None:
+        raise NotImplementedError(f"{NAME}: the config names layer_types but the attention module has no layer_idx, "
+                                  "so whether it slides is not known")
+    return window if layer_types[layer] == "sliding_attention" else None
+
+
 def chunk_size(module) -> int | None:
     """The chunk of a chunked-attention layer (config.attention_chunk_size, Llama 4), None for others."""
     config = getattr(module, "config", None)
@@ -334,6 +352,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     sequence_ids = attention_mask if attention_mask is not None and attention_mask.dtype == torch.int32 else None
     key_padding_mask = None if attention_mask is None or sequence_ids is not None else attention_mask.bool()
     seq_len = query.shape[2]
+    if sliding_window is None:
+        sliding_window = sliding_window_of(module)
     window = None if sliding_window is None else sliding_window - 1
     chunk = chunk_size(module)
     if key.shape[2] != seq_len or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_len):
