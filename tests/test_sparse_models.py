@@ -224,6 +224,33 @@ def test_more_windowed_decoders_match_sdpa(model_type, monkeypatch):
     assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in layer_types]
 
 
+def test_gemma4_matches_transformers(monkeypatch):
+    """Gemma 4 (text): sliding and full layers, per-layer input embeddings. Its full layers are
+    sensitive in fp32: transformers' own SDPA is 1.6e-5 from its eager at logits of ~0.7, and ours
+    2.3e-5 (3.8e-5 from eager); a wrong mask is off by 1e-2 or more."""
+    Gemma4TextConfig = getattr(transformers, "Gemma4TextConfig", None)
+    if Gemma4TextConfig is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    config = Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=40, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    models = []
+    for implementation in ("sdpa", NAME):
+        torch.manual_seed(0)
+        models.append(transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                                    attn_implementation=implementation).eval())
+    batch = decoder_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = models[0](**batch).logits
+        calls = count_kernel_calls(monkeypatch)
+        actual = models[1](**batch).logits
+    assert max_difference(actual[real], expected[real]) <= 1e-4
+    assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in config.layer_types]
+
+
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_decoder_generates_the_same_tokens(name):
     """Greedy decoding with a KV cache: prefill on the kernels, then one-token steps."""
