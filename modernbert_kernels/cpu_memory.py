@@ -49,9 +49,13 @@ def _glibc():
     try:
         libc = ctypes.CDLL(name)
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-        return libc
     except (OSError, AttributeError, TypeError):
         return None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33+
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def configured_pad_bytes() -> int:
@@ -78,10 +82,11 @@ def keep_freed_memory(pad_bytes: int | None = None) -> int | None:
     if pad_bytes < 0:
         raise ValueError(f"the heap pad must be >= 0 bytes, got {pad_bytes}")
     if pad_bytes > 0:
-        if not libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(pad_bytes, 2**31 - 1))):
+        top_pad = min(pad_bytes, 2**31 - 1)  # mallopt takes an int
+        if not libc.mallopt(_M_TOP_PAD, ctypes.c_int(top_pad)):
             return None
         libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD_MAX))
-        _grow_the_heap_by_the_pad(libc, pad_bytes)
+        _grow_the_heap_by(libc, top_pad)
     _pad_in_effect = pad_bytes
     return _pad_in_effect
 
@@ -91,21 +96,18 @@ def heap_top_bytes() -> int | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     return libc.mallinfo2().keepcost
 
 
-def _grow_the_heap_by_the_pad(libc, pad_bytes: int) -> None:
+def _grow_the_heap_by(libc, top_pad: int) -> None:
     """glibc adds the pad at the heap's next growth, and until one happens a first request of 32 MiB
     or more is still mmapped. Blocks just under the mmap threshold, cut from the top until the heap
     grows, then freed, put the pad in place now; nothing is written, so no page is touched."""
     block = _MMAP_THRESHOLD_MAX - (1 << 20)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
     blocks = []
-    for _ in range(pad_bytes // block + 2):
+    for _ in range(top_pad // block + 2):
         top = heap_top_bytes()
-        if top is None or top >= min(pad_bytes, 2**31 - 1):
+        if top is None or top >= top_pad:
             break
         pointer = libc.malloc(block)
         if not pointer:

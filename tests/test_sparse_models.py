@@ -139,15 +139,21 @@ def set_sinks(model, low=-1.0, high=1.0):
             layer.self_attn.sinks.copy_(torch.linspace(low, high, layer.self_attn.sinks.numel()))
 
 
-def decoder_pair(name):
-    """(transformers' own model, ours) with the same random weights."""
+def model_pair(config, reference="sdpa"):
+    """(transformers' own decoder, ours) from one config, with the same random weights."""
     models = []
-    for implementation in (REFERENCE_IMPLEMENTATION.get(name, "sdpa"), NAME):
+    for implementation in (reference, NAME):
         torch.manual_seed(0)
-        models.append(transformers.AutoModelForCausalLM.from_config(DECODERS[name](),
+        models.append(transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
                                                                     attn_implementation=implementation))
-        if name == "gpt-oss-sinks":
-            set_sinks(models[-1])
+    return models
+
+
+def decoder_pair(name):
+    models = model_pair(DECODERS[name](), REFERENCE_IMPLEMENTATION.get(name, "sdpa"))
+    if name == "gpt-oss-sinks":
+        for model in models:
+            set_sinks(model)
     return models
 
 
@@ -196,6 +202,19 @@ TINY_DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_
                     num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def padded_forward_against_transformers(config, monkeypatch):
+    """Ours against transformers' SDPA on decoder_batch(): the largest logit difference over real
+    tokens, and for each kernel call whether it ran with a window."""
+    theirs, ours = (model.eval() for model in model_pair(config))
+    batch = decoder_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = theirs(**batch).logits
+        calls = count_kernel_calls(monkeypatch)
+        actual = ours(**batch).logits
+    return max_difference(actual[real], expected[real]), [call["window"] is not None for call in calls]
+
+
 @pytest.mark.parametrize("model_type", MORE_WINDOWED_DECODERS)
 def test_more_windowed_decoders_match_sdpa(model_type, monkeypatch):
     try:
@@ -209,19 +228,9 @@ def test_more_windowed_decoders_match_sdpa(model_type, monkeypatch):
         config.layer_types = layer_types = layer_types[:config.num_hidden_layers]
     layer_types = layer_types or ["sliding_attention"] * config.num_hidden_layers
     assert "sliding_attention" in layer_types and config.sliding_window == 40, (layer_types, config.sliding_window)
-    models = []
-    for implementation in ("sdpa", NAME):
-        torch.manual_seed(0)
-        models.append(transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
-                                                                    attn_implementation=implementation).eval())
-    batch = decoder_batch()
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        expected = models[0](**batch).logits
-        calls = count_kernel_calls(monkeypatch)
-        actual = models[1](**batch).logits
-    assert max_difference(actual[real], expected[real]) <= 1e-5
-    assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in layer_types]
+    difference, windowed = padded_forward_against_transformers(config, monkeypatch)
+    assert difference <= 1e-5
+    assert windowed == [t == "sliding_attention" for t in layer_types]
 
 
 def test_gemma4_matches_transformers(monkeypatch):
@@ -236,19 +245,9 @@ def test_gemma4_matches_transformers(monkeypatch):
         num_key_value_heads=1, head_dim=32, sliding_window=40, vocab_size_per_layer_input=VOCAB,
         hidden_size_per_layer_input=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-    models = []
-    for implementation in ("sdpa", NAME):
-        torch.manual_seed(0)
-        models.append(transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
-                                                                    attn_implementation=implementation).eval())
-    batch = decoder_batch()
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        expected = models[0](**batch).logits
-        calls = count_kernel_calls(monkeypatch)
-        actual = models[1](**batch).logits
-    assert max_difference(actual[real], expected[real]) <= 1e-4
-    assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in config.layer_types]
+    difference, windowed = padded_forward_against_transformers(config, monkeypatch)
+    assert difference <= 1e-4
+    assert windowed == [t == "sliding_attention" for t in config.layer_types]
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

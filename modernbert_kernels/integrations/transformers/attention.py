@@ -231,34 +231,40 @@ def masked_attention(query, key, value, visible, scale, softcap=None, sinks=None
     return out.masked_fill(sees_none, 0)
 
 
+def _layer_type(module, setting: str) -> str | None:
+    """config.layer_types' entry for this attention module, None where the config names no
+    layer_types. ``setting`` is the config field being placed, for the error."""
+    layer_types = getattr(module.config, "layer_types", None)
+    if layer_types is None:
+        return None
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise NotImplementedError(f"{NAME}: the config sets {setting} and names layer_types, but the attention module "
+                                  "has no layer_idx, so which layers it applies to is not known")
+    return layer_types[layer]
+
+
 def sliding_window_of(module) -> int | None:
     """The window of a layer whose model gives its attention no ``sliding_window`` (PhiMoE), as the
     model's masks apply it: config.sliding_window in the layers config.layer_types names
     "sliding_attention", or in every layer where the config has no layer_types."""
-    config = getattr(module, "config", None)
-    window = getattr(config, "sliding_window", None)
+    window = getattr(getattr(module, "config", None), "sliding_window", None)
     if not window:
         return None
-    layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
-    if layer_types is None:
-        return window
-    if layer is None:
-        raise NotImplementedError(f"{NAME}: the config names layer_types but the attention module has no layer_idx, "
-                                  "so whether it slides is not known")
-    return window if layer_types[layer] == "sliding_attention" else None
+    layer_type = _layer_type(module, "sliding_window")
+    return window if layer_type in (None, "sliding_attention") else None
 
 
 def chunk_size(module) -> int | None:
     """The chunk of a chunked-attention layer (config.attention_chunk_size, Llama 4), None for others."""
-    config = getattr(module, "config", None)
-    chunk = getattr(config, "attention_chunk_size", None)
+    chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)
     if chunk is None:
         return None
-    layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
-    if layer_types is None or layer is None:
+    layer_type = _layer_type(module, "attention_chunk_size")
+    if layer_type is None:
         raise NotImplementedError(f"{NAME}: the config sets attention_chunk_size but names no layer_types, so which "
                                   "layers are chunked is not known")
-    return chunk if layer_types[layer] == "chunked_attention" else None
+    return chunk if layer_type == "chunked_attention" else None
 
 
 # Per padding mask or position_ids tensor: every chunked layer of a forward gets the same one.
