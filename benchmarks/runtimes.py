@@ -10,7 +10,9 @@ number of threads, in the same run.
 Each engine at each precision runs in a process of its own (an engine's idle thread pool slows
 the next one's), after one process has exported the checkpoint. Each row reports the median time and the drift from transformers' fp32 output over the real tokens
 (padding excluded): the minimum per-token cosine. An engine whose output holds a NaN or an Inf on a
-real token is reported as wrong (``note``), not ranked. bf16 rows appear where the CPU has bf16
+real token is reported as wrong (``note``), not ranked; so is an OpenVINO or ONNX Runtime engine that
+fails to load or run (its row has no time, and its error in ``note``), so that one runtime's failure
+does not lose the others' results. bf16 rows appear where the CPU has bf16
 units (AVX512_BF16 or AMX): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated. Our
 int8 model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere (``attention_dtype``).
 Needs the ``runtimes`` extra (pip install -e '.[runtimes]').
@@ -157,13 +159,26 @@ def worker(job: dict) -> dict:
     return timings
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process exited with an error; ``reason`` is the last line it printed to stderr."""
+
+    def __init__(self, job: dict, returncode: int, reason: str):
+        super().__init__(f"runtimes worker {job['engine']} {job.get('precision', '')} failed (exit {returncode}): "
+                         f"{reason}; its whole error is above")
+        self.reason = reason
+
+
 def _in_worker(job: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.runtimes", "--worker", json.dumps(job)],
-                          stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"runtimes worker {job['engine']} {job.get('precision', '')} failed "
-                           f"(exit {done.returncode}); its error is above")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    worker_process = subprocess.Popen([sys.executable, "-m", "benchmarks.runtimes", "--worker", json.dumps(job)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last_line = ""
+    for line in worker_process.stderr:  # passed on as it comes: the worker's progress
+        sys.stderr.write(line)
+        last_line = line.strip() or last_line
+    stdout = worker_process.stdout.read()
+    if worker_process.wait() != 0:
+        raise WorkerFailed(job, worker_process.returncode, last_line)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
@@ -193,10 +208,18 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
         if {"openvino", "onnxruntime"} & set(engines):
             progress("runtimes: exporting to OpenVINO (+ NNCF int8) and ONNX (+ dynamic int8)")
             _in_worker({**job, "engine": "export"})
-        timings = {}
+        timings, failed = {}, {}
         for engine_name in engines:
             for precision in precisions(engine_name):
-                timings[f"{engine_name}_{precision}"] = _in_worker({**job, "engine": engine_name, "precision": precision})
+                provider = f"{engine_name}_{precision}"
+                try:
+                    timings[provider] = _in_worker({**job, "engine": engine_name, "precision": precision})
+                except WorkerFailed as error:
+                    if engine_name in ("transformers", "ours"):  # the reference, and ours: never excused
+                        raise
+                    failed[provider] = error.reason
+                    progress(f"runtimes: {engine_name} {precision} FAILED, reported in its rows: {error.reason}")
+                    continue
                 progress(f"runtimes: {engine_name} {precision} done")
         for workload, lengths in workloads(smoke, quick).items():
             real = batch(lengths)[1].bool()
@@ -222,6 +245,12 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
 
             rows += result_rows("runtimes", workload, measured, "transformers_fp32", seq_len=max(lengths),
                                 batch=len(lengths), tokens=tokens, per_provider=fields)
+            for provider, reason in failed.items():
+                engine_name, precision = provider.rsplit("_", 1)
+                rows.append({"bench": "runtimes", "pass": workload, "provider": provider, "baseline": "transformers_fp32",
+                             "seq_len": max(lengths), "batch": len(lengths), "tokens": tokens, "engine": engine_name,
+                             "precision": precision, "median_ms": None, "cosine_min": None,
+                             "note": f"failed: {reason}"})
     return rows
 
 

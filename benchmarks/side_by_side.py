@@ -44,7 +44,8 @@ def compare(old_runs: list[list[dict]], new_runs: list[list[dict]]) -> list[dict
         by_key: dict[tuple, list[float]] = {}
         for rows in runs:
             for row in rows:
-                by_key.setdefault(_key(row), []).append(row["median_ms"])
+                if row.get("median_ms") is not None:  # a failed engine's row has no time
+                    by_key.setdefault(_key(row), []).append(row["median_ms"])
         return {key: statistics.median(values) for key, values in by_key.items()}
 
     old, new = medians(old_runs), medians(new_runs)

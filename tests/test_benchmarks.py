@@ -94,13 +94,74 @@ def test_runtimes_subject_times_every_engine_and_flags_wrong_outputs():
         found = {row["provider"]: row for row in rows if row["pass"] == workload}
         assert set(found) == expected, workload
         for name, row in found.items():
-            assert row["median_ms"] > 0 and row["tokens"] > 0
+            assert row["tokens"] > 0
             if row["note"] is None:  # a finite output: close to fp32 at every real token
+                assert row["median_ms"] > 0
                 assert row["cosine_min"] > (0.9999 if name.endswith("fp32") else 0.98), row
+            elif row["note"].startswith("failed: "):  # a runtime that did not load or run here
+                assert row["median_ms"] is None and row["cosine_min"] is None, row
+                assert name.startswith(("openvino", "onnxruntime")), row
             else:
-                assert row["cosine_min"] is None and "NaN" in row["note"]
+                assert row["median_ms"] > 0 and row["cosine_min"] is None and "NaN" in row["note"], row
         for name in ("transformers_fp32", "ours_fp32", "ours_int8"):
             assert found[name]["note"] is None  # ours and the reference are never wrong
+
+
+def test_a_runtime_that_fails_is_reported_in_its_rows_and_the_others_are_kept(monkeypatch, tmp_path):
+    """An OpenVINO or ONNX Runtime worker that exits with an error gives rows with no time and its
+    error in ``note`` (the report, the plot and side_by_side skip them); ours failing stops the run.
+    The workers are stood in for here: each writes a random output and a timing."""
+    for module in ("openvino", "nncf", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason="the runtimes extra (pip install -e '.[runtimes]')")
+    from benchmarks import report, runtimes, side_by_side
+
+    def stand_in(failing):
+        def worker(job):
+            if job["engine"] == "export":
+                return {}
+            if f"{job['engine']}_{job['precision']}" in failing:
+                raise runtimes.WorkerFailed(job, 1, "RuntimeError: no primitive for Softmax")
+            timings = {}
+            for workload, lengths in runtimes.workloads(job["smoke"], job["quick"]).items():
+                real = int(runtimes.batch(lengths)[1].sum())
+                torch.save(torch.randn(real, 8), f"{job['folder']}/out-{job['engine']}-{job['precision']}-"
+                                                 f"{report._slug(workload)}.pt")
+                timings[workload] = {"median_ms": 10.0, "iqr_ms": 0.0}
+            return timings
+        return worker
+
+    monkeypatch.setattr(runtimes, "_in_worker", stand_in({"openvino_fp32", "onnxruntime_int8"}))
+    rows = runtimes.run(torch.device("cpu"), quick=True, smoke=True)
+    workloads = runtimes.workloads(smoke=True, quick=True)
+    failed = [row for row in rows if row["median_ms"] is None]
+    assert {(row["provider"], row["pass"]) for row in failed} == {
+        (provider, workload) for provider in ("openvino_fp32", "onnxruntime_int8") for workload in workloads}
+    assert all(row["note"] == "failed: RuntimeError: no primitive for Softmax" and row["cosine_min"] is None
+               for row in failed)
+    timed = {row["provider"] for row in rows if row["median_ms"] is not None}
+    assert {"transformers_fp32", "ours_fp32", "ours_int8", "openvino_int8", "onnxruntime_fp32"} <= timed
+    assert "failed: RuntimeError" in report.markdown_table(rows)
+    assert report.plot(rows, tmp_path / "runtimes.png")
+    assert {row["provider"] for row in side_by_side.compare([rows], [rows])} == timed
+    # Ours, or the reference, failing is never excused.
+    monkeypatch.setattr(runtimes, "_in_worker", stand_in({"ours_int8"}))
+    with pytest.raises(runtimes.WorkerFailed, match="no primitive"):
+        runtimes.run(torch.device("cpu"), quick=True, smoke=True)
+
+
+def test_a_failing_worker_process_passes_its_error_on(tmp_path, capfd):
+    """A real worker process that cannot load its engine (no exported model in the folder): its
+    stderr reaches ours as it comes, and its last line is the reason given."""
+    pytest.importorskip("openvino", reason="the runtimes extra (pip install -e '.[runtimes]')")
+    from benchmarks import runtimes
+
+    job = {"folder": str(tmp_path), "smoke": True, "quick": True, "threads": 1, "engine": "openvino",
+           "precision": "fp32"}
+    with pytest.raises(runtimes.WorkerFailed) as failure:
+        runtimes._in_worker(job)
+    err = capfd.readouterr().err
+    assert "Traceback" in err and failure.value.reason in err
+    assert "openvino-fp32.xml" in failure.value.reason  # OpenVINO's own words: the file it could not open
 
 
 def test_side_by_side_pairs_rows_and_takes_medians_over_rounds():
