@@ -8,13 +8,14 @@ runs on the same weights (ModernBERT-base shapes, random, vocabulary cut to 1024
 number of threads, in the same run.
 
 Each engine at each precision runs in a process of its own (an engine's idle thread pool slows
-the next one's), after one process has exported the checkpoint. Each row reports the median time and the drift from transformers' fp32 output over the real tokens
-(padding excluded): the minimum per-token cosine. An engine whose output holds a NaN or an Inf on a
-real token is reported as wrong (``note``), not ranked; so is an OpenVINO or ONNX Runtime engine that
-fails to load or run (its row has no time, and its error in ``note``), so that one runtime's failure
-does not lose the others' results. bf16 rows appear where the CPU has bf16
-units (AVX512_BF16 or AMX): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated. Our
-int8 model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere (``attention_dtype``).
+the next one's), after one process has exported the checkpoint. Each row reports the median time
+and the drift from transformers' fp32 output over the real tokens (padding excluded): the minimum
+per-token cosine. An engine whose output holds a NaN or an Inf on a real token is reported as
+wrong (``note``), not ranked. So is an OpenVINO or ONNX Runtime engine that fails to load or run:
+its rows have no time and its error in ``note``, and the other engines' results are kept. bf16
+rows appear where the CPU has bf16 units (AVX512_BF16 or AMX) and oneDNN is not capped below them
+(``cpu_has_bf16``): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated. Our int8
+model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere (``attention_dtype``).
 Needs the ``runtimes`` extra (pip install -e '.[runtimes]').
 
     python -m benchmarks.runtimes --out benchmarks/results/local

@@ -44,9 +44,12 @@ TIMING_TOKENS = 2048
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product units (AVX512_BF16 or AMX-BF16): where bf16 linears
-    and attention run faster than fp32 (elsewhere bf16 is converted to fp32 and back)."""
-    return any(cpu_capabilities().get(flag) for flag in ("avx512_bf16", "amx_bf16"))
+    """Whether this CPU has bf16 dot-product units (AVX512_BF16 or AMX-BF16) and oneDNN's bf16 GEMM
+    runs here: where bf16 linears and attention run faster than fp32 (elsewhere bf16 is converted
+    to fp32 and back). The second part matters where ONEDNN_MAX_CPU_ISA caps oneDNN below the CPU
+    (as when an AVX2-only CPU's code paths are run on a wider one)."""
+    units = any(cpu_capabilities().get(flag) for flag in ("avx512_bf16", "amx_bf16"))
+    return units and onednn_available(torch.bfloat16)
 
 
 def onednn_available(dtype: torch.dtype) -> bool:

@@ -183,13 +183,14 @@ def test_timing_measures_every_gemm(dtype):
 def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
     """Where oneDNN's bf16 inner product does not run (AVX2-only CPUs, emulated here by capping
     oneDNN's ISA), bf16 linears choose between aten and the packed fp32 GEMM, both right; forcing
-    the packed bf16 GEMM says why it cannot; fp32 still packs."""
+    the packed bf16 GEMM says why it cannot; fp32 still packs; bf16 is not counted as faster."""
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, torch\n"
         "from modernbert_kernels import cpu_linear\n"
         "from modernbert_kernels.cpu_linear import Linear\n"
         "assert not cpu_linear.onednn_available(torch.bfloat16)\n"
+        "assert not cpu_linear.cpu_has_bf16()  # whatever the CPU has: bf16 is converted to fp32 here\n"
         "fp32_packs = cpu_linear.onednn_available(torch.float32)\n"
         "assert cpu_linear.available_gemms(torch.bfloat16) == ('aten', 'onednn_packed_fp32')[:1 + fp32_packs]\n"
         "assert cpu_linear.cpu_gemm(torch.bfloat16, 64, 48) in cpu_linear.available_gemms(torch.bfloat16)\n"
