@@ -170,16 +170,19 @@ class WorkerFailed(RuntimeError):
 
 
 def _in_worker(job: dict) -> dict:
-    worker_process = subprocess.Popen([sys.executable, "-m", "benchmarks.runtimes", "--worker", json.dumps(job)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last_line = ""
-    for line in worker_process.stderr:  # passed on as it comes: the worker's progress
-        sys.stderr.write(line)
-        last_line = line.strip() or last_line
-    stdout = worker_process.stdout.read()
-    if worker_process.wait() != 0:
-        raise WorkerFailed(job, worker_process.returncode, last_line)
-    return json.loads(stdout.strip().splitlines()[-1])
+    # stdout to a file, not a pipe: while stderr is read line by line, a pipe that filled (the
+    # exporters print to stdout) would stall the worker.
+    with tempfile.TemporaryFile("w+") as stdout:
+        worker_process = subprocess.Popen([sys.executable, "-m", "benchmarks.runtimes", "--worker", json.dumps(job)],
+                                          stdout=stdout, stderr=subprocess.PIPE, text=True)
+        last_line = ""
+        for line in worker_process.stderr:  # passed on as it comes: the worker's progress
+            sys.stderr.write(line)
+            last_line = line.strip() or last_line
+        if worker_process.wait() != 0:
+            raise WorkerFailed(job, worker_process.returncode, last_line)
+        stdout.seek(0)
+        return json.loads(stdout.read().strip().splitlines()[-1])
 
 
 def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
