@@ -25,6 +25,11 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def timed(rows: list[dict]) -> list[dict]:
+    """The rows with a time: not those of an engine that failed to run (benchmarks.runtimes)."""
+    return [row for row in rows if row.get("median_ms") is not None]
+
+
 def result_rows(bench: str, pass_name: str, measured: dict, baseline: str, *, flops: float = 0.0,
                 bytes_moved: float | None = None, per_provider=None, **fields) -> list[dict]:
     """One row per provider of ``measured`` ({provider: timing stats}): the stats, the given fields,
@@ -81,8 +86,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax, (bench, pass_name) in zip(axes[0], groups):
         subset = [r for r in rows if r["bench"] == bench and r["pass"] == pass_name]
         for provider in sorted({r["provider"] for r in subset}):
-            points = sorted((r["seq_len"], r["median_ms"]) for r in subset
-                            if r["provider"] == provider and r.get("median_ms") is not None)
+            points = sorted((r["seq_len"], r["median_ms"]) for r in timed(subset) if r["provider"] == provider)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median ms", title=f"{bench} {pass_name}")
         ax.legend()

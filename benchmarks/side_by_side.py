@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.report import timed
+
 # What identifies a row across runs; everything else is a measurement.
 KEY_FIELDS = ("bench", "pass", "provider", "seq_len", "batch", "heads", "head_dim", "window", "dtype", "M", "K",
               "N", "activation", "tokens")
@@ -43,9 +45,8 @@ def compare(old_runs: list[list[dict]], new_runs: list[list[dict]]) -> list[dict
     def medians(runs):
         by_key: dict[tuple, list[float]] = {}
         for rows in runs:
-            for row in rows:
-                if row.get("median_ms") is not None:  # a failed engine's row has no time
-                    by_key.setdefault(_key(row), []).append(row["median_ms"])
+            for row in timed(rows):
+                by_key.setdefault(_key(row), []).append(row["median_ms"])
         return {key: statistics.median(values) for key, values in by_key.items()}
 
     old, new = medians(old_runs), medians(new_runs)

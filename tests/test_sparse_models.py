@@ -41,6 +41,13 @@ def gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def logits_and_gradients(model, batch):
+    """The logits of one forward on ``batch``, and every parameter's gradient of its loss."""
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits, gradients(model)
+
+
 def assert_gradients_match(ours, theirs, tol):
     """Relative to each parameter's largest gradient, floored at 1% of the model's largest: some
     gradients are zero but for rounding (a key bias shifts every score of a row alike)."""
@@ -185,9 +192,7 @@ def test_decoder_matches_sdpa_forward_backward_and_training(name, monkeypatch):
         model.eval()
         with warnings.catch_warnings():  # every mask of these models is one the kernels compute
             warnings.filterwarnings("error", message=f"{NAME}: this model's attention mask")
-            out = model(**batch)
-        out.loss.backward()
-        outputs.append((out.logits, gradients(model)))
+            outputs.append(logits_and_gradients(model, batch))
     assert max_difference(outputs[1][0][real], outputs[0][0][real]) <= 1e-5
     assert_gradients_match(outputs[1][1], outputs[0][1], 1e-4)
     # Every layer ran on the kernels, causal, with the window where the layer has one (a chunked
@@ -260,11 +265,7 @@ def test_gemma4_matches_transformers_forward_backward_and_generation(monkeypatch
     batch = decoder_batch()
     real = batch["attention_mask"].bool()
     calls = count_kernel_calls(monkeypatch)  # only ours calls the kernels
-    outputs = []
-    for model in (theirs, ours):
-        out = model(**batch)
-        out.loss.backward()
-        outputs.append((out.logits, gradients(model)))
+    outputs = [logits_and_gradients(model, batch) for model in (theirs, ours)]
     assert max_difference(outputs[1][0][real], outputs[0][0][real]) <= 1e-4
     assert_gradients_match(outputs[1][1], outputs[0][1], 1e-3)
     assert [call["window"] is not None for call in calls] == [t == "sliding_attention" for t in config.layer_types]

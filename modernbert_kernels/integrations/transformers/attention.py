@@ -10,9 +10,10 @@ window layers on a sliding_window layout with the exact token window, bidirectio
 the module says; the padding mask becomes ``key_padding_mask``. transformers passes the window in
 flash-attention's convention (``sliding_window - 1`` tokens back, and ahead for encoders), which is
 what its SDPA masks compute too. A model that gives its attention no window (PhiMoE) and slides only
-in its masks gets the window its masks apply, read from its config. Queries shorter than the keys (decoding after a KV cache) have no
-tiles to skip: they run in PyTorch's SDPA over the keys inside their window, as do an
-encoder-decoder's cross-attention layers (queries of one sequence, keys of another).
+in its masks gets the window its masks apply, read from its config. Queries shorter than the keys
+(decoding after a KV cache) have no tiles to skip: they run in PyTorch's SDPA over the keys inside
+their window, as do an encoder-decoder's cross-attention layers (queries of one sequence, keys of
+another).
 
 Packed sequences (no padding mask; several sequences in a row, told apart by ``position_ids`` that
 restart, or by the ``cu_seq_lens_q`` of ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)
