@@ -36,6 +36,8 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");
+  // The GEMM of the CPU int8 linear on this machine (int8, int16 or float; cpu/int8_linear_op.cpp).
+  m.def("cpu_int8_gemm() -> str");
 }
 
 MODERNBERT_KERNELS_LIBRARY_IMPL(CompositeExplicitAutograd, m) { m.impl("cpu_isa", TORCH_BOX(&cpu_isa)); }

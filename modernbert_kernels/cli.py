@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import backends, cpu_memory
+from . import backends, cpu_memory, native
 
 
 def backend_table() -> list[tuple[str, str, bool, str]]:
@@ -40,10 +40,13 @@ def info() -> int:
         print(f"default backend on {device}: {backends.default_backend(torch.device(device))}")
     from .int8 import cpu_int8_gemm
 
-    gemm = cpu_int8_gemm()
-    print(f"CPU int8 GEMM: {gemm} " + ("(oneDNN's int8 GEMM)" if gemm == "int8" else
-                                      "(exact fp32 GEMMs of the int8 values, K in parts of at most 1040: oneDNN's "
-                                      "int8 GEMM is exact and fast only with VNNI / AMX)"))
+    what = {"int8": "oneDNN's int8 GEMM",
+            "int16": "the int8 values as int16 pairs through pmaddwd, exact: oneDNN's int8 GEMM is exact and fast "
+                     "only with VNNI / AMX",
+            "float": "exact fp32 GEMMs of the int8 values, K in parts of at most 1040"}
+    for backend in ("cpu", "torch") if native.cpu_status()[0] else ("torch",):
+        gemm = cpu_int8_gemm(backend)
+        print(f"CPU int8 GEMM, backend={backend}: {gemm} ({what[gemm]})")
     from .cpu_linear import GEMMS, encoder_gemms
 
     print(f"CPU heap pad the encoder keeps (MODERNBERT_KERNELS_CPU_HEAP_PAD): {cpu_memory.configured_pad_bytes()} bytes"

@@ -8,8 +8,9 @@ cache-sized row chunks, each followed at once by a vectorized epilogue), ``backe
 ``torch._int_mm`` plus a PyTorch epilogue. The reference (float64) lives in reference.py.
 
 On a CPU without an int8 dot-product instruction (x86 with AVX2 only: no VNNI, no AMX) oneDNN's
-int8 GEMM is ~25x slower than an fp32 GEMM; there both CPU backends compute the same int32
-products with an exact floating-point GEMM instead (``cpu_int8_gemm``).
+int8 GEMM is ~25x slower than an fp32 GEMM and saturates; there the C++ backend computes the same
+int32 products with its own int16-pair kernel (pmaddwd), and the torch backend with an exact
+floating-point GEMM (``cpu_int8_gemm``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ._ops import add_op_namespace_prefix, ops
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
+# The longest K whose int32 sums of int8 products cannot overflow: K x 128^2 <= 2^31.
+MAX_K = 2**31 // 128**2
 
 
 def _quantize_rows_torch(x, norm_weight, eps, smooth):
@@ -152,16 +155,26 @@ def cpu_int8_gemm_is_exact() -> bool:
         return False
 
 
-def cpu_int8_gemm() -> str:
-    """"int8" (oneDNN's int8 GEMM) or "float" (exact fp32 GEMMs of the int8 values): what
-    the CPU backends run. MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one (read per call);
-    forcing int8 where it is not exact is refused."""
+def cpu_int8_gemm(backend: str = "torch") -> str:
+    """The GEMM of int8_linear on this CPU with ``backend`` ("torch" or "cpu"):
+
+    - "int8": oneDNN's int8 GEMM, where the CPU has an int8 dot product and it is exact;
+    - "int16": the C++ backend's exact int16-pair kernel (x86 without an int8 dot product);
+    - "float": exact fp32 GEMMs of the int8 values (the torch backend without one).
+
+    MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|int16|float forces one (read per call); forcing a GEMM
+    that is not exact here, or that the backend does not have, is refused."""
+    if backend == "cpu":
+        return ops.cpu_int8_gemm()  # the C++ backend makes the choice, and checks the setting, itself
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_INT8_GEMM", "auto")
-    if forced not in ("auto", "int8", "float"):
-        raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not {forced!r}")
+    if forced not in ("auto", "int8", "int16", "float"):
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float, not {forced!r}")
     if forced == "int8" and not cpu_int8_gemm_is_exact():
         raise RuntimeError("MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products "
                            "exactly on this CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto")
+    if forced == "int16":
+        raise RuntimeError("MODERNBERT_KERNELS_CPU_INT8_GEMM=int16 is the C++ backend's GEMM (backend='cpu'); the "
+                           "torch backend runs int8 or float")
     if forced != "auto":
         return forced
     return "int8" if cpu_has_int8_dot_product() and cpu_int8_gemm_is_exact() else "float"
@@ -206,7 +219,7 @@ def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
-INT8_LINEAR.add("cpu", "oneDNN int8 GEMM (exact float GEMM without VNNI / AMX) in cache-sized row chunks, "
+INT8_LINEAR.add("cpu", "oneDNN int8 GEMM (an exact int16-pair GEMM without VNNI / AMX) in cache-sized row chunks, "
                 "each with its vectorized epilogue", _int8_linear_native)
 INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_native)
 
@@ -263,6 +276,8 @@ def int8_linear(
     n = w_q.shape[0]
     if k % 16:
         raise ValueError(f"K = {k} must be a multiple of 16 (int8 tensor-core tiles)")
+    if k > MAX_K:
+        raise ValueError(f"K = {k} is above {MAX_K}: int32 sums of K int8 products could overflow")
     if x_scale.shape != (m,) or w_scale.shape != (n,):
         raise ValueError(f"x_scale must be [{m}] and w_scale [{n}], got {tuple(x_scale.shape)}, {tuple(w_scale.shape)}")
     if bias is not None and (bias.shape != (n,) or bias.device != x_q.device):

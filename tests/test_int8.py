@@ -197,6 +197,9 @@ def test_bad_inputs():
         int8_linear(x_q[:, :24], scales[0], w_q[:, :24], scales[1])
     with pytest.raises(ValueError, match="share K"):
         int8_linear(x_q, scales[0], w_q[:, :16], scales[1])
+    too_long = torch.zeros(1, 2**17 + 16, dtype=torch.int8)  # int32 sums could pass 2^31
+    with pytest.raises(ValueError, match="could overflow"):
+        int8_linear(too_long, torch.ones(1), too_long, torch.ones(1))
     with pytest.raises(ValueError, match="x_scale must be"):
         int8_linear(x_q, torch.ones(7), w_q, scales[1])
     with pytest.raises(ValueError, match="activation"):
@@ -240,13 +243,14 @@ def test_int8_accumulation_is_exact(out_dtype):
     assert torch.equal(out, expected.to(torch.float32).to(out_dtype))
 
 
-@pytest.mark.parametrize("gemm", ["int8", "float"])
+@pytest.mark.parametrize("gemm", ["int8", "int16", "float"])
 @pytest.mark.parametrize("k", [64, 1040, 1056, 4096], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
-def test_both_cpu_gemms_give_the_exact_integer_products(backend, k, gemm, monkeypatch, poison_allocations):
-    """oneDNN's int8 GEMM and the float one CPUs without VNNI / AMX run instead: the same integer
-    products, K on both sides of fp32's exact limit (1040), rows and columns at +-127 so that
-    partial sums reach 127 * 127 * K."""
+def test_every_cpu_gemm_gives_the_exact_integer_products(backend, k, gemm, monkeypatch, poison_allocations):
+    """oneDNN's int8 GEMM and the two that CPUs without VNNI / AMX run instead (the C++ backend's
+    int16-pair kernel, exact fp32 GEMMs): the same integer products. K on both sides of fp32's exact
+    limit (1040), 40 rows and 24 columns (partial register tiles and weight panels at every vector
+    width), rows and columns at +-127 so that partial sums reach 127 * 127 * K."""
     import modernbert_kernels.int8 as int8
 
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
@@ -254,6 +258,10 @@ def test_both_cpu_gemms_give_the_exact_integer_products(backend, k, gemm, monkey
     x_q[:3], w_q[:2], w_q[2:4] = 127, 127, -127
     if gemm == "int8" and not int8.cpu_int8_gemm_is_exact():  # oneDNN without VNNI / AMX saturates
         with pytest.raises(RuntimeError, match="does not sum int8 products exactly"):
+            int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
+        return
+    if gemm == "int16" and backend == "torch":
+        with pytest.raises(RuntimeError, match="int16 is the C.. backend's GEMM"):
             int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
         return
     out = int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
@@ -274,17 +282,40 @@ def test_cpu_gemm_choice(monkeypatch):
         int8.cpu_int8_gemm()  # the last case's GEMM, not exact, refused when forced
     monkeypatch.setattr(int8, "cpu_int8_gemm_is_exact", lambda: True)
     assert int8.cpu_int8_gemm() == "int8"
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "int16")  # the C++ backend's kernel only
+    with pytest.raises(RuntimeError, match="int16 is the C.. backend's GEMM"):
+        int8.cpu_int8_gemm()
+
+
+@CPU_EXTENSION
+def test_cpu_backend_gemm_choice(monkeypatch):
+    """The C++ backend's own choice: oneDNN's int8 GEMM where the CPU has an int8 dot product, its
+    int16-pair kernel on x86 without one; a forced setting is taken as it is."""
+    import platform
+
+    import modernbert_kernels.int8 as int8
+
+    monkeypatch.delenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", raising=False)
+    if int8.cpu_has_int8_dot_product() and int8.cpu_int8_gemm_is_exact():
+        assert int8.cpu_int8_gemm("cpu") == "int8"
+    elif platform.machine() in ("x86_64", "AMD64"):
+        assert int8.cpu_int8_gemm("cpu") == "int16"
+    for forced in ("int16", "float"):
+        monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", forced)
+        assert int8.cpu_int8_gemm("cpu") == forced
 
 
 @CPU_EXTENSION
 def test_int8_gemm_exactness_is_measured():
     """The probe behind the choice: exact where oneDNN takes VNNI / AMX, not exact when its ISA is
-    capped below them (as on AVX2-only CPUs), and the C++ backend then runs the float GEMM."""
+    capped below them (as on AVX2-only CPUs); the C++ backend then runs its int16-pair GEMM and the
+    torch backend the float one."""
     code = """
 import torch
 from modernbert_kernels import int8
 from modernbert_kernels.int8 import int8_linear
 assert not int8.cpu_int8_gemm_is_exact() and int8.cpu_int8_gemm() == "float"
+assert int8.cpu_int8_gemm("cpu") == "int16", int8.cpu_int8_gemm("cpu")
 x_q = torch.full((40, 64), 127, dtype=torch.int8)
 for backend in ("cpu", "torch"):
     out = int8_linear(x_q, torch.ones(40), x_q[:24], torch.ones(24), out_dtype=torch.float32, backend=backend)
@@ -304,7 +335,7 @@ for backend in ("cpu", "torch"):
 def test_a_bad_cpu_gemm_setting_is_refused(backend, monkeypatch):
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "fast")
     x_q, w_q = random_int8(4, 32, seed=1), random_int8(8, 32, seed=2)
-    with pytest.raises((ValueError, RuntimeError), match="MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float"):
+    with pytest.raises((ValueError, RuntimeError), match="MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float"):
         int8_linear(x_q, torch.ones(4), w_q, torch.ones(8), backend=backend)
 
 
@@ -326,6 +357,10 @@ def test_native_int8_op_errors_are_clear():
             torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), torch.zeros(8, 16, dtype=torch.int8), torch.ones(8),
             None, "none", torch.float32,
         )
+    too_long = torch.zeros(1, 2**17 + 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="could overflow"):
+        torch.ops.modernbert_kernels.int8_linear_native(too_long, torch.ones(1), too_long, torch.ones(1), None, "none",
+                                                        torch.float32)
 
 
 @pytest.mark.gpu

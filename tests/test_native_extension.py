@@ -46,7 +46,8 @@ def test_pure_python_install_falls_back_cleanly():
 def test_narrower_isa_builds(isa):
     """The AVX-512 (without AVX512-BF16), AVX2 and SSE2 builds (chosen at run time) give the same
     answers as the reference: attention in fp32 (forward and gradients), fp16 and bf16 (their keys
-    converted, then transposed by each width's register transpose), and the int8 kernels."""
+    converted, then transposed by each width's register transpose), and the int8 kernels, the
+    int16-pair GEMM included."""
     widest = torch.ops.modernbert_kernels.cpu_isa()
     order = ["baseline", "avx2", "avx512", "avx512_bf16"]
     if order.index(isa) > order.index(widest):
@@ -90,6 +91,17 @@ for act in (None, "gelu", "gelu_tanh", "geglu"):
     y = int8_linear(x_q, x_scale, w_q, w_scale, bias, act, torch.float32, backend="cpu")
     y_ref = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, act)
     assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item() <= 1e-5, act
+# The int16-pair GEMM of CPUs without an int8 dot product, in this build's vector width: exact, with
+# partial register tiles (rows) and weight panels (columns), and an odd K (the native op takes any
+# K; the public one asks for multiples of 16).
+import os
+from modernbert_kernels.reference import int8_matmul_reference
+os.environ["MODERNBERT_KERNELS_CPU_INT8_GEMM"] = "int16"
+for m, n, k in ((1, 1, 1), (13, 37, 77), (40, 70, 256)):
+    x_q, w_q = (torch.randint(-127, 128, shape, generator=g, dtype=torch.int8) for shape in ((m, k), (n, k)))
+    y = torch.ops.modernbert_kernels.int8_linear_native(x_q, torch.ones(m), w_q, torch.ones(n), None, "none",
+                                                          torch.float32)
+    assert torch.equal(y, int8_matmul_reference(x_q, w_q).float()), (m, n, k)
 """
     env = dict(os.environ, MODERNBERT_KERNELS_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

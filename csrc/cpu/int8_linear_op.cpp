@@ -4,8 +4,9 @@
 // dot-product instruction, run over row chunks whose int32 result stays in cache: each chunk's
 // epilogue (scales, bias, activation, cast) runs right after its GEMM, so the int32 accumulator
 // never makes a round trip to DRAM. Without such an instruction (x86 with AVX2 only) oneDNN's
-// int8 matmul is ~25x slower than an fp32 GEMM, so the GEMM runs in floating point instead,
-// exactly (see cpu_int8_gemm_in_float).
+// int8 matmul is ~25x slower than an fp32 GEMM and saturates, so the GEMM is this library's exact
+// int16-pair kernel instead (int8_gemm_kernel.h), over the same row chunks. A third GEMM, exact
+// fp32 GEMMs of the int8 values, is kept for CPUs with neither (see cpu_int8_gemm).
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -63,11 +64,14 @@ bool has_int8_dot_product() {
 // accumulates in int32; without them oneDNN multiplies u8 x s8 pairs whose sums saturate at int16
 // (vpmaddubsw), a path ONEDNN_MAX_CPU_ISA below VNNI selects on any CPU. So a product that would
 // saturate (all 127s) is tried once, as modernbert_kernels.int8.cpu_int8_gemm_is_exact does.
-bool int8_gemm_is_exact(const Tensor& like) {
-  static const bool exact = [&] {
+bool int8_gemm_is_exact() {
+  static const bool exact = [] {
     constexpr int64_t m = 32, k = 64, n = 32;
-    const Tensor x = empty({m, k}, ScalarType::Char, like), w = empty({k, n}, ScalarType::Char, like);
-    const Tensor sums = empty({m, n}, ScalarType::Int, like);
+    const auto cpu = [](std::initializer_list<int64_t> sizes, ScalarType dtype) {
+      return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(sizes.begin(), sizes.size()), dtype);
+    };
+    const Tensor x = cpu({m, k}, ScalarType::Char), w = cpu({k, n}, ScalarType::Char);
+    const Tensor sums = cpu({m, n}, ScalarType::Int);
     std::memset(x.data_ptr(), 127, m * k);
     std::memset(w.data_ptr(), 127, k * n);
     matmul_out("aten::_int_mm", sums, x, w);
@@ -79,17 +83,39 @@ bool int8_gemm_is_exact(const Tensor& like) {
   return exact;
 }
 
-// MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|float forces one GEMM (read per call, for tests and
-// benchmarks; int8 only where it is exact); unset or "auto" picks by the CPU.
-bool cpu_int8_gemm_in_float(const Tensor& like) {
+// The GEMM of the C++ backend's int8 linear on this CPU:
+//   int8:  oneDNN's int8 matmul, where the CPU has an int8 dot product and it is exact;
+//   int16: the int16-pair kernel of int8_gemm_kernel.h (x86 without an int8 dot product);
+//   float: exact fp32 GEMMs of the int8 values (elsewhere, or forced).
+// MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|int16|float forces one (read per call, for tests and
+// benchmarks; int8 only where it is exact, int16 only on x86); unset or "auto" picks by the CPU.
+enum class CpuInt8Gemm { OneDnn, Int16, Float };
+
+CpuInt8Gemm cpu_int8_gemm() {
   const char* forced = std::getenv("MODERNBERT_KERNELS_CPU_INT8_GEMM");
   const std::string mode = forced == nullptr ? "auto" : forced;
-  MBK_CHECK(mode == "auto" || mode == "int8" || mode == "float",
-              "MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8 or float, not '", mode, "'");
-  MBK_CHECK(mode != "int8" || int8_gemm_is_exact(like),
+  MBK_CHECK(mode == "auto" || mode == "int8" || mode == "int16" || mode == "float",
+            "MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float, not '", mode, "'");
+  MBK_CHECK(mode != "int8" || int8_gemm_is_exact(),
             "MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products exactly on this "
-            "CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto");
-  return mode == "auto" ? !(has_int8_dot_product() && int8_gemm_is_exact(like)) : mode == "float";
+            "CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use int16, float or auto");
+  const bool has_int16 = cpu::kernels().int8_gemm.rows != nullptr;
+  MBK_CHECK(mode != "int16" || has_int16,
+            "MODERNBERT_KERNELS_CPU_INT8_GEMM=int16, but the int16-pair GEMM is built for x86 only: use auto");
+  if (mode == "int8") return CpuInt8Gemm::OneDnn;
+  if (mode == "int16") return CpuInt8Gemm::Int16;
+  if (mode == "float") return CpuInt8Gemm::Float;
+  if (has_int8_dot_product() && int8_gemm_is_exact()) return CpuInt8Gemm::OneDnn;
+  return has_int16 ? CpuInt8Gemm::Int16 : CpuInt8Gemm::Float;
+}
+
+// For `modernbert-kernels info`: the name of the GEMM above.
+std::string cpu_int8_gemm_name() {
+  switch (cpu_int8_gemm()) {
+    case CpuInt8Gemm::OneDnn: return "int8";
+    case CpuInt8Gemm::Int16: return "int16";
+    default: return "float";
+  }
 }
 
 // int8 x int8 products are integers of magnitude <= 127 * 127 < 2^14, so an fp32 GEMM of the int8
@@ -107,26 +133,50 @@ struct CpuInt8 {
   static constexpr DeviceType kDevice = DeviceType::CPU;
 
   static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q) {
-    const int64_t m = p.m, n = p.n;
-    const Tensor w_t = torch::stable::transpose(w_q, 0, 1);
+    const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
+    const cpu::Int8Gemm& int16 = cpu::kernels().int8_gemm;
+    const CpuInt8Gemm gemm = cpu_int8_gemm();
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
-    const int64_t chunk = std::min(m, chunk_rows(n));
+    int64_t chunk = std::min(m, chunk_rows(n));
+    if (gemm == CpuInt8Gemm::Int16) {
+      // Whole register tiles, and at least one chunk per thread when M is small.
+      const int64_t threads = torch::stable::get_num_threads(), tile = int16.tile_rows;
+      const int64_t per_thread = (m + threads - 1) / threads;
+      chunk = std::min(chunk, per_thread);
+      chunk = std::max(tile, (chunk + tile - 1) / tile * tile);
+      chunk = std::min(chunk, m);
+    }
     const int64_t chunks = (m + chunk - 1) / chunk;
-    const bool in_float = cpu_int8_gemm_in_float(x_q);
-    const int64_t k = p.k, part_size = exact_fp32_part_size(k);
-    const Tensor w_float = in_float ? torch::stable::to(w_q, ScalarType::Float) : Tensor();  // [N, K], once per call
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
+    const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
+    Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
+    if (gemm == CpuInt8Gemm::Int16) {
+      w_packed = empty({cpu::int8_gemm_packed_weight_ints(n, k, int16.cols)}, ScalarType::Int, x_q);
+      auto* packed = static_cast<int32_t*>(w_packed.data_ptr());
+      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, int16.cols), 1, [&](int64_t begin, int64_t end) {
+        int16.pack_weight(w_data, n, k, begin, end, packed);
+      });
+    } else if (gemm == CpuInt8Gemm::Float) {
+      w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
+    }
+    const Tensor w_t = torch::stable::transpose(w_q, 0, 1);
+    const int64_t part_size = exact_fp32_part_size(k);
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       Tensor acc = empty({chunk, n}, ScalarType::Int, x_q);
-      Tensor acc_float = in_float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
+      Tensor acc_float = gemm == CpuInt8Gemm::Float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
+      std::vector<int32_t> workspace(
+          gemm == CpuInt8Gemm::Int16 ? cpu::int8_gemm_workspace_ints(chunk, k, int16.tile_rows) : 0);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
-        if (in_float) {
+        if (gemm == CpuInt8Gemm::Int16) {
+          int16.rows(x_data + m0 * k, rows, k, static_cast<const int32_t*>(w_packed.data_ptr()), n,
+                     static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
+        } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
           Tensor float_rows = matrix_view(acc_float.data_ptr(), rows, n, n, 1, ScalarType::Float, acc_float);
           auto* sums = static_cast<int32_t*>(acc_rows.data_ptr());
@@ -135,8 +185,8 @@ struct CpuInt8 {
             const int64_t width = std::min(part_size, k - k0);
             const Tensor x_part = matrix_view(static_cast<const float*>(x_float.data_ptr()) + k0, rows, width, k, 1,
                                               ScalarType::Float, x_float);
-            const Tensor w_part = matrix_view(static_cast<const float*>(w_float.data_ptr()) + k0, width, n, 1, k,
-                                              ScalarType::Float, w_float);  // the part's rows of w^T
+            const Tensor w_part = matrix_view(static_cast<const float*>(w_packed.data_ptr()) + k0, width, n, 1, k,
+                                              ScalarType::Float, w_packed);  // the part's rows of w^T
             matmul_out("aten::mm", float_rows, x_part, w_part);
             // Each part's sums are integers below 2^24, exact in fp32; their total, in int32.
             if (k0 == 0) {
@@ -167,6 +217,10 @@ struct CpuInt8 {
 MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) {
   m.impl("int8_linear_native", TORCH_BOX(&int8_linear_op<CpuInt8>));
   m.impl("quantize_per_token_native", TORCH_BOX(&quantize_per_token_op<CpuInt8>));
+}
+
+MODERNBERT_KERNELS_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
+  m.impl("cpu_int8_gemm", TORCH_BOX(&cpu_int8_gemm_name));
 }
 
 }  // namespace modernbert_kernels

@@ -3,15 +3,18 @@
 
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
+#include <immintrin.h>
 #define MBK_LANES 8
 #include "vec.h"
 #include "attention_kernel.h"
 #include "attention_backward_kernel.h"
 #include "int8_kernel.h"
+#include "int8_gemm_kernel.h"
 #include "rotary_kernel.h"
 
 namespace modernbert_kernels::cpu {
 extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, attention_backward_items,
-                                      int8_epilogue_rows, quantize_rows, rotary_rows};
+                                      int8_epilogue_rows, quantize_rows, rotary_rows,
+                                      {kGemmCols, kGemmRows, int8_gemm_pack_weight, int8_gemm_rows}};
 }
 #endif  // __x86_64__

@@ -9,10 +9,12 @@
 #include "attention_kernel.h"
 #include "attention_backward_kernel.h"
 #include "int8_kernel.h"
+#include "int8_gemm_kernel.h"
 #include "rotary_kernel.h"
 
 namespace modernbert_kernels::cpu {
 extern const KernelTable kAvx512Kernels = {"avx512", attention_forward_items, attention_backward_items,
-                                      int8_epilogue_rows, quantize_rows, rotary_rows};
+                                      int8_epilogue_rows, quantize_rows, rotary_rows,
+                                      {kGemmCols, kGemmRows, int8_gemm_pack_weight, int8_gemm_rows}};
 }
 #endif  // __x86_64__

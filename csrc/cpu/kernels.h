@@ -63,6 +63,25 @@ using Int8EpilogueFn = void (*)(const Int8LinearParams&, const int32_t* acc, int
 using QuantizeFn = void (*)(const QuantizeParams&, int64_t row_begin, int64_t row_end, float* workspace);
 using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t token_end);
 
+// The exact int8 GEMM of CPUs without an int8 dot product (int8_gemm_kernel.h): the weight ([n, k]
+// int8) packed in panels [panel_begin, panel_end) of `cols` columns, then the int32 sums of rows of
+// x against it, with a workspace of int8_gemm_workspace_ints(rows, k, tile_rows) ints.
+struct Int8Gemm {
+  int cols;       // output columns per packed panel
+  int tile_rows;  // rows per register tile
+  void (*pack_weight)(const int8_t* w, int64_t n, int64_t k, int64_t panel_begin, int64_t panel_end, int32_t* packed);
+  void (*rows)(const int8_t* x, int64_t rows, int64_t k, const int32_t* packed_w, int64_t n, int32_t* sums,
+               int32_t* workspace);
+};
+
+inline int64_t int8_gemm_panels(int64_t n, int cols) { return (n + cols - 1) / cols; }
+inline int64_t int8_gemm_packed_weight_ints(int64_t n, int64_t k, int cols) {
+  return int8_gemm_panels(n, cols) * cols * ((k + 1) / 2);
+}
+inline int64_t int8_gemm_workspace_ints(int64_t rows, int64_t k, int tile_rows) {
+  return (rows + tile_rows - 1) / tile_rows * tile_rows * ((k + 1) / 2);
+}
+
 struct KernelTable {
   const char* isa;
   AttentionForwardFn attention_forward;
@@ -70,6 +89,7 @@ struct KernelTable {
   Int8EpilogueFn int8_epilogue;
   QuantizeFn quantize_rows;
   RotaryFn rotary;
+  Int8Gemm int8_gemm;  // x86 builds only; elsewhere its functions are null
 };
 
 // The best build this CPU can run, chosen once at first use (not at build time, so one wheel
