@@ -135,7 +135,7 @@ struct CpuInt8 {
   static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q) {
     const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
-    const cpu::Int8Gemm& int16 = cpu::kernels().int8_gemm;
+    const cpu::Int8Gemm& int16_gemm = cpu::kernels().int8_gemm;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
@@ -143,7 +143,7 @@ struct CpuInt8 {
     int64_t chunk = std::min(m, chunk_rows(n));
     if (gemm == CpuInt8Gemm::Int16) {
       // Whole register tiles, and at least one chunk per thread when M is small.
-      const int64_t threads = torch::stable::get_num_threads(), tile = int16.tile_rows;
+      const int64_t threads = torch::stable::get_num_threads(), tile = int16_gemm.tile_rows;
       const int64_t per_thread = (m + threads - 1) / threads;
       chunk = std::min(chunk, per_thread);
       chunk = std::max(tile, (chunk + tile - 1) / tile * tile);
@@ -154,10 +154,10 @@ struct CpuInt8 {
     const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
     Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
     if (gemm == CpuInt8Gemm::Int16) {
-      w_packed = empty({cpu::int8_gemm_packed_weight_ints(n, k, int16.cols)}, ScalarType::Int, x_q);
+      w_packed = empty({cpu::int8_gemm_packed_weight_ints(n, k, int16_gemm.cols)}, ScalarType::Int, x_q);
       auto* packed = static_cast<int32_t*>(w_packed.data_ptr());
-      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, int16.cols), 1, [&](int64_t begin, int64_t end) {
-        int16.pack_weight(w_data, n, k, begin, end, packed);
+      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, int16_gemm.cols), 1, [&](int64_t begin, int64_t end) {
+        int16_gemm.pack_weight(w_data, n, k, begin, end, packed);
       });
     } else if (gemm == CpuInt8Gemm::Float) {
       w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
@@ -168,13 +168,13 @@ struct CpuInt8 {
       Tensor acc = empty({chunk, n}, ScalarType::Int, x_q);
       Tensor acc_float = gemm == CpuInt8Gemm::Float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
       std::vector<int32_t> workspace(
-          gemm == CpuInt8Gemm::Int16 ? cpu::int8_gemm_workspace_ints(chunk, k, int16.tile_rows) : 0);
+          gemm == CpuInt8Gemm::Int16 ? cpu::int8_gemm_workspace_ints(chunk, k, int16_gemm.tile_rows) : 0);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
         if (gemm == CpuInt8Gemm::Int16) {
-          int16.rows(x_data + m0 * k, rows, k, static_cast<const int32_t*>(w_packed.data_ptr()), n,
+          int16_gemm.rows(x_data + m0 * k, rows, k, static_cast<const int32_t*>(w_packed.data_ptr()), n,
                      static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
         } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
