@@ -154,8 +154,8 @@ struct CpuInt8 {
     const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
     Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
     if (gemm == CpuInt8Gemm::Int16) {
-      w_packed = empty({cpu::int8_gemm_packed_weight_ints(n, k, int16_gemm.cols)}, ScalarType::Int, x_q);
-      auto* packed = static_cast<int32_t*>(w_packed.data_ptr());
+      w_packed = empty({cpu::int8_gemm_packed_weight_bytes(n, k, int16_gemm.cols)}, ScalarType::Char, x_q);
+      auto* packed = static_cast<int8_t*>(w_packed.data_ptr());
       torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, int16_gemm.cols), 1, [&](int64_t begin, int64_t end) {
         int16_gemm.pack_weight(w_data, n, k, begin, end, packed);
       });
@@ -174,7 +174,7 @@ struct CpuInt8 {
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
         if (gemm == CpuInt8Gemm::Int16) {
-          int16_gemm.rows(x_data + m0 * k, rows, k, static_cast<const int32_t*>(w_packed.data_ptr()), n,
+          int16_gemm.rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
                      static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
         } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);

@@ -69,14 +69,14 @@ using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t toke
 struct Int8Gemm {
   int cols;       // output columns per packed panel
   int tile_rows;  // rows per register tile
-  void (*pack_weight)(const int8_t* w, int64_t n, int64_t k, int64_t panel_begin, int64_t panel_end, int32_t* packed);
-  void (*rows)(const int8_t* x, int64_t rows, int64_t k, const int32_t* packed_w, int64_t n, int32_t* sums,
+  void (*pack_weight)(const int8_t* w, int64_t n, int64_t k, int64_t panel_begin, int64_t panel_end, int8_t* packed);
+  void (*rows)(const int8_t* x, int64_t rows, int64_t k, const int8_t* packed_w, int64_t n, int32_t* sums,
                int32_t* workspace);
 };
 
 inline int64_t int8_gemm_panels(int64_t n, int cols) { return (n + cols - 1) / cols; }
-inline int64_t int8_gemm_packed_weight_ints(int64_t n, int64_t k, int cols) {
-  return int8_gemm_panels(n, cols) * cols * ((k + 1) / 2);
+inline int64_t int8_gemm_packed_weight_bytes(int64_t n, int64_t k, int cols) {
+  return int8_gemm_panels(n, cols) * cols * ((k + 1) / 2) * 2;
 }
 inline int64_t int8_gemm_workspace_ints(int64_t rows, int64_t k, int tile_rows) {
   return (rows + tile_rows - 1) / tile_rows * tile_rows * ((k + 1) / 2);
