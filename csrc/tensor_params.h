@@ -46,9 +46,12 @@ inline bool same_shape(const Tensor& a, const Tensor& b) { return a.sizes() == b
 
 inline int64_t last_stride(const Tensor& t) { return t.stride(t.dim() - 1); }
 
-inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, const Tensor& like) {
+inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, torch::stable::Device device) {
   return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(sizes.begin(), sizes.size()), dtype,
-                              std::nullopt, like.device());
+                              std::nullopt, device);
+}
+inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, const Tensor& like) {
+  return empty(sizes, dtype, like.device());
 }
 
 // A contiguous tensor of t's shape, dtype and device (empty_like would keep t's strides).

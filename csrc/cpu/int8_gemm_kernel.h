@@ -152,8 +152,8 @@ void int8_gemm_rows(const int8_t* x, int64_t rows, int64_t k, const int8_t* pack
     const int cols = int(n - panel * kGemmCols < kGemmCols ? n - panel * kGemmCols : kGemmCols);
     for (int64_t t = 0; t < tiles; ++t) {
       const int rows_here = int(rows - t * kGemmRows < kGemmRows ? rows - t * kGemmRows : kGemmRows);
-      int8_gemm_tile(workspace + t * pairs * kGemmRows, packed_w + panel * pairs * kGemmCols * 2, pairs, rows_here, cols,
-                     sums + t * kGemmRows * n + panel * kGemmCols, n);
+      int8_gemm_tile(workspace + t * pairs * kGemmRows, packed_w + panel * pairs * kGemmCols * 2, pairs, rows_here,
+                     cols, sums + t * kGemmRows * n + panel * kGemmCols, n);
     }
   }
 }

@@ -67,11 +67,9 @@ bool has_int8_dot_product() {
 bool int8_gemm_is_exact() {
   static const bool exact = [] {
     constexpr int64_t m = 32, k = 64, n = 32;
-    const auto cpu = [](std::initializer_list<int64_t> sizes, ScalarType dtype) {
-      return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(sizes.begin(), sizes.size()), dtype);
-    };
-    const Tensor x = cpu({m, k}, ScalarType::Char), w = cpu({k, n}, ScalarType::Char);
-    const Tensor sums = cpu({m, n}, ScalarType::Int);
+    const Tensor x = empty({m, k}, ScalarType::Char, DeviceType::CPU);
+    const Tensor w = empty({k, n}, ScalarType::Char, DeviceType::CPU);
+    const Tensor sums = empty({m, n}, ScalarType::Int, DeviceType::CPU);
     std::memset(x.data_ptr(), 127, m * k);
     std::memset(w.data_ptr(), 127, k * n);
     matmul_out("aten::_int_mm", sums, x, w);
