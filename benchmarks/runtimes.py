@@ -15,7 +15,9 @@ wrong (``note``), not ranked. So is an OpenVINO or ONNX Runtime engine that fail
 its rows have no time and its error in ``note``, and the other engines' results are kept. bf16
 rows appear where the CPU has bf16 units (AVX512_BF16 or AMX) and oneDNN is not capped below them
 (``cpu_has_bf16``): elsewhere OpenVINO runs bf16 as fp32 and ours would be emulated. Our int8
-model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere (``attention_dtype``).
+model runs its attention on bf16 q, k, v on those CPUs, in fp32 elsewhere, and OpenVINO's int8
+model runs its unquantized ops (the attention among them) in the same precision, its own default
+on such CPUs (``attention_dtype``).
 Needs the ``runtimes`` extra (pip install -e '.[runtimes]').
 
     python -m benchmarks.runtimes --out benchmarks/results/local
@@ -99,8 +101,9 @@ def export(folder: Path) -> None:
     quantize_dynamic(folder / "onnxruntime-fp32.onnx", folder / "onnxruntime-int8.onnx", weight_type=QuantType.QInt8)
 
 
-def our_int8_attention_dtype() -> torch.dtype | None:
-    """bf16 where the CPU has bf16 dot products (our avx512_bf16 kernels, or AMX), else fp32 (None)."""
+def int8_attention_dtype() -> torch.dtype | None:
+    """The int8 models' attention dtype: bf16 where the CPU has bf16 dot products (our avx512_bf16
+    kernels, or AMX), else fp32 (None)."""
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
@@ -119,12 +122,13 @@ def engine(name: str, precision: str, folder: Path, threads: int):
         elif precision == "int8":
             # int8 linears, and the attention on bf16 q, k, v where the CPU has bf16 dot products
             # (as int8 deployments run it); the row's attention_dtype says which.
-            quantize_int8(model, attention_dtype=our_int8_attention_dtype())
+            quantize_int8(model, attention_dtype=int8_attention_dtype())
         return lambda ids, mask: model(ids, mask).float()
     if name == "openvino":
         import openvino as ov
 
-        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        bf16 = precision == "bf16" or (precision == "int8" and int8_attention_dtype() == torch.bfloat16)
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
         compiled = ov.Core().compile_model(folder / f"openvino-{'int8' if precision == 'int8' else 'fp32'}.xml",
                                            "CPU", config)
         return lambda ids, mask: torch.from_numpy(compiled({"input_ids": ids.numpy(),
@@ -241,7 +245,9 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
                 finite = bool(torch.isfinite(out).all())
                 cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1).min().item()
                 engine_name, precision = provider.rsplit("_", 1)
-                attention = ("bf16" if our_int8_attention_dtype() else "fp32") if provider == "ours_int8" else None
+                attention = None
+                if provider in ("ours_int8", "openvino_int8"):
+                    attention = "bf16" if int8_attention_dtype() else "fp32"
                 return {"engine": engine_name, "precision": precision, "attention_dtype": attention,
                         "tokens_per_s": tokens / (measured[provider]["median_ms"] * 1e-3),
                         "cosine_min": cosine if finite else None,

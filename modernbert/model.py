@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from modernbert_kernels import Int8Linear, block_sparse_attention, cpu_memory, layouts, rotary_embedding
+from modernbert_kernels import cpu_linear
 from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear
 from modernbert_kernels.rotary import ROTARY
 
@@ -94,6 +95,7 @@ class ModernBertAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module, rotary, batch: PackedBatch, layout, window,
                 backend=None) -> torch.Tensor:
+        """hidden + the attention sublayer's output (the residual connection included)."""
         # In an int8 model with a bf16 attention, Wqkv's epilogue writes bf16 q, k, v and Wo
         # quantizes the bf16 output: no cast passes around the attention.
         qkv = normed_linear(norm, self.Wqkv, hidden, int8_out_dtype=self.attention_dtype)
@@ -114,8 +116,8 @@ class ModernBertAttention(nn.Module):
             out = out * self.head_gate[:, None].to(out.dtype)
         out = out.reshape(hidden.shape[0], -1)
         if isinstance(self.Wo, Int8Linear):
-            return self.out_drop(self.Wo(out, out_dtype=hidden.dtype))
-        return self.out_drop(self.Wo(out.to(hidden.dtype)))
+            return cpu_linear.add_residual(self.out_drop(self.Wo(out, out_dtype=hidden.dtype)), hidden)
+        return project_with_residual(self.Wo, out.to(hidden.dtype), hidden, self.out_drop)
 
     @torch.no_grad()
     def prune(self, heads) -> None:
@@ -162,13 +164,17 @@ class ModernBertMLP(nn.Module):
         self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """hidden + the MLP's output (the residual connection included)."""
         if isinstance(self.Wi, Linear):  # the activation and the product in the GEMMs' post-ops, where it can
-            return self.Wo(self.drop(self.Wi(norm(hidden), gated=self.activation)))
-        projected = normed_linear(norm, self.Wi, hidden)
-        if getattr(self.Wi, "activation", None) == "geglu":  # an Int8Linear with GeGLU in its epilogue
-            return self.Wo(self.drop(projected))
-        activated, gate = projected.chunk(2, dim=-1)
-        return self.Wo(self.drop(self.act(activated) * gate))
+            activated = self.Wi(norm(hidden), gated=self.activation)
+        else:
+            projected = normed_linear(norm, self.Wi, hidden)
+            if getattr(self.Wi, "activation", None) == "geglu":  # an Int8Linear with GeGLU in its epilogue
+                activated = projected
+            else:
+                activated, gate = projected.chunk(2, dim=-1)
+                activated = self.act(activated) * gate
+        return project_with_residual(self.Wo, self.drop(activated), hidden, nn.Identity())
 
 
 class ModernBertEncoderLayer(nn.Module):
@@ -181,19 +187,17 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp = ModernBertMLP(config)
 
     def forward(self, hidden, rotary, batch, layout, window, backend=None):
-        hidden = add_residual(self.attn(hidden, self.attn_norm, rotary, batch, layout, window, backend), hidden)
-        return add_residual(self.mlp(hidden, self.mlp_norm), hidden)
+        hidden = self.attn(hidden, self.attn_norm, rotary, batch, layout, window, backend)
+        return self.mlp(hidden, self.mlp_norm)
 
 
-def add_residual(update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden + update, written into update: a sublayer's output is a fresh tensor that nothing else
-    reads (autograd saves the linears' inputs, not their outputs), and adding into it saves filling a
-    new [tokens, hidden] one (the fp32 encoder at 8 x 512: 25-30 ms of 4.7 s; NOTES "Every runtime in
-    one run again, and the residual add in place"). Out of place where update's dtype differs
-    (autocast): the sum keeps hidden's precision."""
-    if update.dtype != hidden.dtype or update.shape != hidden.shape:
-        return hidden + update
-    return update.add_(hidden)
+def project_with_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, dropout: nn.Module):
+    """residual + dropout(linear(x)): a sublayer's output projection and its residual connection. A
+    ``Linear`` adds the residual in its GEMM's epilogue where that pays (bf16 on the CPU), unless a
+    dropout sits between them; otherwise the residual is added into the fresh output."""
+    if isinstance(linear, Linear) and (isinstance(dropout, nn.Identity) or not dropout.training):
+        return linear(x, residual=residual)
+    return cpu_linear.add_residual(dropout(linear(x)), residual)
 
 
 class ModernBertModel(PretrainedMixin, nn.Module):

@@ -89,6 +89,37 @@ def test_gated_matches_float64(gemm, dtype, activation, leading, in_features, ha
     assert relative_error(out, expected) < GATED_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("gemm", cpu_linear.GEMMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("leading, in_features, out_features", SHAPES)
+@pytest.mark.parametrize("residual_layout", ["contiguous", "strided"])
+def test_residual_matches_float64(gemm, dtype, leading, in_features, out_features, residual_layout, monkeypatch):
+    """residual + x A^T + b on every GEMM (the packed bf16 one adds it in its epilogue), from a
+    contiguous or a strided residual, which is left as it was."""
+    skip_unless_runs(gemm, dtype)
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
+    linear = random_linear(in_features, out_features, dtype, seed=in_features + out_features)
+    x = torch.randn(*leading, in_features).to(dtype)
+    # As large as the products, so a dropped residual fails.
+    residual = (torch.randn(*leading, 2 * out_features) * in_features**0.5).to(dtype)
+    residual = residual[..., ::2] if residual_layout == "strided" else residual[..., :out_features].contiguous()
+    before = residual.clone()
+    with torch.no_grad():
+        out = linear(x, residual=residual)
+    assert out.shape == (*leading, out_features) and out.dtype == dtype
+    assert relative_error(out, float64_linear(linear, x) + residual.double()) < TOLERANCE[dtype]
+    assert torch.equal(residual, before)
+
+
+def test_residual_of_the_wrong_shape_is_refused():
+    linear = random_linear(16, 8, torch.float32)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"residual \(3, 16\) must have the output's shape \(3, 8\)"):
+            linear(torch.randn(3, 16), residual=torch.randn(3, 16))
+        with pytest.raises(ValueError, match="a gated projection takes no residual"):
+            linear(torch.randn(3, 16), gated="gelu", residual=torch.randn(3, 4))
+
+
 def test_gated_refuses_an_unknown_activation():
     with torch.no_grad(), pytest.raises(ValueError, match="unsupported gated activation 'tanh'"):
         random_linear(16, 8, torch.float32)(torch.randn(3, 16), gated="tanh")
