@@ -8,7 +8,10 @@ runs on the same weights (ModernBERT-base shapes, random, vocabulary cut to 1024
 number of threads, in the same run.
 
 Each engine at each precision runs in a process of its own (an engine's idle thread pool slows
-the next one's), after one process has exported the checkpoint. Each row reports the median time
+the next one's), after one process has exported the checkpoint. With ``--rounds N`` every engine's
+process runs N times, the engines interleaved round by round, and each row pools the samples of all
+rounds: a drift in the machine's speed (these 2-core VMs move 10-30% within an hour) then falls on
+every engine alike. Each row reports the median time
 and the drift from transformers' fp32 output over the real tokens (padding excluded): the minimum
 per-token cosine. An engine whose output holds a NaN or an Inf on a real token is reported as
 wrong (``note``), not ranked. So is an OpenVINO or ONNX Runtime engine that fails to load or run:
@@ -145,7 +148,8 @@ def engine(name: str, precision: str, folder: Path, threads: int):
 
 def worker(job: dict) -> dict:
     """One engine at one precision, in a process of its own (an engine's idle thread pool would slow
-    the next one's): every workload's output over the real tokens saved for the drift, and timings."""
+    the next one's): every workload's output over the real tokens saved for the drift, and its
+    samples (milliseconds)."""
     folder = Path(job["folder"])
     if job["engine"] == "export":
         export(folder)
@@ -158,9 +162,9 @@ def worker(job: dict) -> dict:
             out = fn(ids, mask)  # the warm-up call, and the output judged
             torch.save(out[mask.bool()].float().clone(), folder / f"out-{job['engine']}-{job['precision']}-{_slug(workload)}.pt")
             samples = time_cpu(lambda: fn(ids, mask), warmup=0, repeats=1 if job["smoke"] else 3, budget_s=0)
-            timings[workload] = summarize(samples)
-            print(f"runtimes {workload} {job['engine']}_{job['precision']}: {timings[workload]['median_ms'] / 1e3:.2f} s",
-                  file=sys.stderr, flush=True)
+            timings[workload] = samples
+            print(f"runtimes {workload} {job['engine']}_{job['precision']}: "
+                  f"{summarize(samples)['median_ms'] / 1e3:.2f} s", file=sys.stderr, flush=True)
     return timings
 
 
@@ -190,8 +194,11 @@ def _in_worker(job: dict) -> dict:
 
 
 def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
-        engines: list[str] | None = None) -> list[dict]:
-    """``engines``: a subset of ENGINES to time (transformers, the reference, always runs)."""
+        engines: list[str] | None = None, rounds: int = 1) -> list[dict]:
+    """``engines``: a subset of ENGINES to time (transformers, the reference, always runs).
+    ``rounds``: how many times each engine's process runs, the engines interleaved."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     engines = ["transformers", *[e for e in engines or ENGINES if e != "transformers"]]
     unknown = set(engines) - set(ENGINES)
     if unknown:
@@ -216,19 +223,28 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
         if {"openvino", "onnxruntime"} & set(engines):
             progress("runtimes: exporting to OpenVINO (+ NNCF int8) and ONNX (+ dynamic int8)")
             _in_worker({**job, "engine": "export"})
-        timings, failed = {}, {}
-        for engine_name in engines:
-            for precision in precisions(engine_name):
-                provider = f"{engine_name}_{precision}"
-                try:
-                    timings[provider] = _in_worker({**job, "engine": engine_name, "precision": precision})
-                except WorkerFailed as error:
-                    if engine_name in ("transformers", "ours"):  # the reference, and ours: never excused
-                        raise
-                    failed[provider] = error.reason
-                    progress(f"runtimes: {engine_name} {precision} FAILED, reported in its rows: {error.reason}")
-                    continue
-                progress(f"runtimes: {engine_name} {precision} done")
+        samples, failed = {}, {}  # {provider: {workload: milliseconds of every round}}
+        for round_index in range(rounds):
+            for engine_name in engines:
+                for precision in precisions(engine_name):
+                    provider = f"{engine_name}_{precision}"
+                    if provider in failed:
+                        continue
+                    try:
+                        found = _in_worker({**job, "engine": engine_name, "precision": precision})
+                    except WorkerFailed as error:
+                        if engine_name in ("transformers", "ours"):  # the reference, and ours: never excused
+                            raise
+                        failed[provider] = error.reason
+                        samples.pop(provider, None)
+                        progress(f"runtimes: {engine_name} {precision} FAILED, reported in its rows: {error.reason}")
+                        continue
+                    for workload, seconds in found.items():
+                        samples.setdefault(provider, {}).setdefault(workload, []).extend(seconds)
+                    progress(f"runtimes: {engine_name} {precision} done"
+                             + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""))
+        timings = {provider: {workload: summarize(seconds) for workload, seconds in by_workload.items()}
+                   for provider, by_workload in samples.items()}
         for workload, lengths in workloads(smoke, quick).items():
             real = batch(lengths)[1].bool()
             tokens = int(real.sum())
@@ -272,7 +288,9 @@ def main(argv=None):
     from benchmarks.report import script_main
 
     script_main(run, __doc__, "runtimes", argv, options={
-        "--engines": dict(nargs="+", choices=list(ENGINES), help="time only these (transformers always runs)")})
+        "--engines": dict(nargs="+", choices=list(ENGINES), help="time only these (transformers always runs)"),
+        "--rounds": dict(type=int, default=1, help="run every engine's process this many times, interleaved; "
+                                                   "the rows pool all rounds' samples")})
 
 
 if __name__ == "__main__":

@@ -107,6 +107,38 @@ def test_runtimes_subject_times_every_engine_and_flags_wrong_outputs():
             assert found[name]["note"] is None  # ours and the reference are never wrong
 
 
+def test_runtimes_rounds_interleave_the_engines_and_pool_their_samples(monkeypatch):
+    """--rounds N runs every engine's process N times, engine after engine within each round, and
+    each row's statistics cover the samples of all rounds. The workers are stood in for here."""
+    from benchmarks import report, runtimes
+
+    calls = []
+
+    def worker(job):
+        if job["engine"] == "export":
+            return {}
+        provider = f"{job['engine']}_{job['precision']}"
+        calls.append(provider)
+        timings = {}
+        for workload, lengths in runtimes.workloads(job["smoke"], job["quick"]).items():
+            real = int(runtimes.batch(lengths)[1].sum())
+            torch.save(torch.randn(real, 8), f"{job['folder']}/out-{job['engine']}-{job['precision']}-"
+                                             f"{report._slug(workload)}.pt")
+            # Round r's samples: 10 r + 1, 10 r + 2, 10 r + 3 ms.
+            round_index = calls.count(provider) - 1
+            timings[workload] = [10.0 * round_index + offset for offset in (1.0, 2.0, 3.0)]
+        return timings
+
+    monkeypatch.setattr(runtimes, "_in_worker", worker)
+    rows = runtimes.run(torch.device("cpu"), quick=True, smoke=True, engines=["ours"], rounds=3)
+    one_round = ["transformers_fp32", *[f"ours_{p}" for p in runtimes.precisions("ours")]]
+    assert calls == one_round * 3
+    for row in rows:
+        assert row["runs"] == 9 and row["min_ms"] == 1.0 and row["median_ms"] == 12.0, row
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        runtimes.run(torch.device("cpu"), quick=True, smoke=True, rounds=0)
+
+
 def test_a_runtime_that_fails_is_reported_in_its_rows_and_the_others_are_kept(monkeypatch, tmp_path):
     """An OpenVINO or ONNX Runtime worker that exits with an error gives rows with no time and its
     error in ``note`` (the report, the plot and side_by_side skip them); ours failing stops the run.
@@ -126,7 +158,7 @@ def test_a_runtime_that_fails_is_reported_in_its_rows_and_the_others_are_kept(mo
                 real = int(runtimes.batch(lengths)[1].sum())
                 torch.save(torch.randn(real, 8), f"{job['folder']}/out-{job['engine']}-{job['precision']}-"
                                                  f"{report._slug(workload)}.pt")
-                timings[workload] = {"median_ms": 10.0, "iqr_ms": 0.0}
+                timings[workload] = [10.0]
             return timings
         return worker
 
