@@ -232,7 +232,7 @@ class Linear(nn.Linear):
         rows = x.reshape(-1, x.shape[-1]).to(compute)
         packed, bias = self._packed("all", everything, compute), self._bias(everything, compute)
         if residual is not None and compute == residual.dtype == torch.bfloat16:
-            addend = residual.reshape(rows.shape[0], -1).contiguous()
+            addend = residual.reshape(rows.shape[0], self.out_features).contiguous()
             out = torch.ops.mkldnn._linear_pointwise.binary(rows, addend, packed, bias, "add")
             return out.view(*x.shape[:-1], self.out_features)
         out = packed_linear(rows, packed, bias).to(x.dtype).view(*x.shape[:-1], self.out_features)

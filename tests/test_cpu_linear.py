@@ -111,6 +111,18 @@ def test_residual_matches_float64(gemm, dtype, leading, in_features, out_feature
     assert torch.equal(residual, before)
 
 
+@pytest.mark.parametrize("gemm", cpu_linear.GEMMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("leading", [(0,), (2, 0)])
+def test_residual_on_no_rows(gemm, dtype, leading, monkeypatch):
+    skip_unless_runs(gemm, dtype)
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", gemm)
+    linear = random_linear(16, 8, dtype)
+    with torch.no_grad():
+        out = linear(torch.randn(*leading, 16).to(dtype), residual=torch.randn(*leading, 8).to(dtype))
+    assert out.shape == (*leading, 8) and out.dtype == dtype
+
+
 def test_residual_of_the_wrong_shape_is_refused():
     linear = random_linear(16, 8, torch.float32)
     with torch.no_grad():
