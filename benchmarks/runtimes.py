@@ -239,11 +239,11 @@ def run(device: torch.device, quick: bool, progress=None, smoke: bool = False,
                         samples.pop(provider, None)
                         progress(f"runtimes: {engine_name} {precision} FAILED, reported in its rows: {error.reason}")
                         continue
-                    for workload, seconds in found.items():
-                        samples.setdefault(provider, {}).setdefault(workload, []).extend(seconds)
+                    for workload, milliseconds in found.items():
+                        samples.setdefault(provider, {}).setdefault(workload, []).extend(milliseconds)
                     progress(f"runtimes: {engine_name} {precision} done"
                              + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""))
-        timings = {provider: {workload: summarize(seconds) for workload, seconds in by_workload.items()}
+        timings = {provider: {workload: summarize(milliseconds) for workload, milliseconds in by_workload.items()}
                    for provider, by_workload in samples.items()}
         for workload, lengths in workloads(smoke, quick).items():
             real = batch(lengths)[1].bool()

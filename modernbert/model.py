@@ -174,7 +174,7 @@ class ModernBertMLP(nn.Module):
             else:
                 activated, gate = projected.chunk(2, dim=-1)
                 activated = self.act(activated) * gate
-        return project_with_residual(self.Wo, self.drop(activated), hidden, nn.Identity())
+        return project_with_residual(self.Wo, self.drop(activated), hidden)
 
 
 class ModernBertEncoderLayer(nn.Module):
@@ -191,13 +191,16 @@ class ModernBertEncoderLayer(nn.Module):
         return self.mlp(hidden, self.mlp_norm)
 
 
-def project_with_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, dropout: nn.Module):
+def project_with_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                          dropout: nn.Module | None = None):
     """residual + dropout(linear(x)): a sublayer's output projection and its residual connection. A
     ``Linear`` adds the residual in its GEMM's epilogue where that pays (bf16 on the CPU), unless a
     dropout sits between them; otherwise the residual is added into the fresh output."""
-    if isinstance(linear, Linear) and (isinstance(dropout, nn.Identity) or not dropout.training):
+    dropping = dropout is not None and dropout.training and not isinstance(dropout, nn.Identity)
+    if isinstance(linear, Linear) and not dropping:
         return linear(x, residual=residual)
-    return cpu_linear.add_residual(dropout(linear(x)), residual)
+    out = linear(x)
+    return cpu_linear.add_residual(out if dropout is None else dropout(out), residual)
 
 
 class ModernBertModel(PretrainedMixin, nn.Module):

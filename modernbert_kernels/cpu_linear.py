@@ -221,21 +221,20 @@ class Linear(nn.Linear):
             if residual is not None:
                 raise ValueError("a gated projection takes no residual")
             return self._gated(x, gated)
-        if residual is not None and residual.shape != (*x.shape[:-1], self.out_features):
-            raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape "
-                             f"{(*x.shape[:-1], self.out_features)}")
+        out_shape = (*x.shape[:-1], self.out_features)
+        if residual is not None and residual.shape != out_shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape {out_shape}")
         compute = self._packed_dtype(x)
         if compute is None:
             out = F.linear(x, self.weight, self.bias)
             return out if residual is None else add_residual(out, residual)
         everything = slice(None)
-        rows = x.reshape(-1, x.shape[-1]).to(compute)
         packed, bias = self._packed("all", everything, compute), self._bias(everything, compute)
-        if residual is not None and compute == residual.dtype == torch.bfloat16:
+        if residual is not None and compute == residual.dtype == torch.bfloat16:  # x is bf16 too
+            rows = x.reshape(-1, x.shape[-1])
             addend = residual.reshape(rows.shape[0], self.out_features).contiguous()
-            out = torch.ops.mkldnn._linear_pointwise.binary(rows, addend, packed, bias, "add")
-            return out.view(*x.shape[:-1], self.out_features)
-        out = packed_linear(rows, packed, bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return torch.ops.mkldnn._linear_pointwise.binary(rows, addend, packed, bias, "add").view(out_shape)
+        out = packed_linear(x.to(compute), packed, bias).to(x.dtype)
         return out if residual is None else add_residual(out, residual)
 
     def _gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
