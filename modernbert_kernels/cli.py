@@ -40,7 +40,8 @@ def info() -> int:
         print(f"default backend on {device}: {backends.default_backend(torch.device(device))}")
     from .int8 import cpu_int8_gemm
 
-    what = {"int8": "oneDNN's int8 GEMM",
+    what = {"amx": "this library's AMX-INT8 tile kernel, on a weight packed once per call",
+            "int8": "oneDNN's int8 GEMM",
             "int16": "the int8 values as int16 pairs through pmaddwd, exact: oneDNN's int8 GEMM is exact and fast "
                      "only with VNNI / AMX",
             "float": "exact fp32 GEMMs of the int8 values, K in parts of at most 1040"}

@@ -3,9 +3,10 @@
 Weights are quantized once per output channel; activations per token, on the fly (fused with the
 LayerNorm that precedes them where the caller has one). Both ops are torch.library custom ops
 with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, or the interpreter),
-``backend="cpu"`` / ``"cuda"`` the C++ extension's kernels (on CPU: oneDNN's int8 GEMM in
-cache-sized row chunks, each followed at once by a vectorized epilogue), ``backend="torch"``
-``torch._int_mm`` plus a PyTorch epilogue. The reference (float64) lives in reference.py.
+``backend="cpu"`` / ``"cuda"`` the C++ extension's kernels (on CPU: an int8 GEMM in cache-sized
+row chunks, each followed at once by a vectorized epilogue; the GEMM is the extension's AMX tile
+kernel where the CPU has AMX-INT8, oneDNN's with VNNI), ``backend="torch"`` ``torch._int_mm`` plus
+a PyTorch epilogue. The reference (float64) lives in reference.py.
 
 On a CPU without an int8 dot-product instruction (x86 with AVX2 only: no VNNI, no AMX) oneDNN's
 int8 GEMM is ~25x slower than an fp32 GEMM and saturates; there the C++ backend computes the same
@@ -158,22 +159,23 @@ def cpu_int8_gemm_is_exact() -> bool:
 def cpu_int8_gemm(backend: str = "torch") -> str:
     """The GEMM of int8_linear on this CPU with ``backend`` ("torch" or "cpu"):
 
+    - "amx": the C++ backend's AMX tile kernel, where the CPU has AMX-INT8 and the OS allows it;
     - "int8": oneDNN's int8 GEMM, where the CPU has an int8 dot product and it is exact;
     - "int16": the C++ backend's exact int16-pair kernel (x86 without an int8 dot product);
     - "float": exact fp32 GEMMs of the int8 values (the torch backend without one).
 
-    MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|int16|float forces one (read per call); forcing a GEMM
-    that is not exact here, or that the backend does not have, is refused."""
+    MODERNBERT_KERNELS_CPU_INT8_GEMM=amx|int8|int16|float forces one (read per call); forcing a
+    GEMM that is not exact here, or that the backend does not have, is refused."""
     if backend == "cpu":
         return ops.cpu_int8_gemm()  # the C++ backend makes the choice, and checks the setting, itself
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_INT8_GEMM", "auto")
-    if forced not in ("auto", "int8", "int16", "float"):
-        raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float, not {forced!r}")
+    if forced not in ("auto", "amx", "int8", "int16", "float"):
+        raise ValueError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, amx, int8, int16 or float, not {forced!r}")
     if forced == "int8" and not cpu_int8_gemm_is_exact():
         raise RuntimeError("MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products "
                            "exactly on this CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use float or auto")
-    if forced == "int16":
-        raise RuntimeError("MODERNBERT_KERNELS_CPU_INT8_GEMM=int16 is the C++ backend's GEMM (backend='cpu'); the "
+    if forced in ("amx", "int16"):
+        raise RuntimeError(f"MODERNBERT_KERNELS_CPU_INT8_GEMM={forced} is the C++ backend's GEMM (backend='cpu'); the "
                            "torch backend runs int8 or float")
     if forced != "auto":
         return forced

@@ -243,14 +243,22 @@ def test_int8_accumulation_is_exact(out_dtype):
     assert torch.equal(out, expected.to(torch.float32).to(out_dtype))
 
 
-@pytest.mark.parametrize("gemm", ["int8", "int16", "float"])
+def amx_int8_runs() -> bool:
+    """Whether the C++ backend's AMX GEMM can run here (the OS's consent aside, which it asks for)."""
+    from modernbert_kernels.backends import cpu_capabilities
+
+    return bool(cpu_capabilities().get("amx_int8")) and os.environ.get("MODERNBERT_KERNELS_CPU_ISA") in (None, "amx")
+
+
+@pytest.mark.parametrize("gemm", ["amx", "int8", "int16", "float"])
 @pytest.mark.parametrize("k", [64, 1040, 1056, 4096], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
 def test_every_cpu_gemm_gives_the_exact_integer_products(backend, k, gemm, monkeypatch, poison_allocations):
-    """oneDNN's int8 GEMM and the two that CPUs without VNNI / AMX run instead (the C++ backend's
-    int16-pair kernel, exact fp32 GEMMs): the same integer products. K on both sides of fp32's exact
-    limit (1040), 40 rows and 24 columns (partial register tiles and weight panels at every vector
-    width), rows and columns at +-127 so that partial sums reach 127 * 127 * K."""
+    """The C++ backend's AMX kernel, oneDNN's int8 GEMM and the two that CPUs without VNNI / AMX run
+    instead (the C++ backend's int16-pair kernel, exact fp32 GEMMs): the same integer products. K on
+    both sides of fp32's exact limit (1040), 40 rows and 24 columns (partial register tiles and
+    weight panels at every vector width and tile), rows and columns at +-127 so that partial sums
+    reach 127 * 127 * K."""
     import modernbert_kernels.int8 as int8
 
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
@@ -260,14 +268,43 @@ def test_every_cpu_gemm_gives_the_exact_integer_products(backend, k, gemm, monke
         with pytest.raises(RuntimeError, match="does not sum int8 products exactly"):
             int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
         return
-    if gemm == "int16" and backend == "torch":
-        with pytest.raises(RuntimeError, match="int16 is the C.. backend's GEMM"):
+    if gemm in ("amx", "int16") and backend == "torch":
+        with pytest.raises(RuntimeError, match=f"{gemm} is the C.. backend's GEMM"):
+            int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
+        return
+    if gemm == "amx" and not amx_int8_runs():
+        with pytest.raises(RuntimeError, match="AMX-INT8 cannot run here"):
             int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
         return
     out = int8_linear(x_q, torch.ones(40), w_q, torch.ones(24), out_dtype=torch.float32, backend=backend)
     expected = int8_matmul_reference(x_q, w_q)
     assert expected.abs().max() == 127 * 127 * k
     assert torch.equal(out, expected.to(torch.float32))  # exact below 2^24, correctly rounded above
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("gemm", ["amx", "int16"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (16, 16, 64), (32, 32, 64), (40, 24, 100), (33, 97, 191),
+                                   (64, 96, 768), (96, 80, 1152), (130, 64, 768)], ids=str)
+def test_own_cpu_gemms_on_every_tile_edge(gemm, m, n, k, monkeypatch, poison_allocations):
+    """The C++ backend's own GEMMs on the native op, which takes any K: whole and partial row blocks
+    (32 rows for AMX) and column panels (32 and 16 columns), K a multiple of the AMX block (64) and
+    not (its rows then read from a padded copy), a last partial row block after whole ones, and
+    one row, column and K value. Exact against the float64 product."""
+    import platform
+
+    if gemm == "amx" and not amx_int8_runs():
+        pytest.skip("the CPU has no AMX-INT8 (its refusal is tested above)")
+    if gemm == "int16" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the int16-pair GEMM is built for x86 only")
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
+    x_q, w_q = random_int8(m, k, seed=m + k), random_int8(n, k, seed=n * k)
+    x_q[0], w_q[-1] = 127, -127
+    out = torch.ops.modernbert_kernels.int8_linear_native(x_q, torch.ones(m), w_q, torch.ones(n), None, "none",
+                                                          torch.float32)
+    expected = int8_matmul_reference(x_q, w_q)
+    assert expected.abs().max() == 127 * 127 * k
+    assert torch.equal(out, expected.to(torch.float32))
 
 
 def test_cpu_gemm_choice(monkeypatch):
@@ -282,25 +319,29 @@ def test_cpu_gemm_choice(monkeypatch):
         int8.cpu_int8_gemm()  # the last case's GEMM, not exact, refused when forced
     monkeypatch.setattr(int8, "cpu_int8_gemm_is_exact", lambda: True)
     assert int8.cpu_int8_gemm() == "int8"
-    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "int16")  # the C++ backend's kernel only
-    with pytest.raises(RuntimeError, match="int16 is the C.. backend's GEMM"):
-        int8.cpu_int8_gemm()
+    for own in ("amx", "int16"):  # the C++ backend's kernels only
+        monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", own)
+        with pytest.raises(RuntimeError, match=f"{own} is the C.. backend's GEMM"):
+            int8.cpu_int8_gemm()
 
 
 @CPU_EXTENSION
 def test_cpu_backend_gemm_choice(monkeypatch):
-    """The C++ backend's own choice: oneDNN's int8 GEMM where the CPU has an int8 dot product, its
-    int16-pair kernel on x86 without one; a forced setting is taken as it is."""
+    """The C++ backend's own choice: its AMX kernel where the CPU has AMX-INT8, oneDNN's int8 GEMM
+    where it has another int8 dot product, its int16-pair kernel on x86 without one; a forced
+    setting is taken as it is."""
     import platform
 
     import modernbert_kernels.int8 as int8
 
     monkeypatch.delenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", raising=False)
-    if int8.cpu_has_int8_dot_product() and int8.cpu_int8_gemm_is_exact():
+    if amx_int8_runs():
+        assert int8.cpu_int8_gemm("cpu") == "amx"
+    elif int8.cpu_has_int8_dot_product() and int8.cpu_int8_gemm_is_exact():
         assert int8.cpu_int8_gemm("cpu") == "int8"
     elif platform.machine() in ("x86_64", "AMD64"):
         assert int8.cpu_int8_gemm("cpu") == "int16"
-    for forced in ("int16", "float"):
+    for forced in ("amx", "int16", "float") if amx_int8_runs() else ("int16", "float"):
         monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", forced)
         assert int8.cpu_int8_gemm("cpu") == forced
 
@@ -308,14 +349,15 @@ def test_cpu_backend_gemm_choice(monkeypatch):
 @CPU_EXTENSION
 def test_int8_gemm_exactness_is_measured():
     """The probe behind the choice: exact where oneDNN takes VNNI / AMX, not exact when its ISA is
-    capped below them (as on AVX2-only CPUs); the C++ backend then runs its int16-pair GEMM and the
-    torch backend the float one."""
+    capped below them (as on AVX2-only CPUs); the C++ backend then runs its int16-pair GEMM (its AMX
+    kernel, which does not go through oneDNN, where the CPU has AMX) and the torch backend the float
+    one."""
     code = """
 import torch
 from modernbert_kernels import int8
 from modernbert_kernels.int8 import int8_linear
 assert not int8.cpu_int8_gemm_is_exact() and int8.cpu_int8_gemm() == "float"
-assert int8.cpu_int8_gemm("cpu") == "int16", int8.cpu_int8_gemm("cpu")
+assert int8.cpu_int8_gemm("cpu") == EXPECTED, int8.cpu_int8_gemm("cpu")
 x_q = torch.full((40, 64), 127, dtype=torch.int8)
 for backend in ("cpu", "torch"):
     out = int8_linear(x_q, torch.ones(40), x_q[:24], torch.ones(24), out_dtype=torch.float32, backend=backend)
@@ -327,6 +369,7 @@ for backend in ("cpu", "torch"):
         assert int8.cpu_int8_gemm_is_exact() == int8.cpu_has_int8_dot_product()
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     env.pop("MODERNBERT_KERNELS_CPU_INT8_GEMM", None)
+    code = code.replace("EXPECTED", repr("amx" if amx_int8_runs() else "int16"))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -335,7 +378,7 @@ for backend in ("cpu", "torch"):
 def test_a_bad_cpu_gemm_setting_is_refused(backend, monkeypatch):
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", "fast")
     x_q, w_q = random_int8(4, 32, seed=1), random_int8(8, 32, seed=2)
-    with pytest.raises((ValueError, RuntimeError), match="MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float"):
+    with pytest.raises((ValueError, RuntimeError), match="MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, amx, int8, int16 or float"):
         int8_linear(x_q, torch.ones(4), w_q, torch.ones(8), backend=backend)
 
 

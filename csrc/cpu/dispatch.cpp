@@ -4,6 +4,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#if MBK_AMX_BUILD && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace modernbert_kernels::cpu {
 
 extern const KernelTable kBaselineKernels;
@@ -12,11 +17,16 @@ extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512Bf16Kernels;
 #endif
+#if MBK_AMX_BUILD
+extern const Int8Gemm kAmxInt8Gemm;
+#endif
 
 static const KernelTable& choose() {
-  // MODERNBERT_KERNELS_CPU_ISA=avx512|avx2|baseline caps the choice (to test the narrower builds).
+  // MODERNBERT_KERNELS_CPU_ISA=amx|avx512_bf16|avx512|avx2|baseline caps the choice (to test the
+  // narrower builds).
   const char* cap = std::getenv("MODERNBERT_KERNELS_CPU_ISA");
-  const bool allow_avx512_bf16 = cap == nullptr || std::strcmp(cap, "avx512_bf16") == 0;
+  const bool allow_avx512_bf16 =
+      cap == nullptr || std::strcmp(cap, "amx") == 0 || std::strcmp(cap, "avx512_bf16") == 0;
   const bool allow_avx512 = allow_avx512_bf16 || std::strcmp(cap, "avx512") == 0;
   const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
 #if defined(__x86_64__)
@@ -30,6 +40,26 @@ static const KernelTable& choose() {
   (void)allow_avx2;
   (void)allow_avx512;
   return kBaselineKernels;
+}
+
+const Int8Gemm* amx_int8_gemm() {
+  static const Int8Gemm* const gemm = []() -> const Int8Gemm* {
+    const char* cap = std::getenv("MODERNBERT_KERNELS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "amx") != 0) return nullptr;
+#if MBK_AMX_BUILD && defined(__linux__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return nullptr;
+    // Linux hands out the tile registers' state (8 KB a thread) only to a process that asks first;
+    // a tile instruction without it is killed with SIGILL. A refusal (an old kernel, a seccomp
+    // policy) leaves AMX unused. Asking again after oneDNN has asked is harmless.
+    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) != 0) return nullptr;
+    return &kAmxInt8Gemm;
+#else
+    return nullptr;
+#endif
+  }();
+  return gemm;
 }
 
 const KernelTable& kernels() {

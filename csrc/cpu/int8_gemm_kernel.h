@@ -129,8 +129,13 @@ inline void int8_gemm_tile(const int32_t* a_tile, const int8_t* w_panel, int64_t
   for (int r = 0; r < rows; ++r) __builtin_memcpy(c + r * ldc, tile[r], cols * sizeof(int32_t));
 }
 
+// The activations of `rows` rows as int16 pairs, in whole register tiles.
+int64_t int8_gemm_workspace_ints(int64_t rows, int64_t k) {
+  return (rows + kGemmRows - 1) / kGemmRows * kGemmRows * ((k + 1) / 2);
+}
+
 // sums ([rows, n] int32, row-major) = x ([rows, k] int8, row-major) . w^T, w packed by
-// int8_gemm_pack_weight; workspace holds int8_gemm_workspace_ints(rows, k, kGemmRows) ints.
+// int8_gemm_pack_weight; workspace holds int8_gemm_workspace_ints(rows, k) ints.
 void int8_gemm_rows(const int8_t* x, int64_t rows, int64_t k, const int8_t* packed_w, int64_t n, int32_t* sums,
                     int32_t* workspace) {
   const int64_t pairs = (k + 1) / 2, tiles = (rows + kGemmRows - 1) / kGemmRows;

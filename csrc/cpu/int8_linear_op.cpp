@@ -1,12 +1,14 @@
 // CPU int8_linear_native and quantize_per_token_native.
 //
-// The GEMM is oneDNN's int8 matmul (AMX / VNNI) through aten::_int_mm where the CPU has an int8
-// dot-product instruction, run over row chunks whose int32 result stays in cache: each chunk's
-// epilogue (scales, bias, activation, cast) runs right after its GEMM, so the int32 accumulator
-// never makes a round trip to DRAM. Without such an instruction (x86 with AVX2 only) oneDNN's
-// int8 matmul is ~25x slower than an fp32 GEMM and saturates, so the GEMM is this library's exact
-// int16-pair kernel instead (int8_gemm_kernel.h), over the same row chunks. A third GEMM, exact
-// fp32 GEMMs of the int8 values, is kept for CPUs with neither (see cpu_int8_gemm).
+// The GEMM runs over row chunks whose int32 result stays in cache: each chunk's epilogue (scales,
+// bias, activation, cast) runs right after its GEMM, so the int32 accumulator never makes a round
+// trip to DRAM. Where the CPU has AMX-INT8 it is this library's AMX tile kernel (isa_amx.cpp), on a
+// weight packed once per call; oneDNN's AMX matmul through aten::_int_mm reorders the weight again
+// for every chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
+// dot product (x86 with AVX2 only) oneDNN's int8 matmul is ~25x slower than an fp32 GEMM and
+// saturates, so the GEMM is this library's exact int16-pair kernel instead (int8_gemm_kernel.h). A
+// last GEMM, exact fp32 GEMMs of the int8 values, is kept for CPUs with none of these (see
+// cpu_int8_gemm).
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -82,27 +84,34 @@ bool int8_gemm_is_exact() {
 }
 
 // The GEMM of the C++ backend's int8 linear on this CPU:
+//   amx:   the AMX tile kernel of isa_amx.cpp, where the CPU has AMX-INT8 and the OS allows it;
 //   int8:  oneDNN's int8 matmul, where the CPU has an int8 dot product and it is exact;
 //   int16: the int16-pair kernel of int8_gemm_kernel.h (x86 without an int8 dot product);
 //   float: exact fp32 GEMMs of the int8 values (elsewhere, or forced).
-// MODERNBERT_KERNELS_CPU_INT8_GEMM=int8|int16|float forces one (read per call, for tests and
-// benchmarks; int8 only where it is exact, int16 only on x86); unset or "auto" picks by the CPU.
-enum class CpuInt8Gemm { OneDnn, Int16, Float };
+// MODERNBERT_KERNELS_CPU_INT8_GEMM=amx|int8|int16|float forces one (read per call, for tests and
+// benchmarks; amx only where it runs, int8 only where it is exact, int16 only on x86); unset or
+// "auto" picks by the CPU.
+enum class CpuInt8Gemm { Amx, OneDnn, Int16, Float };
 
 CpuInt8Gemm cpu_int8_gemm() {
   const char* forced = std::getenv("MODERNBERT_KERNELS_CPU_INT8_GEMM");
   const std::string mode = forced == nullptr ? "auto" : forced;
-  MBK_CHECK(mode == "auto" || mode == "int8" || mode == "int16" || mode == "float",
-            "MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, int8, int16 or float, not '", mode, "'");
+  MBK_CHECK(mode == "auto" || mode == "amx" || mode == "int8" || mode == "int16" || mode == "float",
+            "MODERNBERT_KERNELS_CPU_INT8_GEMM must be auto, amx, int8, int16 or float, not '", mode, "'");
+  MBK_CHECK(mode != "amx" || cpu::amx_int8_gemm() != nullptr,
+            "MODERNBERT_KERNELS_CPU_INT8_GEMM=amx, but AMX-INT8 cannot run here (the CPU lacks it, the OS refused "
+            "the tile registers, or MODERNBERT_KERNELS_CPU_ISA caps it): use int8, int16, float or auto");
   MBK_CHECK(mode != "int8" || int8_gemm_is_exact(),
             "MODERNBERT_KERNELS_CPU_INT8_GEMM=int8, but oneDNN's int8 GEMM does not sum int8 products exactly on this "
             "CPU (no VNNI / AMX, or ONEDNN_MAX_CPU_ISA below them): use int16, float or auto");
   const bool has_int16 = cpu::kernels().int8_gemm.rows != nullptr;
   MBK_CHECK(mode != "int16" || has_int16,
             "MODERNBERT_KERNELS_CPU_INT8_GEMM=int16, but the int16-pair GEMM is built for x86 only: use auto");
+  if (mode == "amx") return CpuInt8Gemm::Amx;
   if (mode == "int8") return CpuInt8Gemm::OneDnn;
   if (mode == "int16") return CpuInt8Gemm::Int16;
   if (mode == "float") return CpuInt8Gemm::Float;
+  if (cpu::amx_int8_gemm() != nullptr) return CpuInt8Gemm::Amx;
   if (has_int8_dot_product() && int8_gemm_is_exact()) return CpuInt8Gemm::OneDnn;
   return has_int16 ? CpuInt8Gemm::Int16 : CpuInt8Gemm::Float;
 }
@@ -110,6 +119,7 @@ CpuInt8Gemm cpu_int8_gemm() {
 // For `modernbert-kernels info`: the name of the GEMM above.
 std::string cpu_int8_gemm_name() {
   switch (cpu_int8_gemm()) {
+    case CpuInt8Gemm::Amx: return "amx";
     case CpuInt8Gemm::OneDnn: return "int8";
     case CpuInt8Gemm::Int16: return "int16";
     default: return "float";
@@ -133,15 +143,18 @@ struct CpuInt8 {
   static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q) {
     const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
-    const cpu::Int8Gemm& int16_gemm = cpu::kernels().int8_gemm;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
+    // The library's own GEMM, if it is the one chosen.
+    const cpu::Int8Gemm* own_gemm = gemm == CpuInt8Gemm::Amx     ? cpu::amx_int8_gemm()
+                                    : gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm
+                                                                 : nullptr;
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
     int64_t chunk = std::min(m, chunk_rows(n));
-    if (gemm == CpuInt8Gemm::Int16) {
+    if (own_gemm != nullptr) {
       // Whole register tiles, and at least one chunk per thread when M is small.
-      const int64_t threads = torch::stable::get_num_threads(), tile = int16_gemm.tile_rows;
+      const int64_t threads = torch::stable::get_num_threads(), tile = own_gemm->tile_rows;
       const int64_t per_thread = (m + threads - 1) / threads;
       chunk = std::min(chunk, per_thread);
       chunk = std::max(tile, (chunk + tile - 1) / tile * tile);
@@ -151,11 +164,11 @@ struct CpuInt8 {
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
     const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
     Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
-    if (gemm == CpuInt8Gemm::Int16) {
-      w_packed = empty({cpu::int8_gemm_packed_weight_bytes(n, k, int16_gemm.cols)}, ScalarType::Char, x_q);
+    if (own_gemm != nullptr) {
+      w_packed = empty({cpu::int8_gemm_packed_weight_bytes(*own_gemm, n, k)}, ScalarType::Char, x_q);
       auto* packed = static_cast<int8_t*>(w_packed.data_ptr());
-      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, int16_gemm.cols), 1, [&](int64_t begin, int64_t end) {
-        int16_gemm.pack_weight(w_data, n, k, begin, end, packed);
+      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, own_gemm->cols), 1, [&](int64_t begin, int64_t end) {
+        own_gemm->pack_weight(w_data, n, k, begin, end, packed);
       });
     } else if (gemm == CpuInt8Gemm::Float) {
       w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
@@ -165,15 +178,14 @@ struct CpuInt8 {
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       Tensor acc = empty({chunk, n}, ScalarType::Int, x_q);
       Tensor acc_float = gemm == CpuInt8Gemm::Float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
-      std::vector<int32_t> workspace(
-          gemm == CpuInt8Gemm::Int16 ? cpu::int8_gemm_workspace_ints(chunk, k, int16_gemm.tile_rows) : 0);
+      std::vector<int32_t> workspace(own_gemm != nullptr ? own_gemm->workspace_ints(chunk, k) : 0);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
-        if (gemm == CpuInt8Gemm::Int16) {
-          int16_gemm.rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
-                     static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
+        if (own_gemm != nullptr) {
+          own_gemm->rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
+                         static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
         } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
           Tensor float_rows = matrix_view(acc_float.data_ptr(), rows, n, n, 1, ScalarType::Float, acc_float);

@@ -15,6 +15,7 @@
 namespace modernbert_kernels::cpu {
 extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, attention_backward_items,
                                       int8_epilogue_rows, quantize_rows, rotary_rows,
-                                      {kGemmCols, kGemmRows, int8_gemm_pack_weight, int8_gemm_rows}};
+                                      {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
+                                       int8_gemm_workspace_ints}};
 }
 #endif  // __x86_64__

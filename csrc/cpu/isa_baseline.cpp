@@ -18,8 +18,9 @@ namespace modernbert_kernels::cpu {
 extern const KernelTable kBaselineKernels = {"baseline", attention_forward_items, attention_backward_items,
                                       int8_epilogue_rows, quantize_rows, rotary_rows,
 #if defined(__x86_64__)
-                                      {kGemmCols, kGemmRows, int8_gemm_pack_weight, int8_gemm_rows}};
+                                      {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
+                                       int8_gemm_workspace_ints}};
 #else
-                                      {0, 0, nullptr, nullptr}};
+                                      {0, 0, 0, nullptr, nullptr, nullptr}};
 #endif
 }

@@ -63,24 +63,37 @@ using Int8EpilogueFn = void (*)(const Int8LinearParams&, const int32_t* acc, int
 using QuantizeFn = void (*)(const QuantizeParams&, int64_t row_begin, int64_t row_end, float* workspace);
 using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t token_end);
 
-// The exact int8 GEMM of CPUs without an int8 dot product (int8_gemm_kernel.h): the weight ([n, k]
-// int8) packed in panels [panel_begin, panel_end) of `cols` columns, then the int32 sums of rows of
-// x against it, with a workspace of int8_gemm_workspace_ints(rows, k, tile_rows) ints.
+// The library's own exact int8 GEMMs: the weight ([n, k] int8) packed in panels
+// [panel_begin, panel_end) of `cols` columns, K padded to a multiple of k_align, then the int32 sums
+// of rows of x against it, with a workspace of workspace_ints(rows, k) ints. Two of them: the
+// int16-pair kernel of CPUs without an int8 dot product (int8_gemm_kernel.h, in each x86 build's
+// table) and the AMX tile kernel (isa_amx.cpp, amx_int8_gemm()).
 struct Int8Gemm {
   int cols;       // output columns per packed panel
   int tile_rows;  // rows per register tile
+  int k_align;    // K is padded to a multiple of this in the packed weight
   void (*pack_weight)(const int8_t* w, int64_t n, int64_t k, int64_t panel_begin, int64_t panel_end, int8_t* packed);
   void (*rows)(const int8_t* x, int64_t rows, int64_t k, const int8_t* packed_w, int64_t n, int32_t* sums,
                int32_t* workspace);
+  int64_t (*workspace_ints)(int64_t rows, int64_t k);
 };
 
 inline int64_t int8_gemm_panels(int64_t n, int cols) { return (n + cols - 1) / cols; }
-inline int64_t int8_gemm_packed_weight_bytes(int64_t n, int64_t k, int cols) {
-  return int8_gemm_panels(n, cols) * cols * ((k + 1) / 2) * 2;
+inline int64_t int8_gemm_packed_weight_bytes(const Int8Gemm& gemm, int64_t n, int64_t k) {
+  return int8_gemm_panels(n, gemm.cols) * gemm.cols * ((k + gemm.k_align - 1) / gemm.k_align * gemm.k_align);
 }
-inline int64_t int8_gemm_workspace_ints(int64_t rows, int64_t k, int tile_rows) {
-  return (rows + tile_rows - 1) / tile_rows * tile_rows * ((k + 1) / 2);
-}
+
+// Whether isa_amx.cpp is compiled in: x86-64, with a compiler that has the AMX intrinsics.
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#define MBK_AMX_BUILD 1
+#else
+#define MBK_AMX_BUILD 0
+#endif
+
+// The AMX int8 GEMM, or null where it cannot run: no AMX-INT8 on the CPU, the OS refusing this
+// process the tile registers, a build without it, or MODERNBERT_KERNELS_CPU_ISA set to anything
+// but amx. Decided once.
+const Int8Gemm* amx_int8_gemm();
 
 struct KernelTable {
   const char* isa;
