@@ -20,7 +20,7 @@ from modernbert_kernels.reference import (
 )
 
 # Relative error of the fused epilogue vs float64, per output dtype.
-EPILOGUE_TOLERANCE = {torch.float16: 1e-3, torch.float32: 1e-5}
+EPILOGUE_TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}  # bf16: 2^-9 rounding
 # M, N, K: tile multiples and not (the interpreter runs 32x32x32 tiles).
 SHAPES = [(32, 64, 64), (50, 40, 48), (1, 96, 16), (77, 130, 144)]
 
@@ -300,11 +300,27 @@ def test_own_cpu_gemms_on_every_tile_edge(gemm, m, n, k, monkeypatch, poison_all
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
     x_q, w_q = random_int8(m, k, seed=m + k), random_int8(n, k, seed=n * k)
     x_q[0], w_q[-1] = 127, -127
-    out = torch.ops.modernbert_kernels.int8_linear_native(x_q, torch.ones(m), w_q, torch.ones(n), None, "none",
-                                                          torch.float32)
     expected = int8_matmul_reference(x_q, w_q)
     assert expected.abs().max() == 127 * 127 * k
-    assert torch.equal(out, expected.to(torch.float32))
+    generator = torch.Generator().manual_seed(m * n)
+    x_scale, w_scale = torch.rand(m, generator=generator) * 0.02, torch.rand(n, generator=generator) * 0.02
+    bias = torch.randn(n, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        # The AMX schedule splits the columns into one group per thread: 1 group, 2, and 3 (the
+        # last one empty when there are fewer than 3 panels' worth of columns left for it).
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            out = torch.ops.modernbert_kernels.int8_linear_native(x_q, torch.ones(m), w_q, torch.ones(n), None,
+                                                                  "none", torch.float32)
+            assert torch.equal(out, expected.to(torch.float32)), count
+            if n % 2 == 0:  # the epilogue over each group's columns: GeGLU pairs, bias, bf16 output
+                out = torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, "geglu",
+                                                                      torch.bfloat16)
+                reference = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, "geglu")
+                assert relative(out, reference) <= EPILOGUE_TOLERANCE[torch.bfloat16], count
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cpu_gemm_choice(monkeypatch):

@@ -18,31 +18,39 @@ inline vfloat activate(vfloat y, Activation activation) {
   return y;
 }
 
-void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int64_t row_begin, int64_t row_end) {
-  const int64_t n = a.n;
+// Rows [row_begin, row_end) x columns [col_begin, col_end) of the GEMM, from their int32 sums
+// (acc, row stride acc_stride, column col_begin first). col_begin is a multiple of kLanes (and
+// even, for geglu's interleaved pairs).
+void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int64_t acc_stride, int64_t row_begin,
+                        int64_t row_end, int64_t col_begin, int64_t col_end) {
   const bool geglu = a.activation == Activation::Geglu;
-  const int64_t out_cols = geglu ? n / 2 : n;
+  const int64_t out_cols = geglu ? a.n / 2 : a.n, out_begin = geglu ? col_begin / 2 : col_begin;
+  // This range's columns of the GEMM (width) and of the output (out_width), from their first.
+  const int64_t width = col_end - col_begin, out_width = geglu ? width / 2 : width;
+  const float* w_scale = a.w_scale + col_begin;
+  const float* bias = a.bias ? a.bias + col_begin : nullptr;
   float row_buffer[kLanes];
   // 16-bit outputs are computed into fp32 staging, then converted.
   float local[4096];
-  float* staging = out_cols <= 4096 ? local : new float[out_cols];
+  float* staging = out_width <= 4096 ? local : new float[out_width];
   for (int64_t m = row_begin; m < row_end; ++m) {
-    const int32_t* acc = acc_rows + (m - row_begin) * n;
+    const int32_t* acc = acc_rows + (m - row_begin) * acc_stride;
     const float xs = a.x_scale[m];
-    float* dst = a.out_dtype == ElementType::Float32 ? static_cast<float*>(a.out) + m * out_cols : staging;
+    float* dst =
+        a.out_dtype == ElementType::Float32 ? static_cast<float*>(a.out) + m * out_cols + out_begin : staging;
     int64_t c = 0;
     if (!geglu) {
-      for (; c + kLanes <= n; c += kLanes) {
-        vfloat y = __builtin_convertvector(load_int(acc + c), vfloat) * (load(a.w_scale + c) * xs);
-        if (a.bias) y += load(a.bias + c);
+      for (; c + kLanes <= width; c += kLanes) {
+        vfloat y = __builtin_convertvector(load_int(acc + c), vfloat) * (load(w_scale + c) * xs);
+        if (bias) y += load(bias + c);
         store(dst + c, activate(y, a.activation));
       }
-      if (c < n) {  // tail: one vector with the missing lanes zero
+      if (c < width) {  // tail: one vector with the missing lanes zero
         vfloat y = splat(0.f);
-        for (int64_t l = 0; c + l < n; ++l)
-          y[l] = float(acc[c + l]) * (a.w_scale[c + l] * xs) + (a.bias ? a.bias[c + l] : 0.f);
+        for (int64_t l = 0; c + l < width; ++l)
+          y[l] = float(acc[c + l]) * (w_scale[c + l] * xs) + (bias ? bias[c + l] : 0.f);
         store(row_buffer, activate(y, a.activation));
-        for (int64_t l = 0; c + l < n; ++l) dst[c + l] = row_buffer[l];
+        for (int64_t l = 0; c + l < width; ++l) dst[c + l] = row_buffer[l];
       }
     } else {
       // Interleaved pairs (activated, gate): out[i] = gelu(y[2i]) * y[2i + 1].
@@ -52,31 +60,34 @@ void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int6
         odd[l] = 2 * l + 1;
       }
       int64_t i = 0;
-      for (; 2 * (i + kLanes) <= n; i += kLanes) {
+      for (; 2 * (i + kLanes) <= width; i += kLanes) {
         const int64_t col = 2 * i;
-        vfloat lo = __builtin_convertvector(load_int(acc + col), vfloat) * (load(a.w_scale + col) * xs);
-        vfloat hi = __builtin_convertvector(load_int(acc + col + kLanes), vfloat) * (load(a.w_scale + col + kLanes) * xs);
-        if (a.bias) {
-          lo += load(a.bias + col);
-          hi += load(a.bias + col + kLanes);
+        vfloat lo = __builtin_convertvector(load_int(acc + col), vfloat) * (load(w_scale + col) * xs);
+        vfloat hi = __builtin_convertvector(load_int(acc + col + kLanes), vfloat) * (load(w_scale + col + kLanes) * xs);
+        if (bias) {
+          lo += load(bias + col);
+          hi += load(bias + col + kLanes);
         }
         vfloat activated = __builtin_shuffle(lo, hi, even);
         vfloat gate = __builtin_shuffle(lo, hi, odd);
         store(dst + i, vgelu(activated) * gate);
       }
-      if (i < out_cols) {
+      if (i < out_width) {
         vfloat activated = splat(0.f), gate = splat(0.f);
-        for (int64_t l = 0; i + l < out_cols; ++l) {
+        for (int64_t l = 0; i + l < out_width; ++l) {
           const int64_t col = 2 * (i + l);
-          activated[l] = float(acc[col]) * (a.w_scale[col] * xs) + (a.bias ? a.bias[col] : 0.f);
-          gate[l] = float(acc[col + 1]) * (a.w_scale[col + 1] * xs) + (a.bias ? a.bias[col + 1] : 0.f);
+          activated[l] = float(acc[col]) * (w_scale[col] * xs) + (bias ? bias[col] : 0.f);
+          gate[l] = float(acc[col + 1]) * (w_scale[col + 1] * xs) + (bias ? bias[col + 1] : 0.f);
         }
         store(row_buffer, vgelu(activated) * gate);
-        for (int64_t l = 0; i + l < out_cols; ++l) dst[i + l] = row_buffer[l];
+        for (int64_t l = 0; i + l < out_width; ++l) dst[i + l] = row_buffer[l];
       }
     }
-    if (a.out_dtype != ElementType::Float32)
-      for (int64_t i = 0; i < out_cols; ++i) store_element(a.out, m * out_cols + i, staging[i], a.out_dtype);
+    if (a.out_dtype != ElementType::Float32) {
+      const int64_t whole = out_width / kLanes * kLanes, offset = m * out_cols + out_begin;
+      store_row(a.out, offset, a.out_dtype, 1.f, int(whole), staging);
+      for (int64_t i = whole; i < out_width; ++i) store_element(a.out, offset + i, staging[i], a.out_dtype);
+    }
   }
   if (staging != local) delete[] staging;
 }

@@ -140,14 +140,59 @@ int64_t exact_fp32_part_size(int64_t k) {
 struct CpuInt8 {
   static constexpr DeviceType kDevice = DeviceType::CPU;
 
+  // The weight, packed for one of the library's own GEMMs (panels of gemm.cols columns).
+  static Tensor pack_weight(const cpu::Int8Gemm& gemm, const Tensor& w_q, int64_t n, int64_t k) {
+    Tensor w_packed = empty({cpu::int8_gemm_packed_weight_bytes(gemm, n, k)}, ScalarType::Char, w_q);
+    const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
+    auto* packed = static_cast<int8_t*>(w_packed.data_ptr());
+    torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, gemm.cols), 1, [&](int64_t begin, int64_t end) {
+      gemm.pack_weight(w_data, n, k, begin, end, packed);
+    });
+    return w_packed;
+  }
+
+  // The AMX GEMM's schedule. Its tiles multiply so fast that streaming the weight from L3 for
+  // every row chunk (the other GEMMs' schedule below) would take as long as the products. So the
+  // weight's panels are split into one column group per thread, each group small enough to stay
+  // in its core's L2 (0.9 MB of ModernBERT-base's largest weight on 2 threads), and a thread walks
+  // every row through its group, in blocks of 32 rows (their A tiles in L1), each block's
+  // epilogue right after its products.
+  static void int8_linear_amx(const Int8LinearParams& p, const cpu::Int8Gemm& gemm, const Tensor& x_q,
+                              const Tensor& w_q) {
+    const int64_t m = p.m, n = p.n, k = p.k;
+    const auto epilogue = cpu::kernels().int8_epilogue;
+    const Tensor w_packed = pack_weight(gemm, w_q, n, k);
+    const int64_t panels = cpu::int8_gemm_panels(n, gemm.cols), rows_per_block = gemm.tile_rows;
+    const int64_t groups = std::min<int64_t>(torch::stable::get_num_threads(), panels);
+    const int64_t group_panels = (panels + groups - 1) / groups, group_cols = group_panels * gemm.cols;
+    const int64_t panel_bytes = cpu::int8_gemm_packed_weight_bytes(gemm, gemm.cols, k);
+    const int64_t row_blocks = (m + rows_per_block - 1) / rows_per_block;
+    const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
+    const auto* packed = static_cast<const int8_t*>(w_packed.data_ptr());
+    // Items in group-major order: parallel_for gives each thread a contiguous range of them, so a
+    // thread keeps to one group (two at most) while it walks the rows.
+    torch::stable::parallel_for(0, groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> workspace(gemm.workspace_ints(rows_per_block, k) + rows_per_block * group_cols);
+      int32_t* acc = workspace.data() + gemm.workspace_ints(rows_per_block, k);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t group = item / row_blocks, row0 = item % row_blocks * rows_per_block;
+        const int64_t col_begin = group * group_cols, col_end = std::min(n, col_begin + group_cols);
+        if (col_begin >= n) continue;  // fewer panels than groups x group_panels
+        const int64_t rows = std::min(rows_per_block, m - row0);
+        gemm.rows(x_data + row0 * k, rows, k, packed + group * group_panels * panel_bytes, col_end - col_begin, acc,
+                  workspace.data());
+        epilogue(p, acc, col_end - col_begin, row0, row0 + rows, col_begin, col_end);
+      }
+    });
+  }
+
   static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q) {
     const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
+    if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q);
     // The library's own GEMM, if it is the one chosen.
-    const cpu::Int8Gemm* own_gemm = gemm == CpuInt8Gemm::Amx     ? cpu::amx_int8_gemm()
-                                    : gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm
-                                                                 : nullptr;
+    const cpu::Int8Gemm* own_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
@@ -162,14 +207,9 @@ struct CpuInt8 {
     }
     const int64_t chunks = (m + chunk - 1) / chunk;
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
-    const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
     Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
     if (own_gemm != nullptr) {
-      w_packed = empty({cpu::int8_gemm_packed_weight_bytes(*own_gemm, n, k)}, ScalarType::Char, x_q);
-      auto* packed = static_cast<int8_t*>(w_packed.data_ptr());
-      torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, own_gemm->cols), 1, [&](int64_t begin, int64_t end) {
-        own_gemm->pack_weight(w_data, n, k, begin, end, packed);
-      });
+      w_packed = pack_weight(*own_gemm, w_q, n, k);
     } else if (gemm == CpuInt8Gemm::Float) {
       w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
     }
@@ -208,7 +248,7 @@ struct CpuInt8 {
         } else {
           matmul_out("aten::_int_mm", acc_rows, x_rows, w_t);
         }
-        epilogue(p, static_cast<const int32_t*>(acc_rows.data_ptr()), m0, m0 + rows);
+        epilogue(p, static_cast<const int32_t*>(acc_rows.data_ptr()), n, m0, m0 + rows, 0, n);
       }
     });
   }

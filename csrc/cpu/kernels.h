@@ -56,9 +56,11 @@ constexpr size_t kAttentionBackwardWorkspaceFloats = 4 * (kMaxBlockSize + kAtten
 using AttentionBackwardFn = void (*)(const AttentionBackwardParams&, BackwardPass pass, int64_t begin, int64_t end,
                                      float* workspace);
 
-// The epilogue of int8_linear for rows [row_begin, row_end): acc holds their int32 products,
-// [row_end - row_begin, n] contiguous (the GEMM itself is oneDNN's, through at::_int_mm).
-using Int8EpilogueFn = void (*)(const Int8LinearParams&, const int32_t* acc, int64_t row_begin, int64_t row_end);
+// The epilogue of int8_linear for rows [row_begin, row_end) x columns [col_begin, col_end): acc
+// holds their int32 products, row stride acc_stride. col_begin is a multiple of 32 (whole vectors,
+// whole GeGLU pairs); col_end is one too, or n.
+using Int8EpilogueFn = void (*)(const Int8LinearParams&, const int32_t* acc, int64_t acc_stride, int64_t row_begin,
+                                int64_t row_end, int64_t col_begin, int64_t col_end);
 // A call handles rows [begin, end) with a private workspace of k floats.
 using QuantizeFn = void (*)(const QuantizeParams&, int64_t row_begin, int64_t row_end, float* workspace);
 using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t token_end);

@@ -33,7 +33,7 @@ inline void load_row(const void* src, int64_t offset, ElementType dtype, float s
     for (int i = 0; i < n; i += kLanes) store(dst + i, load(p + i) * scale);
   } else if (dtype == ElementType::BFloat16) {
     const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
-    for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(p[i]) * scale;
+    for (int i = 0; i < n; i += kLanes) store(dst + i, load_bf16(p + i) * scale);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
     for (int i = 0; i < n; ++i) dst[i] = half_to_float(p[i]) * scale;
@@ -45,6 +45,9 @@ inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale,
   if (dtype == ElementType::Float32) {
     float* p = static_cast<float*>(dst) + offset;
     for (int i = 0; i < n; i += kLanes) store(p + i, load(values + i) * scale);
+  } else if (dtype == ElementType::BFloat16) {
+    uint16_t* p = static_cast<uint16_t*>(dst) + offset;
+    for (int i = 0; i < n; i += kLanes) store_bf16(p + i, load(values + i) * scale);
   } else {
     for (int i = 0; i < n; ++i) store_element(dst, offset + i, values[i] * scale, dtype);
   }

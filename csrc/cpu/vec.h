@@ -190,6 +190,21 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(bits >> 16);
 }
 
+// kLanes bf16 at once, as the two functions above (round to nearest even, NaN kept quiet).
+typedef uint16_t vbf16_u __attribute__((vector_size(kLanes * 2), aligned(2)));
+typedef unsigned vuint __attribute__((vector_size(kLanes * 4)));
+
+inline vfloat load_bf16(const uint16_t* p) {
+  return (vfloat)(__builtin_convertvector(*reinterpret_cast<const vbf16_u*>(p), vuint) << 16);
+}
+
+inline void store_bf16(uint16_t* p, vfloat v) {
+  const vuint bits = (vuint)v;
+  const vuint rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vuint out = (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+  *reinterpret_cast<vbf16_u*>(p) = __builtin_convertvector(out, vbf16_u);
+}
+
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1fu;
