@@ -59,7 +59,7 @@ def _dense_forward_in_our_cpu_kernels() -> frozenset:
       where the CPU has no AMX tiles, which PyTorch's kernel uses.
     The SSE2 build keeps PyTorch's kernel."""
     dtypes = set()
-    if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16"):
+    if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16", "amx"):
         dtypes.add(torch.float32)
         if not cpu_capabilities().get("amx_bf16", False):
             dtypes.add(torch.bfloat16)

@@ -221,8 +221,8 @@ def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
-INT8_LINEAR.add("cpu", "oneDNN int8 GEMM (an exact int16-pair GEMM without VNNI / AMX) in cache-sized row chunks, "
-                "each with its vectorized epilogue", _int8_linear_native)
+INT8_LINEAR.add("cpu", "its own AMX-INT8 GEMM, else oneDNN's int8 GEMM (an exact int16-pair GEMM without VNNI / "
+                "AMX), in cache-sized blocks, each with its vectorized epilogue", _int8_linear_native)
 INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_native)
 
 

@@ -14,7 +14,7 @@ from ._ops import add_op_namespace_prefix, ops
 
 
 def _load() -> tuple[tuple[bool, str], str | None]:
-    """(the CPU status, the CPU kernel build chosen at run time: avx512_bf16, avx512, avx2 or
+    """(the CPU status, the CPU kernel build chosen at run time: amx, avx512_bf16, avx512, avx2 or
     baseline; None without the extension)."""
     try:
         from . import _C  # noqa: F401

@@ -132,9 +132,10 @@ def test_matches_reference(backend, layout_name, window, mode, dtype, poison_all
 
 
 # bf16 on the C++ backend in every batch mode and head_dim, over a window, a causal window, per-head
-# layouts (one with a query block that sees nothing) and a dense one. Where the CPU has AVX512-BF16
-# (the avx512_bf16 build), the forward runs both products as bf16 pair dot products with bf16
-# probabilities; test_narrower_isa_builds runs the plain AVX-512 build's bf16 path.
+# layouts (one with a query block that sees nothing) and a dense one. Where the CPU has AMX (the amx
+# build), the forward runs both products on AMX-BF16 tiles, 16 query rows at a time; where it has
+# AVX512-BF16 only (the avx512_bf16 build), as bf16 pair dot products, 4 rows at a time; both with
+# bf16 probabilities. test_narrower_isa_builds runs the builds below the widest.
 BF16_CASES = {
     "window40": (LAYOUTS["sliding_window"], 40, False),
     "causal_window40": (lambda: layouts.sliding_window(SEQ, 40, BLOCK, causal=True), 40, True),
@@ -151,6 +152,16 @@ BF16_CASES = {
 def test_cpu_bf16_matches_reference(case, mode, head_dim, poison_allocations):
     layout, window, causal = BF16_CASES[case]
     check_against_reference("cpu", layout(), mode, window, torch.bfloat16, head_dim=head_dim, causal=causal)
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["key_padding", "varlen"])
+def test_cpu_bf16_block_sizes(block_size, mode, poison_allocations):
+    """bf16 over every block size from 16 (the AMX products' 16-row groups; at 16, value pairs in
+    groups of 32 keys past the block's end), with a window narrower and wider than a block."""
+    for window in (24, 100):
+        check_against_reference("cpu", layouts.sliding_window(SEQ, window, block_size), mode, window, torch.bfloat16)
 
 
 # Causal masks (decoders): alone on the lower-triangular layout, with a window on the causal sliding

@@ -107,7 +107,7 @@ def test_dense_attention_runs_on_the_kernel_measured_faster(dtype, grad):
     names = {event.name for event in profile.events()}
     ours = dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS and not (dtype == torch.float32 and grad)
     assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == (not ours)
-    if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16"):
+    if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16", "amx"):
         assert torch.float32 in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS
         amx = backends.cpu_capabilities().get("amx_bf16", False)
         assert (torch.bfloat16 in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS) == (not amx)

@@ -42,14 +42,15 @@ def test_pure_python_install_falls_back_cleanly():
 
 
 @CPU_EXTENSION
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "baseline"])
 def test_narrower_isa_builds(isa):
-    """The AVX-512 (without AVX512-BF16), AVX2 and SSE2 builds (chosen at run time) give the same
-    answers as the reference: attention in fp32 (forward and gradients), fp16 and bf16 (their keys
+    """The builds below the widest (chosen at run time) give the same answers as the reference: the
+    AVX512-BF16 build (vdpbf16ps products; below the AMX build on CPUs with AMX), the AVX-512 build
+    without it, AVX2 and SSE2. Attention in fp32 (forward and gradients), fp16 and bf16 (their keys
     converted, then transposed by each width's register transpose), and the int8 kernels, the
     int16-pair GEMM included."""
     widest = torch.ops.modernbert_kernels.cpu_isa()
-    order = ["baseline", "avx2", "avx512", "avx512_bf16"]
+    order = ["baseline", "avx2", "avx512", "avx512_bf16", "amx"]
     if order.index(isa) > order.index(widest):
         pytest.skip(f"this CPU runs the {widest} build at most")
     code = f"""

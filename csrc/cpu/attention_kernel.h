@@ -423,6 +423,92 @@ inline void accumulate_tile_bf16(const uint32_t* prob_pairs, const uint32_t* v_p
 constexpr bool kBf16Dot = false;
 #endif
 
+#ifdef MBK_AMX_TILES
+// bf16 inputs where the CPU has AMX-BF16 (the amx build): both products on tiles, for 16 query rows
+// at a time. The operands are the bf16 pairs above, as they lie: q pairs as A tiles (16 rows x 16
+// pairs), the keys' pairs [head_dim / 2][bs] as B tiles (16 pairs x 16 keys); then the
+// probabilities' pairs (at the start of each score row) as A tiles and the values' pairs
+// [keys / 2][head_dim] as B tiles (16 key pairs x 16 columns). tdpbf16ps sums in fp32. Masking, the
+// online softmax and the rounding of probabilities stay the vector code's; the tiles take the
+// products, which the vdpbf16ps microkernels computed 4 rows at a time. Needs head_dim a multiple
+// of 32 (whole A tiles of q) and blocks a multiple of 16 (whole tiles of rows).
+constexpr bool kAmxTiles = true;
+constexpr int kAmxRows = 16;
+
+// raw[r][j] = q_r . k_j for 16 rows and the columns [j_begin, j_end) (multiples of 16), 64 at a
+// time in four C tiles; q pairs are q_stride pairs apart, the keys' pair rows k_stride.
+inline void amx_scores(const uint32_t* q_pairs, int q_stride, const uint32_t* k_pairs, int k_stride, int head_dim,
+                       int j_begin, int j_end, float* raw) {
+  for (int j = j_begin; j < j_end; j += 64) {
+    const int tiles = (j_end - j) / 16 < 4 ? (j_end - j) / 16 : 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int p = 0; p < head_dim / 2; p += 16) {
+      const uint32_t* k = k_pairs + p * k_stride + j;
+      _tile_loadd(4, q_pairs + p, q_stride * 4);
+      _tile_loadd(5, k, k_stride * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if (tiles > 1) {
+        _tile_loadd(6, k + 16, k_stride * 4);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (tiles > 2) {
+        _tile_loadd(7, k + 32, k_stride * 4);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if (tiles > 3) {
+        _tile_loadd(5, k + 48, k_stride * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, raw + j, kRowStride * 4);
+    if (tiles > 1) _tile_stored(1, raw + j + 16, kRowStride * 4);
+    if (tiles > 2) _tile_stored(2, raw + j + 32, kRowStride * 4);
+    if (tiles > 3) _tile_stored(3, raw + j + 48, kRowStride * 4);
+  }
+}
+
+// out[r][d] = sum over the pairs [i_begin, i_end) (multiples of 16) of probability pairs (row r's
+// at prob_pairs + r * kRowStride) times value pairs, for 16 rows and every column of head_dim (a
+// multiple of 16), 64 at a time in four C tiles. out rows are head_dim apart.
+inline void amx_values(const uint32_t* prob_pairs, const uint32_t* v_pairs, int head_dim, int i_begin, int i_end,
+                       float* out) {
+  for (int d = 0; d < head_dim; d += 64) {
+    const int tiles = (head_dim - d) / 16 < 4 ? (head_dim - d) / 16 : 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int i = i_begin; i < i_end; i += 16) {
+      const uint32_t* v = v_pairs + i * head_dim + d;
+      _tile_loadd(4, prob_pairs + i, kRowStride * 4);
+      _tile_loadd(5, v, head_dim * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if (tiles > 1) {
+        _tile_loadd(6, v + 16, head_dim * 4);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (tiles > 2) {
+        _tile_loadd(7, v + 32, head_dim * 4);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if (tiles > 3) {
+        _tile_loadd(5, v + 48, head_dim * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, out + d, head_dim * 4);
+    if (tiles > 1) _tile_stored(1, out + d + 16, head_dim * 4);
+    if (tiles > 2) _tile_stored(2, out + d + 32, head_dim * 4);
+    if (tiles > 3) _tile_stored(3, out + d + 48, head_dim * 4);
+  }
+}
+#else
+constexpr bool kAmxTiles = false;
+#endif
+
 void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t begin, int64_t end, float* workspace) {
   const int bs = a.block_size;
   const int head_dim = static_cast<int>(a.head_dim);
@@ -435,12 +521,19 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
   // Workspace: q tile, output accumulators, scores, row max / sum, then the key block cache.
   float* q_tile = workspace;                                         // [bs + kRowTile][head_dim]
   float* acc = q_tile + (kMaxBlockSize + kRowTile) * kMaxHeadDim;    // [bs + kRowTile][head_dim]
-  float* scores = acc + (kMaxBlockSize + kRowTile) * kMaxHeadDim;    // [kRowTile][kRowStride]
-  float* row_max = scores + kRowTile * kRowStride;                   // [bs + kRowTile]
+  constexpr int kScoreRows = modernbert_kernels::cpu::kAttentionScoreRows;
+  float* scores = acc + (kMaxBlockSize + kRowTile) * kMaxHeadDim;    // [kScoreRows][kRowStride]
+  float* row_max = scores + kScoreRows * kRowStride;                 // [bs + kRowTile]
   float* row_sum = row_max + kMaxBlockSize + kRowTile;               // [bs + kRowTile]
-  float* cache = row_sum + kMaxBlockSize + kRowTile;
+  [[maybe_unused]] float* products = row_sum + kMaxBlockSize + kRowTile;  // [kScoreRows][head_dim]
+  float* cache = products + kScoreRows * kMaxHeadDim;
   const bool fp32 = a.dtype == ElementType::Float32;
   const bool bf16_dot = kBf16Dot && a.dtype == ElementType::BFloat16;
+  // The AMX products (16-row groups), where the shapes make whole tiles.
+  const bool amx = kAmxTiles && bf16_dot && head_dim % 32 == 0 && bs % 16 == 0;
+#ifdef MBK_AMX_TILES
+  if (amx) amx_configure_tiles();
+#endif
   [[maybe_unused]] uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_tile);  // [bs + kRowTile][head_dim / 2]
   const size_t slot_floats = modernbert_kernels::cpu::attention_slot_floats(bs, head_dim, fp32);
   BlockCache slots(cache_slots);
@@ -458,11 +551,53 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
     w.prefetch(a, prefetcher, a.v, a.v_stride, j0, bs);
   };
 
+  // The online softmax of one row tile (the item's rows r0 to r0 + kRowTile - 1, scores at
+  // score_rows, kRowStride apart, columns [j_begin, j_end), masked and maxed by `tile`): each row's
+  // new max and sum, its rescale, and its probabilities in place of its scores.
+  auto online_softmax = [&](const ScoreStore& tile, float* score_rows, int r0, int j_begin, int j_end,
+                            float* rescale) {
+    // The rows' new maxima, then their rescales 2^(old max - new max) in one vexp2.
+    float new_max[kRowTile];
+    vfloat max_drop = splat(0.f);
+    for (int r = 0; r < kRowTile; ++r) {
+      const float tile_max = reduce_max(tile.max[r]), old_max = row_max[r0 + r];
+      new_max[r] = tile_max > old_max ? tile_max : old_max;  // NaN once the row is NaN
+      max_drop[r] = new_max[r] == -inf ? 0.f : old_max - new_max[r];
+    }
+    const vfloat rescales = vexp2(max_drop);
+    // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
+    // bf16 products). Masked, padded and unseen columns get probability 0.
+    for (int r = 0; r < kRowTile; ++r) {
+      float* s = score_rows + r * kRowStride;
+      rescale[r] = rescales[r];
+      if (new_max[r] == -inf) {  // nothing visible yet: the row adds nothing, unless a score is NaN (max drops it)
+        bool nan = false;
+        for (int j = j_begin; j < j_end; ++j) nan |= s[j] != s[j];
+        if (nan) rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
+        for (int j = bf16_dot ? j_begin / 2 : j_begin; j < (bf16_dot ? j_end / 2 : j_end); j += kLanes)
+          store(s + j, splat(0.f));
+        continue;
+      }
+      // NaN and +inf scores need no test: s - max is NaN for them (inf - inf), so the row's sum,
+      // output and lse become NaN, as in dense attention.
+#ifdef MBK_BF16_DOT
+      const float sum = bf16_dot ? exponentiate_to_pairs(s, j_begin, j_end, new_max[r])
+                                 : exponentiate(s, j_begin, j_end, new_max[r]);
+#else
+      const float sum = exponentiate(s, j_begin, j_end, new_max[r]);
+#endif
+      row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + sum;
+      row_max[r0 + r] = new_max[r];
+    }
+  };
+
   for (int64_t item = begin; item < end; ++item) {
     const WorkItem it(a, item, num_q_blocks);
     if (it.empty()) continue;
     const int64_t q_block = it.block, head = it.head, seq_len = it.seq_len, i0 = it.i0;
-    const int rows = it.rows, padded_rows = it.padded_rows;
+    const int rows = it.rows;
+    // Rows set up for the products: whole row tiles, or whole 16-row groups (zero queries past the block).
+    const int padded_rows = amx ? (rows + 15) / 16 * 16 : it.padded_rows;
     auto token_offset = [&](const int64_t* stride, int64_t token) { return it.offset(a, stride, token); };
     if (item + 1 < end) {  // the next item's queries and first key block arrive while this one computes
       const WorkItem next(a, item + 1, num_q_blocks);
@@ -515,7 +650,9 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
                 j < keys ? reinterpret_cast<const uint32_t*>(k_in + token_offset(a.k_stride, j0 + j)) : nullptr;
             for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
           }
-          for (int i = 0; i < padded_keys / 2; ++i) {
+          // The AMX products read value pairs in groups of 16 (32 keys): zeros up to there.
+          const int value_pairs = amx ? (padded_keys + 31) / 32 * 16 : padded_keys / 2;
+          for (int i = 0; i < value_pairs; ++i) {
             const uint16_t* even = 2 * i < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i) : nullptr;
             const uint16_t* odd = 2 * i + 1 < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i + 1) : nullptr;
             for (int d = 0; d < head_dim; ++d)
@@ -546,6 +683,61 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       const float* v_rows = fp32 ? static_cast<const float*>(a.v) + token_offset(a.v_stride, j0) : v_tile;
       const int64_t v_row_stride = fp32 ? a.v_stride[2] : head_dim;
 
+#ifdef MBK_AMX_TILES
+      if (amx) {
+        const uint32_t* k_pairs = reinterpret_cast<const uint32_t*>(k_t);
+        const uint32_t* v_pairs = reinterpret_cast<const uint32_t*>(v_tile);
+        for (int g0 = 0; g0 < rows; g0 += kAmxRows) {
+          prefetcher.issue(32);
+          // The columns some row of the group sees: the union of its row tiles' (the band moves
+          // right with the rows). Rows past the block (zero queries) join in and are never stored.
+          int j_begin = padded_keys, j_end = 0;
+          for (int t = 0; t < kAmxRows; t += kRowTile) {
+            int begin_t, end_t;
+            if (!visible_columns(i0 + g0 + t, j0, padded_keys, band, &begin_t, &end_t)) continue;
+            j_begin = begin_t < j_begin ? begin_t : j_begin;
+            j_end = end_t > j_end ? end_t : j_end;
+          }
+          if (j_begin >= j_end) continue;
+          amx_scores(q_pairs + g0 * (head_dim / 2), head_dim / 2, k_pairs, bs, head_dim, j_begin, j_end, scores);
+          float rescale[kAmxRows];
+          for (int t = 0; t < kAmxRows; t += kRowTile) {
+            float* tile_scores = scores + t * kRowStride;
+            ScoreStore tile(tile_scores, any_masked_key ? key_bias : nullptr, band, j0 - (i0 + g0 + t), q_scale,
+                            softcap);
+            // The tile's raw products through the same masking, scaling and max as the microkernels'.
+            auto mask = [&](auto vectors, int j) {
+              constexpr int kVectors = decltype(vectors)::value;
+              vfloat raw_tile[kRowTile][kVectors];
+              for (int r = 0; r < kRowTile; ++r)
+                for (int c = 0; c < kVectors; ++c)
+                  raw_tile[r][c] = load(tile_scores + r * kRowStride + j + c * kLanes);
+              tile(raw_tile, j);
+            };
+            int j = j_begin;
+            for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes) mask(VectorCount<kKeyVectors>{}, j);
+            with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) { mask(vectors, j); });
+            online_softmax(tile, tile_scores, g0 + t, j_begin, j_end, rescale + t);
+          }
+          // Probability pairs [j_begin / 2, j_end / 2) now start each row; the tiles read whole
+          // groups of 16 pairs, so the pairs around them are zeroed.
+          const int i_begin = j_begin / 2 / 16 * 16, i_end = (j_end / 2 + 15) / 16 * 16;
+          for (int r = 0; r < kAmxRows; ++r) {
+            uint32_t* pairs = reinterpret_cast<uint32_t*>(scores + r * kRowStride);
+            for (int i = i_begin; i < j_begin / 2; ++i) pairs[i] = 0u;
+            for (int i = j_end / 2; i < i_end; ++i) pairs[i] = 0u;
+          }
+          amx_values(reinterpret_cast<const uint32_t*>(scores), v_pairs, head_dim, i_begin, i_end, products);
+          for (int r = 0; r < kAmxRows; ++r) {
+            float* o = acc + (g0 + r) * head_dim;
+            const float* added = products + r * head_dim;
+            const vfloat rescale_r = splat(rescale[r]);
+            for (int d = 0; d < head_dim; d += kLanes) store(o + d, load(o + d) * rescale_r + load(added + d));
+          }
+        }
+        continue;
+      }
+#endif
       for (int r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t first = i0 + r0;
         prefetcher.issue(8);
@@ -561,40 +753,8 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
 #endif
           score_tile(q_tile + r0 * head_dim, k_t, bs, head_dim, j_begin, j_end, tile);
 
-        // The rows' new maxima, then their rescales 2^(old max - new max) in one vexp2.
-        float new_max[kRowTile];
-        vfloat max_drop = splat(0.f);
-        for (int r = 0; r < kRowTile; ++r) {
-          const float tile_max = reduce_max(tile.max[r]), old_max = row_max[r0 + r];
-          new_max[r] = tile_max > old_max ? tile_max : old_max;  // NaN once the row is NaN
-          max_drop[r] = new_max[r] == -inf ? 0.f : old_max - new_max[r];
-        }
-        const vfloat rescales = vexp2(max_drop);
-        // Each row's probabilities replace its scores: fp32, or bf16 pairs at pair index j / 2 (the
-        // bf16 products). Masked, padded and unseen columns get probability 0.
         float rescale[kRowTile];
-        for (int r = 0; r < kRowTile; ++r) {
-          float* s = scores + r * kRowStride;
-          rescale[r] = rescales[r];
-          if (new_max[r] == -inf) {  // nothing visible yet: the row adds nothing, unless a score is NaN (max drops it)
-            bool nan = false;
-            for (int j = j_begin; j < j_end; ++j) nan |= s[j] != s[j];
-            if (nan) rescale[r] = row_max[r0 + r] = row_sum[r0 + r] = __builtin_nanf("");
-            for (int j = bf16_dot ? j_begin / 2 : j_begin; j < (bf16_dot ? j_end / 2 : j_end); j += kLanes)
-              store(s + j, splat(0.f));
-            continue;
-          }
-          // NaN and +inf scores need no test: s - max is NaN for them (inf - inf), so the row's sum,
-          // output and lse become NaN, as in dense attention.
-#ifdef MBK_BF16_DOT
-          const float sum = bf16_dot ? exponentiate_to_pairs(s, j_begin, j_end, new_max[r])
-                                     : exponentiate(s, j_begin, j_end, new_max[r]);
-#else
-          const float sum = exponentiate(s, j_begin, j_end, new_max[r]);
-#endif
-          row_sum[r0 + r] = row_sum[r0 + r] * rescale[r] + sum;
-          row_max[r0 + r] = new_max[r];
-        }
+        online_softmax(tile, scores, r0, j_begin, j_end, rescale);
 #ifdef MBK_BF16_DOT
         if (bf16_dot) {
           accumulate_tile_bf16(reinterpret_cast<const uint32_t*>(scores), reinterpret_cast<const uint32_t*>(v_tile),
@@ -616,6 +776,9 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
       a.lse[it.stat(a, i0 + r)] = total == 0.f ? inf : (row_max[r] + __builtin_log2f(total)) * ln2;
     }
   }
+#ifdef MBK_AMX_TILES
+  if (amx) _tile_release();
+#endif
 }
 
 }  // namespace

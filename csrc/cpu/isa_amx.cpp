@@ -1,166 +1,32 @@
-// The int8 GEMM of CPUs with AMX-INT8 (Sapphire Rapids and later): tdpbssd multiplies a 16 x 64
-// int8 tile by a 64 x 16 one into 16 x 16 int32 sums, 16384 multiply-adds an instruction, exact
-// (each product and sum in int32; a row sums K x 127^2, within int32 for the K <= 2^17 that
-// prepare_int8_linear allows). oneDNN's AMX int8 matmul through aten::_int_mm reorders the weight
-// on every call of every row chunk; here the weight is packed once per call and reused by every
-// chunk, and each chunk's sums go straight to the int32 rows its epilogue reads.
-//
-// Layouts. A tile row holds 64 bytes of K: 64 int8 of one activation row, read in place from x
-// ([rows, k], row-major) when K is a multiple of 64, from a zero-padded copy otherwise. The weight
-// ([n, k] int8) is packed in panels of 32 output columns, each K block of 64 as two B tiles
-// (columns 0-15 and 16-31) of 16 rows: row q holds K values 4q..4q+3 of each of the 16 columns,
-// [16][4] bytes, as tdpbssd reads them. K and the columns past n are padded with zeros.
-//
-// A register block is 32 rows x 32 columns: four C tiles, two A tiles, two B tiles (the eight tile
-// registers), so each tile loaded feeds two tdpbssd. A panel's weight (K x 32 bytes, 24 KB at
-// K = 768) stays in L1 while the chunk's row tiles (in L2) run over it.
-//
-// Only this file is compiled for AMX, and its functions run only where dispatch.cpp found that the
-// CPU has AMX-INT8 and the kernel let this process use the tile registers.
+// The CPU kernels built for AMX (Sapphire Rapids and later): the avx512_bf16 build, whose bf16
+// attention runs both of its products on AMX-BF16 tiles (attention_kernel.h, MBK_AMX_TILES), and
+// the AMX-INT8 GEMM of the int8 linear (amx_int8_gemm_kernel.h). Chosen at run time by dispatch.cpp
+// where the CPU has AMX and the OS grants this process the tile registers.
 #include "kernels.h"
 
 #if MBK_AMX_BUILD
-#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16,amx-tile,amx-bf16,amx-int8")
 #include <immintrin.h>
 
 #include <cstring>
+#define MBK_LANES 16
+#define MBK_BF16_DOT 1
+#define MBK_AMX_TILES 1
+#include "vec.h"
+#include "amx.h"
+#include "attention_kernel.h"
+#include "attention_backward_kernel.h"
+#include "int8_kernel.h"
+#include "int8_gemm_kernel.h"
+#include "amx_int8_gemm_kernel.h"
+#include "rotary_kernel.h"
 
 namespace modernbert_kernels::cpu {
-namespace {
-
-constexpr int kPanelCols = 32;     // two B tiles of 16 columns
-constexpr int kBlockRows = 32;     // two A tiles of 16 rows
-constexpr int kBlockK = 64;        // bytes (int8 values) of K per tile row
-constexpr int kBTileBytes = 1024;  // 16 rows of 64 bytes
-constexpr int64_t kPanelBlockBytes = 2 * kBTileBytes;
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
-// Palette 1, every tile used as 16 rows x 64 bytes (C tiles: 16 x 16 int32).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void load_tile_config() {
-  TileConfig config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = 16;
-  }
-  _tile_loadconfig(&config);
-}
-
-// One K block of 16 columns: column c's 64 bytes at src + c * k, as 16 rows of [16 columns][4 bytes].
-// Each output row gathers one 4-byte word from each column.
-inline void pack_full_tile(const int8_t* src, int64_t k, int8_t* out) {
-  const __m512i column_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                                      14, 15), _mm512_set1_epi32(int(k)));
-  for (int q = 0; q < 16; ++q) {
-    // The masked form: GCC 12's unmasked one reads an uninitialized source (-Wmaybe-uninitialized).
-    const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xffff, column_offsets, src + 4 * q, 1);
-    _mm512_storeu_si512(out + q * 64, words);
-  }
-}
-
-// Panels [panel_begin, panel_end) of w into packed (int8_gemm_packed_weight_bytes bytes).
-void amx_int8_gemm_pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t panel_begin, int64_t panel_end,
-                               int8_t* packed) {
-  const int64_t blocks = round_up(k, kBlockK) / kBlockK;
-  for (int64_t panel = panel_begin; panel < panel_end; ++panel)
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int half = 0; half < 2; ++half) {
-        int8_t* out = packed + (panel * blocks + b) * kPanelBlockBytes + half * kBTileBytes;
-        const int64_t col0 = panel * kPanelCols + half * 16, k0 = b * kBlockK;
-        // The gather's offsets, up to 15 * k with k <= 2^17 (prepare_int8_linear), fit its int32.
-        if (col0 + 16 <= n && k0 + kBlockK <= k) {
-          pack_full_tile(w + col0 * k + k0, k, out);
-          continue;
-        }
-        for (int q = 0; q < 16; ++q)
-          for (int c = 0; c < 16; ++c)
-            for (int j = 0; j < 4; ++j) {
-              const int64_t col = col0 + c, kk = k0 + 4 * q + j;
-              out[q * 64 + c * 4 + j] = col < n && kk < k ? w[col * k + kk] : 0;
-            }
-      }
-}
-
-int64_t amx_int8_gemm_workspace_ints(int64_t rows, int64_t k) {
-  // A zero-padded copy of the rows (all of them when K is not a multiple of 64, else the last
-  // partial block), then one 32 x 32 block of sums for partial blocks.
-  return round_up(rows, kBlockRows) * round_up(k, kBlockK) / 4 + kBlockRows * kPanelCols;
-}
-
-// sums ([rows, n] int32, row-major) = x ([rows, k] int8, row-major) . w^T, w packed by
-// amx_int8_gemm_pack_weight.
-void amx_int8_gemm_rows(const int8_t* x, int64_t rows, int64_t k, const int8_t* packed_w, int64_t n, int32_t* sums,
-                        int32_t* workspace) {
-  const int64_t k_padded = round_up(k, kBlockK), blocks = k_padded / kBlockK;
-  const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows, panels = (n + kPanelCols - 1) / kPanelCols;
-  auto* a_copy = reinterpret_cast<int8_t*>(workspace);
-  int32_t* partial = workspace + round_up(rows, kBlockRows) * k_padded / 4;
-  // Row blocks read from a_copy start at copy_from (all of them, or only a last partial one).
-  const int64_t copy_from = k % kBlockK ? 0 : rows / kBlockRows * kBlockRows;
-  for (int64_t r = copy_from; r < row_blocks * kBlockRows; ++r) {
-    int8_t* dst = a_copy + (r - copy_from) * k_padded;
-    if (r < rows) {
-      std::memcpy(dst, x + r * k, k);
-      std::memset(dst + k, 0, k_padded - k);
-    } else {
-      std::memset(dst, 0, k_padded);
-    }
-  }
-  load_tile_config();
-  for (int64_t panel = 0; panel < panels; ++panel) {
-    const int8_t* b = packed_w + panel * blocks * kPanelBlockBytes;
-    const int64_t cols = n - panel * kPanelCols < kPanelCols ? n - panel * kPanelCols : kPanelCols;
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
-      const int64_t row0 = rb * kBlockRows;
-      const int64_t rows_here = rows - row0 < kBlockRows ? rows - row0 : kBlockRows;
-      const bool copied = row0 >= copy_from;
-      const int8_t* a = copied ? a_copy + (row0 - copy_from) * k_padded : x + row0 * k;
-      const int64_t lda = copied ? k_padded : k;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kb = 0; kb < blocks; ++kb) {
-        _tile_loadd(4, a + kb * kBlockK, lda);
-        _tile_loadd(5, a + 16 * lda + kb * kBlockK, lda);
-        _tile_loadd(6, b + kb * kPanelBlockBytes, 64);
-        _tile_loadd(7, b + kb * kPanelBlockBytes + kBTileBytes, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      }
-      int32_t* c = sums + row0 * n + panel * kPanelCols;
-      if (rows_here == kBlockRows && cols == kPanelCols) {
-        _tile_stored(0, c, n * 4);
-        _tile_stored(1, c + 16, n * 4);
-        _tile_stored(2, c + 16 * n, n * 4);
-        _tile_stored(3, c + 16 * n + 16, n * 4);
-        continue;
-      }
-      _tile_stored(0, partial, kPanelCols * 4);
-      _tile_stored(1, partial + 16, kPanelCols * 4);
-      _tile_stored(2, partial + 16 * kPanelCols, kPanelCols * 4);
-      _tile_stored(3, partial + 16 * kPanelCols + 16, kPanelCols * 4);
-      for (int64_t r = 0; r < rows_here; ++r) std::memcpy(c + r * n, partial + r * kPanelCols, cols * 4);
-    }
-  }
-  _tile_release();
-}
-
-}  // namespace
-
-extern const Int8Gemm kAmxInt8Gemm = {kPanelCols, kBlockRows, kBlockK, amx_int8_gemm_pack_weight,
+extern const KernelTable kAmxKernels = {"amx", attention_forward_items, attention_backward_items,
+                                        int8_epilogue_rows, quantize_rows, rotary_rows,
+                                        {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
+                                         int8_gemm_workspace_ints}};
+extern const Int8Gemm kAmxInt8Gemm = {kAmxPanelCols, kAmxBlockRows, kAmxBlockK, amx_int8_gemm_pack_weight,
                                       amx_int8_gemm_rows, amx_int8_gemm_workspace_ints};
 }  // namespace modernbert_kernels::cpu
 #endif

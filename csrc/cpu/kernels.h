@@ -32,10 +32,15 @@ inline int attention_cache_slots(int64_t num_blocks, size_t slot_floats) {
   return int(slots < kMaxCacheSlots ? slots : kMaxCacheSlots);
 }
 
-// q tile and output accumulators, scores, row max and sum, then the key cache.
+// Score rows the forward's workspace holds: one row tile's, or an AMX tile's 16 (the amx build).
+constexpr int kAttentionScoreRows = 16;
+
+// q tile and output accumulators, scores, row max and sum, the AMX products of P V
+// [kAttentionScoreRows][kMaxHeadDim], then the key cache.
 inline size_t attention_workspace_floats(int cache_slots, size_t slot_floats) {
-  return 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim + kAttentionRowTile * kMaxBlockSize +
-         2 * (kMaxBlockSize + kAttentionRowTile) + size_t(cache_slots) * slot_floats;
+  return 2 * (kMaxBlockSize + kAttentionRowTile) * kMaxHeadDim + kAttentionScoreRows * kMaxBlockSize +
+         2 * (kMaxBlockSize + kAttentionRowTile) + kAttentionScoreRows * kMaxHeadDim +
+         size_t(cache_slots) * slot_floats;
 }
 
 // cache_slots: packed key blocks kept per thread (attention_cache_slots).
@@ -69,7 +74,7 @@ using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t toke
 // [panel_begin, panel_end) of `cols` columns, K padded to a multiple of k_align, then the int32 sums
 // of rows of x against it, with a workspace of workspace_ints(rows, k) ints. Two of them: the
 // int16-pair kernel of CPUs without an int8 dot product (int8_gemm_kernel.h, in each x86 build's
-// table) and the AMX tile kernel (isa_amx.cpp, amx_int8_gemm()).
+// table) and the AMX tile kernel (amx_int8_gemm_kernel.h, amx_int8_gemm()).
 struct Int8Gemm {
   int cols;       // output columns per packed panel
   int tile_rows;  // rows per register tile
