@@ -2,9 +2,10 @@
 //
 // The GEMM runs over row chunks whose int32 result stays in cache: each chunk's epilogue (scales,
 // bias, activation, cast) runs right after its GEMM, so the int32 accumulator never makes a round
-// trip to DRAM. Where the CPU has AMX-INT8 it is this library's AMX tile kernel (isa_amx.cpp), on a
-// weight packed once per call; oneDNN's AMX matmul through aten::_int_mm reorders the weight again
-// for every chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
+// trip to DRAM. Where the CPU has AMX-INT8 it is this library's AMX tile kernel
+// (amx_int8_gemm_kernel.h), on a weight packed once per call, in a schedule of its own
+// (int8_linear_amx); oneDNN's AMX matmul through aten::_int_mm reorders the weight again for every
+// chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
 // dot product (x86 with AVX2 only) oneDNN's int8 matmul is ~25x slower than an fp32 GEMM and
 // saturates, so the GEMM is this library's exact int16-pair kernel instead (int8_gemm_kernel.h). A
 // last GEMM, exact fp32 GEMMs of the int8 values, is kept for CPUs with none of these (see
@@ -84,7 +85,7 @@ bool int8_gemm_is_exact() {
 }
 
 // The GEMM of the C++ backend's int8 linear on this CPU:
-//   amx:   the AMX tile kernel of isa_amx.cpp, where the CPU has AMX-INT8 and the OS allows it;
+//   amx:   the AMX tile kernel of amx_int8_gemm_kernel.h, where the CPU has AMX-INT8 and the OS allows it;
 //   int8:  oneDNN's int8 matmul, where the CPU has an int8 dot product and it is exact;
 //   int16: the int16-pair kernel of int8_gemm_kernel.h (x86 without an int8 dot product);
 //   float: exact fp32 GEMMs of the int8 values (elsewhere, or forced).
@@ -191,7 +192,7 @@ struct CpuInt8 {
     const auto epilogue = cpu::kernels().int8_epilogue;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
     if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q);
-    // The library's own GEMM, if it is the one chosen.
+    // The library's int16-pair GEMM, if it is the one chosen.
     const cpu::Int8Gemm* own_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
