@@ -1,6 +1,7 @@
-// The CPU kernels built for AVX-512 with AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids and
-// later): the AVX-512 build, plus bf16 attention through vdpbf16ps (attention_kernel.h,
-// MBK_BF16_DOT). Chosen at run time by dispatch.cpp where the CPU has the instructions.
+// The CPU kernels built for AVX-512 with AVX512-BF16 (Zen 4, Cooper Lake; Sapphire Rapids and
+// later run the amx build, this one plus tiles, where the OS grants them): the AVX-512 build, plus
+// bf16 attention through vdpbf16ps (attention_kernel.h, MBK_BF16_DOT). Chosen at run time by
+// dispatch.cpp where the CPU has the instructions.
 #include "kernels.h"
 
 #if defined(__x86_64__)
