@@ -74,7 +74,8 @@ int64_t amx_int8_gemm_workspace_ints(int64_t rows, int64_t k) {
 void amx_int8_gemm_rows(const int8_t* x, int64_t rows, int64_t k, const int8_t* packed_w, int64_t n, int32_t* sums,
                         int32_t* workspace) {
   const int64_t k_padded = amx_round_up(k, kAmxBlockK), blocks = k_padded / kAmxBlockK;
-  const int64_t row_blocks = (rows + kAmxBlockRows - 1) / kAmxBlockRows, panels = (n + kAmxPanelCols - 1) / kAmxPanelCols;
+  const int64_t row_blocks = (rows + kAmxBlockRows - 1) / kAmxBlockRows;
+  const int64_t panels = modernbert_kernels::cpu::int8_gemm_panels(n, kAmxPanelCols);
   auto* a_copy = reinterpret_cast<int8_t*>(workspace);
   int32_t* partial = workspace + amx_round_up(rows, kAmxBlockRows) * k_padded / 4;
   // Row blocks read from a_copy start at copy_from (all of them, or only a last partial one).

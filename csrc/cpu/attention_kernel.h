@@ -276,6 +276,15 @@ struct PlainScoreStore {
   }
 };
 
+// f(VectorCount<n>{}, j) over the columns [j_begin, j_end) (multiples of kLanes): kKeyVectors
+// vectors at a time, then the 1-3 left.
+template <typename F>
+inline void for_key_vectors(int j_begin, int j_end, F&& f) {
+  int j = j_begin;
+  for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes) f(VectorCount<kKeyVectors>{}, j);
+  with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) { f(vectors, j); });
+}
+
 // scores[r][j] = sum_d q[r][d] * kt[d][j] for kRowTile rows and Vectors vectors of columns from j,
 // handed to `out`. q rows are head_dim apart; kt rows kt_stride apart.
 template <int Vectors, typename Store>
@@ -289,10 +298,7 @@ inline void score_microkernel(const float* q, const float* kt, int kt_stride, in
 template <typename Store>
 inline void score_tile(const float* q, const float* kt, int kt_stride, int head_dim, int j_begin, int j_end,
                        Store& out) {
-  int j = j_begin;
-  for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
-    score_microkernel<kKeyVectors>(q, kt, kt_stride, head_dim, j, out);
-  with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
+  for_key_vectors(j_begin, j_end, [&](auto vectors, int j) {
     score_microkernel<decltype(vectors)::value>(q, kt, kt_stride, head_dim, j, out);
   });
 }
@@ -370,10 +376,7 @@ inline void score_microkernel_bf16(const uint32_t* q_pairs, const uint32_t* k_pa
 
 inline void score_tile_bf16(const uint32_t* q_pairs, const uint32_t* k_pairs, int bs, int head_dim, int j_begin,
                             int j_end, ScoreStore& out) {
-  int j = j_begin;
-  for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes)
-    score_microkernel_bf16<kKeyVectors>(q_pairs, k_pairs, bs, head_dim, j, out);
-  with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) {
+  for_key_vectors(j_begin, j_end, [&](auto vectors, int j) {
     score_microkernel_bf16<decltype(vectors)::value>(q_pairs, k_pairs, bs, head_dim, j, out);
   });
 }
@@ -435,74 +438,60 @@ constexpr bool kBf16Dot = false;
 constexpr bool kAmxTiles = true;
 constexpr int kAmxRows = 16;
 
+// out[r][c] = sum over `steps` steps of 16 pairs of a's pairs (16 rows, a_stride pairs apart; step
+// s at a + 16 s) times b's (rows of 16 x `tiles` columns, b_stride pairs apart; step s at
+// b + 16 s b_stride), for 16 rows and 16 x `tiles` columns (tiles <= 4, one C tile each); out rows
+// are out_stride floats apart. Both attention products are this: scores (q pairs by the keys'
+// pairs) and P V (probability pairs by the values' pairs).
+inline void amx_bf16_product(const uint32_t* a, int a_stride, const uint32_t* b, int b_stride, int steps, int tiles,
+                             float* out, int out_stride) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int s = 0; s < steps; ++s) {
+    const uint32_t* b_step = b + 16 * s * b_stride;
+    _tile_loadd(4, a + 16 * s, a_stride * 4);
+    _tile_loadd(5, b_step, b_stride * 4);
+    _tile_dpbf16ps(0, 4, 5);
+    if (tiles > 1) {
+      _tile_loadd(6, b_step + 16, b_stride * 4);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if (tiles > 2) {
+      _tile_loadd(7, b_step + 32, b_stride * 4);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if (tiles > 3) {
+      _tile_loadd(5, b_step + 48, b_stride * 4);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, out, out_stride * 4);
+  if (tiles > 1) _tile_stored(1, out + 16, out_stride * 4);
+  if (tiles > 2) _tile_stored(2, out + 32, out_stride * 4);
+  if (tiles > 3) _tile_stored(3, out + 48, out_stride * 4);
+}
+
 // raw[r][j] = q_r . k_j for 16 rows and the columns [j_begin, j_end) (multiples of 16), 64 at a
-// time in four C tiles; q pairs are q_stride pairs apart, the keys' pair rows k_stride.
+// time; q pairs are q_stride pairs apart, the keys' pair rows k_stride.
 inline void amx_scores(const uint32_t* q_pairs, int q_stride, const uint32_t* k_pairs, int k_stride, int head_dim,
                        int j_begin, int j_end, float* raw) {
   for (int j = j_begin; j < j_end; j += 64) {
     const int tiles = (j_end - j) / 16 < 4 ? (j_end - j) / 16 : 4;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int p = 0; p < head_dim / 2; p += 16) {
-      const uint32_t* k = k_pairs + p * k_stride + j;
-      _tile_loadd(4, q_pairs + p, q_stride * 4);
-      _tile_loadd(5, k, k_stride * 4);
-      _tile_dpbf16ps(0, 4, 5);
-      if (tiles > 1) {
-        _tile_loadd(6, k + 16, k_stride * 4);
-        _tile_dpbf16ps(1, 4, 6);
-      }
-      if (tiles > 2) {
-        _tile_loadd(7, k + 32, k_stride * 4);
-        _tile_dpbf16ps(2, 4, 7);
-      }
-      if (tiles > 3) {
-        _tile_loadd(5, k + 48, k_stride * 4);
-        _tile_dpbf16ps(3, 4, 5);
-      }
-    }
-    _tile_stored(0, raw + j, kRowStride * 4);
-    if (tiles > 1) _tile_stored(1, raw + j + 16, kRowStride * 4);
-    if (tiles > 2) _tile_stored(2, raw + j + 32, kRowStride * 4);
-    if (tiles > 3) _tile_stored(3, raw + j + 48, kRowStride * 4);
+    amx_bf16_product(q_pairs, q_stride, k_pairs + j, k_stride, head_dim / 32, tiles, raw + j, kRowStride);
   }
 }
 
 // out[r][d] = sum over the pairs [i_begin, i_end) (multiples of 16) of probability pairs (row r's
 // at prob_pairs + r * kRowStride) times value pairs, for 16 rows and every column of head_dim (a
-// multiple of 16), 64 at a time in four C tiles. out rows are head_dim apart.
+// multiple of 16), 64 at a time. out rows are head_dim apart.
 inline void amx_values(const uint32_t* prob_pairs, const uint32_t* v_pairs, int head_dim, int i_begin, int i_end,
                        float* out) {
   for (int d = 0; d < head_dim; d += 64) {
     const int tiles = (head_dim - d) / 16 < 4 ? (head_dim - d) / 16 : 4;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int i = i_begin; i < i_end; i += 16) {
-      const uint32_t* v = v_pairs + i * head_dim + d;
-      _tile_loadd(4, prob_pairs + i, kRowStride * 4);
-      _tile_loadd(5, v, head_dim * 4);
-      _tile_dpbf16ps(0, 4, 5);
-      if (tiles > 1) {
-        _tile_loadd(6, v + 16, head_dim * 4);
-        _tile_dpbf16ps(1, 4, 6);
-      }
-      if (tiles > 2) {
-        _tile_loadd(7, v + 32, head_dim * 4);
-        _tile_dpbf16ps(2, 4, 7);
-      }
-      if (tiles > 3) {
-        _tile_loadd(5, v + 48, head_dim * 4);
-        _tile_dpbf16ps(3, 4, 5);
-      }
-    }
-    _tile_stored(0, out + d, head_dim * 4);
-    if (tiles > 1) _tile_stored(1, out + d + 16, head_dim * 4);
-    if (tiles > 2) _tile_stored(2, out + d + 32, head_dim * 4);
-    if (tiles > 3) _tile_stored(3, out + d + 48, head_dim * 4);
+    amx_bf16_product(prob_pairs + i_begin, kRowStride, v_pairs + i_begin * head_dim + d, head_dim,
+                     (i_end - i_begin) / 16, tiles, out + d, head_dim);
   }
 }
 #else
@@ -706,17 +695,14 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
             ScoreStore tile(tile_scores, any_masked_key ? key_bias : nullptr, band, j0 - (i0 + g0 + t), q_scale,
                             softcap);
             // The tile's raw products through the same masking, scaling and max as the microkernels'.
-            auto mask = [&](auto vectors, int j) {
+            for_key_vectors(j_begin, j_end, [&](auto vectors, int j) {
               constexpr int kVectors = decltype(vectors)::value;
               vfloat raw_tile[kRowTile][kVectors];
               for (int r = 0; r < kRowTile; ++r)
                 for (int c = 0; c < kVectors; ++c)
                   raw_tile[r][c] = load(tile_scores + r * kRowStride + j + c * kLanes);
               tile(raw_tile, j);
-            };
-            int j = j_begin;
-            for (; j + kKeyVectors * kLanes <= j_end; j += kKeyVectors * kLanes) mask(VectorCount<kKeyVectors>{}, j);
-            with_tail_vectors((j_end - j) / kLanes, [&](auto vectors) { mask(vectors, j); });
+            });
             online_softmax(tile, tile_scores, g0 + t, j_begin, j_end, rescale + t);
           }
           // Probability pairs [j_begin / 2, j_end / 2) now start each row; the tiles read whole

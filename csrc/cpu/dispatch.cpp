@@ -29,7 +29,7 @@ static bool isa_allowed(const char* isa) {
   const char* cap = std::getenv("MODERNBERT_KERNELS_CPU_ISA");
   if (cap == nullptr) return true;
   int cap_rank = -1, isa_rank = 0;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < int(sizeof(order) / sizeof(order[0])); ++i) {
     if (std::strcmp(cap, order[i]) == 0) cap_rank = i;
     if (std::strcmp(isa, order[i]) == 0) isa_rank = i;
   }

@@ -172,9 +172,10 @@ struct CpuInt8 {
     const auto* packed = static_cast<const int8_t*>(w_packed.data_ptr());
     // Items in group-major order: parallel_for gives each thread a contiguous range of them, so a
     // thread keeps to one group (two at most) while it walks the rows.
+    const int64_t gemm_workspace_ints = gemm.workspace_ints(rows_per_block, k);
     torch::stable::parallel_for(0, groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> workspace(gemm.workspace_ints(rows_per_block, k) + rows_per_block * group_cols);
-      int32_t* acc = workspace.data() + gemm.workspace_ints(rows_per_block, k);
+      std::vector<int32_t> workspace(gemm_workspace_ints + rows_per_block * group_cols);
+      int32_t* acc = workspace.data() + gemm_workspace_ints;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t group = item / row_blocks, row0 = item % row_blocks * rows_per_block;
         const int64_t col_begin = group * group_cols, col_end = std::min(n, col_begin + group_cols);
@@ -193,14 +194,14 @@ struct CpuInt8 {
     const CpuInt8Gemm gemm = cpu_int8_gemm();
     if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q);
     // The library's int16-pair GEMM, if it is the one chosen.
-    const cpu::Int8Gemm* own_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
+    const cpu::Int8Gemm* int16_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
     int64_t chunk = std::min(m, chunk_rows(n));
-    if (own_gemm != nullptr) {
+    if (int16_gemm != nullptr) {
       // Whole register tiles, and at least one chunk per thread when M is small.
-      const int64_t threads = torch::stable::get_num_threads(), tile = own_gemm->tile_rows;
+      const int64_t threads = torch::stable::get_num_threads(), tile = int16_gemm->tile_rows;
       const int64_t per_thread = (m + threads - 1) / threads;
       chunk = std::min(chunk, per_thread);
       chunk = std::max(tile, (chunk + tile - 1) / tile * tile);
@@ -209,8 +210,8 @@ struct CpuInt8 {
     const int64_t chunks = (m + chunk - 1) / chunk;
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
     Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
-    if (own_gemm != nullptr) {
-      w_packed = pack_weight(*own_gemm, w_q, n, k);
+    if (int16_gemm != nullptr) {
+      w_packed = pack_weight(*int16_gemm, w_q, n, k);
     } else if (gemm == CpuInt8Gemm::Float) {
       w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
     }
@@ -219,13 +220,13 @@ struct CpuInt8 {
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       Tensor acc = empty({chunk, n}, ScalarType::Int, x_q);
       Tensor acc_float = gemm == CpuInt8Gemm::Float ? empty({chunk, n}, ScalarType::Float, x_q) : Tensor();
-      std::vector<int32_t> workspace(own_gemm != nullptr ? own_gemm->workspace_ints(chunk, k) : 0);
+      std::vector<int32_t> workspace(int16_gemm != nullptr ? int16_gemm->workspace_ints(chunk, k) : 0);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t m0 = c * chunk, rows = std::min(chunk, m - m0);
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
-        if (own_gemm != nullptr) {
-          own_gemm->rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
+        if (int16_gemm != nullptr) {
+          int16_gemm->rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
                          static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
         } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
