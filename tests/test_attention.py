@@ -164,6 +164,33 @@ def test_cpu_bf16_block_sizes(block_size, mode, poison_allocations):
         check_against_reference("cpu", layouts.sliding_window(SEQ, window, block_size), mode, window, torch.bfloat16)
 
 
+@CPU_EXTENSION
+@pytest.mark.parametrize("extra_columns", [0, 1], ids=["even_token_stride", "odd_token_stride"])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_cpu_bf16_from_a_fused_projection(extra_columns, head_dim, poison_allocations):
+    """bf16 q, k, v sliced out of one fused projection, forward and backward: an even token stride
+    (keys transposed as 32-bit pairs, whole vectors at a time) and an odd one (pairs that straddle
+    32-bit words: key pairs copied one by one)."""
+    generator = torch.Generator().manual_seed(5)
+    tokens = sum(VARLEN_LENGTHS)
+    fused = torch.randn(tokens, 3 * HEADS * head_dim + extra_columns, generator=generator).to(torch.bfloat16)
+    q, k, v = fused[:, :3 * HEADS * head_dim].view(tokens, 3, HEADS, head_dim).unbind(1)
+    assert k.stride(0) % 2 == extra_columns
+    dout = torch.randn(tokens, HEADS, head_dim, generator=generator).to(torch.bfloat16)
+    cu = torch.tensor([0] + VARLEN_LENGTHS, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    layout = layouts.sliding_window(SEQ, 40, BLOCK)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*inputs, layout, window=40, cu_seqlens=cu, backend="cpu")
+    out.backward(dout)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=40, cu_seqlens=cu)
+    ref.backward(dout.double())
+    for name, actual, expected in [("out", out, ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", inputs, ref_inputs)
+    ]:
+        assert relative_error(actual, expected) <= TOLERANCES[torch.bfloat16], name
+
+
 # Causal masks (decoders): alone on the lower-triangular layout, with a window on the causal sliding
 # layout (0 <= i - j <= w), and over bidirectional layouts whose tiles above the diagonal the
 # kernels must mask whole (some query rows then see no key at all).

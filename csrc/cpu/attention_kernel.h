@@ -127,6 +127,17 @@ inline void transpose_rows(const float* rows, int64_t row_stride, int keys, int 
   }
 }
 
+// pairs[d] = even[d] | odd[d] << 16 for d < n (a multiple of kLanes): two rows of bf16 values
+// interleaved into the pairs vdpbf16ps and tdpbf16ps read; a null row reads as zeros.
+inline void interleave_rows(const uint16_t* even, const uint16_t* odd, int n, uint32_t* pairs) {
+  typedef unsigned vuint_u __attribute__((vector_size(kLanes * 4), aligned(4)));
+  for (int d = 0; d < n; d += kLanes) {
+    const vuint lo = even ? __builtin_convertvector(*reinterpret_cast<const vbf16_u*>(even + d), vuint) : vuint{};
+    const vuint hi = odd ? __builtin_convertvector(*reinterpret_cast<const vbf16_u*>(odd + d), vuint) : vuint{};
+    *reinterpret_cast<vuint_u*>(pairs + d) = lo | hi << 16;
+  }
+}
+
 // One work item: the block-th block of rows (queries, or keys in the dk/dv pass) of one
 // (batch, head), with where its sequence lies.
 struct WorkItem {
@@ -598,10 +609,11 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
     for (int r = 0; r < padded_rows; ++r) {
       float* dst = q_tile + r * head_dim;
       if (bf16_dot) {  // q's bf16 pairs as they are; the scale multiplies the scores
-        const uint32_t* src =
-            r < rows ? reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.q) + token_offset(a.q_stride, i0 + r))
-                     : nullptr;
-        for (int p = 0; p < head_dim / 2; ++p) q_pairs[r * (head_dim / 2) + p] = src ? src[p] : 0u;
+        uint32_t* pairs = q_pairs + r * (head_dim / 2);
+        if (r < rows)
+          __builtin_memcpy(pairs, static_cast<const uint16_t*>(a.q) + token_offset(a.q_stride, i0 + r), head_dim * 2);
+        else
+          __builtin_memset(pairs, 0, head_dim * 2);
       } else if (r < rows) {
         load_row(a.q, token_offset(a.q_stride, i0 + r), a.dtype, q_scale, head_dim, dst);
       } else {
@@ -634,18 +646,25 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           const uint16_t* v_in = static_cast<const uint16_t*>(a.v);
           uint32_t* k_pairs = reinterpret_cast<uint32_t*>(k_t);     // [head_dim / 2][bs]
           uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_tile);  // [padded_keys / 2][head_dim]
-          for (int j = 0; j < padded_keys; ++j) {
-            const uint32_t* k_row =
-                j < keys ? reinterpret_cast<const uint32_t*>(k_in + token_offset(a.k_stride, j0 + j)) : nullptr;
-            for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
+          // Key rows of 32-bit pairs transposed as floats are (bit moves only), where the pairs fill
+          // whole vectors and rows start a whole pair apart; element by element otherwise (head_dim
+          // 16). The element-wise copy took a sixth of the amx build's windowed kernel.
+          if ((head_dim / 2) % kLanes == 0 && a.k_stride[2] % 2 == 0) {
+            transpose_rows(reinterpret_cast<const float*>(k_in + token_offset(a.k_stride, j0)), a.k_stride[2] / 2,
+                           keys, padded_keys, head_dim / 2, k_t, bs);
+          } else {
+            for (int j = 0; j < padded_keys; ++j) {
+              const uint32_t* k_row =
+                  j < keys ? reinterpret_cast<const uint32_t*>(k_in + token_offset(a.k_stride, j0 + j)) : nullptr;
+              for (int p = 0; p < head_dim / 2; ++p) k_pairs[p * bs + j] = k_row ? k_row[p] : 0u;
+            }
           }
           // The AMX products read value pairs in groups of 16 (32 keys): zeros up to there.
           const int value_pairs = amx ? (padded_keys + 31) / 32 * 16 : padded_keys / 2;
           for (int i = 0; i < value_pairs; ++i) {
             const uint16_t* even = 2 * i < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i) : nullptr;
             const uint16_t* odd = 2 * i + 1 < keys ? v_in + token_offset(a.v_stride, j0 + 2 * i + 1) : nullptr;
-            for (int d = 0; d < head_dim; ++d)
-              v_pairs[i * head_dim + d] = (even ? even[d] : 0u) | (odd ? uint32_t(odd[d]) << 16 : 0u);
+            interleave_rows(even, odd, head_dim, v_pairs + i * head_dim);
           }
         } else {
           if (fp32) {
