@@ -593,19 +593,26 @@ def test_torch_backend_tile_groups(min_run, mode, monkeypatch, poison_allocation
         check_against_reference("torch", LAYOUTS[name](), mode, 40, torch.float32)
 
 
-@pytest.mark.parametrize("lengths", [[SEQ], [70, 0, SEQ]], ids=["one_sequence", "three_sequences"])
-def test_dense_varlen_on_the_fused_cpu_kernel(lengths, poison_allocations):
-    """Dense layouts on the torch path go to PyTorch's fused kernel; a lone sequence's output is
-    taken from its layout as it is, several are copied into place."""
+@pytest.mark.parametrize("layout_name, window", [("dense", None), ("sliding_window", 40)],
+                         ids=["dense", "window40"])
+@pytest.mark.parametrize("lengths", [[SEQ], [SEQ, SEQ, SEQ], [70, 0, SEQ]],
+                         ids=["one_sequence", "three_of_one_length", "three_sequences"])
+def test_varlen_on_the_torch_path(lengths, layout_name, window, poison_allocations):
+    """Dense layouts on the torch path go to PyTorch's fused kernel, the others to the tile loops.
+    Sequences of one length run as one padded batch, whose output, transposed once, is the result;
+    other batches run sequence by sequence, copied into place. q, k, v are slices of one fused
+    projection, as in ModernBERT."""
     generator = torch.Generator().manual_seed(11)
-    q, k, v, dout = (torch.randn(sum(lengths), HEADS, 64, generator=generator) for _ in range(4))
+    qkv = torch.randn(sum(lengths), 3, HEADS, 64, generator=generator)
+    dout = torch.randn(sum(lengths), HEADS, 64, generator=generator)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*inputs, LAYOUTS["dense"](), cu_seqlens=cu, backend="torch")
+    layout = LAYOUTS[layout_name]()
+    inputs = [t.clone().requires_grad_() for t in qkv.unbind(1)]
+    out = block_sparse_attention(*inputs, layout, window=window, cu_seqlens=cu, backend="torch")
     out.backward(dout)
     assert out.is_contiguous()
-    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention_reference(*ref_inputs, LAYOUTS["dense"](), cu_seqlens=cu)
+    ref_inputs = [t.double().requires_grad_() for t in qkv.unbind(1)]
+    ref = block_sparse_attention_reference(*ref_inputs, layout, window=window, cu_seqlens=cu)
     ref.backward(dout.double())
     for actual, expected in [(out, ref)] + [(t.grad, r.grad) for t, r in zip(inputs, ref_inputs)]:
         assert relative_error(actual, expected) <= TOLERANCES[torch.float32]
