@@ -647,8 +647,8 @@ void attention_forward_items(const AttentionParams& a, int cache_slots, int64_t 
           uint32_t* k_pairs = reinterpret_cast<uint32_t*>(k_t);     // [head_dim / 2][bs]
           uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_tile);  // [padded_keys / 2][head_dim]
           // Key rows of 32-bit pairs transposed as floats are (bit moves only), where the pairs fill
-          // whole vectors and rows start a whole pair apart; element by element otherwise (head_dim
-          // 16). The element-wise copy took a sixth of the amx build's windowed kernel.
+          // whole vectors and rows start a whole pair apart; element by element otherwise (an odd
+          // token stride). The element-wise copy took a sixth of the amx build's windowed kernel.
           if ((head_dim / 2) % kLanes == 0 && a.k_stride[2] % 2 == 0) {
             transpose_rows(reinterpret_cast<const float*>(k_in + token_offset(a.k_stride, j0)), a.k_stride[2] / 2,
                            keys, padded_keys, head_dim / 2, k_t, bs);
