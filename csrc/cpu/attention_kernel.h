@@ -130,7 +130,6 @@ inline void transpose_rows(const float* rows, int64_t row_stride, int keys, int 
 // pairs[d] = even[d] | odd[d] << 16 for d < n (a multiple of kLanes): two rows of bf16 values
 // interleaved into the pairs vdpbf16ps and tdpbf16ps read; a null row reads as zeros.
 inline void interleave_rows(const uint16_t* even, const uint16_t* odd, int n, uint32_t* pairs) {
-  typedef unsigned vuint_u __attribute__((vector_size(kLanes * 4), aligned(4)));
   for (int d = 0; d < n; d += kLanes) {
     const vuint lo = even ? __builtin_convertvector(*reinterpret_cast<const vbf16_u*>(even + d), vuint) : vuint{};
     const vuint hi = odd ? __builtin_convertvector(*reinterpret_cast<const vbf16_u*>(odd + d), vuint) : vuint{};

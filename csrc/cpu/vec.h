@@ -197,6 +197,7 @@ inline uint16_t float_to_bf16(float f) {
 // kLanes bf16 at once, as the two functions above (round to nearest even, NaN kept quiet).
 typedef uint16_t vbf16_u __attribute__((vector_size(kLanes * 2), aligned(2)));
 typedef unsigned vuint __attribute__((vector_size(kLanes * 4)));
+typedef unsigned vuint_u __attribute__((vector_size(kLanes * 4), aligned(4)));
 
 inline vfloat load_bf16(const uint16_t* p) {
   return (vfloat)(__builtin_convertvector(*reinterpret_cast<const vbf16_u*>(p), vuint) << 16);
