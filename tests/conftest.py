@@ -103,7 +103,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def interpreter_overflow_checks(request):
     """Triton's interpreter re-runs every int32 add, sub and mul in int64 to assert it did not
-    overflow: ~35% of an attention test's interpreter time. At these tests' shapes (offsets below
+    overflow: ~26% of an attention test's interpreter time. At these tests' shapes (offsets below
     2^17) only a garbage index could overflow, and it would fail the comparison with the reference
     anyway, so the check is off, except in the fuzz tests (random shapes, run once in CI), where it
     names the operation that overflowed."""
