@@ -29,7 +29,7 @@ MODERNBERT_KERNELS_LIBRARY(m) {
       "int max_seqlen) -> (Tensor, Tensor, Tensor)");
   m.def(
       "int8_linear_native(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
-      "str activation, ScalarType out_dtype) -> Tensor");
+      "str activation, ScalarType out_dtype, Tensor? residual=None) -> Tensor");
   // out may be x itself (in place).
   m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");

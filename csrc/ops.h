@@ -66,9 +66,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_op(
 template <typename Kernels>
 Tensor int8_linear_op(const Tensor& x_q, const Tensor& x_scale, const Tensor& w_q,
                           const Tensor& w_scale, const std::optional<Tensor>& bias, std::string activation,
-                          ScalarType out_dtype) {
+                          ScalarType out_dtype, const std::optional<Tensor>& residual) {
   const DeviceScope scope(x_q);
-  const Int8Linear call = prepare_int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, Kernels::kDevice);
+  const Int8Linear call =
+      prepare_int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual, Kernels::kDevice);
   if (call.params.m > 0 && call.params.n > 0) Kernels::int8_linear(call.params, x_q, w_q);
   return call.out;
 }

@@ -96,6 +96,7 @@ struct Int8LinearParams {
   const float* w_scale;  // [n]
   const float* bias;     // [n] or null
   void* out;             // [m, n], or [m, n / 2] for geglu, row-major
+  const void* residual;  // like out (its shape and dtype, row-major), added last; or null
   ElementType out_dtype;
   Activation activation;
   int64_t m, n, k;

@@ -264,10 +264,11 @@ struct Int8Linear {
 };
 
 // x_q [M, K] and w_q [N, K] int8, contiguous; x_scale [M] and w_scale [N] fp32; out [M, N] (or
-// [M, N / 2] for geglu) in out_dtype.
+// [M, N / 2] for geglu) in out_dtype, and residual (if given) like out, contiguous.
 inline Int8Linear prepare_int8_linear(const Tensor& x_q, const Tensor& x_scale, const Tensor& w_q,
                                       const Tensor& w_scale, const std::optional<Tensor>& bias,
-                                      std::string_view activation, ScalarType out_dtype, DeviceType device) {
+                                      std::string_view activation, ScalarType out_dtype,
+                                      const std::optional<Tensor>& residual, DeviceType device) {
   MBK_CHECK(x_q.scalar_type() == ScalarType::Char && w_q.scalar_type() == ScalarType::Char, "x_q and w_q must be int8");
   MBK_CHECK(x_q.dim() == 2 && w_q.dim() == 2 && x_q.size(1) == w_q.size(1),
               "x_q [M, K] and w_q [N, K] must share K, got ", shape(x_q), " and ", shape(w_q));
@@ -293,7 +294,13 @@ inline Int8Linear prepare_int8_linear(const Tensor& x_q, const Tensor& x_scale, 
   p.m = x_q.size(0);
   p.n = w_q.size(0);
   p.k = x_q.size(1);
-  call.out = empty({p.m, p.activation == Activation::Geglu ? p.n / 2 : p.n}, out_dtype, x_q);
+  const int64_t out_cols = p.activation == Activation::Geglu ? p.n / 2 : p.n;
+  if (residual.has_value())
+    MBK_CHECK(residual->dim() == 2 && residual->size(0) == p.m && residual->size(1) == out_cols &&
+                  residual->scalar_type() == out_dtype && residual->is_contiguous() && residual->device() == x_q.device(),
+              "residual must be a contiguous [", p.m, ", ", out_cols, "] tensor of the output's dtype on x_q's device, got ",
+              shape(*residual));
+  call.out = empty({p.m, out_cols}, out_dtype, x_q);
   if (bias.has_value()) call.bias = contiguous_float(*bias);
   p.x_q = static_cast<int8_t*>(x_q.data_ptr());
   p.w_q = static_cast<int8_t*>(w_q.data_ptr());
@@ -301,6 +308,7 @@ inline Int8Linear prepare_int8_linear(const Tensor& x_q, const Tensor& x_scale, 
   p.w_scale = static_cast<float*>(w_scale.data_ptr());
   p.bias = call.bias.defined() ? static_cast<float*>(call.bias.data_ptr()) : nullptr;
   p.out = call.out.data_ptr();
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
   return call;
 }
 

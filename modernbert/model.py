@@ -115,9 +115,7 @@ class ModernBertAttention(nn.Module):
         if self.head_gate is not None:
             out = out * self.head_gate[:, None].to(out.dtype)
         out = out.reshape(hidden.shape[0], -1)
-        if isinstance(self.Wo, Int8Linear):
-            return cpu_linear.add_residual(self.out_drop(self.Wo(out, out_dtype=hidden.dtype)), hidden)
-        return project_with_residual(self.Wo, out.to(hidden.dtype), hidden, self.out_drop)
+        return project_with_residual(self.Wo, out, hidden, self.out_drop)
 
     @torch.no_grad()
     def prune(self, heads) -> None:
@@ -193,13 +191,19 @@ class ModernBertEncoderLayer(nn.Module):
 
 def project_with_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor,
                           dropout: nn.Module | None = None):
-    """residual + dropout(linear(x)): a sublayer's output projection and its residual connection. A
-    ``Linear`` adds the residual in its GEMM's epilogue where that pays (bf16 on the CPU), unless a
-    dropout sits between them; otherwise the residual is added into the fresh output."""
+    """residual + dropout(linear(x)) in residual's dtype: a sublayer's output projection and its
+    residual connection. Unless a dropout sits between them, an ``Int8Linear`` adds the residual in
+    its GEMM's epilogue (x in any dtype: the epilogue writes residual's), and a ``Linear`` where that
+    pays (bf16 on the CPU); otherwise the residual is added into the fresh output."""
     dropping = dropout is not None and dropout.training and not isinstance(dropout, nn.Identity)
-    if isinstance(linear, Linear) and not dropping:
-        return linear(x, residual=residual)
-    out = linear(x)
+    if isinstance(linear, Int8Linear):
+        if not dropping:
+            return linear(x, out_dtype=residual.dtype, residual=residual)
+        out = linear(x, out_dtype=residual.dtype)
+    elif isinstance(linear, Linear) and not dropping:
+        return linear(x.to(residual.dtype), residual=residual)
+    else:
+        out = linear(x.to(residual.dtype))
     return cpu_linear.add_residual(out if dropout is None else dropout(out), residual)
 
 

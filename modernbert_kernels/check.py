@@ -179,12 +179,13 @@ def int8_builds(arch: int, quick: bool):
     out_types = ("bf16",) if quick else ("bf16", "fp16")
     epilogues = ("geglu",) if quick else ("gelu", "geglu")
     for out_type in out_types:
-        pointers = dict(A="i8", B="i8", Out=out_type, AScale="fp32", BScale="fp32", Bias="fp32")
+        pointers = dict(A="i8", B="i8", Out=out_type, AScale="fp32", BScale="fp32", Bias="fp32", Residual=out_type)
         for epilogue in epilogues:
             for config in INT8_CONFIGS:
+                # With the residual: its tile is the epilogue's largest extra load (registers, spills).
                 yield Build(
-                    int8_matmul_kernel, f"i8->{out_type}", epilogue, pointers,
-                    dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=True, **config.kwargs),
+                    int8_matmul_kernel, f"i8->{out_type}", f"{epilogue}+residual", pointers,
+                    dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=True, HAS_RESIDUAL=True, **config.kwargs),
                     config.num_warps, config.num_stages, rows_per_program=config.kwargs["BLOCK_M"], tensor_cores=True,
                 )
         for width in QUANTIZE_WIDTHS:

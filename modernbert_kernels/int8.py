@@ -117,7 +117,7 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_op(w.detach(), None, 0.0, None, "torch")
 
 
-def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
+def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype, residual=None):
     # Convert, then scale in place: a mixed int32 * fp32 multiply takes a slow casting path.
     y = acc.float().mul_(w_scale).mul_(x_scale[:, None])
     if bias is not None:
@@ -129,6 +129,8 @@ def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype):
     elif activation == "geglu":
         pairs = y.view(y.shape[0], y.shape[1] // 2, 2)
         y = torch.nn.functional.gelu(pairs[..., 0]) * pairs[..., 1]
+    if residual is not None:
+        y.add_(residual)  # y is this call's own fresh tensor
     return y.to(out_dtype)
 
 
@@ -211,14 +213,15 @@ INT8_LINEAR = backends.op("int8_linear")
 
 
 @INT8_LINEAR.implements("triton", "int8 tensor-core GEMM, dequantization, bias and activation in the epilogue")
-def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual):
     from .triton.int8_matmul import int8_matmul
 
-    return int8_matmul(x_q, w_q, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype)
+    return int8_matmul(x_q, w_q, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype,
+                       residual=residual)
 
 
-def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
-    return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual):
+    return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual)
 
 
 INT8_LINEAR.add("cpu", "its own AMX-INT8 GEMM, else oneDNN's int8 GEMM (an exact int16-pair GEMM without VNNI / "
@@ -228,24 +231,26 @@ INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_n
 
 @INT8_LINEAR.implements("torch", "torch._int_mm (exact float GEMM on CPUs without VNNI / AMX), then the epilogue "
                         "in PyTorch")
-def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual):
     return _epilogue_torch(_int_mm(x_q, w_q), x_scale, w_scale, bias, None if activation == "none" else activation,
-                           out_dtype)
+                           out_dtype, residual)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("int8_linear"), mutates_args=())
 def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if x_q.numel() == 0 or w_q.numel() == 0:  # an empty product: act(bias), as nn.Linear gives; no kernel launch
         empty = torch.zeros(x_q.shape[0], w_q.shape[0], device=x_q.device, dtype=torch.int32)
-        return _epilogue_torch(empty, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype)
-    return INT8_LINEAR[backend](x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+        return _epilogue_torch(empty, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype,
+                               residual)
+    return INT8_LINEAR[backend](x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual)
 
 
 @_int8_linear_op.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend):
+def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend, residual=None):
     cols = w_q.shape[0] // 2 if activation == "geglu" else w_q.shape[0]
     return x_q.new_empty(x_q.shape[0], cols, dtype=out_dtype)
 
@@ -259,12 +264,14 @@ def int8_linear(
     activation: str | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(x_scale[m] * w_scale[n] * (x_q @ w_q.T)[m, n] + bias[n]) as ``out_dtype``.
+    """act(x_scale[m] * w_scale[n] * (x_q @ w_q.T)[m, n] + bias[n]) (+ residual[m, n]) as ``out_dtype``.
 
     x_q [M, K] int8, x_scale [M] fp32, w_q [N, K] int8, w_scale [N] fp32, bias [N] or None;
     K must be a multiple of 16. ``activation="geglu"`` expects the weight rows interleaved
-    (see ``interleave_geglu``) and returns [M, N / 2].
+    (see ``interleave_geglu``) and returns [M, N / 2]. ``residual`` (the output's shape and dtype) is
+    added in the epilogue, after the activation: a residual connection without a pass of its own.
     """
     for name, t, dtype in (("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8),
                            ("x_scale", x_scale, torch.float32), ("w_scale", w_scale, torch.float32)):
@@ -290,9 +297,18 @@ def int8_linear(
         raise ValueError(f"geglu needs an even number of weight rows, got {n}")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
+    if residual is not None:
+        out_shape = (m, n // 2 if activation == "geglu" else n)
+        if not isinstance(residual, torch.Tensor) or residual.dtype != out_dtype:
+            raise TypeError(f"residual must be a {out_dtype} tensor (out_dtype), got "
+                            f"{getattr(residual, 'dtype', type(residual).__name__)}")
+        if residual.shape != out_shape or residual.device != x_q.device:
+            raise ValueError(f"residual must be {list(out_shape)} on {x_q.device}, got {tuple(residual.shape)} on "
+                             f"{residual.device}")
+        residual = residual.contiguous()
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
     return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
-                           INT8_LINEAR.resolve(backend, x_q.device))
+                           INT8_LINEAR.resolve(backend, x_q.device), residual)
 
 
 @torch.no_grad()
@@ -365,16 +381,24 @@ class Int8Linear(nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``norm_weight`` fuses a bias-free LayerNorm of x into the quantization; ``out_dtype`` (default
-        x's) is what the epilogue writes, so a consumer in another dtype needs no cast pass."""
+        x's) is what the epilogue writes, so a consumer in another dtype needs no cast pass; ``residual``
+        (the output's shape, in out_dtype) is added in the epilogue."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         leading = x.shape[:-1]
         x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
                                           smooth=self.smooth)
+        out_dtype = x.dtype if out_dtype is None else out_dtype
+        if residual is not None:
+            out_features = self.out_features // 2 if self.activation == "geglu" else self.out_features
+            if residual.shape != (*leading, out_features):
+                raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape "
+                                 f"{(*leading, out_features)}")
+            residual = residual.reshape(-1, out_features)
         y = int8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, self.activation,
-                        out_dtype=x.dtype if out_dtype is None else out_dtype)
+                        out_dtype=out_dtype, residual=residual)
         return y.reshape(*leading, y.shape[-1])
 
     def extra_repr(self) -> str:

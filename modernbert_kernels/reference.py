@@ -109,18 +109,19 @@ def int8_matmul_reference(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x_q.long(), w_q.long().t())
 
 
-def int8_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, activation=None) -> torch.Tensor:
-    """act(x_scale[m] w_scale[n] (x_q @ w_q.T) + bias) in float64; geglu takes interleaved rows."""
+def int8_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, activation=None, residual=None) -> torch.Tensor:
+    """act(x_scale[m] w_scale[n] (x_q @ w_q.T) + bias) (+ residual) in float64; geglu takes interleaved
+    rows."""
     y = int8_matmul_reference(x_q, w_q).double() * x_scale.double()[:, None] * w_scale.double()[None, :]
     if bias is not None:
         y = y + bias.double()
     if activation == "gelu":
-        return torch.nn.functional.gelu(y)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(y, approximate="tanh")
-    if activation == "geglu":
-        return torch.nn.functional.gelu(y[:, 0::2]) * y[:, 1::2]
-    return y
+        y = torch.nn.functional.gelu(y)
+    elif activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    elif activation == "geglu":
+        y = torch.nn.functional.gelu(y[:, 0::2]) * y[:, 1::2]
+    return y if residual is None else y + residual.double()
 
 
 def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,12 @@ CATALOGUE = [
     ("scales of the wrong length", lambda: int8_linear(X_Q, X_SCALE[:3], W_Q, W_SCALE), ValueError, r"x_scale must be \[5\]"),
     ("an unknown epilogue", lambda: int8_linear(X_Q, X_SCALE, W_Q, W_SCALE, None, "relu"), ValueError,
      r"activation must be one of"),
+    ("a residual of another width", lambda: int8_linear(X_Q, X_SCALE, W_Q, W_SCALE, None, "geglu",
+                                                         residual=torch.zeros(5, 8, dtype=torch.bfloat16)),
+     ValueError, r"residual must be \[5, 16\]"),
+    ("a residual of another dtype than the output", lambda: int8_linear(X_Q, X_SCALE, W_Q, W_SCALE,
+                                                                          residual=torch.zeros(5, 8)),
+     TypeError, r"residual must be a torch.bfloat16 tensor"),
     ("a 1-D tensor to quantize", lambda: quantize_per_token(torch.randn(64)), ValueError, r"x must be \[M, K\]"),
     # rotary
     ("an odd head_dim for RoPE", lambda: rotary_embedding(torch.randn(4, 2, 2, 33), ANGLES, ANGLES), ValueError,

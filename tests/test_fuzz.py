@@ -129,22 +129,26 @@ def check_attention(backend, problem):
 
 
 def int8_problems(backend):
-    """(m, n, k, activation, out_dtype, with_bias, seed): k a multiple of 16, not always of 32."""
+    """(m, n, k, activation, out_dtype, with_bias, with_residual, seed): k a multiple of 16, not always
+    of 32."""
     out_dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if backend != "triton" else [])
     return st.tuples(st.integers(1, 70), st.integers(1, 40).map(lambda half: 2 * half),
                      st.integers(1, 12).map(lambda blocks: 16 * blocks),
                      st.sampled_from([None, "gelu", "gelu_tanh", "geglu"]), st.sampled_from(out_dtypes),
-                     st.booleans(), SEEDS)
+                     st.booleans(), st.booleans(), SEEDS)
 
 
 def check_int8_linear(backend, problem):
-    m, n, k, activation, out_dtype, with_bias, seed = problem
+    m, n, k, activation, out_dtype, with_bias, with_residual, seed = problem
     generator = torch.Generator().manual_seed(seed)
     x_q, x_scale = quantize_per_token(torch.randn(m, k, generator=generator), backend="torch")
     w_q, w_scale = quantize_per_channel(torch.randn(n, k, generator=generator))
     bias = torch.randn(n, generator=generator) if with_bias else None
-    out = int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype=out_dtype, backend=backend)
-    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation)
+    cols = n // 2 if activation == "geglu" else n
+    residual = torch.randn(m, cols, generator=generator).to(out_dtype) if with_residual else None
+    out = int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype=out_dtype, backend=backend,
+                      residual=residual)
+    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, residual)
     assert out.dtype == out_dtype and out.shape == expected.shape
     assert close(out, expected, EPILOGUE_TOLERANCE[out_dtype])
 

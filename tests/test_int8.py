@@ -76,6 +76,33 @@ def test_int8_linear_epilogue(backend, m, n, k, with_bias, activation, out_dtype
     assert relative(out, expected) <= EPILOGUE_TOLERANCE[out_dtype]
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("activation", [None, "geglu"])
+@pytest.mark.parametrize("m, n, k", [(50, 40, 48), (77, 130, 144)])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_linear_adds_the_residual(backend, m, n, k, activation, out_dtype, poison_allocations):
+    """The residual connection in the epilogue: act(...) + residual, rounded to out_dtype once. The
+    residual is of the outputs' size, so a dropped or doubled one fails the tolerance, and it is
+    read, not written."""
+    if backend == "triton" and out_dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bf16")
+    generator = torch.Generator().manual_seed(41)
+    x_q, w_q = random_int8(m, k, seed=42), random_int8(n, k, seed=43)
+    x_scale = torch.rand(m, generator=generator) * 0.02 + 0.005
+    w_scale = torch.rand(n, generator=generator) * 0.02 + 0.005
+    bias = torch.randn(n, generator=generator)
+    cols = n // 2 if activation == "geglu" else n
+    # Non-contiguous on purpose: the wrapper makes it contiguous for the kernels.
+    residual = (torch.randn(cols, m, generator=generator) * 4).to(out_dtype).t()
+    kept = residual.clone()
+    out = int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype=out_dtype, backend=backend,
+                      residual=residual)
+    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, residual)
+    assert out.dtype == out_dtype and out.shape == expected.shape
+    assert torch.equal(residual, kept)
+    assert relative(out, expected) <= EPILOGUE_TOLERANCE[out_dtype]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantize_per_token_round_trip(backend, poison_allocations):
     generator = torch.Generator().manual_seed(6)
@@ -314,11 +341,15 @@ def test_own_cpu_gemms_on_every_tile_edge(gemm, m, n, k, monkeypatch, poison_all
             out = torch.ops.modernbert_kernels.int8_linear_native(x_q, torch.ones(m), w_q, torch.ones(n), None,
                                                                   "none", torch.float32)
             assert torch.equal(out, expected.to(torch.float32)), count
-            if n % 2 == 0:  # the epilogue over each group's columns: GeGLU pairs, bias, bf16 output
+            if n % 2 == 0:  # the epilogue over each group's columns: GeGLU pairs, bias, a residual, bf16 output
+                residual = torch.randn(m, n // 2, generator=generator).to(torch.bfloat16)
                 out = torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, "geglu",
-                                                                      torch.bfloat16)
-                reference = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, "geglu")
+                                                                      torch.bfloat16, residual)
+                reference = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, "geglu", residual)
                 assert relative(out, reference) <= EPILOGUE_TOLERANCE[torch.bfloat16], count
+        with pytest.raises(RuntimeError, match=r"residual must be a contiguous \[%d, %d\] tensor" % (m, n)):
+            torch.ops.modernbert_kernels.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, "none", torch.float32,
+                                                            torch.zeros(m, n, dtype=torch.bfloat16))
     finally:
         torch.set_num_threads(threads)
 

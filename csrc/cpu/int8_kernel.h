@@ -1,6 +1,6 @@
 // The element-wise halves of the CPU int8 linear: per-token quantization (optionally fused with a
 // bias-free LayerNorm and SmoothQuant smoothing) and the GEMM epilogue (both scales, bias, GELU or
-// GeGLU, output cast). Included by the isa_*.cpp builds.
+// GeGLU, a residual, output cast). Included by the isa_*.cpp builds.
 #pragma once
 
 #include "../params.h"
@@ -16,6 +16,20 @@ inline vfloat activate(vfloat y, Activation activation) {
   if (activation == Activation::Gelu) return vgelu(y);
   if (activation == Activation::GeluTanh) return vgelu_tanh(y);
   return y;
+}
+
+// values[i] += residual[offset + i] for i < width, in fp32: the residual connection, added to a row
+// of the epilogue while it is in L1.
+inline void add_residual_row(const void* residual, int64_t offset, ElementType dtype, int64_t width, float* values) {
+  int64_t i = 0;
+  if (dtype == ElementType::Float32) {
+    const float* p = static_cast<const float*>(residual) + offset;
+    for (; i + kLanes <= width; i += kLanes) store(values + i, load(values + i) + load(p + i));
+  } else if (dtype == ElementType::BFloat16) {
+    const uint16_t* p = static_cast<const uint16_t*>(residual) + offset;
+    for (; i + kLanes <= width; i += kLanes) store(values + i, load(values + i) + load_bf16(p + i));
+  }
+  for (; i < width; ++i) values[i] += load_element(residual, offset + i, dtype);
 }
 
 // Rows [row_begin, row_end) x columns [col_begin, col_end) of the GEMM, from their int32 sums
@@ -83,6 +97,7 @@ void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int6
         for (int64_t l = 0; i + l < out_width; ++l) dst[i + l] = row_buffer[l];
       }
     }
+    if (a.residual) add_residual_row(a.residual, m * out_cols + out_begin, a.out_dtype, out_width, dst);
     if (a.out_dtype != ElementType::Float32) {
       const int64_t whole = out_width / kLanes * kLanes, offset = m * out_cols + out_begin;
       store_row(a.out, offset, a.out_dtype, 1.f, int(whole), staging);

@@ -1,7 +1,8 @@
 // W8A8 int8 linear in CUDA (the fallback where Triton is unavailable): int8 tensor cores through
 // WMMA (16x16x16 s8 -> s32, sm_72+), a 64x64 output tile per block of four warps (each warp
 // 32x32 = 2x2 fragments), K staged through shared memory 32 at a time. The epilogue applies both
-// scales, bias and GELU / GeGLU on the int32 tile in shared memory and writes the output once.
+// scales, bias, GELU / GeGLU and a residual on the int32 tile in shared memory and writes the output
+// once.
 // Also the per-token quantization (optionally fused with a bias-free LayerNorm and smoothing).
 #include <mma.h>
 
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearParams 
   __syncthreads();
 
   Out* out = static_cast<Out*>(a.out);
+  const Out* residual = static_cast<const Out*>(a.residual);
   if (a.activation == Activation::Geglu) {  // interleaved (activated, gate) column pairs
     const int64_t out_cols = a.n / 2;
     for (int idx = threadIdx.x; idx < kTileM * kTileN / 2; idx += kThreads) {
@@ -88,7 +90,9 @@ __global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearParams 
         activated += a.bias[n];
         gate += a.bias[n + 1];
       }
-      out[m * out_cols + n / 2] = from_float<Out>(gelu(activated) * gate);
+      float y = gelu(activated) * gate;
+      if (residual) y += to_float(residual[m * out_cols + n / 2]);
+      out[m * out_cols + n / 2] = from_float<Out>(y);
     }
     return;
   }
@@ -100,6 +104,7 @@ __global__ void __launch_bounds__(kThreads) int8_linear_kernel(Int8LinearParams 
     if (a.bias) y += a.bias[n];
     if (a.activation == Activation::Gelu) y = gelu(y);
     if (a.activation == Activation::GeluTanh) y = gelu_tanh(y);
+    if (residual) y += to_float(residual[m * a.n + n]);
     out[m * a.n + n] = from_float<Out>(y);
   }
 }

@@ -1,7 +1,7 @@
-"""W8A8 GEMM: int8 x int8 -> int32 accumulate, with the dequantization, bias and activation fused
-into the epilogue.
+"""W8A8 GEMM: int8 x int8 -> int32 accumulate, with the dequantization, bias, activation and a
+residual connection fused into the epilogue.
 
-out[m, n] = act(x_scale[m] * w_scale[n] * sum_k x_q[m, k] w_q[n, k] + bias[n])
+out[m, n] = act(x_scale[m] * w_scale[n] * sum_k x_q[m, k] w_q[n, k] + bias[n]) + residual[m, n]
 
 For GeGLU the weight rows of the two halves are interleaved at conversion time (row 2i is the
 activated half's row i, row 2i + 1 the gate's row i), so each tile holds matching pairs of
@@ -36,10 +36,10 @@ def gelu_tanh(x):
 
 @triton.jit
 def int8_matmul_kernel(
-    A, B, Out, AScale, BScale, Bias,
+    A, B, Out, AScale, BScale, Bias, Residual,
     M, N, K,
     stride_am, stride_bn, stride_om,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row-tiles share each column-tile while it is in L2.
@@ -90,23 +90,29 @@ def int8_matmul_kernel(
         if EPILOGUE == 3:
             activated, gate = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
             half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + half[None, :],
-                     (gelu_erf(activated) * gate).to(Out.dtype.element_ty),
-                     mask=row_ok[:, None] & (half[None, :] < N // 2))
+            offsets = offs_m[:, None].to(tl.int64) * stride_om + half[None, :]
+            mask = row_ok[:, None] & (half[None, :] < N // 2)
+            y = gelu_erf(activated) * gate
         else:
-            tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(Out.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            offsets = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_RESIDUAL:  # laid out like Out
+            y += tl.load(Residual + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + offsets, y.to(Out.dtype.element_ty), mask=mask)
 
 
 # Not keyed on M: the encoder's token count changes every batch, and re-tuning each would cost more
 # than it wins; tile choice depends mostly on N and K.
 int8_matmul_tuned = triton.autotune(
-    configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS"], prune_configs_by={"early_config_prune": int8_pruner},
+    configs=INT8_CONFIGS, key=["N", "K", "EPILOGUE", "HAS_BIAS", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": int8_pruner},
 )(int8_matmul_kernel)
 
 
-def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None):
-    """a_q [M, K] int8, b_q [N, K] int8 -> [M, N] (or [M, N / 2] for geglu) of out_dtype (int32 raw)."""
+def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, out_dtype=torch.float16, tile=None,
+                residual=None):
+    """a_q [M, K] int8, b_q [N, K] int8 -> [M, N] (or [M, N / 2] for geglu) of out_dtype (int32 raw);
+    ``residual`` (contiguous, the output's shape) is added last."""
     if a_q.shape[1] % 32:
         # K is a multiple of 16 but int8 MMA tiles need 32: zero columns add nothing.
         pad = 32 - a_q.shape[1] % 32
@@ -120,8 +126,9 @@ def int8_matmul(a_q, b_q, a_scale=None, b_scale=None, bias=None, epilogue=None, 
         return out
     dummy = a_q.new_empty(0, dtype=torch.float32)
     args = (a_q, b_q, out, dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
-            dummy if bias is None else bias, m, n, k, a_q.stride(0), b_q.stride(0), out.stride(0))
-    flags = dict(EPILOGUE=code, HAS_BIAS=bias is not None)
+            dummy if bias is None else bias, dummy if residual is None else residual,
+            m, n, k, a_q.stride(0), b_q.stride(0), out.stride(0))
+    flags = dict(EPILOGUE=code, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
     if tile is None and autotuning():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         int8_matmul_tuned[grid](*args, **flags)
