@@ -243,9 +243,10 @@ def test_opcheck(backend):
     torch.library.opcheck(_quantize_op, (x, torch.rand(32) + 0.5, 1e-5, None, backend))
     x_q, x_scale = quantize_per_token(x, backend=backend)
     w_q, w_scale = quantize_per_channel(torch.randn(24, 32))
-    for activation in ("none", "geglu"):
+    # GeGLU with a residual (its fake output's width is the halved one): both optional inputs.
+    for activation, residual in (("none", None), ("geglu", torch.randn(20, 12))):
         torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, torch.randn(24), activation,
-                                                torch.float32, backend))
+                                                torch.float32, backend, residual))
 
 
 def test_torch_compile_traces_int8_linear():
