@@ -121,6 +121,40 @@ def test_quantize_per_token_round_trip(backend, poison_allocations):
     assert q[7, 11] == 127
 
 
+def near_ties(seed, rows=48, k=96):
+    """Rows whose values sit at and one ulp beside the rounding ties (j + 1/2) x scale, scales from
+    2^-120 to 2^120 (past the [2^-90, 2^90] where the C++ kernel multiplies by 1 / scale instead of
+    dividing), and fp32 scales with full mantissas: which way each rounds depends on the last bit of
+    the quotient."""
+    generator = torch.Generator().manual_seed(seed)
+    exponents = torch.linspace(-120, 120, rows).round()
+    scale = ((1 + torch.rand(rows, generator=generator)) * 2.0**exponents).float()
+    amax = (scale * 127).float()
+    scale = amax / 127  # what the kernels compute from the row's amax
+    steps = torch.randint(-126, 127, (rows, k), generator=generator).float() + 0.5
+    x = (steps * scale[:, None]).float()
+    side = torch.randint(-1, 2, (rows, k), generator=generator)  # the tie's value, or the ulp below or above
+    x = torch.where(side > 0, x.nextafter(torch.tensor(float("inf"))),
+                    torch.where(side < 0, x.nextafter(torch.tensor(float("-inf"))), x))
+    x[:, 0] = amax
+    return x, steps
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_quantization_rounds_the_exact_fp32_quotient(backend, poison_allocations):
+    """Every backend divides by the scale as fp32 division does (correctly rounded), so at and next
+    to the ties each value rounds as the torch backend's x / scale does: the same int8 values, bit
+    for bit, at every scale."""
+    x, steps = near_ties(seed=51)
+    q, scale = quantize_per_token(x, backend=backend)
+    expected_q, expected_scale = quantize_per_token(x, backend="torch")
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, expected_q), (q != expected_q).nonzero()[:5]
+    # The values straddle the ties: some round away from zero (j + 1/2 -> j + 1), some toward it.
+    away = (steps + steps.sign() * 0.5)[:, 1:]
+    assert 0.2 < (q[:, 1:] == away).float().mean() < 0.8
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_layernorm_and_smoothing_quantize(backend):
     generator = torch.Generator().manual_seed(7)

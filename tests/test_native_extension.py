@@ -5,6 +5,7 @@ CPU calls pick the PyTorch path, and asking for backend="cpu" is a clear error."
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,13 @@ for name, got, want in zip("qkv", leaves, leaves64):
     assert err <= 1e-5, (name, err)
 x = torch.randn(37, 90, generator=g)  # 90 and 42: a scalar tail for every vector width
 assert torch.equal(quantize_per_token(x, backend="cpu")[0], quantize_per_row_reference(x)[0])
+# At and beside the rounding ties, every scale: the quotient by the inverse (FMA builds) or by
+# division (baseline) rounds as fp32 division does.
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_int8 import near_ties
+ties = near_ties(seed=52)[0]
+assert torch.equal(quantize_per_token(ties, backend="cpu")[0], quantize_per_token(ties, backend="torch")[0])
 x_q, x_scale = quantize_per_token(x[:, :80], backend="cpu")
 w_q = torch.randint(-127, 128, (42, 80), generator=g, dtype=torch.int8)
 w_scale, bias = torch.rand(42, generator=g) * 0.02, torch.randn(42, generator=g)

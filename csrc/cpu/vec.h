@@ -33,6 +33,19 @@ inline vint iota() {
 
 inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 
+// a * b + c rounded once. The 8- and 16-lane builds target FMA; the 4-lane baseline has none, so
+// there it is two roundings, and code whose result needs the single rounding tests kHasFma.
+#if MBK_LANES == 16
+constexpr bool kHasFma = true;
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+#elif MBK_LANES == 8
+constexpr bool kHasFma = true;
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+constexpr bool kHasFma = false;
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+#endif
+
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 
