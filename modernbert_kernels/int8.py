@@ -212,7 +212,8 @@ def _int_mm(x_q, w_q):
 INT8_LINEAR = backends.op("int8_linear")
 
 
-@INT8_LINEAR.implements("triton", "int8 tensor-core GEMM, dequantization, bias and activation in the epilogue")
+@INT8_LINEAR.implements("triton", "int8 tensor-core GEMM; dequantization, bias, activation and residual in the "
+                        "epilogue")
 def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual):
     from .triton.int8_matmul import int8_matmul
 
@@ -226,7 +227,7 @@ def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype,
 
 INT8_LINEAR.add("cpu", "its own AMX-INT8 GEMM, else oneDNN's int8 GEMM (an exact int16-pair GEMM without VNNI / "
                 "AMX), in cache-sized blocks, each with its vectorized epilogue", _int8_linear_native)
-INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue", _int8_linear_native)
+INT8_LINEAR.add("cuda", "WMMA int8 GEMM with the fused epilogue (residual included)", _int8_linear_native)
 
 
 @INT8_LINEAR.implements("torch", "torch._int_mm (exact float GEMM on CPUs without VNNI / AMX), then the epilogue "
