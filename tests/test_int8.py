@@ -142,9 +142,9 @@ def near_ties(seed, rows=48, k=96):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantization_rounds_the_exact_fp32_quotient(backend, poison_allocations):
-    """Every backend divides by the scale as fp32 division does (correctly rounded), so at and next
-    to the ties each value rounds as the torch backend's x / scale does: the same int8 values, bit
-    for bit, at every scale."""
+    """Every CPU backend gets the quotient by the scale that fp32 division gives (correctly rounded;
+    the C++ kernel by an FMA-corrected product), so at and next to the ties each value rounds as the
+    torch backend's x / scale does: the same int8 values, bit for bit, at every scale."""
     x, steps = near_ties(seed=51)
     q, scale = quantize_per_token(x, backend=backend)
     expected_q, expected_scale = quantize_per_token(x, backend="torch")
