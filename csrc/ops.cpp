@@ -29,7 +29,10 @@ MODERNBERT_KERNELS_LIBRARY(m) {
       "int max_seqlen) -> (Tensor, Tensor, Tensor)");
   m.def(
       "int8_linear_native(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
-      "str activation, ScalarType out_dtype, Tensor? residual=None) -> Tensor");
+      "str activation, ScalarType out_dtype, Tensor? residual=None, Tensor? w_packed=None) -> Tensor");
+  // The CPU GEMM's layout of an int8 weight, made once (int8_pack_weight in int8.py); int8_linear_native
+  // takes it as w_packed and skips packing w_q on every call (cpu/int8_linear_op.cpp).
+  m.def("int8_pack_weight_native(Tensor w_q) -> Tensor");
   // out may be x itself (in place).
   m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");

@@ -6,7 +6,8 @@
 //     static constexpr DeviceType kDevice = ...;
 //     static void attention_forward(const AttentionParams&);           // attention families
 //     static void attention_backward(const AttentionBackwardParams&);
-//     static void int8_linear(const Int8LinearParams&, const Tensor& x_q, const Tensor& w_q);  // int8
+//     static void int8_linear(const Int8LinearParams&, const Tensor& x_q, const Tensor& w_q,  // int8
+//                             const std::optional<Tensor>& w_packed);
 //     static void quantize(const QuantizeParams&);
 //     static void rotary(const RotaryParams&);                          // rotary
 //   };
@@ -66,11 +67,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_op(
 template <typename Kernels>
 Tensor int8_linear_op(const Tensor& x_q, const Tensor& x_scale, const Tensor& w_q,
                           const Tensor& w_scale, const std::optional<Tensor>& bias, std::string activation,
-                          ScalarType out_dtype, const std::optional<Tensor>& residual) {
+                          ScalarType out_dtype, const std::optional<Tensor>& residual,
+                          const std::optional<Tensor>& w_packed) {
   const DeviceScope scope(x_q);
   const Int8Linear call =
       prepare_int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual, Kernels::kDevice);
-  if (call.params.m > 0 && call.params.n > 0) Kernels::int8_linear(call.params, x_q, w_q);
+  if (call.params.m > 0 && call.params.n > 0) Kernels::int8_linear(call.params, x_q, w_q, w_packed);
   return call.out;
 }
 

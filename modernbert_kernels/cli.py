@@ -40,7 +40,7 @@ def info() -> int:
         print(f"default backend on {device}: {backends.default_backend(torch.device(device))}")
     from .int8 import cpu_int8_gemm
 
-    what = {"amx": "this library's AMX-INT8 tile kernel, on a weight packed once per call",
+    what = {"amx": "this library's AMX-INT8 tile kernel, on a weight packed once",
             "int8": "oneDNN's int8 GEMM",
             "int16": "the int8 values as int16 pairs through pmaddwd, exact: oneDNN's int8 GEMM is exact and fast "
                      "only with VNNI / AMX",

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import backends
 from ._ops import add_op_namespace_prefix, ops
+from .tensor_cache import TensorCache
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
 INT8_MAX = 127.0
@@ -221,8 +222,8 @@ def _int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype,
                        residual=residual)
 
 
-def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual):
-    return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual)
+def _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual, w_packed=None):
+    return ops.int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual, w_packed)
 
 
 INT8_LINEAR.add("cpu", "its own AMX-INT8 GEMM, else oneDNN's int8 GEMM (an exact int16-pair GEMM without VNNI / "
@@ -241,17 +242,19 @@ def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, 
 def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
-    residual: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None, w_packed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if x_q.numel() == 0 or w_q.numel() == 0:  # an empty product: act(bias), as nn.Linear gives; no kernel launch
         empty = torch.zeros(x_q.shape[0], w_q.shape[0], device=x_q.device, dtype=torch.int32)
         return _epilogue_torch(empty, x_scale, w_scale, bias, None if activation == "none" else activation, out_dtype,
                                residual)
+    if w_packed is not None and backend == "cpu":
+        return _int8_linear_native(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual, w_packed)
     return INT8_LINEAR[backend](x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, residual)
 
 
 @_int8_linear_op.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend, residual=None):
+def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend, residual=None, w_packed=None):
     cols = w_q.shape[0] // 2 if activation == "geglu" else w_q.shape[0]
     return x_q.new_empty(x_q.shape[0], cols, dtype=out_dtype)
 
@@ -266,6 +269,7 @@ def int8_linear(
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str | None = None,
     residual: torch.Tensor | None = None,
+    packed_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(x_scale[m] * w_scale[n] * (x_q @ w_q.T)[m, n] + bias[n]) (+ residual[m, n]) as ``out_dtype``.
 
@@ -273,6 +277,8 @@ def int8_linear(
     K must be a multiple of 16. ``activation="geglu"`` expects the weight rows interleaved
     (see ``interleave_geglu``) and returns [M, N / 2]. ``residual`` (the output's shape and dtype) is
     added in the epilogue, after the activation: a residual connection without a pass of its own.
+    ``packed_weight`` (``int8_pack_weight(w_q)``, made once) spares the C++ CPU backend packing w_q
+    on every call; other backends read w_q and ignore it.
     """
     for name, t, dtype in (("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8),
                            ("x_scale", x_scale, torch.float32), ("w_scale", w_scale, torch.float32)):
@@ -307,9 +313,37 @@ def int8_linear(
             raise ValueError(f"residual must be {list(out_shape)} on {x_q.device}, got {tuple(residual.shape)} on "
                              f"{residual.device}")
         residual = residual.contiguous()
+    backend = INT8_LINEAR.resolve(backend, x_q.device)
+    if packed_weight is not None:
+        if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.int8 or packed_weight.dim() != 1:
+            raise TypeError("packed_weight must be what int8_pack_weight(w_q) returned (a 1-D int8 tensor), got "
+                            f"{getattr(packed_weight, 'dtype', type(packed_weight).__name__)}")
+        if backend != "cpu":
+            packed_weight = None  # the CPU GEMM's layout; the other backends read w_q
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
-    return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype,
-                           INT8_LINEAR.resolve(backend, x_q.device), residual)
+    return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype, backend, residual,
+                           packed_weight)
+
+
+def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """w_q ([N, K] int8, on the CPU) in the layout the C++ CPU backend's GEMM reads (its AMX tile
+    kernel's or its int16-pair kernel's; a header alone for oneDNN's, which reads w_q as it is), for
+    ``int8_linear(..., packed_weight=)``. Packing w_q costs about as much as a call's products at a
+    few tokens, so a weight used for many calls is packed once (``Int8Linear`` does this itself).
+    The copy names the weight's shape and the GEMM it was made for: int8_linear refuses it for
+    another shape, and packs w_q itself while another GEMM is forced
+    (MODERNBERT_KERNELS_CPU_INT8_GEMM). It does not follow later changes to w_q."""
+    if not isinstance(w_q, torch.Tensor) or w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise TypeError(f"w_q must be an [N, K] int8 tensor, got {getattr(w_q, 'dtype', type(w_q).__name__)} "
+                        f"of shape {tuple(getattr(w_q, 'shape', ()))}")
+    if w_q.device.type != "cpu":
+        raise ValueError(f"int8_pack_weight makes the CPU backend's layout; w_q is on {w_q.device}")
+    INT8_LINEAR.resolve("cpu", w_q.device)  # a clear error where the C++ extension is not built
+    return ops.int8_pack_weight_native(w_q.contiguous())
+
+
+# Int8Linear's packed weights: made once per weight_q (and again after it changes in place).
+_packed_weights = TensorCache()
 
 
 @torch.no_grad()
@@ -399,8 +433,18 @@ class Int8Linear(nn.Module):
                                  f"{(*leading, out_features)}")
             residual = residual.reshape(-1, out_features)
         y = int8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, self.activation,
-                        out_dtype=out_dtype, residual=residual)
+                        out_dtype=out_dtype, residual=residual, packed_weight=self._packed_weight(x))
         return y.reshape(*leading, y.shape[-1])
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """weight_q packed for the C++ CPU backend, where that backend runs this call; made at the
+        first such call and again after weight_q changes (in place, or replaced by ``.to()`` /
+        ``load_state_dict``). Not under ``torch.compile``, whose graph packs per call."""
+        if (x.device.type != "cpu" or torch.compiler.is_compiling()
+                or INT8_LINEAR.resolve(None, x.device) != "cpu"):
+            return None
+        weight = self.weight_q
+        return _packed_weights.get(weight, ("cpu_packed", weight.data_ptr()), lambda: int8_pack_weight(weight))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -151,6 +151,9 @@ CATALOGUE = [
     ("a residual of another dtype than the output", lambda: int8_linear(X_Q, X_SCALE, W_Q, W_SCALE,
                                                                           residual=torch.zeros(5, 8)),
      TypeError, r"residual must be a torch.bfloat16 tensor"),
+    ("a packed weight that int8_pack_weight did not make", lambda: int8_linear(X_Q, X_SCALE, W_Q, W_SCALE,
+                                                                                packed_weight=torch.zeros(64)),
+     TypeError, r"packed_weight must be what int8_pack_weight\(w_q\) returned"),
     ("a 1-D tensor to quantize", lambda: quantize_per_token(torch.randn(64)), ValueError, r"x must be \[M, K\]"),
     # rotary
     ("an odd head_dim for RoPE", lambda: rotary_embedding(torch.randn(4, 2, 2, 33), ANGLES, ANGLES), ValueError,

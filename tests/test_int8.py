@@ -281,6 +281,11 @@ def test_opcheck(backend):
     for activation, residual in (("none", None), ("geglu", torch.randn(20, 12))):
         torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, torch.randn(24), activation,
                                                 torch.float32, backend, residual))
+    if backend == "cpu":  # the C++ backend's packed weight, the op's last optional input
+        from modernbert_kernels import int8_pack_weight
+
+        torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, None, "gelu", torch.bfloat16, backend,
+                                                None, int8_pack_weight(w_q)))
 
 
 def test_torch_compile_traces_int8_linear():
@@ -387,6 +392,118 @@ def test_own_cpu_gemms_on_every_tile_edge(gemm, m, n, k, monkeypatch, poison_all
                                                             torch.zeros(m, n, dtype=torch.bfloat16))
     finally:
         torch.set_num_threads(threads)
+
+
+def own_cpu_gemms() -> list[str]:
+    """The GEMMs the C++ backend can be forced to here: its AMX and int16-pair kernels (x86), and
+    oneDNN's and the fp32 one, which read w_q as it is."""
+    import platform
+
+    import modernbert_kernels.int8 as int8
+
+    found = ["float"] + (["int8"] if int8.cpu_int8_gemm_is_exact() else [])
+    if platform.machine() in ("x86_64", "AMD64"):
+        found.append("int16")
+    if amx_int8_runs():
+        found.append("amx")
+    return found
+
+
+@CPU_EXTENSION
+@pytest.mark.parametrize("activation", [None, "geglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 2, 16), (16, 96, 768), (40, 66, 1152), (130, 64, 208)], ids=str)
+def test_a_packed_weight_gives_what_packing_per_call_gives(m, n, k, activation, monkeypatch, poison_allocations):
+    """int8_pack_weight's copy on every GEMM the C++ backend can run here: the same output as w_q
+    packed inside the call, bit for bit, and the exact integer products with unit scales. Whole and
+    partial row blocks and column panels; one thread and two (the AMX schedule's column groups)."""
+    from modernbert_kernels import int8_pack_weight
+
+    x_q, w_q = random_int8(m, k, seed=m + n), random_int8(n, k, seed=k)
+    x_q[0], w_q[-1] = 127, -127
+    generator = torch.Generator().manual_seed(n)
+    x_scale, w_scale = torch.rand(m, generator=generator) * 0.02, torch.rand(n, generator=generator) * 0.02
+    bias = torch.randn(n, generator=generator)
+    expected = int8_matmul_reference(x_q, w_q)
+    threads = torch.get_num_threads()
+    try:
+        for gemm in own_cpu_gemms():
+            monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", gemm)
+            packed = int8_pack_weight(w_q)
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                exact = int8_linear(x_q, torch.ones(m), w_q, torch.ones(n), out_dtype=torch.float32, backend="cpu",
+                                    packed_weight=packed)
+                assert torch.equal(exact, expected.to(torch.float32)), (gemm, count)
+                args = (x_q, x_scale, w_q, w_scale, bias, activation)
+                out = int8_linear(*args, out_dtype=torch.bfloat16, backend="cpu", packed_weight=packed)
+                assert torch.equal(out, int8_linear(*args, out_dtype=torch.bfloat16, backend="cpu")), (gemm, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@CPU_EXTENSION
+def test_a_packed_weight_is_checked_against_the_call(monkeypatch):
+    """A copy made for another GEMM than the one now forced: the call packs w_q itself (the right
+    products). One made for another shape, a tensor int8_pack_weight did not make, or a truncated
+    one: a clear error. Backends other than the C++ one read w_q and ignore it."""
+    from modernbert_kernels import int8_pack_weight
+
+    x_q, w_q = random_int8(20, 64, seed=1), random_int8(24, 64, seed=2)
+    expected = int8_matmul_reference(x_q, w_q).to(torch.float32)
+    gemms = own_cpu_gemms()
+    for made_for, used_with in zip(gemms, gemms[1:] + gemms[:1]):
+        monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", made_for)
+        packed = int8_pack_weight(w_q)
+        monkeypatch.setenv("MODERNBERT_KERNELS_CPU_INT8_GEMM", used_with)
+        out = int8_linear(x_q, torch.ones(20), w_q, torch.ones(24), out_dtype=torch.float32, backend="cpu",
+                          packed_weight=packed)
+        assert torch.equal(out, expected), (made_for, used_with)
+    monkeypatch.delenv("MODERNBERT_KERNELS_CPU_INT8_GEMM")
+    packed = int8_pack_weight(w_q)
+    call = dict(out_dtype=torch.float32, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"made for a \[24, 64\] weight, but w_q is \[32, 64\]"):
+        int8_linear(x_q, torch.ones(20), random_int8(32, 64, seed=3), torch.ones(32), packed_weight=packed, **call)
+    with pytest.raises(RuntimeError, match="was not made by int8_pack_weight"):
+        int8_linear(x_q, torch.ones(20), w_q, torch.ones(24), packed_weight=random_int8(packed.numel(), seed=4), **call)
+    if packed.numel() > 64:  # a GEMM with a layout of its own
+        with pytest.raises(RuntimeError, match="bytes where its header promises"):
+            int8_linear(x_q, torch.ones(20), w_q, torch.ones(24), packed_weight=packed[:-1], **call)
+    with pytest.raises(TypeError, match="packed_weight must be what int8_pack_weight"):
+        int8_linear(x_q, torch.ones(20), w_q, torch.ones(24), packed_weight=packed.float(), **call)
+    with pytest.raises(TypeError, match=r"w_q must be an \[N, K\] int8 tensor"):
+        int8_pack_weight(w_q.float())
+    out = int8_linear(x_q, torch.ones(20), w_q, torch.ones(24), out_dtype=torch.float32, backend="torch",
+                      packed_weight=packed)
+    assert torch.equal(out, expected)
+
+
+@CPU_EXTENSION
+def test_int8_linear_packs_its_weight_once_and_again_after_it_changes(monkeypatch):
+    """Int8Linear on the C++ CPU backend packs weight_q at its first call, reuses it, and packs again
+    after weight_q changes in place or is loaded anew; each output matches the float64 reference of
+    the weight it then holds."""
+    import modernbert_kernels.int8 as int8
+
+    made = []
+    pack = int8.int8_pack_weight
+    monkeypatch.setattr(int8, "int8_pack_weight", lambda w_q: made.append(w_q.data_ptr()) or pack(w_q))
+    torch.manual_seed(5)
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 48), activation="gelu")
+    x = torch.randn(10, 64)
+
+    def expected():
+        x_q, x_scale = quantize_per_token(x, backend="cpu")
+        return int8_linear_reference(x_q, x_scale, layer.weight_q, layer.weight_scale, layer.bias, "gelu")
+
+    for _ in range(3):
+        assert relative(layer(x), expected()) <= EPILOGUE_TOLERANCE[torch.float32]
+    assert len(made) == 1
+    layer.weight_q.copy_(layer.weight_q.flip(0))
+    assert relative(layer(x), expected()) <= EPILOGUE_TOLERANCE[torch.float32]
+    state = Int8Linear.from_float(torch.nn.Linear(64, 48), activation="gelu").state_dict()
+    layer.load_state_dict(state)
+    assert relative(layer(x), expected()) <= EPILOGUE_TOLERANCE[torch.float32]
+    assert len(made) == 3
 
 
 def test_cpu_gemm_choice(monkeypatch):

@@ -2,8 +2,8 @@
 // int8 tile by a 64 x 16 one into 16 x 16 int32 sums, 16384 multiply-adds an instruction, exact
 // (each product and sum in int32; a row sums K x 127^2, within int32 for the K <= 2^17 that
 // prepare_int8_linear allows). oneDNN's AMX int8 matmul through aten::_int_mm reorders the weight
-// on every call of every row chunk; here the weight is packed once per call, and the op's schedule
-// (int8_linear_op.cpp) keeps each thread's share of it in its L2.
+// on every call of every row chunk; here the weight is packed once (per weight, or else per call),
+// and the op's schedule (int8_linear_op.cpp) keeps each thread's share of it in its L2.
 //
 // Layouts. A tile row holds 64 bytes of K: 64 int8 of one activation row, read in place from x
 // ([rows, k], row-major) when K is a multiple of 64, from a zero-padded copy otherwise. The weight

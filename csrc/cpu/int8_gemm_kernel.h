@@ -6,9 +6,9 @@
 // int32 for the K <= 2^17 that prepare_int8_linear allows.
 //
 // Layouts, by pairs of K (k even, k odd; an odd K is padded with 0):
-//   weight, packed once per call as int8: panels of kGemmCols output columns, [k / 2][kGemmCols][2]
-//   each, widened to int16 as it is loaded (one pmovsxbw with a memory operand, so the packed
-//   weight is no larger than the weight itself);
+//   weight, packed once (per weight, or else per call) as int8: panels of kGemmCols output columns,
+//   [k / 2][kGemmCols][2] each, widened to int16 as it is loaded (one pmovsxbw with a memory
+//   operand, so the packed weight is no larger than the weight itself);
 //   activations, packed per row chunk as int32 words of two int16: tiles of kGemmRows rows,
 //   [k / 2][kGemmRows] each, a word broadcast per row.
 // A register tile of kGemmRows x kGemmCols int32 sums runs over the whole K, reading its weight

@@ -3,9 +3,9 @@
 // The GEMM runs over row chunks whose int32 result stays in cache: each chunk's epilogue (scales,
 // bias, activation, cast) runs right after its GEMM, so the int32 accumulator never makes a round
 // trip to DRAM. Where the CPU has AMX-INT8 it is this library's AMX tile kernel
-// (amx_int8_gemm_kernel.h), on a weight packed once per call, in a schedule of its own
-// (int8_linear_amx); oneDNN's AMX matmul through aten::_int_mm reorders the weight again for every
-// chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
+// (amx_int8_gemm_kernel.h), on a weight packed once (int8_pack_weight_native; else in the call), in
+// a schedule of its own (int8_linear_amx); oneDNN's AMX matmul through aten::_int_mm reorders the
+// weight again for every chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
 // dot product (x86 with AVX2 only) oneDNN's int8 matmul is ~25x slower than an fp32 GEMM and
 // saturates, so the GEMM is this library's exact int16-pair kernel instead (int8_gemm_kernel.h). A
 // last GEMM, exact fp32 GEMMs of the int8 values, is kept for CPUs with none of these (see
@@ -92,7 +92,7 @@ bool int8_gemm_is_exact() {
 // MODERNBERT_KERNELS_CPU_INT8_GEMM=amx|int8|int16|float forces one (read per call, for tests and
 // benchmarks; amx only where it runs, int8 only where it is exact, int16 only on x86); unset or
 // "auto" picks by the CPU.
-enum class CpuInt8Gemm { Amx, OneDnn, Int16, Float };
+enum class CpuInt8Gemm : int64_t { Amx = 1, OneDnn = 2, Int16 = 3, Float = 4 };
 
 CpuInt8Gemm cpu_int8_gemm() {
   const char* forced = std::getenv("MODERNBERT_KERNELS_CPU_INT8_GEMM");
@@ -138,18 +138,80 @@ int64_t exact_fp32_part_size(int64_t k) {
   return (k + parts - 1) / parts;
 }
 
+// The library's own GEMM behind a choice: the AMX tile kernel or the int16-pair one; null for the
+// GEMMs that read w_q as it is (oneDNN's, the fp32 one).
+const cpu::Int8Gemm* own_gemm(CpuInt8Gemm gemm) {
+  if (gemm == CpuInt8Gemm::Amx) return cpu::amx_int8_gemm();
+  if (gemm == CpuInt8Gemm::Int16) return &cpu::kernels().int8_gemm;
+  return nullptr;
+}
+
+// A packed weight (int8_pack_weight_native) is a 64-byte header, then the layout of the GEMM it
+// names (none for the GEMMs that read w_q as it is). The header ties it to a weight shape and a
+// GEMM: int8_linear_native refuses one made for another shape, and packs w_q itself when the GEMM
+// in use is no longer the one it was made for (MODERNBERT_KERNELS_CPU_INT8_GEMM set since).
+struct PackedWeightHeader {
+  int64_t magic, gemm, n, k;
+  int64_t unused[4];
+};
+static_assert(sizeof(PackedWeightHeader) == 64, "the layout starts 64 bytes in, cache-line aligned");
+constexpr int64_t kPackedWeightMagic = 0x316b61704b424d;  // "MBKpak1"
+
+// The weight in one of the library's own GEMMs' layout (panels of gemm.cols columns), at dst.
+void pack_weight_into(const cpu::Int8Gemm& gemm, const Tensor& w_q, int64_t n, int64_t k, int8_t* dst) {
+  const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
+  torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, gemm.cols), 1, [&](int64_t begin, int64_t end) {
+    gemm.pack_weight(w_data, n, k, begin, end, dst);
+  });
+}
+
+Tensor int8_pack_weight(const Tensor& w_q) {
+  MBK_CHECK(w_q.scalar_type() == ScalarType::Char && w_q.dim() == 2 && w_q.is_contiguous(),
+            "w_q must be a contiguous [N, K] int8 tensor, got ", shape(w_q));
+  check_device(w_q, DeviceType::CPU, "w_q");
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  MBK_CHECK(k <= (int64_t(1) << 17), "K = ", k, " is above 131072: int32 sums of K int8 products could overflow");
+  const CpuInt8Gemm choice = cpu_int8_gemm();
+  const cpu::Int8Gemm* gemm = own_gemm(choice);
+  const int64_t bytes = gemm != nullptr && n > 0 && k > 0 ? cpu::int8_gemm_packed_weight_bytes(*gemm, n, k) : 0;
+  Tensor packed = empty({int64_t(sizeof(PackedWeightHeader)) + bytes}, ScalarType::Char, w_q);
+  const PackedWeightHeader header{kPackedWeightMagic, static_cast<int64_t>(choice), n, k, {}};
+  std::memcpy(packed.data_ptr(), &header, sizeof(header));
+  if (bytes > 0) pack_weight_into(*gemm, w_q, n, k, static_cast<int8_t*>(packed.data_ptr()) + sizeof(header));
+  return packed;
+}
+
+// The layout in w_packed for this call's GEMM, or null where w_packed was made for another GEMM
+// (or is absent): then the caller packs w_q itself.
+const int8_t* packed_layout(const std::optional<Tensor>& w_packed, CpuInt8Gemm gemm, int64_t n, int64_t k) {
+  if (!w_packed.has_value()) return nullptr;
+  const Tensor& t = *w_packed;
+  MBK_CHECK(t.scalar_type() == ScalarType::Char && t.dim() == 1 && t.is_contiguous() &&
+                t.device().type() == DeviceType::CPU && t.numel() >= int64_t(sizeof(PackedWeightHeader)),
+            "w_packed must come from int8_pack_weight (a 1-D int8 CPU tensor), got ", shape(t));
+  PackedWeightHeader header;
+  std::memcpy(&header, t.data_ptr(), sizeof(header));
+  MBK_CHECK(header.magic == kPackedWeightMagic, "w_packed was not made by int8_pack_weight");
+  MBK_CHECK(header.n == n && header.k == k, "w_packed was made for a [", header.n, ", ", header.k,
+            "] weight, but w_q is [", n, ", ", k, "]");
+  if (header.gemm != static_cast<int64_t>(gemm)) return nullptr;
+  const cpu::Int8Gemm* own = own_gemm(gemm);
+  const int64_t bytes = own != nullptr ? cpu::int8_gemm_packed_weight_bytes(*own, n, k) : 0;
+  MBK_CHECK(t.numel() == int64_t(sizeof(PackedWeightHeader)) + bytes, "w_packed holds ", t.numel(),
+            " bytes where its header promises ", int64_t(sizeof(PackedWeightHeader)) + bytes);
+  return static_cast<const int8_t*>(t.data_ptr()) + sizeof(PackedWeightHeader);
+}
+
 struct CpuInt8 {
   static constexpr DeviceType kDevice = DeviceType::CPU;
 
-  // The weight, packed for one of the library's own GEMMs (panels of gemm.cols columns).
-  static Tensor pack_weight(const cpu::Int8Gemm& gemm, const Tensor& w_q, int64_t n, int64_t k) {
-    Tensor w_packed = empty({cpu::int8_gemm_packed_weight_bytes(gemm, n, k)}, ScalarType::Char, w_q);
-    const auto* w_data = static_cast<const int8_t*>(w_q.data_ptr());
-    auto* packed = static_cast<int8_t*>(w_packed.data_ptr());
-    torch::stable::parallel_for(0, cpu::int8_gemm_panels(n, gemm.cols), 1, [&](int64_t begin, int64_t end) {
-      gemm.pack_weight(w_data, n, k, begin, end, packed);
-    });
-    return w_packed;
+  // The weight in one of the library's own GEMMs' layout: w_packed's, or packed now into `storage`.
+  static const int8_t* packed_weight(const cpu::Int8Gemm& gemm, const int8_t* prepacked, const Tensor& w_q, int64_t n,
+                                     int64_t k, Tensor& storage) {
+    if (prepacked != nullptr) return prepacked;
+    storage = empty({cpu::int8_gemm_packed_weight_bytes(gemm, n, k)}, ScalarType::Char, w_q);
+    pack_weight_into(gemm, w_q, n, k, static_cast<int8_t*>(storage.data_ptr()));
+    return static_cast<const int8_t*>(storage.data_ptr());
   }
 
   // The AMX GEMM's schedule. Its tiles multiply so fast that streaming the weight from L3 for
@@ -159,17 +221,17 @@ struct CpuInt8 {
   // every row through its group, in blocks of 32 rows (their A tiles in L1), each block's
   // epilogue right after its products.
   static void int8_linear_amx(const Int8LinearParams& p, const cpu::Int8Gemm& gemm, const Tensor& x_q,
-                              const Tensor& w_q) {
+                              const Tensor& w_q, const int8_t* prepacked) {
     const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
-    const Tensor w_packed = pack_weight(gemm, w_q, n, k);
+    Tensor storage;
+    const int8_t* packed = packed_weight(gemm, prepacked, w_q, n, k, storage);
     const int64_t panels = cpu::int8_gemm_panels(n, gemm.cols), rows_per_block = gemm.tile_rows;
     const int64_t groups = std::min<int64_t>(torch::stable::get_num_threads(), panels);
     const int64_t group_panels = (panels + groups - 1) / groups, group_cols = group_panels * gemm.cols;
     const int64_t panel_bytes = cpu::int8_gemm_packed_weight_bytes(gemm, gemm.cols, k);
     const int64_t row_blocks = (m + rows_per_block - 1) / rows_per_block;
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
-    const auto* packed = static_cast<const int8_t*>(w_packed.data_ptr());
     // Items in group-major order: parallel_for gives each thread a contiguous range of them, so a
     // thread keeps to one group (two at most) while it walks the rows.
     const int64_t gemm_workspace_ints = gemm.workspace_ints(rows_per_block, k);
@@ -188,11 +250,13 @@ struct CpuInt8 {
     });
   }
 
-  static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q) {
+  static void int8_linear(const Int8LinearParams& p, const Tensor& x_q, const Tensor& w_q,
+                          const std::optional<Tensor>& w_packed) {
     const int64_t m = p.m, n = p.n, k = p.k;
     const auto epilogue = cpu::kernels().int8_epilogue;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
-    if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q);
+    const int8_t* prepacked = packed_layout(w_packed, gemm, n, k);
+    if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q, prepacked);
     // The library's int16-pair GEMM, if it is the one chosen.
     const cpu::Int8Gemm* int16_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
@@ -209,12 +273,10 @@ struct CpuInt8 {
     }
     const int64_t chunks = (m + chunk - 1) / chunk;
     const auto* x_data = static_cast<const int8_t*>(x_q.data_ptr());
-    Tensor w_packed;  // the weight as the chosen GEMM reads it, once per call
-    if (int16_gemm != nullptr) {
-      w_packed = pack_weight(*int16_gemm, w_q, n, k);
-    } else if (gemm == CpuInt8Gemm::Float) {
-      w_packed = torch::stable::to(w_q, ScalarType::Float);  // [N, K]
-    }
+    Tensor storage;  // the weight packed for the int16-pair GEMM (unless w_packed was), or as fp32
+    const int8_t* int16_weight =
+        int16_gemm != nullptr ? packed_weight(*int16_gemm, prepacked, w_q, n, k, storage) : nullptr;
+    const Tensor w_float = gemm == CpuInt8Gemm::Float ? torch::stable::to(w_q, ScalarType::Float) : Tensor();  // [N, K]
     const Tensor w_t = torch::stable::transpose(w_q, 0, 1);
     const int64_t part_size = exact_fp32_part_size(k);
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -226,7 +288,7 @@ struct CpuInt8 {
         Tensor acc_rows = matrix_view(acc.data_ptr(), rows, n, n, 1, ScalarType::Int, acc);
         Tensor x_rows = matrix_view(x_data + m0 * k, rows, k, k, 1, ScalarType::Char, x_q);
         if (int16_gemm != nullptr) {
-          int16_gemm->rows(x_data + m0 * k, rows, k, static_cast<const int8_t*>(w_packed.data_ptr()), n,
+          int16_gemm->rows(x_data + m0 * k, rows, k, int16_weight, n,
                          static_cast<int32_t*>(acc_rows.data_ptr()), workspace.data());
         } else if (gemm == CpuInt8Gemm::Float) {
           const Tensor x_float = torch::stable::to(x_rows, ScalarType::Float);
@@ -237,8 +299,8 @@ struct CpuInt8 {
             const int64_t width = std::min(part_size, k - k0);
             const Tensor x_part = matrix_view(static_cast<const float*>(x_float.data_ptr()) + k0, rows, width, k, 1,
                                               ScalarType::Float, x_float);
-            const Tensor w_part = matrix_view(static_cast<const float*>(w_packed.data_ptr()) + k0, width, n, 1, k,
-                                              ScalarType::Float, w_packed);  // the part's rows of w^T
+            const Tensor w_part = matrix_view(static_cast<const float*>(w_float.data_ptr()) + k0, width, n, 1, k,
+                                              ScalarType::Float, w_float);  // the part's rows of w^T
             matmul_out("aten::mm", float_rows, x_part, w_part);
             // Each part's sums are integers below 2^24, exact in fp32; their total, in int32.
             if (k0 == 0) {
@@ -268,6 +330,7 @@ struct CpuInt8 {
 
 MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) {
   m.impl("int8_linear_native", TORCH_BOX(&int8_linear_op<CpuInt8>));
+  m.impl("int8_pack_weight_native", TORCH_BOX(&int8_pack_weight));
   m.impl("quantize_per_token_native", TORCH_BOX(&quantize_per_token_op<CpuInt8>));
 }
 

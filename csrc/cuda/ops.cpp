@@ -30,7 +30,9 @@ struct CudaInt8 {
   static constexpr DeviceType kDevice = DeviceType::CUDA;
   static constexpr auto quantize = on_current_stream<QuantizeParams, cuda::launch_quantize_rows>;
 
-  static void int8_linear(const Int8LinearParams& params, const Tensor& x_q, const Tensor& w_q) {
+  static void int8_linear(const Int8LinearParams& params, const Tensor& x_q, const Tensor& w_q,
+                          const std::optional<Tensor>& w_packed) {
+    MBK_CHECK(!w_packed.has_value(), "w_packed is the CPU backend's layout of the weight; CUDA reads w_q itself");
     MBK_CHECK(params.k % 16 == 0, "K must be a multiple of 16, got ", params.k);
     // The kernel reads 16-byte vectors: start from 16-byte aligned storage (a fresh allocation is).
     auto aligned = [](const Tensor& t) {
