@@ -328,8 +328,8 @@ def int8_linear(
 def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:
     """w_q ([N, K] int8, on the CPU) in the layout the C++ CPU backend's GEMM reads (its AMX tile
     kernel's or its int16-pair kernel's; a header alone for oneDNN's, which reads w_q as it is), for
-    ``int8_linear(..., packed_weight=)``. Packing w_q costs about as much as a call's products at a
-    few tokens, so a weight used for many calls is packed once (``Int8Linear`` does this itself).
+    ``int8_linear(..., packed_weight=)``. At a few tokens a call, packing w_q is most of the call's
+    time, so a weight used for many calls is packed once (``Int8Linear`` does this itself).
     The copy names the weight's shape and the GEMM it was made for: int8_linear refuses it for
     another shape, and packs w_q itself while another GEMM is forced
     (MODERNBERT_KERNELS_CPU_INT8_GEMM). It does not follow later changes to w_q."""

@@ -5,11 +5,11 @@
 // trip to DRAM. Where the CPU has AMX-INT8 it is this library's AMX tile kernel
 // (amx_int8_gemm_kernel.h), on a weight packed once (int8_pack_weight_native; else in the call), in
 // a schedule of its own (int8_linear_amx); oneDNN's AMX matmul through aten::_int_mm reorders the
-// weight again for every chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm. Without an int8
-// dot product (x86 with AVX2 only) oneDNN's int8 matmul is ~25x slower than an fp32 GEMM and
-// saturates, so the GEMM is this library's exact int16-pair kernel instead (int8_gemm_kernel.h). A
-// last GEMM, exact fp32 GEMMs of the int8 values, is kept for CPUs with none of these (see
-// cpu_int8_gemm).
+// weight again for every chunk. With VNNI only, it is oneDNN's int8 matmul through aten::_int_mm.
+// Without an int8 dot product (x86 with AVX2 only) oneDNN's int8 matmul is ~25x slower than an fp32
+// GEMM and saturates, so the GEMM is this library's exact int16-pair kernel instead
+// (int8_gemm_kernel.h). A last GEMM, exact fp32 GEMMs of the int8 values, is kept for CPUs with none
+// of these (see cpu_int8_gemm).
 #include <array>
 #include <cstdlib>
 #include <cstring>
