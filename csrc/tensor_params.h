@@ -263,6 +263,12 @@ struct Int8Linear {
   Int8LinearParams params;
 };
 
+// K x 128^2 <= 2^31: the int32 sums of K int8 products cannot overflow (as int8.MAX_K). The int8
+// linear and the packing of its weight (whose gather offsets, up to 15 K, must fit int32) check it.
+inline void check_int8_k(int64_t k) {
+  MBK_CHECK(k <= (int64_t(1) << 17), "K = ", k, " is above 131072: int32 sums of K int8 products could overflow");
+}
+
 // x_q [M, K] and w_q [N, K] int8, contiguous; x_scale [M] and w_scale [N] fp32; out [M, N] (or
 // [M, N / 2] for geglu) in out_dtype, and residual (if given) like out, contiguous.
 inline Int8Linear prepare_int8_linear(const Tensor& x_q, const Tensor& x_scale, const Tensor& w_q,
@@ -273,9 +279,7 @@ inline Int8Linear prepare_int8_linear(const Tensor& x_q, const Tensor& x_scale, 
   MBK_CHECK(x_q.dim() == 2 && w_q.dim() == 2 && x_q.size(1) == w_q.size(1),
               "x_q [M, K] and w_q [N, K] must share K, got ", shape(x_q), " and ", shape(w_q));
   MBK_CHECK(x_q.is_contiguous() && w_q.is_contiguous(), "x_q and w_q must be contiguous");
-  // K x 128^2 <= 2^31: the int32 sums of int8 products cannot overflow (as int8.MAX_K).
-  MBK_CHECK(x_q.size(1) <= (int64_t(1) << 17), "K = ", x_q.size(1),
-            " is above 131072: int32 sums of K int8 products could overflow");
+  check_int8_k(x_q.size(1));
   MBK_CHECK(x_scale.scalar_type() == ScalarType::Float && w_scale.scalar_type() == ScalarType::Float &&
                   x_scale.is_contiguous() && w_scale.is_contiguous(),
               "scales must be contiguous fp32");

@@ -171,7 +171,7 @@ Tensor int8_pack_weight(const Tensor& w_q) {
             "w_q must be a contiguous [N, K] int8 tensor, got ", shape(w_q));
   check_device(w_q, DeviceType::CPU, "w_q");
   const int64_t n = w_q.size(0), k = w_q.size(1);
-  MBK_CHECK(k <= (int64_t(1) << 17), "K = ", k, " is above 131072: int32 sums of K int8 products could overflow");
+  check_int8_k(k);
   const CpuInt8Gemm choice = cpu_int8_gemm();
   const cpu::Int8Gemm* gemm = own_gemm(choice);
   const int64_t bytes = gemm != nullptr && n > 0 && k > 0 ? cpu::int8_gemm_packed_weight_bytes(*gemm, n, k) : 0;
@@ -259,9 +259,9 @@ struct CpuInt8 {
     const auto epilogue = cpu::kernels().int8_epilogue;
     const CpuInt8Gemm gemm = cpu_int8_gemm();
     const int8_t* prepacked = packed_layout(w_packed, gemm, n, k);
-    if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *cpu::amx_int8_gemm(), x_q, w_q, prepacked);
-    // The library's int16-pair GEMM, if it is the one chosen.
-    const cpu::Int8Gemm* int16_gemm = gemm == CpuInt8Gemm::Int16 ? &cpu::kernels().int8_gemm : nullptr;
+    if (gemm == CpuInt8Gemm::Amx) return int8_linear_amx(p, *own_gemm(gemm), x_q, w_q, prepacked);
+    // The library's int16-pair GEMM, if it is the one chosen (else null: oneDNN's or the fp32 one).
+    const cpu::Int8Gemm* int16_gemm = own_gemm(gemm);
     // One parallel region over row chunks: each thread runs the GEMM of its chunk on its own
     // (oneDNN inside a parallel region stays single-threaded) and its epilogue while the int32
     // result is still in L2. No barrier between GEMM and epilogue, no int32 tensor in DRAM.
