@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, torch_backend
-from ._ops import add_op_namespace_prefix, ops
+from ._ops import ops
 from .attention_sinks import attention_with_sinks
 from .block_sparse_layout import BlockSparseLayout
 from .global_attention import attention_with_global_tokens
@@ -104,7 +104,7 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
 
 
-@torch.library.custom_op(add_op_namespace_prefix("block_sparse_attention"), mutates_args=())
+@backends.custom_op("block_sparse_attention")
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
@@ -128,7 +128,7 @@ def _(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, w
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op(add_op_namespace_prefix("block_sparse_attention_backward"), mutates_args=())
+@backends.custom_op("block_sparse_attention_backward")
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     row_offsets: torch.Tensor, col_indices: torch.Tensor, col_offsets: torch.Tensor, row_indices: torch.Tensor,
@@ -162,9 +162,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *layout_tensors, key_padding_mask, cu_seqlens = ctx.saved_tensors
     block_size, window_left, window_right, scale, softcap, max_seqlen, backend = ctx.options
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, *layout_tensors, block_size, window_left,
-                                        window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen,
-                                        backend)
+    dq, dk, dv = backends.run(_attention_backward_op, dout, q, k, v, out, lse, *layout_tensors, block_size,
+                              window_left, window_right, scale, softcap, key_padding_mask, cu_seqlens, max_seqlen,
+                              backend)
     return (dq, dk, dv) + (None,) * 13
 
 
@@ -188,12 +188,12 @@ def _reads_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int | None) -> bool:
     return True
 
 
-# (total tokens) -> longest sequence, per cu_seqlens tensor: an encoder passes one cu_seqlens to
-# every layer, so its values are read once per forward, not per layer.
+# (total tokens) -> (longest sequence, whether all have one length), per cu_seqlens tensor: an
+# encoder passes one cu_seqlens to every layer, so its values are read once per forward, not per layer.
 _checked_lengths = TensorCache()
 
 
-def _longest_sequence(cu_seqlens: torch.Tensor, total_tokens: int) -> int:
+def _sequence_lengths(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[int, bool]:
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total_tokens:
         raise ValueError(
@@ -202,18 +202,48 @@ def _longest_sequence(cu_seqlens: torch.Tensor, total_tokens: int) -> int:
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if min(lengths) < 0:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-    return max(lengths)
+    return max(lengths), min(lengths) == max(lengths)
 
 
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int | None) -> int:
     """Check that cu_seqlens runs from 0 to ``total_tokens`` without decreasing; the longest
     sequence bounds ``max_seqlen``. Returns max_seqlen (the longest sequence when None)."""
-    longest = _checked_lengths.get(cu_seqlens, total_tokens, lambda: _longest_sequence(cu_seqlens, total_tokens))
+    longest, _ = _checked_lengths.get(cu_seqlens, total_tokens, lambda: _sequence_lengths(cu_seqlens, total_tokens))
     if max_seqlen is None:
         return longest
     if max_seqlen < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
     return max_seqlen
+
+
+# The longest sequence up to which our CPU kernel runs bf16 dense attention where PyTorch's fused
+# kernel is faster on long sequences (bf16 on AMX): at a few blocks the fixed costs of PyTorch's
+# path dominate (NOTES, "Dense attention on short and mixed-length inputs").
+SHORT_DENSE_TOKENS = 256
+
+
+def _pytorch_dense_is_faster(q, k, v, seq_len: int, cu_seqlens) -> bool:
+    """Whether PyTorch's fused CPU kernel runs this dense attention faster than ours, as measured:
+    - fp32 with gradients: its fused backward beats ours;
+    - the dtypes of DENSE_FORWARD_IN_OUR_CPU_KERNELS: ours;
+    - bf16 elsewhere (AMX): PyTorch's on long sequences of one length (8 x 512 on a 2-core Xeon:
+      11.8 against 15.4 ms); ours on sequences of up to SHORT_DENSE_TOKENS (1 x 16: 32 against 83 us;
+      16 x 128: 2.1 against 2.8 ms), and on varlen batches of mixed lengths, which the torch path
+      runs one sequence at a time (32 documents of 16-512 tokens: 7.1 against 12.9 ms);
+    - fp16 (no CPU has fp16 units for ours to use): PyTorch's.
+    """
+    if q.dtype == torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return True
+    if q.dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS:
+        return False
+    if q.dtype != torch.bfloat16:
+        return True
+    if seq_len <= SHORT_DENSE_TOKENS:
+        return False
+    if cu_seqlens is None or torch.compiler.is_compiling():  # under compile the lengths are not known
+        return True
+    _, one_length = _checked_lengths.get(cu_seqlens, q.shape[0], lambda: _sequence_lengths(cu_seqlens, q.shape[0]))
+    return one_length
 
 
 def _check_global_tokens(global_tokens, q, varlen):
@@ -386,12 +416,9 @@ def block_sparse_attention(
     band = window_bounds(window, causal)
     if backend is None:
         backend = backends.default_backend(q.device)
-        # fp32 with gradients keeps PyTorch's kernel: its fused backward beats ours.
-        fp32_backward = q.dtype == torch.float32 and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v))
         if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
-                and (q.dtype not in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS or fp32_backward)):
+                and _pytorch_dense_is_faster(q, k, v, seq_len, cu_seqlens)):
             # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel where that
             # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work; PyTorch's
             # has no soft-capping.
@@ -417,9 +444,9 @@ def block_sparse_attention(
     options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, softcap, key_padding_mask, cu_seqlens,
                seq_len if cu_seqlens is not None else 0, backend)
     if global_tokens is None and sinks is None:
-        return _attention_op(q, k, v, *options)[0]
-    ops = (lambda q, k, v: _attention_op(q, k, v, *options),
-           lambda dout, q, k, v, out, lse: _attention_backward_op(dout, q, k, v, out, lse, *options))
+        return backends.run(_attention_op, q, k, v, *options)[0]
+    ops = (lambda q, k, v: backends.run(_attention_op, q, k, v, *options),
+           lambda dout, q, k, v, out, lse: backends.run(_attention_backward_op, dout, q, k, v, out, lse, *options))
     if sinks is not None:
         return attention_with_sinks(q, k, v, sinks, cu_seqlens is not None, ops)
     return attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import native
+from ._ops import add_op_namespace_prefix
 
 
 def interpreting() -> bool:
@@ -127,12 +128,14 @@ class Op:
     def __init__(self, name: str):
         self.name = name
         self.implementations: dict[str, Implementation] = {}
+        self._resolved: dict[tuple, str] = {}  # (backend, device, interpreting) -> resolve's answer
 
     def add(self, backend: str, summary: str, fn) -> None:
         """Register ``fn`` (a function, or whatever the op's dispatch expects) for ``backend``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
         self.implementations[backend] = Implementation(fn, summary)
+        self._resolved.clear()
 
     def implements(self, backend: str, summary: str):
         """Decorator form of ``add``."""
@@ -149,18 +152,57 @@ class Op:
 
     def resolve(self, backend: str | None, device: torch.device) -> str:
         """The backend to run on ``device`` (``None``: the default for the device), or a clear
-        error saying why ``backend`` cannot run here."""
-        backend = default_backend(device) if backend is None else backend
-        if backend not in self.implementations:
-            raise ValueError(f"backend must be one of {self.backends} or None, got {backend!r}")
-        BACKENDS[backend].check(device)
-        return backend
+        error saying why ``backend`` cannot run here. Remembered per request: every op call asks
+        (a few hundred times a forward), and the answer changes only with TRITON_INTERPRET."""
+        key = (backend, device, interpreting())
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = default_backend(device) if backend is None else backend
+            if resolved not in self.implementations:
+                raise ValueError(f"backend must be one of {self.backends} or None, got {resolved!r}")
+            BACKENDS[resolved].check(device)
+            self._resolved[key] = resolved
+        return resolved
 
     def __getitem__(self, backend: str) -> Callable:
         return self.implementations[backend].fn
 
 
 OPS: dict[str, Op] = {}
+
+# The Python body of each custom op made by ``custom_op``, for ``run`` to call directly.
+_BODIES: dict = {}
+
+
+def custom_op(name: str, mutates_args: tuple[str, ...] = ()):
+    """``torch.library.custom_op`` (namespaced) whose body ``run`` can also call without the
+    dispatcher."""
+    def register(fn):
+        op = torch.library.custom_op(add_op_namespace_prefix(name), fn, mutates_args=mutates_args)
+        _BODIES[op] = fn
+        return op
+
+    return register
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def run(op, *args):
+    """``op(*args)``, for an op made by ``custom_op``. In plain eager inference its body runs
+    directly: the dispatcher's round trip to that same body (through autograd, the alias checks and
+    the torch.compile guard) costs ~7 us a call, as much as a kernel on a short input (a 16-token
+    query calls 220 such ops; NOTES, "One short query"). The dispatcher stays wherever it does
+    something: a tensor that needs a gradient, torch.compile, fake or other tensor subclasses,
+    dispatch and function modes, and functorch transforms."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return op(*args)
+    grad = torch.is_grad_enabled()
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (type(arg) not in _PLAIN_TENSOR_TYPES or (grad and arg.requires_grad)):
+            return op(*args)
+    return _BODIES[op](*args)
 
 
 def op(name: str) -> Op:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import backends
-from ._ops import add_op_namespace_prefix, ops
+from ._ops import ops
 from .tensor_cache import TensorCache
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
@@ -70,7 +70,7 @@ QUANTIZE.add("cpu", "C++ rows in parallel, LayerNorm and smoothing fused", _quan
 QUANTIZE.add("cuda", "C++/CUDA, a block per row", _quantize_rows_native)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("quantize_per_token"), mutates_args=())
+@backends.custom_op("quantize_per_token")
 def _quantize_op(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +108,14 @@ def quantize_per_token(
         raise TypeError(f"smooth must be float32, got {smooth.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _quantize_op(x, norm_weight, eps, smooth, QUANTIZE.resolve(backend, x.device))
+    return backends.run(_quantize_op, x, norm_weight, eps, smooth, QUANTIZE.resolve(backend, x.device))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [N, K] -> (int8 [N, K], fp32 scales [N]); done once, so plain PyTorch."""
     if w.dim() != 2:
         raise ValueError(f"w must be [N, K], got shape {tuple(w.shape)}")
-    return _quantize_op(w.detach(), None, 0.0, None, "torch")
+    return backends.run(_quantize_op, w.detach(), None, 0.0, None, "torch")
 
 
 def _epilogue_torch(acc, x_scale, w_scale, bias, activation, out_dtype, residual=None):
@@ -238,7 +238,7 @@ def _int8_linear_torch(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, 
                            out_dtype, residual)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("int8_linear"), mutates_args=())
+@backends.custom_op("int8_linear")
 def _int8_linear_op(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, backend: str,
@@ -321,8 +321,8 @@ def int8_linear(
         if backend != "cpu":
             packed_weight = None  # the CPU GEMM's layout; the other backends read w_q
     x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
-    return _int8_linear_op(x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype, backend, residual,
-                           packed_weight)
+    return backends.run(_int8_linear_op, x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype, backend,
+                        residual, packed_weight)
 
 
 def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import backends
-from ._ops import add_op_namespace_prefix, ops
+from ._ops import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,7 +54,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
         ROTARY[backend](x, cos, sin, out)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("rotary_embedding"), mutates_args=())
+@backends.custom_op("rotary_embedding")
 def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _rotate(x, cos, sin, out, backend)
@@ -75,13 +75,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     cos, sin = ctx.saved_tensors
     # A rotation's transpose is the rotation by the opposite angle: negate sin.
-    return _rotary_op(grad.contiguous(), cos, -sin, ctx.backend), None, None, None
+    return backends.run(_rotary_op, grad.contiguous(), cos, -sin, ctx.backend), None, None, None
 
 
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("rotary_embedding_"), mutates_args=("x",))
+@backends.custom_op("rotary_embedding_", mutates_args=("x",))
 def _rotary_inplace_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> None:
     _rotate(x, cos, sin, x, backend)
 
@@ -133,6 +133,6 @@ def rotary_embedding(
             raise ValueError("inplace=True needs unit stride along head_dim")
         rows = rows.contiguous()
     if inplace:
-        _rotary_inplace_op(rows, cos, sin, backend)
+        backends.run(_rotary_inplace_op, rows, cos, sin, backend)
         return x
-    return _rotary_op(rows, cos, sin, backend).view(x.shape)
+    return backends.run(_rotary_op, rows, cos, sin, backend).view(x.shape)

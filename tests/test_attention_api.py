@@ -91,21 +91,36 @@ def test_cpu_tensors_default_to_a_cpu_backend():
     assert default_backend(torch.device("cpu")) == ("cpu" if native.cpu_status()[0] else "torch")
 
 
+# (varlen sequence lengths, or a padded [batch, heads, seq, dim] shape), by the case they stand for.
+DENSE_INPUTS = {"short": (2, 2, 128, 64), "long": (2, 2, 512, 64), "mixed_long": [300, 512],
+                "mixed_short": [40, 256]}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "with_grad"])
-def test_dense_attention_runs_on_the_kernel_measured_faster(dtype, grad):
+@pytest.mark.parametrize("inputs", DENSE_INPUTS.values(), ids=DENSE_INPUTS.keys())
+def test_dense_attention_runs_on_the_kernel_measured_faster(dtype, grad, inputs):
     """With no backend named, dense CPU attention runs in our kernels for the dtypes they were
     measured ahead of PyTorch's fused kernel on this CPU's build (backends.py), except fp32 with
-    gradients (PyTorch's fused backward is faster); everything else runs PyTorch's kernel."""
+    gradients (PyTorch's fused backward is faster). Where PyTorch's is ahead in bf16 (AMX), it runs
+    long sequences of one length only: ours runs sequences of up to 256 tokens and varlen batches of
+    mixed lengths (attention.py, _pytorch_dense_is_faster)."""
     from modernbert_kernels import backends, native
 
     if not native.cpu_status()[0]:
         pytest.skip("the C++ extension is not built: every CPU call takes the torch path")
-    q, k, v = (t.to(dtype).requires_grad_(grad) for t in qkv((2, 2, 128, 64)))
+    varlen = isinstance(inputs, list)
+    shape = (sum(inputs), 2, 64) if varlen else inputs
+    longest = max(inputs) if varlen else inputs[2]
+    q, k, v = (t.to(dtype).requires_grad_(grad) for t in qkv(shape))
+    options = dict(cu_seqlens=cu(*inputs), max_seqlen=longest) if varlen else {}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        block_sparse_attention(q, k, v, layouts.dense(128, 64))
+        block_sparse_attention(q, k, v, layouts.dense(512, 64), **options)
     names = {event.name for event in profile.events()}
-    ours = dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS and not (dtype == torch.float32 and grad)
+    if dtype == torch.float32:
+        ours = dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS and not grad
+    else:
+        ours = dtype in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS or longest <= 256 or varlen
     assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == (not ours)
     if native.CPU_ISA in ("avx2", "avx512", "avx512_bf16", "amx"):
         assert torch.float32 in backends.DENSE_FORWARD_IN_OUR_CPU_KERNELS
