@@ -404,7 +404,8 @@ def block_sparse_attention(
         elif backend not in ("torch", "reference"):
             raise ValueError(f"head_dim {head_dim} runs on the 'torch' and 'reference' backends only: the "
                              f"{backend} kernels are built for head dims up to {SUPPORTED_HEAD_DIMS[-1]}")
-    kernel_head_dim = next((d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim), head_dim)
+    kernel_head_dim = head_dim if head_dim in SUPPORTED_HEAD_DIMS else next(
+        (d for d in (0,) + SUPPORTED_HEAD_DIMS if d >= head_dim), head_dim)
     if kernel_head_dim != head_dim:
         # The kernels are built for SUPPORTED_HEAD_DIMS. Zeros appended to q, k and v change no score and
         # give zero columns after the output's own, so another head_dim runs padded to the next.
@@ -415,7 +416,7 @@ def block_sparse_attention(
             global_tokens=global_tokens, softcap=softcap, sinks=sinks, backend=backend)[..., :head_dim]
     band = window_bounds(window, causal)
     if backend is None:
-        backend = backends.default_backend(q.device)
+        backend = ATTENTION.resolve(None, q.device)
         if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
                 and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
                 and _pytorch_dense_is_faster(q, k, v, seq_len, cu_seqlens)):

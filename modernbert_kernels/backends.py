@@ -128,7 +128,7 @@ class Op:
     def __init__(self, name: str):
         self.name = name
         self.implementations: dict[str, Implementation] = {}
-        self._resolved: dict[tuple, str] = {}  # (backend, device, interpreting) -> resolve's answer
+        self._resolved: dict[tuple, str] = {}  # (backend, device) -> resolve's answer
 
     def add(self, backend: str, summary: str, fn) -> None:
         """Register ``fn`` (a function, or whatever the op's dispatch expects) for ``backend``."""
@@ -152,16 +152,17 @@ class Op:
 
     def resolve(self, backend: str | None, device: torch.device) -> str:
         """The backend to run on ``device`` (``None``: the default for the device), or a clear
-        error saying why ``backend`` cannot run here. Remembered per request: every op call asks
-        (a few hundred times a forward), and the answer changes only with TRITON_INTERPRET."""
-        key = (backend, device, interpreting())
-        resolved = self._resolved.get(key)
+        error saying why ``backend`` cannot run here. Remembered per request (every op call asks, a
+        few hundred times a forward), except for "triton", whose answer on CPU tensors follows
+        TRITON_INTERPRET."""
+        resolved = self._resolved.get((backend, device))
         if resolved is None:
             resolved = default_backend(device) if backend is None else backend
             if resolved not in self.implementations:
                 raise ValueError(f"backend must be one of {self.backends} or None, got {resolved!r}")
             BACKENDS[resolved].check(device)
-            self._resolved[key] = resolved
+            if resolved != "triton":
+                self._resolved[(backend, device)] = resolved
         return resolved
 
     def __getitem__(self, backend: str) -> Callable:

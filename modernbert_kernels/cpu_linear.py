@@ -72,6 +72,12 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 
 def available_gemms(dtype: torch.dtype) -> tuple[str, ...]:
     """The GEMMs of ``GEMMS`` that run a ``dtype`` linear here."""
+    return _available_gemms(dtype, torch.backends.mkldnn.enabled)
+
+
+@functools.cache
+def _available_gemms(dtype: torch.dtype, onednn_enabled: bool) -> tuple[str, ...]:
+    # Every CPU linear call asks (through cpu_gemm): the answer is found once per setting.
     if dtype not in PRECISIONS:
         return ("aten",)
     gemms = ["aten"]
@@ -143,22 +149,21 @@ def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
     measured once per (dtype, shape, thread count), or the one MODERNBERT_KERNELS_CPU_GEMM forces
     (read per call)."""
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
+    if forced == "auto" and dtype in PRECISIONS:  # the common case first: every CPU linear call asks
+        if len(available_gemms(dtype)) == 1:
+            return "aten"  # nothing to choose between
+        return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
     if forced not in ("auto",) + GEMMS:
         raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {', '.join(GEMMS)}, not {forced!r}")
     if dtype not in PRECISIONS:
         return "aten"
     if forced == "onednn_packed_fp32" and dtype == torch.float32:
         forced = "onednn_packed"  # an fp32 linear widened to fp32 is the packed fp32 GEMM itself
-    available = available_gemms(dtype)
-    if forced != "auto" and forced not in available:
+    if forced not in available_gemms(dtype):
         raise RuntimeError(f"MODERNBERT_KERNELS_CPU_GEMM={forced}, but oneDNN's packed GEMM does not run "
                            f"{packed_dtype(forced, dtype)} here (PyTorch built without oneDNN, oneDNN disabled, "
                            "or a CPU oneDNN refuses it on)")
-    if forced != "auto":
-        return forced
-    if len(available) == 1:
-        return "aten"  # nothing to choose between
-    return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
+    return forced
 
 
 def encoder_gemms() -> list[tuple[str, tuple[int, int], str]]:
@@ -200,7 +205,10 @@ class Linear(nn.Linear):
         return _packed_weights.get(weight, key, lambda: pack_weight(weight[rows].to(dtype)))
 
     def _bias(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias[rows].to(dtype)
+        bias = self.bias
+        if bias is None:
+            return None
+        return (bias if rows == slice(None) else bias[rows]).to(dtype)
 
     def forward(self, x: torch.Tensor, gated: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x A^T + b; or, with ``gated`` (a name of ``GATED_ACTIVATIONS``), act(x A^T + a) * (x G^T + g)

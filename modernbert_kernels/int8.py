@@ -280,12 +280,13 @@ def int8_linear(
     ``packed_weight`` (``int8_pack_weight(w_q)``, made once) spares the C++ CPU backend packing w_q
     on every call; other backends read w_q and ignore it.
     """
-    for name, t, dtype in (("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8),
-                           ("x_scale", x_scale, torch.float32), ("w_scale", w_scale, torch.float32)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
-            raise TypeError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.device != x_q.device:
-            raise ValueError(f"{name} is on {t.device} but x_q is on {x_q.device}")
+    # One test of all four operands' types, dtypes and devices; the error names the first wrong one.
+    if not (isinstance(x_q, torch.Tensor) and isinstance(w_q, torch.Tensor) and isinstance(x_scale, torch.Tensor)
+            and isinstance(w_scale, torch.Tensor) and x_q.dtype == torch.int8 and w_q.dtype == torch.int8
+            and x_scale.dtype == torch.float32 and w_scale.dtype == torch.float32
+            and x_q.device == w_q.device == x_scale.device == w_scale.device):
+        _raise_for_operands((x_q, w_q, x_scale, w_scale))
+    device = x_q.device
     if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"x_q [M, K] and w_q [N, K] must share K, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
     m, k = x_q.shape
@@ -296,8 +297,8 @@ def int8_linear(
         raise ValueError(f"K = {k} is above {MAX_K}: int32 sums of K int8 products could overflow")
     if x_scale.shape != (m,) or w_scale.shape != (n,):
         raise ValueError(f"x_scale must be [{m}] and w_scale [{n}], got {tuple(x_scale.shape)}, {tuple(w_scale.shape)}")
-    if bias is not None and (bias.shape != (n,) or bias.device != x_q.device):
-        raise ValueError(f"bias must be [{n}] on {x_q.device}, got {tuple(bias.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.device != device):
+        raise ValueError(f"bias must be [{n}] on {device}, got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if activation == "geglu" and n % 2:
@@ -309,20 +310,30 @@ def int8_linear(
         if not isinstance(residual, torch.Tensor) or residual.dtype != out_dtype:
             raise TypeError(f"residual must be a {out_dtype} tensor (out_dtype), got "
                             f"{getattr(residual, 'dtype', type(residual).__name__)}")
-        if residual.shape != out_shape or residual.device != x_q.device:
-            raise ValueError(f"residual must be {list(out_shape)} on {x_q.device}, got {tuple(residual.shape)} on "
+        if residual.shape != out_shape or residual.device != device:
+            raise ValueError(f"residual must be {list(out_shape)} on {device}, got {tuple(residual.shape)} on "
                              f"{residual.device}")
         residual = residual.contiguous()
-    backend = INT8_LINEAR.resolve(backend, x_q.device)
+    backend = INT8_LINEAR.resolve(backend, device)
     if packed_weight is not None:
         if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.int8 or packed_weight.dim() != 1:
             raise TypeError("packed_weight must be what int8_pack_weight(w_q) returned (a 1-D int8 tensor), got "
                             f"{getattr(packed_weight, 'dtype', type(packed_weight).__name__)}")
         if backend != "cpu":
             packed_weight = None  # the CPU GEMM's layout; the other backends read w_q
-    x_q, w_q, x_scale, w_scale = (t.contiguous() for t in (x_q, w_q, x_scale, w_scale))
-    return backends.run(_int8_linear_op, x_q, x_scale, w_q, w_scale, bias, activation or "none", out_dtype, backend,
-                        residual, packed_weight)
+    return backends.run(_int8_linear_op, x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(),
+                        w_scale.contiguous(), bias, activation or "none", out_dtype, backend, residual, packed_weight)
+
+
+def _raise_for_operands(tensors) -> None:
+    """The error for the first of int8_linear's four operands of the wrong type, dtype or device."""
+    x_q = tensors[0]
+    for name, t, dtype in zip(("x_q", "w_q", "x_scale", "w_scale"), tensors,
+                              (torch.int8, torch.int8, torch.float32, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            raise TypeError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x_q.device:
+            raise ValueError(f"{name} is on {t.device} but x_q is on {x_q.device}")
 
 
 def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:
@@ -422,9 +433,12 @@ class Int8Linear(nn.Module):
         (the output's shape, in out_dtype) is added in the epilogue."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
+        # The buffers from their dict: Module.__getattr__ costs ~0.4 us a name, felt on short inputs.
+        buffers = self._buffers
+        weight_q = buffers["weight_q"]
         leading = x.shape[:-1]
         x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
-                                          smooth=self.smooth)
+                                          smooth=buffers["smooth"])
         out_dtype = x.dtype if out_dtype is None else out_dtype
         if residual is not None:
             out_features = self.out_features // 2 if self.activation == "geglu" else self.out_features
@@ -432,19 +446,19 @@ class Int8Linear(nn.Module):
                 raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape "
                                  f"{(*leading, out_features)}")
             residual = residual.reshape(-1, out_features)
-        y = int8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, self.activation,
-                        out_dtype=out_dtype, residual=residual, packed_weight=self._packed_weight(x))
-        return y.reshape(*leading, y.shape[-1])
+        y = int8_linear(x_q, x_scale, weight_q, buffers["weight_scale"], buffers["bias"], self.activation,
+                        out_dtype=out_dtype, residual=residual, packed_weight=self._packed_weight(weight_q))
+        return y.view(*leading, y.shape[-1])
 
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+    @staticmethod
+    def _packed_weight(weight_q: torch.Tensor) -> torch.Tensor | None:
         """weight_q packed for the C++ CPU backend, where that backend runs this call; made at the
         first such call and again after weight_q changes (in place, or replaced by ``.to()`` /
         ``load_state_dict``). Not under ``torch.compile``, whose graph packs per call."""
-        if (x.device.type != "cpu" or torch.compiler.is_compiling()
-                or INT8_LINEAR.resolve(None, x.device) != "cpu"):
+        device = weight_q.device
+        if device.type != "cpu" or torch.compiler.is_compiling() or INT8_LINEAR.resolve(None, device) != "cpu":
             return None
-        weight = self.weight_q
-        return _packed_weights.get(weight, ("cpu_packed", weight.data_ptr()), lambda: int8_pack_weight(weight))
+        return _packed_weights.get(weight_q, ("cpu_packed", weight_q.data_ptr()), lambda: int8_pack_weight(weight_q))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
