@@ -81,7 +81,7 @@ def run(device: torch.device, quick: bool, progress=print, smoke: bool = False) 
         for kind, m, k, n, measured, flops, rates in timed:
             rows += result_rows(
                 "cpu_linears", f"{precision} {kind} {k} -> {n}", measured, "aten", flops=flops, tokens=m,
-                dtype=precision, chosen=cpu_linear.cpu_gemm(dtype, k, n) if kind == "encoder" else None,
+                dtype=precision, chosen=cpu_linear.cpu_gemm(dtype, k, n, m) if kind == "encoder" else None,
                 per_provider=lambda gemm, rates=rates: {"pct_of_precision_ceiling": 100 * rates[gemm] / ceiling},
             )
 

@@ -57,7 +57,8 @@ def info() -> int:
     # output is faulted in again on some calls and not others can lose to a slower one by chance.
     cpu_memory.keep_freed_memory()
     for precision, (in_features, out_features), chosen in encoder_gemms():
-        print(f"  {precision} {in_features:5d} -> {out_features:5d}: {chosen}")
+        by_tokens = ", ".join(f"{tokens} token{'s' * (tokens > 1)}: {gemm}" for tokens, gemm in chosen.items())
+        print(f"  {precision} {in_features:5d} -> {out_features:5d}: {by_tokens}")
     print()
     print(f"{'op':24s} {'backend':10s} {'live':5s} what")
     for op, backend, live, what in backend_table():

@@ -12,9 +12,13 @@ Three GEMMs serve fp32 and bf16 linears on the CPU:
 
 Which is faster depends on the CPU, not on its vendor's name: MKL's sgemm reaches 125-180 GFLOP/s
 at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 reaches 165-225
-(benchmarks/NOTES.md "CPU linears"). ``cpu_gemm(dtype, in_features, out_features)`` times every
-GEMM that runs the dtype here the first time a linear of that dtype and shape runs, and keeps the
-fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32 forces one (fp32
+(benchmarks/NOTES.md "CPU linears"). Nor on the shape alone: at a few tokens a GEMM streams its
+weight, and MKL's sgemm copies all of it on every call, so the packed GEMM is 1.13-1.22x faster at
+16 tokens on a 2-core Xeon, where the two are even at 2048 and MKL's gemv is 1.5-1.8x faster at
+one token (NOTES "The GEMM choice by token count"). ``cpu_gemm(dtype, in_features, out_features,
+tokens)`` times every GEMM that runs the dtype here the first time a linear of that dtype, shape
+and token regime (``TIMING_TOKEN_COUNTS``: the nearest of 1, 16 and 2048 tokens) runs, and keeps
+the fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32 forces one (fp32
 linears take onednn_packed under the last). ``Linear`` is an ``nn.Linear`` (same parameters,
 same state dict) whose inference calls on the CPU run the chosen GEMM; anything that needs
 gradients runs ``F.linear``.
@@ -38,8 +42,16 @@ GEMMS = ("aten", "onednn_packed", "onednn_packed_fp32")
 PRECISIONS = (torch.float32, torch.bfloat16)
 # (in_features, out_features) of ModernBERT-base's linears: Wqkv, attention Wo, Wi (GeGLU), MLP Wo.
 ENCODER_SHAPES = ((768, 2304), (768, 768), (768, 2304), (1152, 768))
-# Tokens per GEMM when timing: 4 x 512, the middle of the batches the encoder serves.
-TIMING_TOKENS = 2048
+# Tokens per GEMM when timing, one count per regime: a single token (a GEMV), a short query (the
+# weight streamed from memory) and 4 x 512, the middle of the batches the encoder serves (compute).
+TIMING_TOKEN_COUNTS = (1, 16, 2048)
+TIMING_TOKENS = TIMING_TOKEN_COUNTS[-1]
+# A call of t tokens takes the choice timed at the count nearest t on a log scale: the bounds are
+# the geometric means of neighbouring counts (4 and 181).
+_REGIME_BOUNDS = tuple((a * b) ** 0.5 for a, b in zip(TIMING_TOKEN_COUNTS[:-1], TIMING_TOKEN_COUNTS[1:]))
+# At few tokens, the weights a GEMM is timed on total this much, cycled call by call, so that each
+# call reads its weight from memory, as an encoder's linear does.
+_COLD_WEIGHT_BYTES = 64 << 20
 
 
 @functools.cache
@@ -109,50 +121,65 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_TOKENS,
                rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per pass over ``shapes`` for each GEMM that runs ``dtype`` here, ``rounds`` passes
-    after a warm-up, the GEMMs interleaved so a drift in the machine's speed falls on all alike."""
+    after a warm-up, the GEMMs interleaved so a drift in the machine's speed falls on all alike.
+    Below 64 tokens a pass makes 64 / tokens calls per shape, each on another copy of the weight
+    (up to 64 MB of copies per shape, one per call): what is timed is a weight read from memory, not
+    from cache."""
     generator = torch.Generator().manual_seed(0)
+    calls = max(1, 64 // tokens)
     problems = []
     for in_features, out_features in shapes:
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
+        copies = min(calls * (rounds + 1), -(-_COLD_WEIGHT_BYTES // max(1, weight.numel() * weight.element_size())))
+        weights = [weight.clone() for _ in range(copies)]
         bias = torch.zeros(out_features, dtype=dtype)
-        packed = {gemm: pack_weight(weight.to(packed_dtype(gemm, dtype)), tokens)
+        packed = {gemm: [pack_weight(w.to(packed_dtype(gemm, dtype))) for w in weights]  # as Linear packs
                   for gemm in available_gemms(dtype) if gemm != "aten"}
-        problems.append((x, weight, bias, packed))
+        problems.append((x, weights, bias, packed))
 
     def run_packed(gemm):
         compute = packed_dtype(gemm, dtype)
-        return lambda x, w, b, packed: packed_linear(x.to(compute), packed[gemm], b.to(compute)).to(dtype)
+        return lambda x, w, b, packed, i: packed_linear(x.to(compute), packed[gemm][i], b.to(compute)).to(dtype)
 
     runs = {gemm: run_packed(gemm) for gemm in available_gemms(dtype) if gemm != "aten"}
-    runs["aten"] = lambda x, w, b, packed: F.linear(x, w, b)
+    runs["aten"] = lambda x, w, b, packed, i: F.linear(x, w[i], b)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for round_index in range(rounds + 1):  # round 0 warms up
             for name, run in runs.items():
                 start = time.perf_counter()
-                for problem in problems:
-                    run(*problem)
+                for call in range(round_index * calls, (round_index + 1) * calls):
+                    for x, weights, bias, packed in problems:
+                        run(x, weights, bias, packed, call % len(weights))
                 if round_index:
                     times[name].append(time.perf_counter() - start)
     return times
 
 
+def timing_tokens(tokens: int) -> int:
+    """The count of ``TIMING_TOKEN_COUNTS`` whose GEMM choice a call of ``tokens`` tokens takes."""
+    for bound, count in zip(_REGIME_BOUNDS, TIMING_TOKEN_COUNTS):
+        if tokens < bound:
+            return count
+    return TIMING_TOKEN_COUNTS[-1]
+
+
 @functools.cache
-def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, threads: int) -> str:
-    times = time_gemms(dtype, shapes=((in_features, out_features),))
+def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, threads: int, tokens: int) -> str:
+    times = time_gemms(dtype, shapes=((in_features, out_features),), tokens=tokens)
     return min(times, key=lambda gemm: statistics.median(times[gemm]))
 
 
-def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
-    """The GEMM a CPU linear of this dtype and shape runs: the fastest of ``available_gemms``
-    measured once per (dtype, shape, thread count), or the one MODERNBERT_KERNELS_CPU_GEMM forces
-    (read per call)."""
+def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = TIMING_TOKENS) -> str:
+    """The GEMM a CPU linear of this dtype and shape runs on ``tokens`` tokens: the fastest of
+    ``available_gemms`` measured once per (dtype, shape, thread count, ``timing_tokens(tokens)``),
+    or the one MODERNBERT_KERNELS_CPU_GEMM forces (read per call)."""
     forced = os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
     if forced == "auto" and dtype in PRECISIONS:  # the common case first: every CPU linear call asks
         if len(available_gemms(dtype)) == 1:
             return "aten"  # nothing to choose between
-        return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads())
+        return _measured_gemm(dtype, in_features, out_features, torch.get_num_threads(), timing_tokens(tokens))
     if forced not in ("auto",) + GEMMS:
         raise ValueError(f"MODERNBERT_KERNELS_CPU_GEMM must be auto, {', '.join(GEMMS)}, not {forced!r}")
     if dtype not in PRECISIONS:
@@ -166,11 +193,12 @@ def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int) -> str:
     return forced
 
 
-def encoder_gemms() -> list[tuple[str, tuple[int, int], str]]:
-    """(precision, (in_features, out_features), GEMM) for ModernBERT-base's linears: what
-    ``modernbert-kernels info`` shows (measured here unless forced)."""
+def encoder_gemms() -> list[tuple[str, tuple[int, int], dict[int, str]]]:
+    """(precision, (in_features, out_features), {timing token count: GEMM}) for ModernBERT-base's
+    linears: what ``modernbert-kernels info`` shows (measured here unless forced)."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    return [(names[dtype], shape, cpu_gemm(dtype, *shape)) for dtype in PRECISIONS for shape in dict.fromkeys(ENCODER_SHAPES)]
+    return [(names[dtype], shape, {tokens: cpu_gemm(dtype, *shape, tokens) for tokens in TIMING_TOKEN_COUNTS})
+            for dtype in PRECISIONS for shape in dict.fromkeys(ENCODER_SHAPES)]
 
 
 _packed_weights = TensorCache()
@@ -194,7 +222,8 @@ class Linear(nn.Linear):
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                  or (self.bias is not None and self.bias.requires_grad)))):
             return None
-        return packed_dtype(cpu_gemm(x.dtype, self.in_features, self.out_features), x.dtype)
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        return packed_dtype(cpu_gemm(x.dtype, self.in_features, self.out_features, tokens), x.dtype)
 
     def _packed(self, part: str, rows: slice, dtype: torch.dtype):
         """The packed ``dtype`` copy of the weight's ``rows``; made once per weight version (``part``

@@ -190,10 +190,10 @@ def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
                           ({"aten": [1.0], "onednn_packed": [2.0]}, "aten"),
                           ({"aten": [3.0], "onednn_packed": [2.0], "onednn_packed_fp32": [1.0]}, "onednn_packed_fp32")):
         cpu_linear._measured_gemm.cache_clear()
-        monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, times=times: times)
+        monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, tokens, times=times: times)
         assert cpu_linear.cpu_gemm(torch.bfloat16, 768, 2304) == chosen
     timed = []
-    monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes: timed.append(shapes) or {"aten": [1.0]})
+    monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, tokens: timed.append(shapes) or {"aten": [1.0]})
     cpu_linear.cpu_gemm(torch.float32, 64, 32)
     cpu_linear.cpu_gemm(torch.float32, 64, 32)
     assert timed == [((64, 32),)]  # measured once per shape
@@ -206,6 +206,24 @@ def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "fast")
     with pytest.raises(ValueError, match="must be auto, aten, onednn_packed, onednn_packed_fp32, not 'fast'"):
         cpu_linear.cpu_gemm(torch.float32, 768, 2304)
+
+
+def test_gemm_choice_follows_the_token_count(monkeypatch, fresh_choices):
+    """Each token regime keeps the GEMM measured fastest at its count (1, 16 or 2048 tokens), and a
+    call takes the regime whose count is nearest its own on a log scale (bounds 4 and 181.02)."""
+    monkeypatch.setattr(cpu_linear, "available_gemms", lambda dtype: ("aten", "onednn_packed"))
+    winners = {1: "aten", 16: "onednn_packed", 2048: "aten"}
+    timed = []
+    monkeypatch.setattr(cpu_linear, "time_gemms", lambda dtype, shapes, tokens: timed.append(tokens) or {
+        gemm: [0.5 if gemm == winners[tokens] else 1.0] for gemm in ("aten", "onednn_packed")})
+    calls = {1: "aten", 3: "aten", 4: "onednn_packed", 16: "onednn_packed", 181: "onednn_packed", 182: "aten",
+             2048: "aten", 100_000: "aten"}
+    assert {tokens: cpu_linear.cpu_gemm(torch.float32, 64, 32, tokens) for tokens in calls} == calls
+    assert sorted(timed) == [1, 16, 2048]  # each regime measured once
+    linear = cpu_linear.Linear(64, 32)
+    with torch.no_grad():  # a Linear asks for its input's token count: 2 x 8 = 16 tokens, then 1
+        assert linear._packed_dtype(torch.randn(2, 8, 64)) == torch.float32
+        assert linear._packed_dtype(torch.randn(1, 64)) is None
 
 
 def test_available_gemms():
