@@ -123,15 +123,14 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
     """Seconds per pass over ``shapes`` for each GEMM that runs ``dtype`` here, ``rounds`` passes
     after a warm-up, the GEMMs interleaved so a drift in the machine's speed falls on all alike.
     Below 64 tokens a pass makes 64 / tokens calls per shape, each on another copy of the weight
-    (up to 64 MB of copies per shape, one per call): what is timed is a weight read from memory, not
-    from cache."""
+    (up to 64 MB of copies per shape): what is timed is a weight read from memory, not from cache."""
     generator = torch.Generator().manual_seed(0)
     calls = max(1, 64 // tokens)
     problems = []
     for in_features, out_features in shapes:
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
-        copies = min(calls * (rounds + 1), -(-_COLD_WEIGHT_BYTES // max(1, weight.numel() * weight.element_size())))
+        copies = min(calls, -(-_COLD_WEIGHT_BYTES // max(1, weight.numel() * weight.element_size())))
         weights = [weight.clone() for _ in range(copies)]
         bias = torch.zeros(out_features, dtype=dtype)
         packed = {gemm: [pack_weight(w.to(packed_dtype(gemm, dtype))) for w in weights]  # as Linear packs
