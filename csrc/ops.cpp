@@ -36,6 +36,11 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   // out may be x itself (in place).
   m.def("rotary_embedding_native(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out) -> ()");
   m.def("quantize_per_token_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth) -> (Tensor, Tensor)");
+  // The two above in one call (CPU): an int8 linear that quantizes its float input itself.
+  m.def(
+      "int8_linear_dynamic_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth, Tensor w_q, "
+      "Tensor w_scale, Tensor? bias, str activation, ScalarType out_dtype, Tensor? residual=None, "
+      "Tensor? w_packed=None) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

@@ -16,7 +16,9 @@
 #include <torch/csrc/stable/accelerator.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "tensor_params.h"
 
@@ -83,6 +85,18 @@ std::tuple<Tensor, Tensor> quantize_per_token_op(const Tensor& x, const std::opt
   const Quantize call = prepare_quantize(x, norm_weight, eps, smooth, Kernels::kDevice);
   if (call.params.rows > 0) Kernels::quantize(call.params);
   return {call.q, call.scale};
+}
+
+// quantize_per_token then int8_linear in one call: x [M, K] float -> act(dequantized products) in
+// out_dtype, the op's own int8 copy of x in between (one boxed call instead of two at a few tokens).
+template <typename Kernels>
+Tensor int8_linear_dynamic_op(const Tensor& x, const std::optional<Tensor>& norm_weight, double eps,
+                              const std::optional<Tensor>& smooth, const Tensor& w_q, const Tensor& w_scale,
+                              const std::optional<Tensor>& bias, std::string activation, ScalarType out_dtype,
+                              const std::optional<Tensor>& residual, const std::optional<Tensor>& w_packed) {
+  const auto quantized = quantize_per_token_op<Kernels>(x, norm_weight, eps, smooth);
+  return int8_linear_op<Kernels>(std::get<0>(quantized), std::get<1>(quantized), w_q, w_scale, bias,
+                                 std::move(activation), out_dtype, residual, w_packed);
 }
 
 template <typename Kernels>

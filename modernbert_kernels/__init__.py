@@ -4,8 +4,8 @@ from importlib import metadata as _metadata
 
 from . import layouts
 from .attention import block_sparse_attention
-from .int8 import (Int8Linear, int8_linear, int8_pack_weight, interleave_geglu, quantize_per_channel,
-                   quantize_per_token)
+from .int8 import (Int8Linear, int8_linear, int8_linear_dynamic, int8_pack_weight, interleave_geglu,
+                   quantize_per_channel, quantize_per_token)
 from .block_sparse_layout import BlockSparseLayout
 from .rotary import rotary_embedding
 
@@ -42,6 +42,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
     "int8_linear",
+    "int8_linear_dynamic",
     "int8_pack_weight",
     "interleave_geglu",
     "layouts",

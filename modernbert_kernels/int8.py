@@ -1,8 +1,9 @@
-"""W8A8 int8 linear layers: quantization helpers, int8_linear(), Int8Linear.
+"""W8A8 int8 linear layers: quantization helpers, int8_linear(), int8_linear_dynamic(), Int8Linear.
 
 Weights are quantized once per output channel; activations per token, on the fly (fused with the
-LayerNorm that precedes them where the caller has one). Both ops are torch.library custom ops
-with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, or the interpreter),
+LayerNorm that precedes them where the caller has one): ``quantize_per_token`` then ``int8_linear``,
+or both as one op, ``int8_linear_dynamic`` (one native call on the C++ CPU backend). The ops are
+torch.library custom ops with fake implementations; ``backend="triton"`` runs the Triton kernels (CUDA, or the interpreter),
 ``backend="cpu"`` / ``"cuda"`` the C++ extension's kernels (on CPU: an int8 GEMM in cache-sized
 row chunks, each followed at once by a vectorized epilogue; the GEMM is the extension's AMX tile
 kernel where the CPU has AMX-INT8, oneDNN's with VNNI), ``backend="torch"`` ``torch._int_mm`` plus
@@ -97,6 +98,13 @@ def quantize_per_token(
     ``norm_weight`` fuses a bias-free LayerNorm before quantizing; ``smooth`` [K] multiplies the
     columns first (SmoothQuant's 1/s). All-zero rows get scale 1 and zeros.
     """
+    _check_quantize_inputs(x, norm_weight, smooth)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return backends.run(_quantize_op, x, norm_weight, eps, smooth, QUANTIZE.resolve(backend, x.device))
+
+
+def _check_quantize_inputs(x, norm_weight, smooth) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
     if x.dim() != 2:
@@ -106,9 +114,6 @@ def quantize_per_token(
             raise ValueError(f"{name} must be [{x.shape[1]}] on {x.device}, got {tuple(t.shape)} on {t.device}")
     if smooth is not None and smooth.dtype != torch.float32:
         raise TypeError(f"smooth must be float32, got {smooth.dtype}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return backends.run(_quantize_op, x, norm_weight, eps, smooth, QUANTIZE.resolve(backend, x.device))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,18 +290,28 @@ def int8_linear(
             and isinstance(w_scale, torch.Tensor) and x_q.dtype == torch.int8 and w_q.dtype == torch.int8
             and x_scale.dtype == torch.float32 and w_scale.dtype == torch.float32
             and x_q.device == w_q.device == x_scale.device == w_scale.device):
-        _raise_for_operands((x_q, w_q, x_scale, w_scale))
-    device = x_q.device
+        _raise_for_operands((("x_q", x_q, torch.int8), ("w_q", w_q, torch.int8), ("x_scale", x_scale, torch.float32),
+                             ("w_scale", w_scale, torch.float32)), "x_q", x_q)
     if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"x_q [M, K] and w_q [N, K] must share K, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
-    m, k = x_q.shape
-    n = w_q.shape[0]
+    if x_scale.shape != (x_q.shape[0],) or w_scale.shape != (w_q.shape[0],):
+        raise ValueError(f"x_scale must be [{x_q.shape[0]}] and w_scale [{w_q.shape[0]}], got {tuple(x_scale.shape)}, "
+                         f"{tuple(w_scale.shape)}")
+    backend, residual, packed_weight = _check_linear_inputs(x_q.shape[0], x_q.device, w_q, bias, activation, out_dtype,
+                                                            residual, packed_weight, backend)
+    return backends.run(_int8_linear_op, x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(),
+                        w_scale.contiguous(), bias, activation or "none", out_dtype, backend, residual, packed_weight)
+
+
+def _check_linear_inputs(m, device, w_q, bias, activation, out_dtype, residual, packed_weight, backend):
+    """The checks int8_linear and int8_linear_dynamic share, past their inputs' own (w_q [N, K]
+    int8 and w_scale [N] fp32 on ``device``): -> (the backend, residual made contiguous, the packed
+    weight or None where the backend does not read it)."""
+    k, n = w_q.shape[1], w_q.shape[0]
     if k % 16:
         raise ValueError(f"K = {k} must be a multiple of 16 (int8 tensor-core tiles)")
     if k > MAX_K:
         raise ValueError(f"K = {k} is above {MAX_K}: int32 sums of K int8 products could overflow")
-    if x_scale.shape != (m,) or w_scale.shape != (n,):
-        raise ValueError(f"x_scale must be [{m}] and w_scale [{n}], got {tuple(x_scale.shape)}, {tuple(w_scale.shape)}")
     if bias is not None and (bias.shape != (n,) or bias.device != device):
         raise ValueError(f"bias must be [{n}] on {device}, got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
@@ -321,19 +336,74 @@ def int8_linear(
                             f"{getattr(packed_weight, 'dtype', type(packed_weight).__name__)}")
         if backend != "cpu":
             packed_weight = None  # the CPU GEMM's layout; the other backends read w_q
-    return backends.run(_int8_linear_op, x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(),
-                        w_scale.contiguous(), bias, activation or "none", out_dtype, backend, residual, packed_weight)
+    return backend, residual, packed_weight
 
 
-def _raise_for_operands(tensors) -> None:
-    """The error for the first of int8_linear's four operands of the wrong type, dtype or device."""
-    x_q = tensors[0]
-    for name, t, dtype in zip(("x_q", "w_q", "x_scale", "w_scale"), tensors,
-                              (torch.int8, torch.int8, torch.float32, torch.float32)):
+def _raise_for_operands(operands, reference_name: str, reference) -> None:
+    """The error for the first of ``operands`` ((name, tensor, dtype), ...) of the wrong type or
+    dtype, or on another device than ``reference``."""
+    for name, t, dtype in operands:
         if not isinstance(t, torch.Tensor) or t.dtype != dtype:
             raise TypeError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.device != x_q.device:
-            raise ValueError(f"{name} is on {t.device} but x_q is on {x_q.device}")
+        if t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+@backends.custom_op("int8_linear_dynamic")
+def _int8_linear_dynamic_op(
+    x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, smooth: Optional[torch.Tensor],
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype,
+    backend: str, residual: Optional[torch.Tensor] = None, w_packed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    if backend == "cpu" and x.numel() and w_q.numel():
+        # One native call: the quantized copy of x is made and used inside it.
+        return ops.int8_linear_dynamic_native(x, norm_weight, eps, smooth, w_q, w_scale, bias, activation, out_dtype,
+                                              residual, w_packed)
+    x_q, x_scale = backends.run(_quantize_op, x, norm_weight, eps, smooth, backend)
+    return backends.run(_int8_linear_op, x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend, residual,
+                        w_packed)
+
+
+@_int8_linear_dynamic_op.register_fake
+def _(x, norm_weight, eps, smooth, w_q, w_scale, bias, activation, out_dtype, backend, residual=None, w_packed=None):
+    cols = w_q.shape[0] // 2 if activation == "geglu" else w_q.shape[0]
+    return x.new_empty(x.shape[0], cols, dtype=out_dtype)
+
+
+def int8_linear_dynamic(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    smooth: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    packed_weight: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``int8_linear(*quantize_per_token(x, norm_weight=, eps=, smooth=), w_q, w_scale, ...)`` as one op:
+    x [M, K] floating point, quantized per row on the fly (after the fused bias-free LayerNorm and
+    smoothing, if given), then the int8 linear; ``out_dtype`` defaults to x's. The C++ CPU backend
+    does both in one native call; the others run the two ops. What ``Int8Linear`` calls."""
+    _check_quantize_inputs(x, norm_weight, smooth)
+    if not (isinstance(w_q, torch.Tensor) and isinstance(w_scale, torch.Tensor) and w_q.dtype == torch.int8
+            and w_scale.dtype == torch.float32 and w_q.device == w_scale.device == x.device):
+        _raise_for_operands((("w_q", w_q, torch.int8), ("w_scale", w_scale, torch.float32)), "x", x)
+    if w_q.dim() != 2 or x.shape[1] != w_q.shape[1]:
+        raise ValueError(f"x [M, K] and w_q [N, K] must share K, got {tuple(x.shape)} and {tuple(w_q.shape)}")
+    if w_scale.shape != (w_q.shape[0],):
+        raise ValueError(f"w_scale must be [{w_q.shape[0]}], got {tuple(w_scale.shape)}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    backend, residual, packed_weight = _check_linear_inputs(x.shape[0], x.device, w_q, bias, activation, out_dtype,
+                                                            residual, packed_weight, backend)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return backends.run(_int8_linear_dynamic_op, x, norm_weight, eps, smooth, w_q.contiguous(), w_scale.contiguous(),
+                        bias, activation or "none", out_dtype, backend, residual, packed_weight)
 
 
 def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:
@@ -437,17 +507,15 @@ class Int8Linear(nn.Module):
         buffers = self._buffers
         weight_q = buffers["weight_q"]
         leading = x.shape[:-1]
-        x_q, x_scale = quantize_per_token(x.reshape(-1, self.in_features), norm_weight=norm_weight, eps=eps,
-                                          smooth=buffers["smooth"])
-        out_dtype = x.dtype if out_dtype is None else out_dtype
         if residual is not None:
             out_features = self.out_features // 2 if self.activation == "geglu" else self.out_features
             if residual.shape != (*leading, out_features):
                 raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape "
                                  f"{(*leading, out_features)}")
             residual = residual.reshape(-1, out_features)
-        y = int8_linear(x_q, x_scale, weight_q, buffers["weight_scale"], buffers["bias"], self.activation,
-                        out_dtype=out_dtype, residual=residual, packed_weight=self._packed_weight(weight_q))
+        y = int8_linear_dynamic(x.reshape(-1, self.in_features), weight_q, buffers["weight_scale"], buffers["bias"],
+                                self.activation, out_dtype, norm_weight=norm_weight, eps=eps, smooth=buffers["smooth"],
+                                residual=residual, packed_weight=self._packed_weight(weight_q))
         return y.view(*leading, y.shape[-1])
 
     @staticmethod

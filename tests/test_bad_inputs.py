@@ -13,6 +13,7 @@ from modernbert_kernels import (
     Int8Linear,
     block_sparse_attention,
     int8_linear,
+    int8_linear_dynamic,
     layouts,
     quantize_per_token,
     rotary_embedding,
@@ -155,6 +156,8 @@ CATALOGUE = [
                                                                                 packed_weight=torch.zeros(64)),
      TypeError, r"packed_weight must be what int8_pack_weight\(w_q\) returned"),
     ("a 1-D tensor to quantize", lambda: quantize_per_token(torch.randn(64)), ValueError, r"x must be \[M, K\]"),
+    ("int8 activations for the dynamic int8 linear", lambda: int8_linear_dynamic(X_Q, W_Q, W_SCALE), TypeError,
+     r"x must be a floating-point tensor"),
     # rotary
     ("an odd head_dim for RoPE", lambda: rotary_embedding(torch.randn(4, 2, 2, 33), ANGLES, ANGLES), ValueError,
      r"head_dim must be even"),

@@ -11,8 +11,15 @@ import pytest
 import torch
 from helpers import CPU_BACKENDS, CPU_EXTENSION, CUDA_EXTENSION, NATIVE_CPU_BACKENDS, relative_error
 
-from modernbert_kernels import Int8Linear, int8_linear, interleave_geglu, quantize_per_channel, quantize_per_token
-from modernbert_kernels.int8 import ACTIVATIONS, _int8_linear_op, _quantize_op
+from modernbert_kernels import (
+    Int8Linear,
+    int8_linear,
+    int8_linear_dynamic,
+    interleave_geglu,
+    quantize_per_channel,
+    quantize_per_token,
+)
+from modernbert_kernels.int8 import ACTIVATIONS, _int8_linear_dynamic_op, _int8_linear_op, _quantize_op
 from modernbert_kernels.reference import (
     int8_linear_reference,
     int8_matmul_reference,
@@ -212,6 +219,78 @@ def test_empty_operands(backend, m, n, k):
         torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "layernorm_and_smoothing"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("activation", [None, "geglu"])
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                                (torch.bfloat16, torch.bfloat16)], ids=["fp32", "fp32_to_fp16", "bf16"])
+@pytest.mark.parametrize("m, n, k", [(1, 96, 16), (50, 40, 48), (77, 130, 144)])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_linear_dynamic_is_quantize_then_int8_linear(backend, m, n, k, x_dtype, out_dtype, activation, residual,
+                                                          fused, poison_allocations):
+    """One op for the two: bit-identical to quantize_per_token then int8_linear on the same backend
+    (the C++ CPU backend's single native call included), and within the epilogue's tolerance of
+    their float64 references."""
+    if activation == "geglu" and n % 2:
+        pytest.skip("geglu needs an even width")
+    if backend == "triton" and torch.bfloat16 in (x_dtype, out_dtype):
+        pytest.skip("Triton's interpreter has no bf16")
+    if backend == "triton" and (m, n, k) != (50, 40, 48):
+        pytest.skip("on Triton the op runs the two ops' kernels, whose shapes the tests above cover: one shape here")
+    generator = torch.Generator().manual_seed(71)
+    x = (torch.randn(m, k, generator=generator) * 2 + 0.5).to(x_dtype)
+    w_q, w_scale = quantize_per_channel(torch.randn(n, k, generator=generator) / k**0.5)
+    bias = torch.randn(n, generator=generator)
+    options = dict(norm_weight=(torch.rand(k, generator=generator) + 0.5).to(x_dtype), eps=1e-5,
+                   smooth=torch.rand(k, generator=generator) + 0.5) if fused else {}
+    cols = n // 2 if activation == "geglu" else n
+    added = (torch.randn(m, cols, generator=generator) * 4).to(out_dtype) if residual else None
+    out = int8_linear_dynamic(x, w_q, w_scale, bias, activation, out_dtype, residual=added, backend=backend, **options)
+    x_q, x_scale = quantize_per_token(x, backend=backend, **options)
+    two_ops = int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, backend=backend, residual=added)
+    assert out.dtype == out_dtype and out.shape == (m, cols)
+    assert torch.equal(out, two_ops)
+    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, added)
+    assert relative(out, expected) <= EPILOGUE_TOLERANCE[out_dtype]
+
+
+@pytest.mark.parametrize("m, n, k", [(0, 40, 48), (7, 0, 48), (7, 40, 0)], ids=["no_rows", "no_weight_rows",
+                                                                               "no_columns"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_linear_dynamic_on_empty_operands(backend, m, n, k):
+    generator = torch.Generator().manual_seed(72)
+    x = torch.randn(m, k, generator=generator)
+    w_q, w_scale = quantize_per_channel(torch.randn(n, k, generator=generator))
+    bias = torch.randn(n, generator=generator)
+    out = int8_linear_dynamic(x, w_q, w_scale, bias, "gelu", backend=backend)
+    x_q, x_scale = quantize_per_token(x, backend=backend)
+    assert torch.equal(out, int8_linear(x_q, x_scale, w_q, w_scale, bias, "gelu", torch.float32, backend=backend))
+
+
+def test_int8_linear_dynamic_bad_inputs():
+    x, (w_q, w_scale) = torch.randn(8, 32), quantize_per_channel(torch.randn(16, 32))
+    with pytest.raises(TypeError, match="floating-point"):
+        int8_linear_dynamic(w_q, w_q, w_scale)
+    with pytest.raises(TypeError, match="w_q must be a torch.int8 tensor"):
+        int8_linear_dynamic(x, w_q.float(), w_scale)
+    with pytest.raises(TypeError, match="w_scale must be a torch.float32 tensor"):
+        int8_linear_dynamic(x, w_q, w_scale.double())
+    with pytest.raises(ValueError, match="w_q is on meta but x is on cpu"):
+        int8_linear_dynamic(x, w_q.to("meta"), w_scale)
+    with pytest.raises(ValueError, match="share K"):
+        int8_linear_dynamic(x[:, :16], w_q, w_scale)
+    with pytest.raises(ValueError, match=r"w_scale must be \[16\]"):
+        int8_linear_dynamic(x, w_q, w_scale[:8])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        int8_linear_dynamic(x[:, :24], w_q[:, :24], w_scale)
+    with pytest.raises(ValueError, match="norm_weight"):
+        int8_linear_dynamic(x, w_q, w_scale, norm_weight=torch.ones(31))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        int8_linear_dynamic(x, w_q, w_scale, activation="relu")
+    with pytest.raises(ValueError, match=r"residual must be \[8, 16\]"):
+        int8_linear_dynamic(x, w_q, w_scale, residual=torch.zeros(8, 8))
+
+
 def test_quantize_per_channel():
     w = torch.randn(24, 32)  # fresh each run: a value on a rounding tie comes up now and then
     q, scale = quantize_per_channel(w)
@@ -281,11 +360,16 @@ def test_opcheck(backend):
     for activation, residual in (("none", None), ("geglu", torch.randn(20, 12))):
         torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, torch.randn(24), activation,
                                                 torch.float32, backend, residual))
-    if backend == "cpu":  # the C++ backend's packed weight, the op's last optional input
+    for norm_weight, smooth in ((None, None), (torch.rand(32) + 0.5, torch.rand(32) + 0.5)):
+        torch.library.opcheck(_int8_linear_dynamic_op, (x, norm_weight, 1e-5, smooth, w_q, w_scale, torch.randn(24),
+                                                        "geglu", torch.float32, backend, torch.randn(20, 12)))
+    if backend == "cpu":  # the C++ backend's packed weight, the ops' last optional input
         from modernbert_kernels import int8_pack_weight
 
         torch.library.opcheck(_int8_linear_op, (x_q, x_scale, w_q, w_scale, None, "gelu", torch.bfloat16, backend,
                                                 None, int8_pack_weight(w_q)))
+        torch.library.opcheck(_int8_linear_dynamic_op, (x, None, 1e-5, None, w_q, w_scale, None, "gelu",
+                                                        torch.bfloat16, backend, None, int8_pack_weight(w_q)))
 
 
 def test_torch_compile_traces_int8_linear():

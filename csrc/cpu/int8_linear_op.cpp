@@ -1,4 +1,4 @@
-// CPU int8_linear_native and quantize_per_token_native.
+// CPU int8_linear_native, quantize_per_token_native and int8_linear_dynamic_native (the two in one call).
 //
 // The GEMM runs over row chunks whose int32 result stays in cache: each chunk's epilogue (scales,
 // bias, activation, cast) runs right after its GEMM, so the int32 accumulator never makes a round
@@ -335,6 +335,7 @@ MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) {
   m.impl("int8_linear_native", TORCH_BOX(&int8_linear_op<CpuInt8>));
   m.impl("int8_pack_weight_native", TORCH_BOX(&int8_pack_weight));
   m.impl("quantize_per_token_native", TORCH_BOX(&quantize_per_token_op<CpuInt8>));
+  m.impl("int8_linear_dynamic_native", TORCH_BOX(&int8_linear_dynamic_op<CpuInt8>));
 }
 
 MODERNBERT_KERNELS_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
