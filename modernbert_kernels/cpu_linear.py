@@ -49,8 +49,8 @@ TIMING_TOKENS = TIMING_TOKEN_COUNTS[-1]
 # A call of t tokens takes the choice timed at the count nearest t on a log scale: the bounds are
 # the geometric means of neighbouring counts (4 and 181).
 _REGIME_BOUNDS = tuple((a * b) ** 0.5 for a, b in zip(TIMING_TOKEN_COUNTS[:-1], TIMING_TOKEN_COUNTS[1:]))
-# At few tokens, the weights a GEMM is timed on total this much, cycled call by call, so that each
-# call reads its weight from memory, as an encoder's linear does.
+# The copies of a weight a GEMM is timed on (one per call of the timing) total up to this much, so
+# that a few-token call reads its weight from memory, as an encoder's linear does.
 _COLD_WEIGHT_BYTES = 64 << 20
 
 
@@ -122,15 +122,16 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
                rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per pass over ``shapes`` for each GEMM that runs ``dtype`` here, ``rounds`` passes
     after a warm-up, the GEMMs interleaved so a drift in the machine's speed falls on all alike.
-    Below 64 tokens a pass makes 64 / tokens calls per shape, each on another copy of the weight
-    (up to 64 MB of copies per shape): what is timed is a weight read from memory, not from cache."""
+    Below 16 tokens a pass makes 16 / tokens calls per shape. Every call of the timing runs on
+    another copy of the weight, up to 64 MB of copies per shape, cycled beyond: what is timed is a
+    weight read from memory, not from cache, as an encoder's few-token calls read theirs."""
     generator = torch.Generator().manual_seed(0)
-    calls = max(1, 64 // tokens)
+    calls = max(1, 16 // tokens)
     problems = []
     for in_features, out_features in shapes:
         x = torch.randn(tokens, in_features, generator=generator).to(dtype)
         weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
-        copies = min(calls, -(-_COLD_WEIGHT_BYTES // max(1, weight.numel() * weight.element_size())))
+        copies = min(calls * (rounds + 1), -(-_COLD_WEIGHT_BYTES // max(1, weight.numel() * weight.element_size())))
         weights = [weight.clone() for _ in range(copies)]
         bias = torch.zeros(out_features, dtype=dtype)
         packed = {gemm: [pack_weight(w.to(packed_dtype(gemm, dtype))) for w in weights]  # as Linear packs
