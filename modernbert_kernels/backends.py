@@ -193,7 +193,7 @@ def run(op, *args):
     """``op(*args)``, for an op made by ``custom_op``. In plain eager inference its body runs
     directly: the dispatcher's round trip to that same body (through autograd, the alias checks and
     the torch.compile guard) costs ~7 us a call, as much as a kernel on a short input (a 16-token
-    query calls 220 such ops; NOTES, "One short query"). The dispatcher stays wherever it does
+    query calls 220 such ops; NOTES, "The short query again"). The dispatcher stays wherever it does
     something: a tensor that needs a gradient, torch.compile, fake or other tensor subclasses,
     dispatch and function modes, and functorch transforms."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
