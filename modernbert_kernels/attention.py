@@ -194,6 +194,11 @@ _checked_lengths = TensorCache()
 
 
 def _sequence_lengths(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[int, bool]:
+    """(the longest sequence, whether all have one length), read once per cu_seqlens tensor."""
+    return _checked_lengths.get(cu_seqlens, total_tokens, lambda: _read_sequence_lengths(cu_seqlens, total_tokens))
+
+
+def _read_sequence_lengths(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[int, bool]:
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total_tokens:
         raise ValueError(
@@ -208,7 +213,7 @@ def _sequence_lengths(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[int,
 def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int | None) -> int:
     """Check that cu_seqlens runs from 0 to ``total_tokens`` without decreasing; the longest
     sequence bounds ``max_seqlen``. Returns max_seqlen (the longest sequence when None)."""
-    longest, _ = _checked_lengths.get(cu_seqlens, total_tokens, lambda: _sequence_lengths(cu_seqlens, total_tokens))
+    longest, _ = _sequence_lengths(cu_seqlens, total_tokens)
     if max_seqlen is None:
         return longest
     if max_seqlen < longest:
@@ -218,7 +223,7 @@ def _checked_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen:
 
 # The longest sequence up to which our CPU kernel runs bf16 dense attention where PyTorch's fused
 # kernel is faster on long sequences (bf16 on AMX): at a few blocks the fixed costs of PyTorch's
-# path dominate (NOTES, "Dense attention on short and mixed-length inputs").
+# path dominate (NOTES, "The short query again").
 SHORT_DENSE_TOKENS = 256
 
 
@@ -242,8 +247,7 @@ def _pytorch_dense_is_faster(q, k, v, seq_len: int, cu_seqlens) -> bool:
         return False
     if cu_seqlens is None or torch.compiler.is_compiling():  # under compile the lengths are not known
         return True
-    _, one_length = _checked_lengths.get(cu_seqlens, q.shape[0], lambda: _sequence_lengths(cu_seqlens, q.shape[0]))
-    return one_length
+    return _sequence_lengths(cu_seqlens, q.shape[0])[1]
 
 
 def _check_global_tokens(global_tokens, q, varlen):

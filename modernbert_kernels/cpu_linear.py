@@ -15,7 +15,7 @@ at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 r
 (benchmarks/NOTES.md "CPU linears"). Nor on the shape alone: at a few tokens a GEMM streams its
 weight, and MKL's sgemm copies all of it on every call, so the packed GEMM is 1.13-1.22x faster at
 16 tokens on a 2-core Xeon, where the two are even at 2048 and MKL's gemv is 1.5-1.8x faster at
-one token (NOTES "The GEMM choice by token count"). ``cpu_gemm(dtype, in_features, out_features,
+one token (NOTES "The short query again"). ``cpu_gemm(dtype, in_features, out_features,
 tokens)`` times every GEMM that runs the dtype here the first time a linear of that dtype, shape
 and token regime (``TIMING_TOKEN_COUNTS``: the nearest of 1, 16 and 2048 tokens) runs, and keeps
 the fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32 forces one (fp32
