@@ -9,6 +9,7 @@ from .heads import (
     ModernBertForSequenceClassification,
     ModernBertForTokenClassification,
 )
+from .frozen import FrozenEncoder
 from .model import ModernBertModel
 from .quantize import quantize_int8
 from .tokenizer import AutoTokenizer
@@ -24,6 +25,7 @@ __all__ = [
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
     "AutoTokenizer",
+    "FrozenEncoder",
     "ModernBertConfig",
     "ModernBertForMaskedLM",
     "ModernBertForQuestionAnswering",

@@ -291,7 +291,11 @@ class ModernBertModel(PretrainedMixin, nn.Module):
                 hidden = layer(hidden, rotary[theta], batch, layout, window, self.attention_backend)
         return self.final_norm(hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                forward_packed=None) -> torch.Tensor:
+        """The batch packed, run through ``forward_packed(input_ids, batch)`` (default: this model's;
+        FrozenEncoder passes its own), and unpacked."""
+        forward_packed = forward_packed or self.forward_packed
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -302,5 +306,5 @@ class ModernBertModel(PretrainedMixin, nn.Module):
         if batch.max_seqlen == 0:  # no real token (an empty batch, or padding only): all outputs are padding
             weight = self.embeddings.tok_embeddings.weight
             return weight.new_zeros(*input_ids.shape, self.config.hidden_size)
-        packed = self.forward_packed(input_ids.reshape(-1)[batch.indices], batch)
+        packed = forward_packed(input_ids.reshape(-1)[batch.indices], batch)
         return unpack(packed, batch)

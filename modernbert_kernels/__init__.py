@@ -3,7 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import layouts
-from .attention import block_sparse_attention
+from .attention import bind_attention, block_sparse_attention
 from .int8 import (Int8Linear, int8_linear, int8_linear_dynamic, int8_pack_weight, interleave_geglu,
                    quantize_per_channel, quantize_per_token)
 from .block_sparse_layout import BlockSparseLayout
@@ -38,6 +38,7 @@ __all__ = [
     "BlockSparseLayout",
     "Int8Linear",
     "attention_forward",
+    "bind_attention",
     "block_sparse_attention",
     "flash_attn_func",
     "flash_attn_varlen_func",

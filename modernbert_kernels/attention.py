@@ -357,6 +357,26 @@ def _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens,
     return seq_len
 
 
+def _chosen_backend(q, k, v, layout, band, key_padding_mask, softcap, seq_len, cu_seqlens, backend):
+    """The backend that runs this call: ``backend``, or the fastest for the inputs when None."""
+    if backend is None:
+        backend = ATTENTION.resolve(None, q.device)
+        if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
+                and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
+                and _pytorch_dense_is_faster(q, k, v, seq_len, cu_seqlens)):
+            # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel where that
+            # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work; PyTorch's
+            # has no soft-capping.
+            backend = "torch"
+    backend = ATTENTION.resolve(backend, q.device)
+    if backend == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton's interpreter (numpy, which has no bf16) returns garbage from bf16 tl.dot: ~8e8 for
+        # outputs of magnitude 4 with Triton 3.8. RoPE, quantization and the int8 linear are right there.
+        raise TypeError("bf16 attention does not run in Triton's interpreter (TRITON_INTERPRET=1): its bf16 dot "
+                        "products are wrong; use fp16 or fp32 there, or backend='cpu' / 'torch' for bf16")
+    return backend
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -419,21 +439,7 @@ def block_sparse_attention(
             key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
             global_tokens=global_tokens, softcap=softcap, sinks=sinks, backend=backend)[..., :head_dim]
     band = window_bounds(window, causal)
-    if backend is None:
-        backend = ATTENTION.resolve(None, q.device)
-        if (backend == "cpu" and band == (-1, -1) and key_padding_mask is None and not softcap
-                and backends.layout_is_dense(layout, -(-seq_len // layout.block_size))
-                and _pytorch_dense_is_faster(q, k, v, seq_len, cu_seqlens)):
-            # Plain dense attention: the torch path hands it to PyTorch's fused CPU kernel where that
-            # was measured faster than ours (benchmarks/NOTES.md). Ours wins on sparse work; PyTorch's
-            # has no soft-capping.
-            backend = "torch"
-    backend = ATTENTION.resolve(backend, q.device)
-    if backend == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        # Triton's interpreter (numpy, which has no bf16) returns garbage from bf16 tl.dot: ~8e8 for
-        # outputs of magnitude 4 with Triton 3.8. RoPE, quantization and the int8 linear are right there.
-        raise TypeError("bf16 attention does not run in Triton's interpreter (TRITON_INTERPRET=1): its bf16 dot "
-                        "products are wrong; use fp16 or fp32 there, or backend='cpu' / 'torch' for bf16")
+    backend = _chosen_backend(q, k, v, layout, band, key_padding_mask, softcap, seq_len, cu_seqlens, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kernels = ATTENTION[backend]
     if kernels.differentiable is not None:
@@ -456,3 +462,54 @@ def block_sparse_attention(
         return attention_with_sinks(q, k, v, sinks, cu_seqlens is not None, ops)
     return attention_with_global_tokens(q, k, v, global_tokens, layout, band, scale, key_padding_mask, cu_seqlens,
                                         ops)
+
+
+def bind_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    window: int | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``block_sparse_attention`` split into a plan and its runs: the checks and the backend choice
+    are made here once, on q, k, v and the rest, and the returned ``run(q, k, v)`` computes the
+    attention of any q, k, v of the same shapes, dtype and device with the same layout, window,
+    mask and lengths, checking only those. For an encoder's layers, each of which would otherwise
+    repeat the previous layer's checks (tens of microseconds a call, as much as the kernel on a
+    short query; NOTES "A frozen encoder"). Global tokens and sinks are not bound: call
+    ``block_sparse_attention`` for them. Inputs that need a gradient run it too, whole."""
+    seq_len = _check_inputs(q, k, v, layout, window, causal, key_padding_mask, cu_seqlens, max_seqlen)
+    softcap = _checked_softcap(softcap, None)
+    arguments = dict(window=window, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softcap=softcap, backend=backend)
+    band = window_bounds(window, causal)
+    backend = _chosen_backend(q, k, v, layout, band, key_padding_mask, softcap, seq_len, cu_seqlens, backend)
+    # The reference backend and padded head dims run the whole op at every call.
+    whole_op = q.shape[-1] not in SUPPORTED_HEAD_DIMS or ATTENTION[backend].differentiable is not None
+    if backend in backends.NATIVE_BACKENDS and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    options = (*layout.tensors_on(q.device), layout.block_size, *band, scale, softcap, key_padding_mask, cu_seqlens,
+               seq_len if cu_seqlens is not None else 0, backend)
+    shape, dtype, device = q.shape, q.dtype, q.device
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for t in (q, k, v):
+            if t.shape != shape or t.dtype != dtype or t.device != device:
+                raise ValueError(f"this bound attention takes {dtype} inputs of shape {tuple(shape)} on {device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if whole_op or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return block_sparse_attention(q, k, v, layout, **arguments)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return backends.run(_attention_op, q, k, v, *options)[0]
+
+    return run

@@ -30,6 +30,7 @@ import functools
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -254,42 +255,71 @@ class Linear(nn.Linear):
         runtimes on a Xeon with AMX"). Elsewhere the residual is added into the fresh output
         (``add_residual``): in fp32 the post-op measured no faster than that. ``residual`` is never
         written."""
-        if gated is not None:
-            if residual is not None:
-                raise ValueError("a gated projection takes no residual")
-            return self._gated(x, gated)
-        out_shape = (*x.shape[:-1], self.out_features)
+        if gated is not None and residual is not None:
+            raise ValueError("a gated projection takes no residual")
+        out_shape = (*x.shape[:-1], self.out_features // 2 if gated is not None else self.out_features)
         if residual is not None and residual.shape != out_shape:
             raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape {out_shape}")
-        compute = self._packed_dtype(x)
+        return self._kernel(self._packed_dtype(x), gated, residual is not None and residual.dtype)(x, residual)
+
+    def bind(self, x: torch.Tensor, gated: str | None = None,
+             residual: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """What ``forward(x, gated, residual)`` runs, as ``run(x, residual)`` for inputs like these
+        (same dtype and device, a token count in the same ``timing_tokens`` regime): the GEMM choice
+        and the packed weight's lookup made once. It does not follow later changes to the weight or
+        to MODERNBERT_KERNELS_CPU_GEMM: bind again after them. Hooks do not see its calls."""
+        if gated is not None and residual is not None:
+            raise ValueError("a gated projection takes no residual")
+        return self._kernel(self._packed_dtype(x), gated, residual is not None and residual.dtype)
+
+    def _kernel(self, compute: torch.dtype | None, gated: str | None, residual_dtype) -> Callable:
+        """run(x, residual) for a compute dtype (None: F.linear), a gated activation or None, and
+        the residual's dtype (False: no residual)."""
+        if gated is not None:
+            return self._gated(compute, gated)
         if compute is None:
-            out = F.linear(x, self.weight, self.bias)
-            return out if residual is None else add_residual(out, residual)
+            def run(x, residual):
+                out = F.linear(x, self.weight, self.bias)
+                return out if residual is None else add_residual(out, residual)
+            return run
         everything = slice(None)
         packed, bias = self._packed("all", everything, compute), self._bias(everything, compute)
-        if residual is not None and compute == residual.dtype == torch.bfloat16:  # x is bf16 too
-            rows = x.reshape(-1, x.shape[-1])
-            addend = residual.reshape(rows.shape[0], self.out_features).contiguous()
-            return torch.ops.mkldnn._linear_pointwise.binary(rows, addend, packed, bias, "add").view(out_shape)
-        out = packed_linear(x.to(compute), packed, bias).to(x.dtype)
-        return out if residual is None else add_residual(out, residual)
+        out_features = self.out_features
+        if compute == residual_dtype == torch.bfloat16:  # x is bf16 too
+            binary = torch.ops.mkldnn._linear_pointwise.binary
 
-    def _gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+            def run(x, residual):
+                rows = x.reshape(-1, x.shape[-1])
+                addend = residual.reshape(rows.shape[0], out_features).contiguous()
+                return binary(rows, addend, packed, bias, "add").view(*x.shape[:-1], out_features)
+            return run
+
+        def run(x, residual):
+            out = packed_linear(x.to(compute), packed, bias).to(x.dtype)
+            return out if residual is None else add_residual(out, residual)
+        return run
+
+    def _gated(self, compute: torch.dtype | None, activation: str) -> Callable:
         if activation not in GATED_ACTIVATIONS:
             raise ValueError(f"unsupported gated activation {activation!r}; supported: {sorted(GATED_ACTIVATIONS)}")
         function, post_op, algorithm = GATED_ACTIVATIONS[activation]
-        compute = self._packed_dtype(x)
         if compute is None:
-            activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
-            return function(activated) * gate
+            def run(x, residual):
+                activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
+                return function(activated) * gate
+            return run
         half = self.out_features // 2
         first, second = slice(None, half), slice(half, None)
-        rows = x.reshape(-1, x.shape[-1]).to(compute)
-        activated = torch.ops.mkldnn._linear_pointwise(rows, self._packed("first half", first, compute),
-                                                       self._bias(first, compute), post_op, [], algorithm)
-        out = torch.ops.mkldnn._linear_pointwise.binary(rows, activated, self._packed("second half", second, compute),
-                                                        self._bias(second, compute), "mul")
-        return out.to(x.dtype).view(*x.shape[:-1], half)
+        first_packed, first_bias = self._packed("first half", first, compute), self._bias(first, compute)
+        second_packed, second_bias = self._packed("second half", second, compute), self._bias(second, compute)
+        unary, binary = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
+
+        def run(x, residual):
+            rows = x.reshape(-1, x.shape[-1]).to(compute)
+            activated = unary(rows, first_packed, first_bias, post_op, [], algorithm)
+            out = binary(rows, activated, second_packed, second_bias, "mul")
+            return out.to(x.dtype).view(*x.shape[:-1], half)
+        return run
 
 
 def add_residual(update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -389,6 +389,18 @@ def int8_linear_dynamic(
     x [M, K] floating point, quantized per row on the fly (after the fused bias-free LayerNorm and
     smoothing, if given), then the int8 linear; ``out_dtype`` defaults to x's. The C++ CPU backend
     does both in one native call; the others run the two ops. What ``Int8Linear`` calls."""
+    w_q, w_scale, bias, activation, out_dtype, backend, residual, packed_weight = _checked_int8_linear_dynamic(
+        x, w_q, w_scale, bias, activation, out_dtype, norm_weight, smooth, residual, packed_weight, backend)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return backends.run(_int8_linear_dynamic_op, x, norm_weight, eps, smooth, w_q, w_scale, bias, activation, out_dtype,
+                        backend, residual, packed_weight)
+
+
+def _checked_int8_linear_dynamic(x, w_q, w_scale, bias, activation, out_dtype, norm_weight, smooth, residual,
+                                 packed_weight, backend):
+    """int8_linear_dynamic's checks -> its op's arguments past x, norm_weight, eps and smooth:
+    (w_q, w_scale, bias, activation, out_dtype, backend, residual, packed_weight)."""
     _check_quantize_inputs(x, norm_weight, smooth)
     if not (isinstance(w_q, torch.Tensor) and isinstance(w_scale, torch.Tensor) and w_q.dtype == torch.int8
             and w_scale.dtype == torch.float32 and w_q.device == w_scale.device == x.device):
@@ -400,10 +412,8 @@ def int8_linear_dynamic(
     out_dtype = x.dtype if out_dtype is None else out_dtype
     backend, residual, packed_weight = _check_linear_inputs(x.shape[0], x.device, w_q, bias, activation, out_dtype,
                                                             residual, packed_weight, backend)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return backends.run(_int8_linear_dynamic_op, x, norm_weight, eps, smooth, w_q.contiguous(), w_scale.contiguous(),
-                        bias, activation or "none", out_dtype, backend, residual, packed_weight)
+    return (w_q.contiguous(), w_scale.contiguous(), bias, activation or "none", out_dtype, backend, residual,
+            packed_weight)
 
 
 def int8_pack_weight(w_q: torch.Tensor) -> torch.Tensor:
@@ -517,6 +527,40 @@ class Int8Linear(nn.Module):
                                 self.activation, out_dtype, norm_weight=norm_weight, eps=eps, smooth=buffers["smooth"],
                                 residual=residual, packed_weight=self._packed_weight(weight_q))
         return y.view(*leading, y.shape[-1])
+
+    def bind(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+             out_dtype: torch.dtype | None = None,
+             residual: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """What ``forward(x, norm_weight, eps, out_dtype, residual)`` runs, as ``run(x, residual)`` for
+        inputs [M, in_features] of x's dtype and device (and a residual of the output's, where one
+        was given here): the operand checks, the backend choice and the packed weight's lookup made
+        once. It does not follow later changes to the buffers: bind again after them. Hooks do not
+        see its calls; inputs that need a gradient run ``forward``."""
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Int8Linear.bind takes x [M, {self.in_features}], got shape {tuple(x.shape)}")
+        buffers = self._buffers
+        weight_q = buffers["weight_q"]
+        smooth = buffers["smooth"]
+        w_q, w_scale, bias, activation, out_dtype, backend, _, packed_weight = _checked_int8_linear_dynamic(
+            x, weight_q, buffers["weight_scale"], buffers["bias"], self.activation, out_dtype, norm_weight, smooth,
+            residual, self._packed_weight(weight_q), None)
+        dtype, device, in_features = x.dtype, x.device, self.in_features
+        out_features = self.out_features // 2 if self.activation == "geglu" else self.out_features
+
+        def run(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+            if x.dim() != 2 or x.shape[1] != in_features or x.dtype != dtype or x.device != device:
+                raise ValueError(f"this bound Int8Linear takes {dtype} x [M, {in_features}] on {device}, got "
+                                 f"{x.dtype} {tuple(x.shape)} on {x.device}")
+            if residual is not None and (residual.shape != (x.shape[0], out_features) or residual.dtype != out_dtype):
+                raise ValueError(f"residual must be {out_dtype} [{x.shape[0]}, {out_features}], got "
+                                 f"{residual.dtype} {tuple(residual.shape)}")
+            if torch.is_grad_enabled() and x.requires_grad:
+                return self.forward(x, norm_weight, eps, out_dtype, residual)
+            return backends.run(_int8_linear_dynamic_op, x.contiguous(), norm_weight, eps, smooth, w_q, w_scale, bias,
+                                activation, out_dtype, backend, None if residual is None else residual.contiguous(),
+                                packed_weight)
+
+        return run
 
     @staticmethod
     def _packed_weight(weight_q: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,177 @@
+"""FrozenEncoder and the bound calls it is made of (bind_attention, Linear.bind, Int8Linear.bind):
+the same bits as the calls they stand for, and errors where they cannot stand for them."""
+
+import pytest
+import torch
+
+from modernbert import FrozenEncoder, ModernBertConfig, ModernBertModel, quantize_int8
+from modernbert_kernels import Int8Linear, bind_attention, block_sparse_attention, layouts
+from modernbert_kernels.cpu_linear import Linear
+
+# Two heads of 64; layer 0 global, then local layers (a window of 32 each side), so one input
+# longer than 64 tokens crosses both kinds of layout and a block boundary.
+CONFIG = dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+              local_attention=64, global_attn_every_n_layers=2, max_position_embeddings=512, pad_token_id=0)
+PRECISIONS = ("fp32", "bf16", "int8", "int8_bf16_attention")
+
+
+def model_in(precision: str, seed: int = 0, **config) -> ModernBertModel:
+    torch.manual_seed(seed)
+    model = ModernBertModel(ModernBertConfig(**{**CONFIG, **config})).eval()
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    elif precision == "int8":
+        quantize_int8(model)
+    elif precision == "int8_bf16_attention":
+        quantize_int8(model, attention_dtype=torch.bfloat16)
+    return model
+
+
+def padded_batch(lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, CONFIG["vocab_size"], (len(lengths), max(lengths)), generator=generator)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids * mask, mask.long()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_frozen_encoder_is_the_model_bit_for_bit(precision):
+    model = model_in(precision)
+    frozen = FrozenEncoder(model)
+    # One token, a short query, and a padded batch with an empty row and a row past two blocks:
+    # three token regimes, each bound at its first call and reused at its second.
+    for seed, lengths in enumerate([[1], [16], [150, 0, 37, 70], [16], [150, 0, 37, 70]]):
+        ids, mask = padded_batch(lengths, seed)
+        with torch.inference_mode():
+            expected = model(ids, mask)
+        got = frozen(ids, mask)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected), f"{precision} {lengths}: {(got.float() - expected.float()).abs().max()}"
+
+
+def test_frozen_encoder_follows_the_models_inputs_checks():
+    frozen = FrozenEncoder(model_in("fp32"))
+    ids, mask = padded_batch([5, 3], seed=0)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\]"):
+        frozen(ids[0])
+    with pytest.raises(ValueError, match="must match input_ids"):
+        frozen(ids, mask[:, :4])
+    long_ids = torch.ones(1, CONFIG["max_position_embeddings"] + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than max_position_embeddings"):
+        frozen(long_ids)
+    assert torch.equal(frozen(ids, torch.zeros_like(mask)), torch.zeros(2, 5, CONFIG["hidden_size"]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_frozen_encoder_refuses_weights_changed_in_place(precision):
+    model = model_in(precision)
+    frozen = FrozenEncoder(model)
+    ids, mask = padded_batch([12], seed=0)
+    frozen(ids, mask)
+    wqkv = model.layers[1].attn.Wqkv
+    with torch.no_grad():
+        (wqkv.weight_q if precision == "int8" else wqkv.weight).mul_(-1)
+    with pytest.raises(RuntimeError, match="changed in place after it was frozen"):
+        frozen(ids, mask)
+    with torch.inference_mode():
+        expected = model(ids, mask)
+    assert torch.equal(FrozenEncoder(model)(ids, mask), expected)
+
+
+def test_frozen_encoder_refuses_what_it_does_not_run():
+    with pytest.raises(TypeError, match="takes a ModernBertModel"):
+        FrozenEncoder(torch.nn.Linear(2, 2))
+    model = model_in("fp32")
+    with pytest.raises(ValueError, match="eval mode"):
+        FrozenEncoder(model.train())
+    model.eval()
+    model.layers[1].attn.head_gate = torch.ones(2)
+    with pytest.raises(ValueError, match="head gate"):
+        FrozenEncoder(model)
+    model.layers[1].attn.head_gate = None
+    model.layers[2].mlp.Wo = torch.nn.Linear(CONFIG["intermediate_size"], CONFIG["hidden_size"])
+    with pytest.raises(TypeError, match=r"layer 2's mlp.Wo is a Linear"):
+        FrozenEncoder(model)
+
+
+def attention_inputs(dtype, lengths, seed, heads=2, head_dim=64):
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, generator=generator).to(dtype) for _ in range(3))
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu_seqlens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("backend", [None, "torch", "reference"])
+def test_bound_attention_is_block_sparse_attention(dtype, window, backend):
+    lengths = [70, 3, 130]
+    q, k, v, cu_seqlens = attention_inputs(dtype, lengths, seed=0)
+    layout = layouts.dense(192, 64) if window is None else layouts.sliding_window(192, window, 64)
+    arguments = dict(window=window, cu_seqlens=cu_seqlens, max_seqlen=max(lengths), backend=backend)
+    run = bind_attention(q, k, v, layout, **arguments)
+    for seed in (1, 2):  # fresh inputs of the same shape run on the plan made for the first
+        q, k, v, _ = attention_inputs(dtype, lengths, seed)
+        assert torch.equal(run(q, k, v), block_sparse_attention(q, k, v, layout, **arguments))
+    with pytest.raises(ValueError, match="this bound attention takes"):
+        run(q[:-1], k[:-1], v[:-1])
+    with pytest.raises(ValueError, match="this bound attention takes"):
+        run(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        bind_attention(q[:-1], k[:-1], v[:-1], layout, **arguments)
+
+
+def test_bound_attention_differentiates_like_the_op():
+    q, k, v, cu_seqlens = attention_inputs(torch.float32, [20, 9], seed=0)
+    layout = layouts.dense(64, 64)
+    run = bind_attention(q, k, v, layout, cu_seqlens=cu_seqlens, max_seqlen=20)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    run(*leaves).square().sum().backward()
+    expected = [t.clone().requires_grad_() for t in (q, k, v)]
+    block_sparse_attention(*expected, layout, cu_seqlens=cu_seqlens, max_seqlen=20).square().sum().backward()
+    for got, want in zip(leaves, expected):
+        assert torch.equal(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "residual", "gated"])
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_bound_linear_is_its_forward(dtype, kind, tokens):
+    torch.manual_seed(tokens)
+    linear = Linear(64, 96).to(dtype).eval()
+    x = torch.randn(tokens, 64).to(dtype)
+    arguments = {"gated": "gelu"} if kind == "gated" else {}
+    residual = torch.randn(tokens, 96).to(dtype) if kind == "residual" else None
+    with torch.inference_mode():
+        run = linear.bind(x, residual=residual, **arguments)
+        for _ in range(2):
+            x = torch.randn_like(x)
+            residual = None if residual is None else torch.randn_like(residual)
+            assert torch.equal(run(x, residual), linear(x, residual=residual, **arguments))
+    with pytest.raises(ValueError, match="takes no residual"):
+        linear.bind(x, gated="gelu", residual=torch.zeros(tokens, 48, dtype=dtype))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "normed", "residual", "geglu"])
+def test_bound_int8_linear_is_its_forward(out_dtype, kind):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 96), activation="geglu" if kind == "geglu" else None)
+    x = torch.randn(16, 64)
+    arguments = dict(out_dtype=out_dtype)
+    if kind == "normed":
+        arguments.update(norm_weight=torch.rand(64) + 0.5, eps=1e-6)
+    residual = torch.randn(16, 96).to(out_dtype) if kind == "residual" else None
+    run = layer.bind(x, residual=residual, **arguments)
+    for _ in range(2):
+        x, residual = torch.randn_like(x), None if residual is None else torch.randn_like(residual)
+        assert torch.equal(run(x, residual), layer(x, residual=residual, **arguments))
+    with pytest.raises(ValueError, match="this bound Int8Linear takes"):
+        run(x.double())
+    with pytest.raises(ValueError, match="this bound Int8Linear takes"):
+        run(x[:, :32])
+    with pytest.raises(ValueError, match=r"Int8Linear.bind takes x \[M, 64\]"):
+        layer.bind(x[None])
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        layer.bind(x, out_dtype=torch.int32)
