@@ -1,6 +1,7 @@
 """ModernBERT on the CPU: ours against the runtimes users pick instead, on one checkpoint.
 
-Engines, each at the precisions it offers: transformers (sdpa, fp32); ours (fp32, bf16, int8);
+Engines, each at the precisions it offers: transformers (sdpa, fp32); ours (fp32, bf16, int8; a
+``FrozenEncoder`` of the model, as a deployment runs it: the model's outputs, bit for bit);
 OpenVINO (``ov.convert_model`` of the transformers model; fp32, bf16, NNCF int8); ONNX Runtime
 (``torch.onnx.export``; fp32, dynamic int8). Workloads: a full batch of 8 x 512 tokens, 32
 documents of 16-512 tokens padded to the longest, one sequence of 8192 tokens, and one query of 16
@@ -42,7 +43,7 @@ from benchmarks.encoder import BASE
 from benchmarks.encoder import batch as encoder_batch
 from benchmarks.report import _slug, result_rows
 from benchmarks.timing import summarize, time_cpu
-from modernbert import ModernBertModel, quantize_int8
+from modernbert import FrozenEncoder, ModernBertModel, quantize_int8
 from modernbert_kernels.cpu_linear import cpu_has_bf16
 
 # Smoke: the same code paths on a model small enough to export and convert in seconds.
@@ -128,7 +129,8 @@ def engine(name: str, precision: str, folder: Path, threads: int):
             # int8 linears, and the attention on bf16 q, k, v where the CPU has bf16 dot products
             # (as int8 deployments run it); the row's attention_dtype says which.
             quantize_int8(model, attention_dtype=int8_attention_dtype())
-        return lambda ids, mask: model(ids, mask).float()
+        frozen = FrozenEncoder(model)
+        return lambda ids, mask: frozen(ids, mask).float()
     if name == "openvino":
         import openvino as ov
 

@@ -3,11 +3,11 @@
 A short input spends more time in Python than in kernels: at 16 tokens the int8 encoder's kernels
 take ~10 ms and its forward ~17 ms on a 2-core Xeon, where each of its ~130 op calls repeats the
 checks and choices the last layer's call made (shapes, dtypes, backends, the GEMM, the packed
-weight's lookup), through the modules' calls. A FrozenEncoder makes those once: each linear is
+weight's lookup), through the modules' calls. A FrozenEncoder makes those once: its linears are
 bound (``Linear.bind``, ``Int8Linear.bind``) once per token regime, and the attention
-(``bind_attention``) once per forward for all the layers of one kind. What runs is what
-``model(input_ids, attention_mask)`` runs, call for call, so the outputs are the same bits
-(tests/test_frozen.py); NOTES "A frozen encoder" has the times.
+(``bind_attention``) and RoPE (``bind_rotary``) once per forward for all the layers that share
+them. What runs is what ``model(input_ids, attention_mask)`` runs, call for call, so the outputs
+are the same bits (tests/test_frozen.py); NOTES "A frozen encoder" has the times.
 
 What it does not follow, as ``torch.jit.freeze`` does not: the modules are those of the model when
 frozen (later replacements are not seen), hooks do not run, and the GEMM choices are made at the
@@ -17,15 +17,32 @@ raise, rather than run on stale packed copies.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from modernbert_kernels import Int8Linear, bind_attention, rotary_embedding
+from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
 from modernbert_kernels.cpu_linear import Linear, timing_tokens
-from modernbert_kernels.rotary import ROTARY
 
 from .model import ModernBertModel, rotary_cos_sin
 from .padding import PackedBatch
+
+
+class _BoundLayer(NamedTuple):
+    """One encoder layer's calls for one token regime: each takes the hidden states (and the
+    sublayer's input, for the output projections) and returns the next tensor."""
+
+    qkv: Callable  # hidden -> [tokens, 3 x inner] q, k, v, normalized first
+    attention_out: Callable  # (attention output, hidden) -> hidden + its projection
+    mlp: Callable  # hidden -> the activated MLP input (normalized, projected, GeGLU)
+    mlp_out: Callable  # (activated, hidden) -> hidden + its projection
+    theta: float
+    attention: tuple  # the kind of attention: (global, heads)
+    heads: int
+    head_dim: int
+    attention_dtype: torch.dtype | None
 
 
 class FrozenEncoder:
@@ -46,9 +63,9 @@ class FrozenEncoder:
                     raise TypeError(f"layer {index}'s {name} is a {type(linear).__name__}; a FrozenEncoder runs "
                                     "modernbert_kernels' Linear and Int8Linear")
         self.model = model
-        self._layers = [(index, layer, layer.attn, layer.mlp) for index, layer in model.layer_sequence()]
+        self._layers = list(model.layer_sequence())
         self._versions = [(t, t._version) for t in (*model.parameters(), *model.buffers())]
-        self._bound: dict = {}  # (layer index, which linear, token regime) -> run(x, residual)
+        self._bound: dict[int, list[_BoundLayer]] = {}  # per token regime (timing_tokens)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         for tensor, version in self._versions:
@@ -57,68 +74,100 @@ class FrozenEncoder:
         with torch.inference_mode():
             return self.model.forward(input_ids, attention_mask, self._forward_packed)
 
-    def _linear(self, key, linear, x: torch.Tensor, **arguments):
-        """linear's bound run for this call: bound on the first call of its token regime."""
-        key = (*key, timing_tokens(x.shape[0]))
-        run = self._bound.get(key)
-        if run is None:
-            run = self._bound[key] = linear.bind(x, **arguments)
-        return run(x, arguments.get("residual"))
-
     def _forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         model, config = self.model, self.model.config
         hidden = model.embeddings(input_ids)
         tokens = hidden.shape[0]
-        rotary, attention = {}, {}
-        # An attention-only backend ("reference") turns q and k with the device's default.
-        rope_backend = model.attention_backend if model.attention_backend in ROTARY.backends else None
-        for index, layer, attn, mlp in self._layers:
-            theta = config.rope_theta(index)
-            if theta not in rotary:
-                rotary[theta] = rotary_cos_sin(batch.positions, config.head_dim, theta, hidden.dtype)
-            # The attention sublayer (ModernBertAttention.forward).
-            qkv = self._normed_linear((index, "Wqkv"), layer.attn_norm, attn.Wqkv, hidden, attn.attention_dtype)
-            qkv = qkv.view(tokens, 3, attn.num_heads, attn.head_dim)
-            rotary_embedding(qkv[:, :2], *rotary[theta], inplace=True, backend=rope_backend)
+        regime = timing_tokens(tokens)
+        layers = self._bound.get(regime)
+        if layers is None:
+            layers = self._bound[regime] = [self._bind(index, layer, hidden, regime) for index, layer in self._layers]
+        angles, rotary, attention = {}, {}, {}  # per forward: the positions and lengths are this batch's
+        for layer in layers:
+            qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
+            turn = rotary.get((layer.theta, layer.heads))
+            if turn is None:
+                cos, sin = angles.get(layer.theta) or angles.setdefault(
+                    layer.theta, rotary_cos_sin(batch.positions, layer.head_dim, layer.theta, hidden.dtype))
+                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], cos, sin, backend=self._rope_backend())
+            turn(qkv[:, :2])
             q, k, v = qkv.unbind(1)
-            if attn.attention_dtype is not None and attn.attention_dtype != q.dtype:
-                q, k, v = (t.to(attn.attention_dtype) for t in (q, k, v))
-            is_global = config.is_global(index)
-            kind = (is_global, attn.num_heads)
-            if kind not in attention:
-                attention[kind] = bind_attention(
+            if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
+                q, k, v = (t.to(layer.attention_dtype) for t in (q, k, v))
+            attend = attention.get(layer.attention)
+            if attend is None:
+                is_global = layer.attention[0]
+                attend = attention[layer.attention] = bind_attention(
                     q, k, v, model._layout(is_global, batch.max_seqlen),
                     window=None if is_global else config.sliding_window, cu_seqlens=batch.cu_seqlens,
                     max_seqlen=batch.max_seqlen, backend=model.attention_backend)
-            out = attention[kind](q, k, v).reshape(tokens, -1)
-            hidden = self._projection((index, "attn.Wo"), attn.Wo, out, hidden)
-            # The MLP sublayer (ModernBertMLP.forward).
-            if isinstance(mlp.Wi, Linear):
-                activated = self._linear((index, "Wi"), mlp.Wi, _normed(layer.mlp_norm, hidden), gated=mlp.activation)
-            else:
-                activated = self._normed_linear((index, "Wi"), layer.mlp_norm, mlp.Wi, hidden, None)
-                if mlp.Wi.activation != "geglu":
-                    activated, gate = activated.chunk(2, dim=-1)
-                    activated = mlp.act(activated) * gate
-            hidden = self._projection((index, "mlp.Wo"), mlp.Wo, activated, hidden)
+            hidden = layer.attention_out(attend(q, k, v).reshape(tokens, -1), hidden)
+            hidden = layer.mlp_out(layer.mlp(hidden), hidden)
         return model.final_norm(hidden)
 
-    def _normed_linear(self, key, norm: nn.Module, linear, hidden: torch.Tensor, int8_out_dtype):
-        """model.normed_linear: an Int8Linear folds a bias-free LayerNorm into its quantization."""
-        if isinstance(linear, Int8Linear):
-            if isinstance(norm, nn.LayerNorm) and norm.bias is None:
-                return self._linear(key, linear, hidden, norm_weight=norm.weight, eps=norm.eps, out_dtype=int8_out_dtype)
-            return self._linear(key, linear, _normed(norm, hidden), out_dtype=int8_out_dtype)
-        return self._linear(key, linear, _normed(norm, hidden))
+    def _rope_backend(self) -> str | None:
+        # An attention-only backend ("reference") turns q and k with the device's default, as the model does.
+        from modernbert_kernels.rotary import ROTARY
 
-    def _projection(self, key, linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """model.project_with_residual without dropout: the residual added by the linear."""
-        if isinstance(linear, Int8Linear):
-            return self._linear(key, linear, x, out_dtype=residual.dtype, residual=residual)
-        return self._linear(key, linear, x.to(residual.dtype), residual=residual)
+        backend = self.model.attention_backend
+        return backend if backend in ROTARY.backends else None
+
+    def _bind(self, index: int, layer: nn.Module, hidden: torch.Tensor, regime: int) -> _BoundLayer:
+        """layer's calls for inputs like hidden with ``regime`` tokens, as ModernBertAttention and
+        ModernBertMLP make them (model.normed_linear, model.project_with_residual)."""
+        attn, mlp = layer.attn, layer.mlp
+
+        def sample(features: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+            # What a bound call depends on: dtype, device, and the token count's regime.
+            return torch.empty(regime, features, dtype=dtype or hidden.dtype, device=hidden.device)
+
+        hidden_sample = sample(hidden.shape[1])
+        attention_dtype = attn.attention_dtype or hidden.dtype
+        inner = attn.num_heads * attn.head_dim
+        qkv = _normed_linear(layer.attn_norm, attn.Wqkv, hidden_sample, attn.attention_dtype)
+        attention_out = _projection(attn.Wo, sample(inner, attention_dtype), hidden_sample)
+        if isinstance(mlp.Wi, Linear):
+            run = mlp.Wi.bind(hidden_sample, gated=mlp.activation)
+            norm = layer.mlp_norm
+
+            def activated(hidden):
+                return run(_normed(norm, hidden), None)
+        else:
+            projected = _normed_linear(layer.mlp_norm, mlp.Wi, hidden_sample, None)
+            if mlp.Wi.activation == "geglu":
+                activated = projected
+            else:
+                def activated(hidden):
+                    value, gate = projected(hidden).chunk(2, dim=-1)
+                    return mlp.act(value) * gate
+        out_features = mlp.Wo.in_features
+        mlp_out = _projection(mlp.Wo, sample(out_features), hidden_sample)
+        config = self.model.config
+        return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
+                           (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
+                           attn.attention_dtype)
 
 
 def _normed(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.Identity):
         return hidden
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return norm(hidden)
+
+
+def _normed_linear(norm: nn.Module, linear, hidden: torch.Tensor, int8_out_dtype) -> Callable:
+    """model.normed_linear bound: an Int8Linear folds a bias-free LayerNorm into its quantization."""
+    if isinstance(linear, Int8Linear) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
+        run = linear.bind(hidden, norm_weight=norm.weight, eps=norm.eps, out_dtype=int8_out_dtype)
+        return lambda hidden: run(hidden, None)
+    run = linear.bind(hidden, out_dtype=int8_out_dtype) if isinstance(linear, Int8Linear) else linear.bind(hidden)
+    return lambda hidden: run(_normed(norm, hidden), None)
+
+
+def _projection(linear, x: torch.Tensor, residual: torch.Tensor) -> Callable:
+    """model.project_with_residual bound, without dropout: the residual added by the linear."""
+    if isinstance(linear, Int8Linear):
+        return linear.bind(x, out_dtype=residual.dtype, residual=residual)
+    run = linear.bind(x.to(residual.dtype), residual=residual)
+    return lambda x, residual: run(x.to(residual.dtype), residual)

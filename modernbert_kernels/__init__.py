@@ -7,7 +7,7 @@ from .attention import bind_attention, block_sparse_attention
 from .int8 import (Int8Linear, int8_linear, int8_linear_dynamic, int8_pack_weight, interleave_geglu,
                    quantize_per_channel, quantize_per_token)
 from .block_sparse_layout import BlockSparseLayout
-from .rotary import rotary_embedding
+from .rotary import bind_rotary, rotary_embedding
 
 # transformers' attention-function contract, and FlashAttention-2's calling convention: what
 # transformers calls on a kernel-hub build (attn_implementation="<org>/<repo>:attention_forward").
@@ -39,6 +39,7 @@ __all__ = [
     "Int8Linear",
     "attention_forward",
     "bind_attention",
+    "bind_rotary",
     "block_sparse_attention",
     "flash_attn_func",
     "flash_attn_varlen_func",

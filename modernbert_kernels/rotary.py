@@ -10,6 +10,7 @@ benchmarks/NOTES.md). ``backend``: "triton", "cpu" / "cuda" (the C++ extension) 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -100,6 +101,38 @@ def rotary_embedding(
     as long as they merge into one; head_dim needs unit stride. Computed in fp32, stored in x's
     dtype. ``inplace=True`` overwrites x (which must then not need a gradient) and returns it.
     """
+    backend, cos, sin = _checked_inputs(x, cos, sin, inplace, backend)
+    if inplace:
+        backends.run(_rotary_inplace_op, _rows(x, inplace=True), cos, sin, backend)
+        return x
+    return backends.run(_rotary_op, _rows(x, inplace=False), cos, sin, backend).view(x.shape)
+
+
+def bind_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                backend: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rotary_embedding(x, cos, sin, inplace=True)`` split into a plan and its runs: the checks
+    and the backend choice are made here once, and the returned ``run(x)`` turns in place any x of
+    this one's shape, strides, dtype and device by these angles, checking only those (for an
+    encoder's layers, which all turn q and k by the same angles; NOTES "A frozen encoder")."""
+    backend, cos, sin = _checked_inputs(x, cos, sin, True, backend)
+    _rows(x, inplace=True)  # the errors of an x whose rows cannot be turned in place, here
+    shape, stride, dtype, device = x.shape, x.stride(), x.dtype, x.device
+    rows_shape = (shape[0], math.prod(shape[1:-1]), shape[-1])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != shape or x.stride() != stride or x.dtype != dtype or x.device != device:
+            raise ValueError(f"this bound rotary embedding takes {dtype} x of shape {tuple(shape)} and strides "
+                             f"{stride} on {device}, got {x.dtype} {tuple(x.shape)}, {x.stride()} on {x.device}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError("inplace=True cannot record a gradient; use rotary_embedding when x requires grad")
+        backends.run(_rotary_inplace_op, x.view(rows_shape), cos, sin, backend)
+        return x
+
+    return run
+
+
+def _checked_inputs(x, cos, sin, inplace: bool, backend):
+    """rotary_embedding's checks -> (the backend, cos and sin as the kernels read them)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be an fp16, bf16 or fp32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 2:
@@ -116,8 +149,13 @@ def rotary_embedding(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("inplace=True cannot record a gradient; use inplace=False when x requires grad")
-    backend = ROTARY.resolve(backend, x.device)
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return ROTARY.resolve(backend, x.device), cos.float().contiguous(), sin.float().contiguous()
+
+
+def _rows(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """x as [tokens, groups, head_dim] rows with unit stride along head_dim: a view where it must
+    be written in place."""
+    tokens, head_dim = x.shape[0], x.shape[-1]
     groups = math.prod(x.shape[1:-1])  # not -1: ambiguous when x is empty
     try:
         rows = x.view(tokens, groups, head_dim)  # a view: in-place writes reach x
@@ -132,7 +170,4 @@ def rotary_embedding(
         if inplace:
             raise ValueError("inplace=True needs unit stride along head_dim")
         rows = rows.contiguous()
-    if inplace:
-        backends.run(_rotary_inplace_op, rows, cos, sin, backend)
-        return x
-    return backends.run(_rotary_op, rows, cos, sin, backend).view(x.shape)
+    return rows
