@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modernbert import FrozenEncoder, ModernBertConfig, ModernBertModel, quantize_int8
-from modernbert_kernels import Int8Linear, bind_attention, block_sparse_attention, layouts
+from modernbert_kernels import Int8Linear, bind_attention, bind_rotary, block_sparse_attention, layouts, rotary_embedding
 from modernbert_kernels.cpu_linear import Linear
 
 # Two heads of 64; layer 0 global, then local layers (a window of 32 each side), so one input
@@ -175,3 +175,26 @@ def test_bound_int8_linear_is_its_forward(out_dtype, kind):
         layer.bind(x[None])
     with pytest.raises(TypeError, match="out_dtype must be"):
         layer.bind(x, out_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bound_rotary_is_rotary_embedding_in_place(dtype):
+    generator = torch.Generator().manual_seed(0)
+    tokens, heads, head_dim = 19, 3, 64
+    cos, sin = (torch.randn(tokens, head_dim // 2, generator=generator) for _ in range(2))
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=generator).to(dtype)
+    turn = bind_rotary(qkv[:, :2], cos, sin)
+    for seed in (1, 2):  # fresh tensors of the same shape and strides
+        qkv = torch.randn(tokens, 3, heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        expected = qkv.clone()
+        rotary_embedding(expected[:, :2], cos, sin, inplace=True)
+        assert turn(qkv[:, :2]) is not None
+        assert torch.equal(qkv, expected)  # q and k turned in place, v untouched
+    with pytest.raises(ValueError, match="this bound rotary embedding takes"):
+        turn(qkv[:, :2].contiguous())  # same shape, other strides
+    with pytest.raises(ValueError, match="this bound rotary embedding takes"):
+        turn(qkv[:-1, :2])
+    with pytest.raises(ValueError, match="cannot record a gradient"):
+        turn(qkv.clone().requires_grad_()[:, :2])
+    with pytest.raises(ValueError, match=r"cos must be \[tokens, head_dim / 2\]"):
+        bind_rotary(qkv[:, :2], cos[:-1], sin)
