@@ -551,9 +551,10 @@ class Int8Linear(nn.Module):
             if x.dim() != 2 or x.shape[1] != in_features or x.dtype != dtype or x.device != device:
                 raise ValueError(f"this bound Int8Linear takes {dtype} x [M, {in_features}] on {device}, got "
                                  f"{x.dtype} {tuple(x.shape)} on {x.device}")
-            if residual is not None and (residual.shape != (x.shape[0], out_features) or residual.dtype != out_dtype):
-                raise ValueError(f"residual must be {out_dtype} [{x.shape[0]}, {out_features}], got "
-                                 f"{residual.dtype} {tuple(residual.shape)}")
+            if residual is not None and (residual.shape != (x.shape[0], out_features) or residual.dtype != out_dtype
+                                         or residual.device != device):
+                raise ValueError(f"residual must be {out_dtype} [{x.shape[0]}, {out_features}] on {device}, got "
+                                 f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
             if torch.is_grad_enabled() and x.requires_grad:
                 return self.forward(x, norm_weight, eps, out_dtype, residual)
             return backends.run(_int8_linear_dynamic_op, x.contiguous(), norm_weight, eps, smooth, w_q, w_scale, bias,

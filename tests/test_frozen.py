@@ -171,6 +171,9 @@ def test_bound_int8_linear_is_its_forward(out_dtype, kind):
         run(x.double())
     with pytest.raises(ValueError, match="this bound Int8Linear takes"):
         run(x[:, :32])
+    if residual is not None:
+        with pytest.raises(ValueError, match="residual must be"):
+            run(x, residual[:-1])
     with pytest.raises(ValueError, match=r"Int8Linear.bind takes x \[M, 64\]"):
         layer.bind(x[None])
     with pytest.raises(TypeError, match="out_dtype must be"):
