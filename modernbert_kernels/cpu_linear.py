@@ -115,7 +115,7 @@ def pack_weight(weight: torch.Tensor, tokens_hint: int = TIMING_TOKENS) -> torch
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ the packed weight's transpose (+ bias) with oneDNN; x's leading dims kept."""
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise.default(rows, packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
