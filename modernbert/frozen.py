@@ -25,6 +25,7 @@ from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
 from modernbert_kernels.cpu_linear import Linear, timing_tokens
+from modernbert_kernels.rotary import ROTARY
 
 from .model import ModernBertModel, rotary_cos_sin
 from .padding import PackedBatch
@@ -107,8 +108,6 @@ class FrozenEncoder:
 
     def _rope_backend(self) -> str | None:
         # An attention-only backend ("reference") turns q and k with the device's default, as the model does.
-        from modernbert_kernels.rotary import ROTARY
-
         backend = self.model.attention_backend
         return backend if backend in ROTARY.backends else None
 
@@ -140,8 +139,7 @@ class FrozenEncoder:
                 def activated(hidden):
                     value, gate = projected(hidden).chunk(2, dim=-1)
                     return mlp.act(value) * gate
-        out_features = mlp.Wo.in_features
-        mlp_out = _projection(mlp.Wo, sample(out_features), hidden_sample)
+        mlp_out = _projection(mlp.Wo, sample(mlp.Wo.in_features), hidden_sample)
         config = self.model.config
         return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
                            (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
