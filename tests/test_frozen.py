@@ -49,6 +49,16 @@ def test_frozen_encoder_is_the_model_bit_for_bit(precision):
         assert torch.equal(got, expected), f"{precision} {lengths}: {(got.float() - expected.float()).abs().max()}"
 
 
+@pytest.mark.parametrize("attention_backend", ["torch", "reference"])
+def test_frozen_encoder_runs_the_models_attention_backend(attention_backend):
+    model = model_in("fp32")
+    model.attention_backend = attention_backend
+    ids, mask = padded_batch([150, 0, 37], seed=3)
+    with torch.inference_mode():
+        expected = model(ids, mask)
+    assert torch.equal(FrozenEncoder(model)(ids, mask), expected)
+
+
 def test_frozen_encoder_follows_the_models_inputs_checks():
     frozen = FrozenEncoder(model_in("fp32"))
     ids, mask = padded_batch([5, 3], seed=0)
