@@ -126,7 +126,8 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
     Below ``TIMING_TOKENS`` tokens (where a call streams its weight) a pass calls each GEMM once on
     each of several copies of the weight (``_STREAMED_WEIGHT_BYTES`` of them, at most 64), the same
     copies every pass: fresh copies, read once each, timed the fp32 and bf16 GEMMs even at 16
-    tokens, where in the encoder the packed ones run 1.1-1.6x faster (NOTES "A frozen encoder")."""
+    tokens, where read as an encoder reads them the packed ones run 1.06-1.48x faster (NOTES "A
+    frozen encoder")."""
     generator = torch.Generator().manual_seed(0)
     problems = []
     for in_features, out_features in shapes:
