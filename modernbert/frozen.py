@@ -25,9 +25,8 @@ from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
 from modernbert_kernels.cpu_linear import Linear, timing_tokens
-from modernbert_kernels.rotary import ROTARY
 
-from .model import ModernBertModel, rotary_cos_sin
+from .model import ModernBertModel, rotary_backend, rotary_cos_sin
 from .padding import PackedBatch
 
 
@@ -90,7 +89,8 @@ class FrozenEncoder:
             if turn is None:
                 cos, sin = angles.get(layer.theta) or angles.setdefault(
                     layer.theta, rotary_cos_sin(batch.positions, layer.head_dim, layer.theta, hidden.dtype))
-                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], cos, sin, backend=self._rope_backend())
+                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], cos, sin,
+                                                                      backend=rotary_backend(model.attention_backend))
             turn(qkv[:, :2])
             q, k, v = qkv.unbind(1)
             if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
@@ -105,11 +105,6 @@ class FrozenEncoder:
             hidden = layer.attention_out(attend(q, k, v).reshape(tokens, -1), hidden)
             hidden = layer.mlp_out(layer.mlp(hidden), hidden)
         return model.final_norm(hidden)
-
-    def _rope_backend(self) -> str | None:
-        # An attention-only backend ("reference") turns q and k with the device's default, as the model does.
-        backend = self.model.attention_backend
-        return backend if backend in ROTARY.backends else None
 
     def _bind(self, index: int, layer: nn.Module, hidden: torch.Tensor, regime: int) -> _BoundLayer:
         """layer's calls for inputs like hidden with ``regime`` tokens, as ModernBertAttention and
@@ -147,6 +142,7 @@ class FrozenEncoder:
 
 
 def _normed(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """norm(hidden), a LayerNorm's without the module call (its hooks, which a FrozenEncoder does not run)."""
     if isinstance(norm, nn.Identity):
         return hidden
     if isinstance(norm, nn.LayerNorm):

@@ -69,6 +69,12 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     return angles.cos().to(dtype).float(), angles.sin().to(dtype).float()
 
 
+def rotary_backend(attention_backend: str | None) -> str | None:
+    """The RoPE backend for an attention backend: the same one, or for an attention-only backend
+    ("reference") the device's default."""
+    return attention_backend if attention_backend in ROTARY.backends else None
+
+
 class ModernBertAttention(nn.Module):
     def __init__(self, config: ModernBertConfig, layer: int):
         super().__init__()
@@ -100,8 +106,7 @@ class ModernBertAttention(nn.Module):
         # quantizes the bf16 output: no cast passes around the attention.
         qkv = normed_linear(norm, self.Wqkv, hidden, int8_out_dtype=self.attention_dtype)
         qkv = qkv.view(hidden.shape[0], 3, self.num_heads, self.head_dim)
-        # An attention-only backend ("reference") turns q and k with the device's default.
-        rope_backend = backend if backend in ROTARY.backends else None
+        rope_backend = rotary_backend(backend)
         if qkv.requires_grad and torch.is_grad_enabled():
             q, k = rotary_embedding(qkv[:, :2], *rotary, backend=rope_backend).unbind(1)
         else:  # inference: q and k are turned where they are, no new [tokens, 2, heads, dim] tensor

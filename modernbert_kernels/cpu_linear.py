@@ -257,12 +257,11 @@ class Linear(nn.Linear):
         runtimes on a Xeon with AMX"). Elsewhere the residual is added into the fresh output
         (``add_residual``): in fp32 the post-op measured no faster than that. ``residual`` is never
         written."""
-        if gated is not None and residual is not None:
-            raise ValueError("a gated projection takes no residual")
-        out_shape = (*x.shape[:-1], self.out_features // 2 if gated is not None else self.out_features)
+        run = self.bind(x, gated, residual)
+        out_shape = (*x.shape[:-1], self.out_features)
         if residual is not None and residual.shape != out_shape:
             raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape {out_shape}")
-        return self._kernel(self._packed_dtype(x), gated, residual is not None and residual.dtype)(x, residual)
+        return run(x, residual)
 
     def bind(self, x: torch.Tensor, gated: str | None = None,
              residual: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:

@@ -115,9 +115,8 @@ def bind_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     this one's shape, strides, dtype and device by these angles, checking only those (for an
     encoder's layers, which all turn q and k by the same angles; NOTES "A frozen encoder")."""
     backend, cos, sin = _checked_inputs(x, cos, sin, True, backend)
-    _rows(x, inplace=True)  # the errors of an x whose rows cannot be turned in place, here
+    rows_shape = _rows(x, inplace=True).shape  # an x whose rows cannot be turned in place raises here
     shape, stride, dtype, device = x.shape, x.stride(), x.dtype, x.device
-    rows_shape = (shape[0], math.prod(shape[1:-1]), shape[-1])
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape != shape or x.stride() != stride or x.dtype != dtype or x.device != device:
