@@ -41,6 +41,11 @@ MODERNBERT_KERNELS_LIBRARY(m) {
       "int8_linear_dynamic_native(Tensor x, Tensor? norm_weight, float eps, Tensor? smooth, Tensor w_q, "
       "Tensor w_scale, Tensor? bias, str activation, ScalarType out_dtype, Tensor? residual=None, "
       "Tensor? w_packed=None) -> Tensor");
+  // A fp32 / bf16 linear on a weight packed for streaming (streamed_gemm.py); CPU only. gate "none" is
+  // a plain linear, otherwise the activation of a gated projection.
+  m.def(
+      "streamed_linear_native(Tensor x, Tensor packed, int out_features, Tensor? bias, str gate, "
+      "Tensor? residual) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

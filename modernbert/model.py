@@ -25,7 +25,7 @@ from .padding import PackedBatch, pack, unpack
 # 64-token blocks: a sliding window of 64 each side touches 3 blocks per row.
 ATTENTION_BLOCK = 64
 
-ACTIVATIONS = {name: function for name, (function, _, _) in GATED_ACTIVATIONS.items()}
+ACTIVATIONS = {name: function for name, (function, *_) in GATED_ACTIVATIONS.items()}
 
 
 def activation(name: str):

@@ -1,6 +1,6 @@
 """CPU linears at the machine's GEMM ceiling: the fastest GEMM per precision, chosen by measurement.
 
-Three GEMMs serve fp32 and bf16 linears on the CPU:
+Four GEMMs serve fp32 and bf16 linears on the CPU:
 - ``"aten"``: ``F.linear`` as PyTorch dispatches it (MKL's sgemm for fp32, oneDNN for bf16);
 - ``"onednn_packed"``: the weight reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``), then oneDNN's inner product on it;
@@ -8,17 +8,22 @@ Three GEMMs serve fp32 and bf16 linears on the CPU:
   bf16 weight, the bf16 input widened (exactly) and the output rounded to bf16 once, as a bf16
   GEMM with fp32 accumulation rounds it. Where the CPU has no bf16 units, oneDNN has no bf16
   inner product and ``F.linear`` emulates bf16 (a fifth of the packed fp32 rate on a Zen 4 with
-  every library capped to AVX2), so a bf16 model there computes its linears in fp32.
+  every library capped to AVX2), so a bf16 model there computes its linears in fp32;
+- ``"streamed"``: this library's GEMM for a few tokens (streamed_gemm.py), whose weight is packed
+  to be read once, front to back, with the bias, the GeGLU gate and the residual in its epilogue.
+  Timed for the few-token regimes only: at thousands of tokens a call is compute-bound, and
+  oneDNN's blocking wins.
 
 Which is faster depends on the CPU, not on its vendor's name: MKL's sgemm reaches 125-180 GFLOP/s
 at the encoder's shapes on a 2-core AMD EPYC Zen 4, where oneDNN's packed fp32 reaches 165-225
 (benchmarks/NOTES.md "CPU linears"). Nor on the shape alone: at a few tokens a GEMM streams its
 weight, and MKL's sgemm copies all of it on every call, so the packed GEMM is 1.13-1.22x faster at
 16 tokens on a 2-core Xeon, where the two are even at 2048 and MKL's gemv is 1.5-1.8x faster at
-one token (NOTES "The short query again"). ``cpu_gemm(dtype, in_features, out_features,
+one token (NOTES "The short query again"); the streamed GEMM reads the weight faster still at 1
+and 16 fp32 tokens (NOTES "A GEMM that streams its weight"). ``cpu_gemm(dtype, in_features, out_features,
 tokens)`` times every GEMM that runs the dtype here the first time a linear of that dtype, shape
 and token regime (``TIMING_TOKEN_COUNTS``: the nearest of 1, 16 and 2048 tokens) runs, and keeps
-the fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32 forces one (fp32
+the fastest; MODERNBERT_KERNELS_CPU_GEMM=aten|onednn_packed|onednn_packed_fp32|streamed forces one (fp32
 linears take onednn_packed under the last). ``Linear`` is an ``nn.Linear`` (same parameters,
 same state dict) whose inference calls on the CPU run the chosen GEMM; anything that needs
 gradients runs ``F.linear``.
@@ -36,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .backends import cpu_capabilities
+from .streamed_gemm import pack_streamed_weight, streamed_linear
+from .streamed_gemm import supports as supports_streamed
 from .tensor_cache import TensorCache
 
-GEMMS = ("aten", "onednn_packed", "onednn_packed_fp32")
+GEMMS = ("aten", "onednn_packed", "onednn_packed_fp32", "streamed")
 PRECISIONS = (torch.float32, torch.bfloat16)
 # (in_features, out_features) of ModernBERT-base's linears: Wqkv, attention Wo, Wi (GeGLU), MLP Wo.
 ENCODER_SHAPES = ((768, 2304), (768, 768), (768, 2304), (1152, 768))
@@ -98,12 +106,14 @@ def _available_gemms(dtype: torch.dtype, onednn_enabled: bool) -> tuple[str, ...
         gemms.append("onednn_packed")
     if dtype == torch.bfloat16 and onednn_available(torch.float32):
         gemms.append("onednn_packed_fp32")
+    if native.cpu_status()[0]:
+        gemms.append("streamed")
     return tuple(gemms)
 
 
 def packed_dtype(gemm: str, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a packed ``gemm`` computes a ``dtype`` linear in; None for ``F.linear``."""
-    return {"onednn_packed": dtype, "onednn_packed_fp32": torch.float32}.get(gemm)
+    return {"onednn_packed": dtype, "onednn_packed_fp32": torch.float32, "streamed": dtype}.get(gemm)
 
 
 def pack_weight(weight: torch.Tensor, tokens_hint: int = TIMING_TOKENS) -> torch.Tensor:
@@ -128,6 +138,7 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
     copies every pass: fresh copies, read once each, timed the fp32 and bf16 GEMMs even at 16
     tokens, where read as an encoder reads them the packed ones run 1.06-1.48x faster (NOTES "A
     frozen encoder")."""
+    gemms = _timed_gemms(dtype, shapes, tokens)
     generator = torch.Generator().manual_seed(0)
     problems = []
     for in_features, out_features in shapes:
@@ -137,15 +148,17 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
         copies = min(64, max(2, -(-_STREAMED_WEIGHT_BYTES // weight_bytes))) if tokens < TIMING_TOKENS else 1
         weights = [weight.clone() for _ in range(copies)]
         bias = torch.zeros(out_features, dtype=dtype)
-        packed = {gemm: [pack_weight(w.to(packed_dtype(gemm, dtype))) for w in weights]  # as Linear packs
-                  for gemm in available_gemms(dtype) if gemm != "aten"}
+        packed = {gemm: [_pack(gemm, w.to(packed_dtype(gemm, dtype))) for w in weights]  # as Linear packs
+                  for gemm in gemms if gemm != "aten"}
         problems.append((x, weights, bias, packed))
 
     def run_packed(gemm):
         compute = packed_dtype(gemm, dtype)
+        if gemm == "streamed":
+            return lambda x, w, b, packed, i: streamed_linear(x, packed[gemm][i], w[i].shape[0], b)
         return lambda x, w, b, packed, i: packed_linear(x.to(compute), packed[gemm][i], b.to(compute)).to(dtype)
 
-    runs = {gemm: run_packed(gemm) for gemm in available_gemms(dtype) if gemm != "aten"}
+    runs = {gemm: run_packed(gemm) for gemm in gemms if gemm != "aten"}
     runs["aten"] = lambda x, w, b, packed, i: F.linear(x, w[i], b)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -158,6 +171,19 @@ def time_gemms(dtype: torch.dtype, shapes=ENCODER_SHAPES, tokens: int = TIMING_T
                 if round_index:
                     times[name].append(time.perf_counter() - start)
     return times
+
+
+def _timed_gemms(dtype: torch.dtype, shapes, tokens: int) -> tuple[str, ...]:
+    """The GEMMs ``time_gemms`` compares: the streamed one below ``TIMING_TOKENS`` tokens only (at
+    thousands a call is compute-bound, and oneDNN's blocking is built for that), and where it
+    computes every shape (bf16 needs an even K)."""
+    streamed = tokens < TIMING_TOKENS and all(supports_streamed(dtype, in_features) for in_features, _ in shapes)
+    return tuple(gemm for gemm in available_gemms(dtype) if gemm != "streamed" or streamed)
+
+
+def _pack(gemm: str, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """``weight`` in a packed ``gemm``'s layout (oneDNN packs a gated weight's halves one by one)."""
+    return pack_streamed_weight(weight, gated) if gemm == "streamed" else pack_weight(weight)
 
 
 def timing_tokens(tokens: int) -> int:
@@ -216,8 +242,8 @@ class Linear(nn.Linear):
     ``F.linear``.
     """
 
-    def _packed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype this call's packed GEMM computes in, or None where it takes ``F.linear``."""
+    def _gemm(self, x: torch.Tensor) -> str | None:
+        """The packed GEMM this call runs, or None where it takes ``F.linear``."""
         weight = self.weight
         if (x.device.type != "cpu"
                 or x.dtype != weight.dtype
@@ -226,15 +252,16 @@ class Linear(nn.Linear):
                                                  or (self.bias is not None and self.bias.requires_grad)))):
             return None
         tokens = x.numel() // self.in_features if self.in_features else 0
-        return packed_dtype(cpu_gemm(x.dtype, self.in_features, self.out_features, tokens), x.dtype)
+        gemm = cpu_gemm(x.dtype, self.in_features, self.out_features, tokens)
+        return None if gemm == "aten" else gemm
 
-    def _packed(self, part: str, rows: slice, dtype: torch.dtype):
-        """The packed ``dtype`` copy of the weight's ``rows``; made once per weight version (``part``
-        names it). Keyed by storage and dtype too: Module.to() swaps a parameter's data without a
-        version bump."""
+    def _packed(self, gemm: str, part: str, rows: slice, dtype: torch.dtype):
+        """The weight's ``rows`` as ``dtype`` in a packed ``gemm``'s layout; made once per weight
+        version (``part`` names it). Keyed by storage and dtype too: Module.to() swaps a parameter's
+        data without a version bump."""
         weight = self.weight
-        key = ("onednn_packed", part, weight.data_ptr(), weight.dtype, dtype)
-        return _packed_weights.get(weight, key, lambda: pack_weight(weight[rows].to(dtype)))
+        key = (gemm, part, weight.data_ptr(), weight.dtype, dtype)
+        return _packed_weights.get(weight, key, lambda: _pack(gemm, weight[rows].to(dtype), part == "gated"))
 
     def _bias(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
         bias = self.bias
@@ -271,11 +298,16 @@ class Linear(nn.Linear):
         to MODERNBERT_KERNELS_CPU_GEMM: bind again after them. Hooks do not see its calls."""
         if gated is not None and residual is not None:
             raise ValueError("a gated projection takes no residual")
-        return self._kernel(self._packed_dtype(x), gated, residual is not None and residual.dtype)
+        return self._kernel(self._gemm(x), gated, residual is not None and residual.dtype)
 
-    def _kernel(self, compute: torch.dtype | None, gated: str | None, residual_dtype) -> Callable:
-        """run(x, residual) for a compute dtype (None: F.linear), a gated activation or None, and
-        the residual's dtype (False: no residual)."""
+    def _kernel(self, gemm: str | None, gated: str | None, residual_dtype) -> Callable:
+        """run(x, residual) for a packed GEMM (None: F.linear), a gated activation or None, and the
+        residual's dtype (False: no residual)."""
+        if gated is not None and gated not in GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported gated activation {gated!r}; supported: {sorted(GATED_ACTIVATIONS)}")
+        if gemm == "streamed":
+            return self._streamed(gated, residual_dtype)
+        compute = gemm and packed_dtype(gemm, self.weight.dtype)
         if gated is not None:
             return self._gated(compute, gated)
         if compute is None:
@@ -284,7 +316,7 @@ class Linear(nn.Linear):
                 return out if residual is None else add_residual(out, residual)
             return run
         everything = slice(None)
-        packed, bias = self._packed("all", everything, compute), self._bias(everything, compute)
+        packed, bias = self._packed("onednn_packed", "all", everything, compute), self._bias(everything, compute)
         out_features = self.out_features
         if compute == residual_dtype == torch.bfloat16:  # x is bf16 too
             binary = torch.ops.mkldnn._linear_pointwise.binary
@@ -300,10 +332,21 @@ class Linear(nn.Linear):
             return out if residual is None else add_residual(out, residual)
         return run
 
+    def _streamed(self, gated: str | None, residual_dtype) -> Callable:
+        """The streamed GEMM: the bias, the gate and a residual of the output's dtype in its
+        epilogue."""
+        packed = self._packed("streamed", "all" if gated is None else "gated", slice(None), self.weight.dtype)
+        bias = None if self.bias is None else self.bias.detach().float()
+        gate = gated and GATED_ACTIVATIONS[gated][3]
+        out_features = self.out_features if gated is None else self.out_features // 2
+        if residual_dtype not in (False, self.weight.dtype):  # kept in the residual's precision
+            def run(x, residual):
+                return add_residual(streamed_linear(x, packed, out_features, bias), residual)
+            return run
+        return lambda x, residual: streamed_linear(x, packed, out_features, bias, gate, residual)
+
     def _gated(self, compute: torch.dtype | None, activation: str) -> Callable:
-        if activation not in GATED_ACTIVATIONS:
-            raise ValueError(f"unsupported gated activation {activation!r}; supported: {sorted(GATED_ACTIVATIONS)}")
-        function, post_op, algorithm = GATED_ACTIVATIONS[activation]
+        function, post_op, algorithm, _ = GATED_ACTIVATIONS[activation]
         if compute is None:
             def run(x, residual):
                 activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
@@ -311,8 +354,9 @@ class Linear(nn.Linear):
             return run
         half = self.out_features // 2
         first, second = slice(None, half), slice(half, None)
-        first_packed, first_bias = self._packed("first half", first, compute), self._bias(first, compute)
-        second_packed, second_bias = self._packed("second half", second, compute), self._bias(second, compute)
+        first_packed, first_bias = self._packed("onednn_packed", "first half", first, compute), self._bias(first, compute)
+        second_packed, second_bias = (self._packed("onednn_packed", "second half", second, compute),
+                                      self._bias(second, compute))
         unary, binary = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
 
         def run(x, residual):
@@ -338,11 +382,12 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-# Gated MLP activations: (the PyTorch function, oneDNN's post-op, its algorithm).
+# Gated MLP activations: (the PyTorch function, oneDNN's post-op, its algorithm, the streamed GEMM's
+# gate).
 GATED_ACTIVATIONS = {
-    "gelu": (F.gelu, "gelu", "none"),
-    "gelu_tanh": (_gelu_tanh, "gelu", "tanh"),
-    "gelu_pytorch_tanh": (_gelu_tanh, "gelu", "tanh"),
-    "silu": (F.silu, "swish", ""),
-    "relu": (F.relu, "relu", ""),
+    "gelu": (F.gelu, "gelu", "none", "gelu"),
+    "gelu_tanh": (_gelu_tanh, "gelu", "tanh", "gelu_tanh"),
+    "gelu_pytorch_tanh": (_gelu_tanh, "gelu", "tanh", "gelu_tanh"),
+    "silu": (F.silu, "swish", "", "silu"),
+    "relu": (F.relu, "relu", "", "relu"),
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modernbert_kernels import cpu_linear
+from modernbert_kernels import cpu_linear, native
 from modernbert_kernels.cpu_linear import Linear
 
 # Relative error (max |error| / max |reference|) against the float64 linear: fp32 sums of up to
@@ -204,7 +204,7 @@ def test_gemm_choice_is_the_measured_fastest(monkeypatch, fresh_choices):
     assert cpu_linear.cpu_gemm(torch.bfloat16, 768, 2304) == "onednn_packed_fp32"
     assert cpu_linear.cpu_gemm(torch.float32, 768, 2304) == "onednn_packed"  # fp32 widened is the packed fp32 GEMM
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "fast")
-    with pytest.raises(ValueError, match="must be auto, aten, onednn_packed, onednn_packed_fp32, not 'fast'"):
+    with pytest.raises(ValueError, match="must be auto, aten, onednn_packed, onednn_packed_fp32, streamed, not 'fast'"):
         cpu_linear.cpu_gemm(torch.float32, 768, 2304)
 
 
@@ -222,38 +222,48 @@ def test_gemm_choice_follows_the_token_count(monkeypatch, fresh_choices):
     assert sorted(timed) == [1, 16, 2048]  # each regime measured once
     linear = cpu_linear.Linear(64, 32)
     with torch.no_grad():  # a Linear asks for its input's token count: 2 x 8 = 16 tokens, then 1
-        assert linear._packed_dtype(torch.randn(2, 8, 64)) == torch.float32
-        assert linear._packed_dtype(torch.randn(1, 64)) is None
+        assert linear._gemm(torch.randn(2, 8, 64)) == "onednn_packed"
+        assert linear._gemm(torch.randn(1, 64)) is None
 
 
 def test_available_gemms():
     fp32_packs = cpu_linear.onednn_available(torch.float32)
-    assert cpu_linear.available_gemms(torch.float32) == (("aten", "onednn_packed") if fp32_packs else ("aten",))
-    bf16 = {"aten"} | ({"onednn_packed"} if cpu_linear.onednn_available(torch.bfloat16) else set())
+    streamed = {"streamed"} if native.cpu_status()[0] else set()
+    assert set(cpu_linear.available_gemms(torch.float32)) == {"aten"} | ({"onednn_packed"} if fp32_packs else set()) | streamed
+    bf16 = {"aten"} | ({"onednn_packed"} if cpu_linear.onednn_available(torch.bfloat16) else set()) | streamed
     assert set(cpu_linear.available_gemms(torch.bfloat16)) == bf16 | ({"onednn_packed_fp32"} if fp32_packs else set())
     assert cpu_linear.available_gemms(torch.float16) == ("aten",)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_timing_measures_every_gemm(dtype):
+    """Every GEMM that runs here is timed at a few tokens; at the compute-bound count the streamed
+    one is not (nor where it cannot hold the shape: bf16 with an odd K)."""
     times = cpu_linear.time_gemms(dtype, shapes=((32, 48),), tokens=16, rounds=2)
     assert set(times) == set(cpu_linear.available_gemms(dtype))
     assert all(len(samples) == 2 and min(samples) > 0 for samples in times.values())
+    others = set(cpu_linear.available_gemms(dtype)) - {"streamed"}
+    assert set(cpu_linear.time_gemms(dtype, shapes=((32, 48),), tokens=cpu_linear.TIMING_TOKENS, rounds=1)) == others
+    odd = set(cpu_linear.time_gemms(dtype, shapes=((33, 48),), tokens=16, rounds=1))
+    assert odd == (others if dtype == torch.bfloat16 else set(cpu_linear.available_gemms(dtype)))
 
 
 def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
     """Where oneDNN's bf16 inner product does not run (AVX2-only CPUs, emulated here by capping
-    oneDNN's ISA), bf16 linears choose between aten and the packed fp32 GEMM, both right; forcing
-    the packed bf16 GEMM says why it cannot; fp32 still packs; bf16 is not counted as faster."""
+    oneDNN's ISA and this library's kernels), bf16 linears choose between aten, the packed fp32
+    GEMM and the streamed one (bf16 widened in registers), all right; forcing the packed bf16 GEMM
+    says why it cannot; fp32 still packs; bf16 is not counted as faster."""
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, torch\n"
-        "from modernbert_kernels import cpu_linear\n"
+        "from modernbert_kernels import cpu_linear, native\n"
         "from modernbert_kernels.cpu_linear import Linear\n"
         "assert not cpu_linear.onednn_available(torch.bfloat16)\n"
         "assert not cpu_linear.cpu_has_bf16()  # whatever the CPU has: bf16 is converted to fp32 here\n"
         "fp32_packs = cpu_linear.onednn_available(torch.float32)\n"
-        "assert cpu_linear.available_gemms(torch.bfloat16) == ('aten', 'onednn_packed_fp32')[:1 + fp32_packs]\n"
+        "streamed = ('streamed',) if native.cpu_status()[0] else ()\n"
+        "assert native.CPU_ISA in (None, 'avx2')\n"
+        "assert cpu_linear.available_gemms(torch.bfloat16) == ('aten', 'onednn_packed_fp32')[:1 + fp32_packs] + streamed\n"
         "assert cpu_linear.cpu_gemm(torch.bfloat16, 64, 48) in cpu_linear.available_gemms(torch.bfloat16)\n"
         "linear = Linear(64, 48).bfloat16()\n"
         "x = torch.randn(5, 64).bfloat16()\n"
@@ -275,7 +285,7 @@ def test_bf16_on_a_cpu_onednn_refuses_it_for(tmp_path):
         "    raise AssertionError('forcing an unsupported packed GEMM went through')\n"
         "print('fp32', fp32_packs)\n"
     )
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", MODERNBERT_KERNELS_CPU_ISA="avx2")
     env.pop("MODERNBERT_KERNELS_CPU_GEMM", None)
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,12 +20,13 @@
 #include "int8_gemm_kernel.h"
 #include "amx_int8_gemm_kernel.h"
 #include "rotary_kernel.h"
+#include "streamed_gemm_kernel.h"
 
 namespace modernbert_kernels::cpu {
 extern const KernelTable kAmxKernels = {"amx", attention_forward_items, attention_backward_items,
                                         int8_epilogue_rows, quantize_rows, rotary_rows,
                                         {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                         int8_gemm_workspace_ints}};
+                                         int8_gemm_workspace_ints}, streamed_linear_panels};
 extern const Int8Gemm kAmxInt8Gemm = {kAmxPanelCols, kAmxBlockRows, kAmxBlockK, amx_int8_gemm_pack_weight,
                                       amx_int8_gemm_rows, amx_int8_gemm_workspace_ints};
 }  // namespace modernbert_kernels::cpu

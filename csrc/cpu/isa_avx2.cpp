@@ -11,11 +11,12 @@
 #include "int8_kernel.h"
 #include "int8_gemm_kernel.h"
 #include "rotary_kernel.h"
+#include "streamed_gemm_kernel.h"
 
 namespace modernbert_kernels::cpu {
 extern const KernelTable kAvx2Kernels = {"avx2", attention_forward_items, attention_backward_items,
                                       int8_epilogue_rows, quantize_rows, rotary_rows,
                                       {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                       int8_gemm_workspace_ints}};
+                                       int8_gemm_workspace_ints}, streamed_linear_panels};
 }
 #endif  // __x86_64__

@@ -13,14 +13,15 @@
 #include "int8_gemm_kernel.h"
 #endif
 #include "rotary_kernel.h"
+#include "streamed_gemm_kernel.h"
 
 namespace modernbert_kernels::cpu {
 extern const KernelTable kBaselineKernels = {"baseline", attention_forward_items, attention_backward_items,
                                       int8_epilogue_rows, quantize_rows, rotary_rows,
 #if defined(__x86_64__)
                                       {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                       int8_gemm_workspace_ints}};
+                                       int8_gemm_workspace_ints}, streamed_linear_panels};
 #else
-                                      {0, 0, 0, nullptr, nullptr, nullptr}};
+                                      {0, 0, 0, nullptr, nullptr, nullptr}, streamed_linear_panels};
 #endif
 }

@@ -70,6 +70,10 @@ using Int8EpilogueFn = void (*)(const Int8LinearParams&, const int32_t* acc, int
 using QuantizeFn = void (*)(const QuantizeParams&, int64_t row_begin, int64_t row_end, float* workspace);
 using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t token_end);
 
+// The streamed linear's panels [panel_begin, panel_end) for every row (streamed_gemm_kernel.h).
+using StreamedLinearFn = void (*)(const StreamedLinearParams&, int64_t panel_begin, int64_t panel_end);
+constexpr int kStreamedPanelCols = 32;
+
 // The library's own exact int8 GEMMs: the weight ([n, k] int8) packed in panels
 // [panel_begin, panel_end) of `cols` columns, K padded to a multiple of k_align, then the int32 sums
 // of rows of x against it, with a workspace of workspace_ints(rows, k) ints. Two of them: the
@@ -110,6 +114,7 @@ struct KernelTable {
   QuantizeFn quantize_rows;
   RotaryFn rotary;
   Int8Gemm int8_gemm;  // x86 builds only; elsewhere its functions are null
+  StreamedLinearFn streamed_linear;
 };
 
 // The best build this CPU can run, chosen once at first use (not at build time, so one wheel

@@ -1,0 +1,180 @@
+// The streamed linear: a fp32 / bf16 GEMM for a few rows, where the time is the weight's trip from
+// memory. The weight is packed once in panels of 32 columns whose k rows are contiguous, so a call
+// reads it front to back, each byte once, and every row of x is computed against a panel while it
+// is in the core: a register block of up to kStreamRows rows holds all its accumulators, and later
+// blocks re-read the panel from L2. A software prefetch runs kStreamPrefetchBytes ahead of the
+// loads: on a 2-core Xeon it took a 16-row call from 11 to 15-19 GB/s (oneDNN's packed GEMM
+// streams 10-11; NOTES "A GEMM that streams its weight"). Included by the isa_*.cpp builds.
+#pragma once
+
+#include <cstring>
+
+#include "rows.h"
+
+namespace {
+
+using modernbert_kernels::Gate;
+using modernbert_kernels::StreamedLinearParams;
+using modernbert_kernels::cpu::kStreamedPanelCols;
+
+constexpr int kStreamVectors = kStreamedPanelCols / kLanes;
+// Rows per register block: rows x kStreamVectors accumulators plus one panel row fit the vector
+// registers (32 zmm; 16 ymm; 16 xmm for the 4-lane baseline).
+constexpr int kStreamRows = kLanes == 16 ? 16 : kLanes == 8 ? 2 : 1;
+constexpr int kStreamPrefetchBytes = 4096;
+
+// Both 64-byte lines of the panel row that is kStreamPrefetchBytes ahead of p (128 bytes a step).
+inline void prefetch_panel_row(const void* p) {
+  const char* ahead = static_cast<const char*>(p) + kStreamPrefetchBytes;
+  __builtin_prefetch(ahead, 0, 3);
+  __builtin_prefetch(ahead + 64, 0, 3);
+}
+
+// tile[r][c] = sum_i x[r][i] * panel[i][c] for R rows of fp32 x and one fp32 panel [k][32].
+template <int R>
+inline void streamed_products_fp32(const float* x, int64_t x_stride, int64_t k, const float* panel, float* tile) {
+  vfloat acc[R][kStreamVectors] = {};
+  for (int64_t i = 0; i < k; ++i) {
+    const float* w = panel + i * kStreamedPanelCols;
+    prefetch_panel_row(w);
+    vfloat columns[kStreamVectors];
+    for (int v = 0; v < kStreamVectors; ++v) columns[v] = load(w + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const vfloat a = splat(x[r * x_stride + i]);
+      for (int v = 0; v < kStreamVectors; ++v) acc[r][v] = vfma(a, columns[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kStreamVectors; ++v) store(tile + r * kStreamedPanelCols + v * kLanes, acc[r][v]);
+}
+
+// The same for bf16 x and a bf16 panel [k / 2][32][2]: each 32-bit lane of a panel row holds one
+// column's pair (k = 2i, 2i + 1). Products of bf16 are exact in fp32, and the sums are fp32.
+template <int R>
+inline void streamed_products_bf16(const uint16_t* x, int64_t x_stride, int64_t k, const uint16_t* panel,
+                                   float* tile) {
+  vfloat acc[R][kStreamVectors] = {};
+  for (int64_t i = 0; i < k / 2; ++i) {
+    const uint16_t* w = panel + i * 2 * kStreamedPanelCols;
+    prefetch_panel_row(w);
+#if MBK_BF16_DOT
+    // vdpbf16ps: both products of a pair and their sum in one instruction.
+    __m512bh columns[kStreamVectors];
+    for (int v = 0; v < kStreamVectors; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(w + v * 2 * kLanes);
+    for (int r = 0; r < R; ++r) {
+      int pair;
+      std::memcpy(&pair, x + r * x_stride + 2 * i, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < kStreamVectors; ++v) acc[r][v] = (vfloat)_mm512_dpbf16_ps((__m512)acc[r][v], a, columns[v]);
+    }
+#else
+    // Widened: a pair's low half is the even k's bf16, its high half the odd k's.
+    vfloat even[kStreamVectors], odd[kStreamVectors];
+    for (int v = 0; v < kStreamVectors; ++v) {
+      const vint pairs = load_int(reinterpret_cast<const int*>(w) + v * kLanes);
+      even[v] = (vfloat)(pairs << 16);
+      odd[v] = (vfloat)(pairs & int(0xffff0000u));
+    }
+    for (int r = 0; r < R; ++r) {
+      const vfloat a0 = splat(bf16_to_float(x[r * x_stride + 2 * i]));
+      const vfloat a1 = splat(bf16_to_float(x[r * x_stride + 2 * i + 1]));
+      for (int v = 0; v < kStreamVectors; ++v) acc[r][v] = vfma(a1, odd[v], vfma(a0, even[v], acc[r][v]));
+    }
+#endif
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kStreamVectors; ++v) store(tile + r * kStreamedPanelCols + v * kLanes, acc[r][v]);
+}
+
+// The products of `rows` (1..kStreamRows) rows: the register block sized to them.
+template <int R = kStreamRows>
+inline void streamed_products(const StreamedLinearParams& p, int rows, const void* x, const void* panel, float* tile) {
+  if constexpr (R > 1) {
+    if (rows < R) return streamed_products<R - 1>(p, rows, x, panel, tile);
+  }
+  if (p.dtype == ElementType::Float32)
+    streamed_products_fp32<R>(static_cast<const float*>(x), p.x_stride, p.k, static_cast<const float*>(panel), tile);
+  else
+    streamed_products_bf16<R>(static_cast<const uint16_t*>(x), p.x_stride, p.k, static_cast<const uint16_t*>(panel),
+                              tile);
+}
+
+inline vfloat gate_activation(vfloat v, Gate gate) {
+  switch (gate) {
+    case Gate::Gelu: return vgelu(v);
+    case Gate::GeluTanh: return vgelu_tanh(v);
+    case Gate::Silu: return v / (1.f + vexp(vmin(-v, splat(88.f))));  // e^88 is finite in fp32
+    default: return vmax(v, splat(0.f));  // Relu
+  }
+}
+
+// kLanes outputs from `count` <= kLanes columns at out + offset (a vector store when whole).
+inline void store_columns(const StreamedLinearParams& p, int64_t offset, int count, vfloat y) {
+  if (count == kLanes) {
+    if (p.dtype == ElementType::Float32)
+      store(static_cast<float*>(p.out) + offset, y);
+    else
+      store_bf16(static_cast<uint16_t*>(p.out) + offset, y);
+    return;
+  }
+  for (int c = 0; c < count; ++c) store_element(p.out, offset + c, y[c], p.dtype);
+}
+
+inline vfloat load_columns(const void* base, int64_t offset, int count, ElementType dtype) {
+  if (count == kLanes)
+    return dtype == ElementType::Float32 ? load(static_cast<const float*>(base) + offset)
+                                         : load_bf16(static_cast<const uint16_t*>(base) + offset);
+  vfloat v = {};
+  for (int c = 0; c < count; ++c) v[c] = load_element(base, offset + c, dtype);
+  return v;
+}
+
+inline vfloat bias_columns(const float* bias, int64_t col, int count) {
+  if (bias == nullptr) return vfloat{};
+  if (count == kLanes) return load(bias + col);
+  vfloat v = {};
+  for (int c = 0; c < count; ++c) v[c] = bias[col + c];
+  return v;
+}
+
+// Rows [row, row + rows) of one panel's outputs from its tile: bias, then the residual (plain) or
+// the gate (gated), rounded to the output dtype once.
+inline void streamed_epilogue(const StreamedLinearParams& p, const float* tile, int64_t row, int rows, int64_t panel) {
+  const bool gated = p.gate != Gate::None;
+  const int panel_outputs = gated ? kStreamedPanelCols / 2 : kStreamedPanelCols;
+  const int64_t first = panel * panel_outputs;
+  for (int r = 0; r < rows; ++r) {
+    const float* acc = tile + r * kStreamedPanelCols;
+    const int64_t out_row = (row + r) * p.n;
+    for (int c = 0; c < panel_outputs; c += kLanes) {
+      const int64_t col = first + c;
+      if (col >= p.n) break;
+      const int count = int(p.n - col < kLanes ? p.n - col : kLanes);
+      vfloat y = load(acc + c) + bias_columns(p.bias, col, count);
+      if (gated) {
+        const vfloat gate = load(acc + panel_outputs + c) + bias_columns(p.bias ? p.bias + p.n : nullptr, col, count);
+        y = gate_activation(y, p.gate) * gate;
+      } else if (p.residual != nullptr) {
+        y += load_columns(p.residual, out_row + col, count, p.dtype);
+      }
+      store_columns(p, out_row + col, count, y);
+    }
+  }
+}
+
+void streamed_linear_panels(const StreamedLinearParams& p, int64_t panel_begin, int64_t panel_end) {
+  alignas(64) float tile[kStreamRows * kStreamedPanelCols];
+  const int64_t element_bytes = p.dtype == ElementType::Float32 ? 4 : 2;
+  const int64_t panel_bytes = p.k * kStreamedPanelCols * element_bytes;
+  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+    const void* weights = static_cast<const char*>(p.packed) + panel * panel_bytes;
+    for (int64_t row = 0; row < p.m; row += kStreamRows) {
+      const int rows = int(p.m - row < kStreamRows ? p.m - row : kStreamRows);
+      const void* x = static_cast<const char*>(p.x) + row * p.x_stride * element_bytes;
+      streamed_products(p, rows, x, weights, tile);
+      streamed_epilogue(p, tile, row, rows, panel);
+    }
+  }
+}
+
+}  // namespace
