@@ -119,12 +119,12 @@ struct QuantizeParams {
 enum class Gate : int { None = 0, Gelu = 1, GeluTanh = 2, Silu = 3, Relu = 4 };
 
 // A fp32 or bf16 linear whose weight is packed for streaming (cpu/streamed_gemm_kernel.h): in
-// panels of 32 columns, each panel's k rows contiguous, so a call reads the weight once, front to
-// back. Gated, a panel holds 16 columns of A, then the same 16 of G.
+// panels of 32 columns, each two halves of 16 whose k rows are contiguous, so a call reads the
+// weight once, front to back. Gated, a panel holds 16 columns of A, then the same 16 of G.
 struct StreamedLinearParams {
   const void* x;  // [m, k], row stride x_stride, unit stride along k
   int64_t x_stride;
-  const void* packed;  // fp32 [panels][k][32], or bf16 [panels][k / 2][32][2] (pairs along k)
+  const void* packed;  // fp32 [panels][2][k][16], or bf16 [panels][2][k / 2][16][2] (pairs along k)
   const float* bias;   // [n], or [2 n] gated (a, then g); or null
   const void* residual;  // [m, n] contiguous, added last (plain linears only); or null
   void* out;             // [m, n] contiguous

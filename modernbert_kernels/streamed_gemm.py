@@ -3,10 +3,11 @@ its weight's trip from memory.
 
 At 16 tokens ModernBERT-base's linears read 441 MB of fp32 weights a forward for 3.5 GFLOP, and
 oneDNN's packed GEMM reads them at 10-11 GB/s on a 2-core Xeon whose cores read 25-28 GB/s. The
-weight is packed once (``pack_streamed_weight``) in panels of 32 output columns, each panel's K
-rows contiguous (bf16: pairs along K, the layout vdpbf16ps reads), so a call reads it front to back
-once; each thread takes a contiguous run of panels, computes every row against a panel while it is
-in its core, and prefetches the weight 4 KB ahead (csrc/cpu/streamed_gemm_kernel.h). Gated
+weight is packed once (``pack_streamed_weight``) in panels of 32 output columns, each two halves of
+16 whose K rows are contiguous (bf16: pairs along K, the layout vdpbf16ps reads), so a call reads it
+front to back once, two streams at a time; each thread takes a contiguous run of panels, computes
+every row against a panel while it is in its core, and prefetches each stream 4 KB ahead
+(csrc/cpu/streamed_gemm_kernel.h). Gated
 projections (GeGLU) keep 16 columns of the activated half and the same 16 of the gate in a panel,
 so the activation and the product are the epilogue's, as are the bias and a residual add.
 
@@ -36,10 +37,10 @@ def supports(dtype: torch.dtype, in_features: int) -> bool:
 
 
 def pack_streamed_weight(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """``weight`` [N, K] (fp32, or bf16 with K even) in the streamed GEMM's layout: fp32
-    [panels, K, 32], bf16 [panels, K / 2, 64] (each column's pair along K side by side). ``gated``:
-    the weight is [A; G] (two halves of N / 2 rows) and each panel holds 16 columns of A, then the
-    same 16 of G. Columns past N are zero."""
+    """``weight`` [N, K] (fp32, or bf16 with K even) in the streamed GEMM's layout: panels of 32
+    columns, each two halves of 16: fp32 [panels, 2, K, 16], bf16 [panels, 2, K / 2, 32] (each
+    column's pair along K side by side). ``gated``: the weight is [A; G] (two halves of N / 2 rows)
+    and each panel holds 16 columns of A, then the same 16 of G. Columns past N are zero."""
     if weight.dim() != 2 or weight.device.type != "cpu" or not supports(weight.dtype, weight.shape[-1]):
         raise ValueError(f"the weight must be a [N, K] CPU tensor, fp32, or bf16 with K even (bf16 is packed in "
                          f"pairs along K), got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
@@ -56,9 +57,10 @@ def pack_streamed_weight(weight: torch.Tensor, gated: bool = False) -> torch.Ten
     else:
         panels = -(-weight.shape[0] // PANEL_COLUMNS)
         columns = F.pad(weight, (0, 0, 0, panels * PANEL_COLUMNS - weight.shape[0])).view(panels, PANEL_COLUMNS, k)
+    half = PANEL_COLUMNS // 2
     if weight.dtype == torch.float32:
-        return columns.transpose(1, 2).contiguous()
-    return columns.view(panels, PANEL_COLUMNS, k // 2, 2).permute(0, 2, 1, 3).reshape(panels, k // 2, 2 * PANEL_COLUMNS)
+        return columns.view(panels, 2, half, k).transpose(2, 3).contiguous()
+    return columns.view(panels, 2, half, k // 2, 2).permute(0, 1, 3, 2, 4).reshape(panels, 2, k // 2, 2 * half)
 
 
 def streamed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,

@@ -100,27 +100,28 @@ def test_no_rows_and_no_inputs(dtype):
 
 
 def test_the_layout():
-    """fp32 panels hold 32 columns' K rows; bf16 pairs along K; gated panels 16 of A, then 16 of G;
-    columns past N are zero."""
+    """Panels of 32 columns, each two halves of 16 holding their K rows; bf16 pairs along K; gated
+    panels 16 columns of A, then 16 of G; columns past N are zero."""
     weight = torch.arange(40 * 4, dtype=torch.float32).view(40, 4)
     packed = pack_streamed_weight(weight)
-    assert packed.shape == (2, 4, 32)
-    assert torch.equal(packed[0], weight[:32].T) and torch.equal(packed[1, :, :8], weight[32:].T)
-    assert not packed[1, :, 8:].any()
+    assert packed.shape == (2, 2, 4, 16)
+    assert torch.equal(packed[0, 0], weight[:16].T) and torch.equal(packed[0, 1], weight[16:32].T)
+    assert torch.equal(packed[1, 0, :, :8], weight[32:].T) and not packed[1, 0, :, 8:].any() and not packed[1, 1].any()
     pairs = pack_streamed_weight(weight.bfloat16())
-    assert pairs.shape == (2, 2, 64)
-    assert torch.equal(pairs[0, 1, 2:4], weight[1, 2:4].bfloat16())  # column 1, k = 2 and 3
+    assert pairs.shape == (2, 2, 2, 32)
+    assert torch.equal(pairs[0, 1, 1, 2:4], weight[17, 2:4].bfloat16())  # column 17, k = 2 and 3
     gated = pack_streamed_weight(weight, gated=True)  # A = rows 0..19, G = rows 20..39
-    assert gated.shape == (2, 4, 32)
-    assert torch.equal(gated[0, :, :16], weight[:16].T) and torch.equal(gated[0, :, 16:], weight[20:36].T)
-    assert torch.equal(gated[1, :, :4], weight[16:20].T) and not gated[1, :, 4:16].any()
+    assert gated.shape == (2, 2, 4, 16)
+    assert torch.equal(gated[0, 0], weight[:16].T) and torch.equal(gated[0, 1], weight[20:36].T)
+    assert torch.equal(gated[1, 0, :, :4], weight[16:20].T) and not gated[1, 0, :, 4:].any()
+    assert torch.equal(gated[1, 1, :, :4], weight[36:40].T) and not gated[1, 1, :, 4:].any()
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda x, p: streamed_linear(x.half(), p, 64), "x must be fp32 or bf16"),
     (lambda x, p: streamed_linear(x.bfloat16(), p, 64), "of x's dtype"),
     (lambda x, p: streamed_linear(x[:, ::2], p, 64), "unit stride along K"),
-    (lambda x, p: streamed_linear(x[:, :32], p, 64), r"must be \[panels, 32, 32\] for K = 32"),
+    (lambda x, p: streamed_linear(x[:, :32], p, 64), r"must be \[panels, 2, 32, 16\] for K = 32"),
     (lambda x, p: streamed_linear(x, p, 65), "out_features = 65 does not fit 2 packed panels of 32"),
     (lambda x, p: streamed_linear(x, p, 32), "out_features = 32 does not fit"),
     (lambda x, p: streamed_linear(x, p, 64, torch.zeros(63)), r"bias must be \[64\]"),

@@ -1,10 +1,12 @@
 // The streamed linear: a fp32 / bf16 GEMM for a few rows, where the time is the weight's trip from
-// memory. The weight is packed once in panels of 32 columns whose k rows are contiguous, so a call
-// reads it front to back, each byte once, and every row of x is computed against a panel while it
-// is in the core: a register block of up to kStreamRows rows holds all its accumulators, and later
-// blocks re-read the panel from L2. A software prefetch runs kStreamPrefetchBytes ahead of the
-// loads: on a 2-core Xeon it took a 16-row call from 11 to 15-19 GB/s (oneDNN's packed GEMM
-// streams 10-11; NOTES "A GEMM that streams its weight"). Included by the isa_*.cpp builds.
+// memory. The weight is packed once in panels of 32 columns, each two half-panels of 16 columns
+// whose k rows are contiguous, so a call reads it front to back, each byte once, as two streams a
+// core reads side by side; every row of x is computed against a panel while it is in the core: a
+// register block of up to kStreamRows rows holds all its accumulators, and later blocks re-read the
+// panel from L2. A software prefetch runs kStreamPrefetchBytes ahead of each stream: on a 2-core
+// Xeon it took a 16-row call from 11 to 15 GB/s, and two streams instead of one to 19 (oneDNN's
+// packed GEMM streams 10-11; NOTES "A GEMM that streams its weight"). Included by the isa_*.cpp
+// builds.
 #pragma once
 
 #include <cstring>
@@ -17,28 +19,29 @@ using modernbert_kernels::Gate;
 using modernbert_kernels::StreamedLinearParams;
 using modernbert_kernels::cpu::kStreamedPanelCols;
 
+constexpr int kHalfPanelCols = kStreamedPanelCols / 2;
 constexpr int kStreamVectors = kStreamedPanelCols / kLanes;
+constexpr int kHalfVectors = kStreamVectors / 2;
 // Rows per register block: rows x kStreamVectors accumulators plus one panel row fit the vector
 // registers (32 zmm; 16 ymm; 16 xmm for the 4-lane baseline).
 constexpr int kStreamRows = kLanes == 16 ? 16 : kLanes == 8 ? 2 : 1;
 constexpr int kStreamPrefetchBytes = 4096;
 
-// Both 64-byte lines of the panel row that is kStreamPrefetchBytes ahead of p (128 bytes a step).
-inline void prefetch_panel_row(const void* p) {
-  const char* ahead = static_cast<const char*>(p) + kStreamPrefetchBytes;
-  __builtin_prefetch(ahead, 0, 3);
-  __builtin_prefetch(ahead + 64, 0, 3);
-}
+// The 64-byte line of a stream kStreamPrefetchBytes ahead of p (each half-panel row is one line).
+inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kStreamPrefetchBytes, 0, 3); }
 
-// tile[r][c] = sum_i x[r][i] * panel[i][c] for R rows of fp32 x and one fp32 panel [k][32].
+// tile[r][c] = sum_i x[r][i] * panel[c / 16][i][c % 16] for R rows of fp32 x and one fp32 panel
+// [2][k][16].
 template <int R>
 inline void streamed_products_fp32(const float* x, int64_t x_stride, int64_t k, const float* panel, float* tile) {
   vfloat acc[R][kStreamVectors] = {};
   for (int64_t i = 0; i < k; ++i) {
-    const float* w = panel + i * kStreamedPanelCols;
-    prefetch_panel_row(w);
     vfloat columns[kStreamVectors];
-    for (int v = 0; v < kStreamVectors; ++v) columns[v] = load(w + v * kLanes);
+    for (int h = 0; h < 2; ++h) {
+      const float* w = panel + (h * k + i) * kHalfPanelCols;
+      prefetch_ahead(w);
+      for (int v = 0; v < kHalfVectors; ++v) columns[h * kHalfVectors + v] = load(w + v * kLanes);
+    }
     for (int r = 0; r < R; ++r) {
       const vfloat a = splat(x[r * x_stride + i]);
       for (int v = 0; v < kStreamVectors; ++v) acc[r][v] = vfma(a, columns[v], acc[r][v]);
@@ -48,19 +51,21 @@ inline void streamed_products_fp32(const float* x, int64_t x_stride, int64_t k, 
     for (int v = 0; v < kStreamVectors; ++v) store(tile + r * kStreamedPanelCols + v * kLanes, acc[r][v]);
 }
 
-// The same for bf16 x and a bf16 panel [k / 2][32][2]: each 32-bit lane of a panel row holds one
-// column's pair (k = 2i, 2i + 1). Products of bf16 are exact in fp32, and the sums are fp32.
+// The same for bf16 x and a bf16 panel [2][k / 2][16][2]: each 32-bit lane of a half-panel row
+// holds one column's pair (k = 2i, 2i + 1). Products of bf16 are exact in fp32, and the sums are fp32.
 template <int R>
 inline void streamed_products_bf16(const uint16_t* x, int64_t x_stride, int64_t k, const uint16_t* panel,
                                    float* tile) {
   vfloat acc[R][kStreamVectors] = {};
   for (int64_t i = 0; i < k / 2; ++i) {
-    const uint16_t* w = panel + i * 2 * kStreamedPanelCols;
-    prefetch_panel_row(w);
+    const uint16_t* halves[2] = {panel + i * 2 * kHalfPanelCols, panel + (k / 2 + i) * 2 * kHalfPanelCols};
+    prefetch_ahead(halves[0]);
+    prefetch_ahead(halves[1]);
 #if MBK_BF16_DOT
     // vdpbf16ps: both products of a pair and their sum in one instruction.
     __m512bh columns[kStreamVectors];
-    for (int v = 0; v < kStreamVectors; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(w + v * 2 * kLanes);
+    for (int v = 0; v < kStreamVectors; ++v)
+      columns[v] = (__m512bh)_mm512_loadu_si512(halves[v / kHalfVectors] + v % kHalfVectors * 2 * kLanes);
     for (int r = 0; r < R; ++r) {
       int pair;
       std::memcpy(&pair, x + r * x_stride + 2 * i, sizeof(pair));
@@ -71,7 +76,7 @@ inline void streamed_products_bf16(const uint16_t* x, int64_t x_stride, int64_t 
     // Widened: a pair's low half is the even k's bf16, its high half the odd k's.
     vfloat even[kStreamVectors], odd[kStreamVectors];
     for (int v = 0; v < kStreamVectors; ++v) {
-      const vint pairs = load_int(reinterpret_cast<const int*>(w) + v * kLanes);
+      const vint pairs = load_int(reinterpret_cast<const int*>(halves[v / kHalfVectors]) + v % kHalfVectors * kLanes);
       even[v] = (vfloat)(pairs << 16);
       odd[v] = (vfloat)(pairs & int(0xffff0000u));
     }

@@ -20,7 +20,7 @@ Gate parse_gate(std::string_view name) {
   return Gate::None;
 }
 
-// x [M, K] (unit stride along K) against packed, fp32 [panels, K, 32] or bf16 [panels, K / 2, 64];
+// x [M, K] (unit stride along K) against packed, fp32 [panels, 2, K, 16] or bf16 [panels, 2, K / 2, 32];
 // out [M, out_features] in x's dtype. Gated (gate not "none"), out_features is the gated width and
 // a panel holds 16 of its columns.
 Tensor streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_features, const std::optional<Tensor>& bias,
@@ -39,9 +39,9 @@ Tensor streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_featur
   p.k = x.size(1);
   const bool fp32 = p.dtype == ElementType::Float32;
   MBK_CHECK(fp32 || p.k % 2 == 0, "a bf16 streamed linear needs an even K, got ", p.k);
-  const int64_t panel_row = fp32 ? cpu::kStreamedPanelCols : 2 * cpu::kStreamedPanelCols;
-  MBK_CHECK(packed.dim() == 3 && packed.size(1) == (fp32 ? p.k : p.k / 2) && packed.size(2) == panel_row,
-            "the packed weight must be [panels, ", fp32 ? p.k : p.k / 2, ", ", panel_row, "] for K = ", p.k, ", got ",
+  const int64_t half_rows = fp32 ? p.k : p.k / 2, half_row = fp32 ? 16 : 32;
+  MBK_CHECK(packed.dim() == 4 && packed.size(1) == 2 && packed.size(2) == half_rows && packed.size(3) == half_row,
+            "the packed weight must be [panels, 2, ", half_rows, ", ", half_row, "] for K = ", p.k, ", got ",
             shape(packed));
   p.panels = packed.size(0);
   const int64_t panel_outputs = p.gate == Gate::None ? cpu::kStreamedPanelCols : cpu::kStreamedPanelCols / 2;
