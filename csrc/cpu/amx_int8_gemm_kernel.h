@@ -30,7 +30,6 @@ constexpr int kAmxBlockRows = 32;     // two A tiles of 16 rows
 constexpr int kAmxBlockK = 64;        // bytes (int8 values) of K per tile row
 constexpr int kAmxTileBytes = 1024;  // 16 rows of 64 bytes
 constexpr int64_t kAmxPanelBlockBytes = 2 * kAmxTileBytes;
-constexpr int64_t kStreamAheadBytes = 4096;
 
 // One K block of 16 columns: column c's 64 bytes at src + c * k, as 16 rows of [16 columns][4 bytes].
 // Each output row gathers one 4-byte word from each column.
@@ -114,8 +113,8 @@ void amx_int8_gemm_rows(const int8_t* x, int64_t rows, int64_t k, const int8_t* 
         const int8_t* t1 = b1 + kb * kAmxTileBytes;
         if (rb == 0)
           for (int line = 0; line < kAmxTileBytes; line += 64) {
-            __builtin_prefetch(t0 + kStreamAheadBytes + line, 0, 3);
-            __builtin_prefetch(t1 + kStreamAheadBytes + line, 0, 3);
+            __builtin_prefetch(t0 + modernbert_kernels::cpu::kWeightPrefetchBytes + line, 0, 3);
+            __builtin_prefetch(t1 + modernbert_kernels::cpu::kWeightPrefetchBytes + line, 0, 3);
           }
         _tile_loadd(4, a + kb * kAmxBlockK, lda);
         _tile_loadd(6, t0, 64);

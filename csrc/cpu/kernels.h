@@ -73,6 +73,9 @@ using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t toke
 // The streamed linear's panels [panel_begin, panel_end) for every row (streamed_gemm_kernel.h).
 using StreamedLinearFn = void (*)(const StreamedLinearParams&, int64_t panel_begin, int64_t panel_end);
 constexpr int kStreamedPanelCols = 32;
+// How far ahead of its loads a GEMM that streams a weight from memory prefetches each stream (the
+// streamed linear; the AMX int8 GEMM on a panel's first row block).
+constexpr int kWeightPrefetchBytes = 4096;
 
 // The library's own exact int8 GEMMs: the weight ([n, k] int8) packed in panels
 // [panel_begin, panel_end) of `cols` columns, K padded to a multiple of k_align, then the int32 sums

@@ -3,10 +3,10 @@
 // whose k rows are contiguous, so a call reads it front to back, each byte once, as two streams a
 // core reads side by side; every row of x is computed against a panel while it is in the core: a
 // register block of up to kStreamRows rows holds all its accumulators, and later blocks re-read the
-// panel from L2. A software prefetch runs kStreamPrefetchBytes ahead of each stream: on a 2-core
-// Xeon it took a 16-row call from 11 to 15 GB/s, and two streams instead of one to 19 (oneDNN's
-// packed GEMM streams 10-11; NOTES "A GEMM that streams its weight"). Included by the isa_*.cpp
-// builds.
+// panel from L2. A software prefetch runs kWeightPrefetchBytes ahead of each stream: in a prototype
+// on a 2-core Xeon it took 16 rows over the encoder's weights from 11 to 15-16 GB/s, and two streams
+// instead of one to 18-20 (oneDNN's packed GEMM streams 10-11; NOTES "A GEMM that streams its
+// weight"). Included by the isa_*.cpp builds.
 #pragma once
 
 #include <cstring>
@@ -18,17 +18,18 @@ namespace {
 using modernbert_kernels::Gate;
 using modernbert_kernels::StreamedLinearParams;
 using modernbert_kernels::cpu::kStreamedPanelCols;
+using modernbert_kernels::cpu::kWeightPrefetchBytes;
 
 constexpr int kHalfPanelCols = kStreamedPanelCols / 2;
 constexpr int kStreamVectors = kStreamedPanelCols / kLanes;
 constexpr int kHalfVectors = kStreamVectors / 2;
-// Rows per register block: rows x kStreamVectors accumulators plus one panel row fit the vector
-// registers (32 zmm; 16 ymm; 16 xmm for the 4-lane baseline).
+// Rows per register block, rows x kStreamVectors accumulators: on AVX-512, 16 rows' 32 accumulators
+// and a panel row spill four accumulators, yet measured faster than 8 or 12 rows (which re-read the
+// panel); AVX2 (16 ymm) and the 4-lane baseline (16 xmm) keep theirs in registers.
 constexpr int kStreamRows = kLanes == 16 ? 16 : kLanes == 8 ? 2 : 1;
-constexpr int kStreamPrefetchBytes = 4096;
 
-// The 64-byte line of a stream kStreamPrefetchBytes ahead of p (each half-panel row is one line).
-inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kStreamPrefetchBytes, 0, 3); }
+// The 64-byte line of a stream kWeightPrefetchBytes ahead of p (each half-panel row is one line).
+inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kWeightPrefetchBytes, 0, 3); }
 
 // tile[r][c] = sum_i x[r][i] * panel[c / 16][i][c % 16] for R rows of fp32 x and one fp32 panel
 // [2][k][16].

@@ -68,7 +68,7 @@ Tensor streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_featur
   }
   Tensor out = empty({p.m, p.n}, x.scalar_type(), x);
   p.x = x.data_ptr();
-  p.x_stride = x.dim() == 2 && x.size(0) > 1 ? x.stride(0) : p.k;
+  p.x_stride = x.size(0) > 1 ? x.stride(0) : p.k;  // a single row's stride may be anything
   p.packed = packed.data_ptr();
   p.out = out.data_ptr();
   if (p.m > 0 && p.n > 0) {
