@@ -4,10 +4,11 @@ its weight's trip from memory.
 At 16 tokens ModernBERT-base's linears read 441 MB of fp32 weights a forward for 3.5 GFLOP, and
 oneDNN's packed GEMM reads them at 10-11 GB/s on a 2-core Xeon whose cores read 25-28 GB/s. The
 weight is packed once (``pack_streamed_weight``) in panels of 32 output columns, each two halves of
-16 whose K rows are contiguous (bf16: pairs along K, the layout vdpbf16ps reads), so a call reads it
-front to back once, two streams at a time; each thread takes a contiguous run of panels, computes
-every row against a panel while it is in its core, and prefetches each stream 4 KB ahead
-(csrc/cpu/streamed_gemm_kernel.h). Gated
+16 whose K rows are contiguous (bf16: pairs along K, the layout vdpbf16ps reads, and where K is a
+multiple of 32 a run of AMX B tiles), so a call reads it front to back once, two streams at a time;
+each thread takes a contiguous run of panels, computes every row against a panel while it is in
+its core, and prefetches each stream 4 KB ahead (csrc/cpu/streamed_gemm_kernel.h). bf16 runs on
+AMX tiles where the CPU has them, else through vdpbf16ps or widened to fp32 in registers. Gated
 projections (GeGLU) keep 16 columns of the activated half and the same 16 of the gate in a panel,
 so the activation and the product are the epilogue's, as are the bias and a residual add.
 

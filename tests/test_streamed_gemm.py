@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not native.cpu_status()[0], reason="needs the C+
 # the output is rounded to bf16 once (2^-8), gated or not.
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
 DTYPES = [torch.float32, torch.bfloat16]
-# Rows: one token, a partial register block, one whole block (16 rows on AVX-512), a block and a
-# tail, several blocks.
+# Rows: one token, a partial register block, one whole block (16 rows on AVX-512; an AMX tile's
+# rows), a block and a tail (on AMX tiles, a block's second tile of one row), several blocks.
 ROWS = [1, 5, 16, 17, 40]
 
 
@@ -147,10 +147,11 @@ def test_bad_weights_are_refused(weight, gated, message):
         pack_streamed_weight(weight, gated)
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "avx512_bf16", "amx"])
 def test_every_kernel_build(isa):
-    """The narrower builds (4 and 8 lanes, fewer rows a register block, bf16 widened instead of
-    vdpbf16ps), with the library's kernels capped to them in a fresh process."""
+    """Each build, with the library's kernels capped to it in a fresh process: 4, 8 and 16 lanes and
+    their rows a register block; bf16 widened, through vdpbf16ps, or on AMX tiles (K a multiple of
+    32: 96 here, in blocks of up to 32 rows: 40 is one and a part)."""
     script = (
         "import torch\n"
         "from modernbert_kernels import native\n"
@@ -158,9 +159,9 @@ def test_every_kernel_build(isa):
         f"assert native.CPU_ISA == {isa!r}, native.CPU_ISA\n"
         "torch.manual_seed(0)\n"
         "for dtype, tolerance in ((torch.float32, 2e-6), (torch.bfloat16, 8e-3)):\n"
-        "    for rows in (1, 3, 17):\n"
+        "    for rows, k in ((1, 130), (3, 130), (17, 130), (1, 96), (17, 96), (40, 96)):\n"
         "        for gate in (None, 'gelu'):\n"
-        "            x, w = torch.randn(rows, 130).to(dtype), torch.randn(100, 130).to(dtype)\n"
+        "            x, w = torch.randn(rows, k).to(dtype), torch.randn(100, k).to(dtype)\n"
         "            b, r = torch.randn(100).to(dtype), None if gate else torch.randn(rows, 100).to(dtype) * 10\n"
         "            n = 50 if gate else 100\n"
         "            out = streamed_linear(x, pack_streamed_weight(w, gate is not None), n, b, gate, r)\n"

@@ -6,7 +6,8 @@
 // panel from L2. A software prefetch runs kWeightPrefetchBytes ahead of each stream: in a prototype
 // on a 2-core Xeon it took 16 rows over the encoder's weights from 11 to 15-16 GB/s, and two streams
 // instead of one to 18-20 (oneDNN's packed GEMM streams 10-11; NOTES "A GEMM that streams its
-// weight"). Included by the isa_*.cpp builds.
+// weight"). bf16 runs on AMX tiles in the amx build (K a multiple of 32), where vdpbf16ps could not
+// keep up with the stream. Included by the isa_*.cpp builds.
 #pragma once
 
 #include <cstring>
@@ -168,7 +169,84 @@ inline void streamed_epilogue(const StreamedLinearParams& p, const float* tile, 
   }
 }
 
+#ifdef MBK_AMX_TILES
+// bf16 on AMX-BF16 tiles (the amx build), for K a multiple of 32: 16 rows of a half-panel, 16 pairs
+// of K for 16 columns, are one B tile as tdpbf16ps reads it, so the packed layout is the same. Where
+// vdpbf16ps computes ~120 GFLOP/s at 16 rows, two cores short of the weight's rate from memory, one
+// tdpbf16ps does 16 x 16 x 32 multiply-adds. A block is up to 32 rows, so each B tile loaded feeds
+// two tdpbf16ps: tiles 0-3 the sums (rows 0-15 and 16-31 of the two halves), 4 and 5 the rows of x,
+// 6 and 7 the halves' B tiles; the tiles of each 16 rows configured to the rows the block has.
+constexpr int kAmxTileK = 32;
+constexpr int kAmxStreamRows = 32;
+
+inline void amx_configure_stream_block(int rows) {
+  AmxTileConfig config;
+  __builtin_memset(&config, 0, sizeof(config));
+  config.palette_id = 1;
+  const int upper = rows < 16 ? rows : 16, lower = rows > 16 ? rows - 16 : 1;
+  const int tile_rows[8] = {upper, upper, lower, lower, upper, lower, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = uint8_t(tile_rows[t]);
+  }
+  _tile_loadconfig(&config);
+}
+
+// tile[r][c] for the block's rows of x against one panel; `rows` is what amx_configure_stream_block set.
+inline void streamed_products_amx(const uint16_t* x, int64_t x_stride, int rows, int64_t k, const uint16_t* panel,
+                                  float* tile) {
+  const uint16_t* halves[2] = {panel, panel + k * kHalfPanelCols};
+  const bool two = rows > 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t i = 0; i < k; i += kAmxTileK) {
+    const uint16_t* b0 = halves[0] + i * kHalfPanelCols;
+    const uint16_t* b1 = halves[1] + i * kHalfPanelCols;
+    for (int line = 0; line < 16; ++line) {
+      prefetch_ahead(b0 + line * 2 * kHalfPanelCols);
+      prefetch_ahead(b1 + line * 2 * kHalfPanelCols);
+    }
+    _tile_loadd(4, x + i, x_stride * 2);
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (!two) continue;
+    _tile_loadd(5, x + 16 * x_stride + i, x_stride * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, tile, kStreamedPanelCols * 4);
+  _tile_stored(1, tile + kHalfPanelCols, kStreamedPanelCols * 4);
+  if (!two) return;
+  _tile_stored(2, tile + 16 * kStreamedPanelCols, kStreamedPanelCols * 4);
+  _tile_stored(3, tile + 16 * kStreamedPanelCols + kHalfPanelCols, kStreamedPanelCols * 4);
+}
+
+void streamed_linear_panels_amx(const StreamedLinearParams& p, int64_t panel_begin, int64_t panel_end) {
+  alignas(64) float tile[kAmxStreamRows * kStreamedPanelCols];
+  const int64_t panel_elements = p.k * kStreamedPanelCols;
+  int configured_rows = 0;
+  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+    const auto* weights = static_cast<const uint16_t*>(p.packed) + panel * panel_elements;
+    for (int64_t row = 0; row < p.m; row += kAmxStreamRows) {
+      const int rows = int(p.m - row < kAmxStreamRows ? p.m - row : kAmxStreamRows);
+      if (rows != configured_rows) amx_configure_stream_block(configured_rows = rows);
+      streamed_products_amx(static_cast<const uint16_t*>(p.x) + row * p.x_stride, p.x_stride, rows, p.k, weights, tile);
+      streamed_epilogue(p, tile, row, rows, panel);
+    }
+  }
+  if (configured_rows) _tile_release();
+}
+#endif
+
 void streamed_linear_panels(const StreamedLinearParams& p, int64_t panel_begin, int64_t panel_end) {
+#ifdef MBK_AMX_TILES
+  if (p.dtype == ElementType::BFloat16 && p.k % kAmxTileK == 0)
+    return streamed_linear_panels_amx(p, panel_begin, panel_end);
+#endif
   alignas(64) float tile[kStreamRows * kStreamedPanelCols];
   const int64_t element_bytes = p.dtype == ElementType::Float32 ? 4 : 2;
   const int64_t panel_bytes = p.k * kStreamedPanelCols * element_bytes;
