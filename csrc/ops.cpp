@@ -42,10 +42,11 @@ MODERNBERT_KERNELS_LIBRARY(m) {
       "Tensor w_scale, Tensor? bias, str activation, ScalarType out_dtype, Tensor? residual=None, "
       "Tensor? w_packed=None) -> Tensor");
   // A fp32 / bf16 linear on a weight packed for streaming (streamed_gemm.py); CPU only. gate "none" is
-  // a plain linear, otherwise the activation of a gated projection.
+  // a plain linear, otherwise the activation of a gated projection. With norm_weight, x's rows are
+  // layer-normed first.
   m.def(
       "streamed_linear_native(Tensor x, Tensor packed, int out_features, Tensor? bias, str gate, "
-      "Tensor? residual) -> Tensor");
+      "Tensor? residual, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-05) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

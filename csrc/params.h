@@ -133,6 +133,19 @@ struct StreamedLinearParams {
   int64_t m, n, k, panels;
 };
 
+// The LayerNorm a streamed linear may run on its rows first: rows of x normalized into out, in x's
+// dtype (as F.layer_norm returns them), the mean and variance in fp32.
+struct LayerNormParams {
+  const void* x;  // [rows, k], row stride x_stride, unit stride along k
+  int64_t x_stride;
+  void* out;  // [rows, k] contiguous
+  ElementType dtype;
+  int64_t rows, k;
+  const float* weight;  // [k]
+  const float* bias;    // [k], or null
+  float eps;
+};
+
 // Rotary position embedding of rows (token, group): pair (i, i + head_dim / 2) turns by angle i.
 struct RotaryParams {
   const void* x;  // [tokens, groups, head_dim], element strides (token, group), unit along head_dim

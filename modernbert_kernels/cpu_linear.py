@@ -290,21 +290,34 @@ class Linear(nn.Linear):
             raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape {out_shape}")
         return run(x, residual)
 
-    def bind(self, x: torch.Tensor, gated: str | None = None,
-             residual: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    def bind(self, x: torch.Tensor, gated: str | None = None, residual: torch.Tensor | None = None,
+             norm: nn.Module | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
         """What ``forward(x, gated, residual)`` runs, as ``run(x, residual)`` for inputs like these
         (same dtype and device, a token count in the same ``timing_tokens`` regime): the GEMM choice
-        and the packed weight's lookup made once. It does not follow later changes to the weight or
-        to MODERNBERT_KERNELS_CPU_GEMM: bind again after them. Hooks do not see its calls."""
+        and the packed weight's lookup made once. With ``norm`` (a module such as the LayerNorm in
+        front of this linear), ``run`` computes ``forward(norm(x), ...)``: an affine LayerNorm in
+        the streamed GEMM's own call, where a call of its own costs ~30-50 us on a few tokens
+        (NOTES "A GEMM that streams its weight"). It does not follow later changes to the weights
+        or to MODERNBERT_KERNELS_CPU_GEMM: bind again after them. Hooks do not see its calls."""
         if gated is not None and residual is not None:
             raise ValueError("a gated projection takes no residual")
-        return self._kernel(self._gemm(x), gated, residual is not None and residual.dtype)
+        if gated is not None and gated not in GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported gated activation {gated!r}; supported: {sorted(GATED_ACTIVATIONS)}")
+        gemm, residual_dtype = self._gemm(x), residual is not None and residual.dtype
+        if norm is None or isinstance(norm, nn.Identity):
+            return self._kernel(gemm, gated, residual_dtype)
+        layer_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+        if gemm == "streamed" and layer_norm and norm.weight is not None:
+            return self._streamed(gated, residual_dtype, norm)
+        run = self._kernel(gemm, gated, residual_dtype)
+        if layer_norm:  # F.layer_norm without the module call (hooks, which bound calls do not run)
+            shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+            return lambda x, residual: run(F.layer_norm(x, shape, weight, bias, eps), residual)
+        return lambda x, residual: run(norm(x), residual)
 
     def _kernel(self, gemm: str | None, gated: str | None, residual_dtype) -> Callable:
         """run(x, residual) for a packed GEMM (None: F.linear), a gated activation or None, and the
         residual's dtype (False: no residual)."""
-        if gated is not None and gated not in GATED_ACTIVATIONS:
-            raise ValueError(f"unsupported gated activation {gated!r}; supported: {sorted(GATED_ACTIVATIONS)}")
         if gemm == "streamed":
             return self._streamed(gated, residual_dtype)
         compute = gemm and packed_dtype(gemm, self.weight.dtype)
@@ -332,18 +345,21 @@ class Linear(nn.Linear):
             return out if residual is None else add_residual(out, residual)
         return run
 
-    def _streamed(self, gated: str | None, residual_dtype) -> Callable:
-        """The streamed GEMM: the bias, the gate and a residual of the output's dtype in its
-        epilogue."""
+    def _streamed(self, gated: str | None, residual_dtype, norm: nn.LayerNorm | None = None) -> Callable:
+        """The streamed GEMM: an affine LayerNorm ``norm`` in its prologue, the bias, the gate and a
+        residual of the output's dtype in its epilogue."""
         packed = self._packed("streamed", "all" if gated is None else "gated", slice(None), self.weight.dtype)
         bias = None if self.bias is None else self.bias.detach().float()
         gate = gated and GATED_ACTIVATIONS[gated][3]
         out_features = self.out_features if gated is None else self.out_features // 2
+        prologue = {} if norm is None else dict(
+            norm_weight=norm.weight.detach().float(), norm_bias=None if norm.bias is None else norm.bias.detach().float(),
+            eps=norm.eps)
         if residual_dtype not in (False, self.weight.dtype):  # kept in the residual's precision
             def run(x, residual):
-                return add_residual(streamed_linear(x, packed, out_features, bias), residual)
+                return add_residual(streamed_linear(x, packed, out_features, bias, **prologue), residual)
             return run
-        return lambda x, residual: streamed_linear(x, packed, out_features, bias, gate, residual)
+        return lambda x, residual: streamed_linear(x, packed, out_features, bias, gate, residual, **prologue)
 
     def _gated(self, compute: torch.dtype | None, activation: str) -> Callable:
         function, post_op, algorithm, _ = GATED_ACTIVATIONS[activation]

@@ -65,24 +65,33 @@ def pack_streamed_weight(weight: torch.Tensor, gated: bool = False) -> torch.Ten
 
 
 def streamed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-                    gate: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                    gate: str | None = None, residual: torch.Tensor | None = None, *,
+                    norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
+                    eps: float = 1e-5) -> torch.Tensor:
     """x [..., K] against a ``pack_streamed_weight`` copy: x W^T + bias (+ residual), or with
     ``gate`` (a name of ``GATES``; the copy packed ``gated``) gate(x A^T + a) * (x G^T + g),
-    out_features = N / 2 (bias [N] = [a; g]). Output in x's dtype, rounded once; fp32 sums. The C++
-    CPU kernels only."""
+    out_features = N / 2 (bias [N] = [a; g]). Output in x's dtype, rounded once; fp32 sums. With
+    ``norm_weight``, x is first ``F.layer_norm(x, (K,), norm_weight, norm_bias, eps)`` (rounded to
+    x's dtype, as that returns it), in the same call. The C++ CPU kernels only."""
     if not native.cpu_status()[0]:
         raise RuntimeError(f"the streamed GEMM needs the C++ CPU kernels: {native.cpu_status()[1]}")
     rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 is ambiguous when K = 0
     if residual is not None:
         residual = residual.reshape(rows.shape[0], out_features).contiguous()
-    out = ops.streamed_linear_native(rows, packed, out_features, bias, gate or "none", residual)
+    out = ops.streamed_linear_native(rows, packed, out_features, bias, gate or "none", residual, norm_weight,
+                                     norm_bias, eps)
     return out.view(*x.shape[:-1], out_features)
 
 
 def streamed_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                              gate: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                              gate: str | None = None, residual: torch.Tensor | None = None, *,
+                              norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
+                              eps: float = 1e-5) -> torch.Tensor:
     """What ``streamed_linear`` computes, in float64 from the unpacked weight."""
-    out = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    x = x.double()
+    if norm_weight is not None:
+        x = F.layer_norm(x, x.shape[-1:], norm_weight.double(), None if norm_bias is None else norm_bias.double(), eps)
+    out = F.linear(x, weight.double(), None if bias is None else bias.double())
     if gate is not None:
         activated, gated = out.chunk(2, dim=-1)
         return GATES[gate](activated) * gated

@@ -78,6 +78,34 @@ def test_gated_matches_float64(dtype, gate, rows, in_features, half, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 17, 40])
+@pytest.mark.parametrize("in_features", [64, 130, 768])
+@pytest.mark.parametrize("norm_bias", [True, False], ids=["norm_bias", "no_norm_bias"])
+@pytest.mark.parametrize("gate", [None, "gelu"])
+def test_layer_norm_prologue_matches_float64(dtype, rows, in_features, norm_bias, gate):
+    """The LayerNorm run on x's rows in the same call: against layer_norm then the linear in
+    float64, with inputs far from normalized (offset, scaled) and a non-trivial weight and bias."""
+    out_features = 40
+    x, weight, b, r = random_problem(rows, in_features, out_features, dtype, gate is not None, True, gate is None,
+                                     seed=7 * rows + in_features)
+    generator = torch.Generator().manual_seed(rows + in_features)
+    x = (x.float() * 5 + 3).to(dtype)
+    norm_weight = (torch.rand(in_features, generator=generator) + 0.5).to(dtype)
+    norm_b = torch.randn(in_features, generator=generator).to(dtype) if norm_bias else None
+    packed = pack_streamed_weight(weight, gated=gate is not None)
+    before = x.clone()
+    poison_free_memory((rows, in_features), dtype)
+    out = streamed_linear(x, packed, out_features, b, gate, r, norm_weight=norm_weight, norm_bias=norm_b, eps=1e-5)
+    expected = streamed_linear_reference(x, weight, b, gate, r, norm_weight=norm_weight, norm_bias=norm_b, eps=1e-5)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    assert torch.equal(x, before)  # normalized into a copy
+    # As F.layer_norm then the same GEMM: the prologue rounds the normed rows to x's dtype like it.
+    normed = torch.nn.functional.layer_norm(x, (in_features,), norm_weight, norm_b, 1e-5)
+    unfused = streamed_linear(normed, packed, out_features, b, gate, r)
+    assert relative_error(out, unfused.double()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_rows_with_a_stride_and_leading_dims(dtype):
     """x's rows may be spaced wider than K (a slice of a fused projection), and leading dims are kept."""
     torch.manual_seed(0)
@@ -129,6 +157,11 @@ def test_the_layout():
     (lambda x, p: streamed_linear(x, p, 32, gate="tanh"), "gate must be none, gelu, gelu_tanh, silu or relu"),
     (lambda x, p: streamed_linear(x, p, 64, residual=torch.zeros(3, 64).bfloat16()), "residual must be"),
     (lambda x, p: streamed_linear(x, p, 32, gate="gelu", residual=torch.zeros(3, 32)), "takes no residual"),
+    (lambda x, p: streamed_linear(x, p, 64, norm_weight=torch.ones(63)), r"norm_weight must be \[64\]"),
+    (lambda x, p: streamed_linear(x, p, 64, norm_weight=torch.ones(64), norm_bias=torch.ones(2)),
+     r"norm_bias must be \[64\]"),
+    (lambda x, p: streamed_linear(x, p, 64, norm_bias=torch.ones(64)), "norm_bias needs norm_weight"),
+    (lambda x, p: streamed_linear(x, p, 64, norm_weight=torch.ones(64), eps=-1.0), "eps must be non-negative"),
 ])
 def test_bad_input_is_refused(call, message):
     x, packed = torch.randn(3, 64), pack_streamed_weight(torch.randn(64, 64))
@@ -164,8 +197,9 @@ def test_every_kernel_build(isa):
         "            x, w = torch.randn(rows, k).to(dtype), torch.randn(100, k).to(dtype)\n"
         "            b, r = torch.randn(100).to(dtype), None if gate else torch.randn(rows, 100).to(dtype) * 10\n"
         "            n = 50 if gate else 100\n"
-        "            out = streamed_linear(x, pack_streamed_weight(w, gate is not None), n, b, gate, r)\n"
-        "            ref = streamed_linear_reference(x, w, b, gate, r)\n"
+        "            g = torch.rand(k).to(dtype) + 0.5 if rows != 3 else None\n"
+        "            out = streamed_linear(x, pack_streamed_weight(w, gate is not None), n, b, gate, r, norm_weight=g)\n"
+        "            ref = streamed_linear_reference(x, w, b, gate, r, norm_weight=g)\n"
         "            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()\n"
         "            assert out.shape == (rows, n) and err < tolerance, (dtype, rows, gate, err)\n"
     )

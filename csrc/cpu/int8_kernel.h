@@ -107,23 +107,6 @@ void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int6
   if (staging != local) delete[] staging;
 }
 
-// op-reduces value(i) over the vectors i < kv (a multiple of kLanes) of a row in four independent
-// chains, then combines them. A single chain waits on its last op's latency (~4 cycles) at every
-// vector: most of a row's time in the reductions below.
-template <typename Value, typename Op>
-inline vfloat reduce_vectors(int kv, vfloat init, Value value, Op op) {
-  vfloat a0 = init, a1 = init, a2 = init, a3 = init;
-  int i = 0;
-  for (; i + 4 * kLanes <= kv; i += 4 * kLanes) {
-    a0 = op(a0, value(i));
-    a1 = op(a1, value(i + kLanes));
-    a2 = op(a2, value(i + 2 * kLanes));
-    a3 = op(a3, value(i + 3 * kLanes));
-  }
-  for (; i < kv; i += kLanes) a0 = op(a0, value(i));
-  return op(op(a0, a1), op(a2, a3));
-}
-
 void quantize_rows(const QuantizeParams& a, int64_t row_begin, int64_t row_end, float* x) {
   // Capturing lambdas: a captureless one converts to a function pointer, whose vector ABI -Wpsabi flags.
   const auto add = [&](vfloat u, vfloat v) { return u + v; };
@@ -133,20 +116,7 @@ void quantize_rows(const QuantizeParams& a, int64_t row_begin, int64_t row_end, 
   for (int64_t m = row_begin; m < row_end; ++m) {
     load_row(a.x, m * a.x_stride, a.dtype, 1.f, kv, x);
     for (int64_t i = kv; i < k; ++i) x[i] = load_element(a.x, m * a.x_stride + i, a.dtype);
-    if (a.norm_weight) {  // two-pass mean / variance in fp32
-      float total = reduce_sum(reduce_vectors(kv, splat(0.f), [&](int i) { return load(x + i); }, add));
-      for (int64_t i = kv; i < k; ++i) total += x[i];
-      const float mean = total / float(k);
-      const auto centered_square = [&](int i) {
-        const vfloat centered = load(x + i) - mean;
-        return centered * centered;
-      };
-      float square_total = reduce_sum(reduce_vectors(kv, splat(0.f), centered_square, add));
-      for (int64_t i = kv; i < k; ++i) square_total += (x[i] - mean) * (x[i] - mean);
-      const float rstd = 1.f / __builtin_sqrtf(square_total / float(k) + a.eps);
-      for (int i = 0; i < kv; i += kLanes) store(x + i, (load(x + i) - mean) * rstd * load(a.norm_weight + i));
-      for (int64_t i = kv; i < k; ++i) x[i] = (x[i] - mean) * rstd * a.norm_weight[i];
-    }
+    if (a.norm_weight) normalize_row(x, k, a.norm_weight, nullptr, a.eps);
     if (a.smooth) {
       for (int i = 0; i < kv; i += kLanes) store(x + i, load(x + i) * load(a.smooth + i));
       for (int64_t i = kv; i < k; ++i) x[i] *= a.smooth[i];

@@ -26,7 +26,7 @@ namespace modernbert_kernels::cpu {
 extern const KernelTable kAmxKernels = {"amx", attention_forward_items, attention_backward_items,
                                         int8_epilogue_rows, quantize_rows, rotary_rows,
                                         {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                         int8_gemm_workspace_ints}, streamed_linear_panels};
+                                         int8_gemm_workspace_ints}, streamed_linear_panels, layer_norm_rows};
 extern const Int8Gemm kAmxInt8Gemm = {kAmxPanelCols, kAmxBlockRows, kAmxBlockK, amx_int8_gemm_pack_weight,
                                       amx_int8_gemm_rows, amx_int8_gemm_workspace_ints};
 }  // namespace modernbert_kernels::cpu

@@ -21,6 +21,6 @@ namespace modernbert_kernels::cpu {
 extern const KernelTable kAvx512Bf16Kernels = {"avx512_bf16", attention_forward_items, attention_backward_items,
                                           int8_epilogue_rows, quantize_rows, rotary_rows,
                                       {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                       int8_gemm_workspace_ints}, streamed_linear_panels};
+                                       int8_gemm_workspace_ints}, streamed_linear_panels, layer_norm_rows};
 }
 #endif  // __x86_64__

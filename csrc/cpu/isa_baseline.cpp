@@ -20,8 +20,8 @@ extern const KernelTable kBaselineKernels = {"baseline", attention_forward_items
                                       int8_epilogue_rows, quantize_rows, rotary_rows,
 #if defined(__x86_64__)
                                       {kGemmCols, kGemmRows, 2, int8_gemm_pack_weight, int8_gemm_rows,
-                                       int8_gemm_workspace_ints}, streamed_linear_panels};
+                                       int8_gemm_workspace_ints}, streamed_linear_panels, layer_norm_rows};
 #else
-                                      {0, 0, 0, nullptr, nullptr, nullptr}, streamed_linear_panels};
+                                      {0, 0, 0, nullptr, nullptr, nullptr}, streamed_linear_panels, layer_norm_rows};
 #endif
 }

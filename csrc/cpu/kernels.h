@@ -73,6 +73,8 @@ using RotaryFn = void (*)(const RotaryParams&, int64_t token_begin, int64_t toke
 // The streamed linear's panels [panel_begin, panel_end) for every row (streamed_gemm_kernel.h).
 using StreamedLinearFn = void (*)(const StreamedLinearParams&, int64_t panel_begin, int64_t panel_end);
 constexpr int kStreamedPanelCols = 32;
+// Its LayerNorm prologue: rows [begin, end), with a workspace of k floats.
+using LayerNormFn = void (*)(const LayerNormParams&, int64_t row_begin, int64_t row_end, float* workspace);
 // How far ahead of its loads a GEMM that streams a weight from memory prefetches each stream (the
 // streamed linear; the AMX int8 GEMM on a panel's first row block).
 constexpr int kWeightPrefetchBytes = 4096;
@@ -118,6 +120,7 @@ struct KernelTable {
   RotaryFn rotary;
   Int8Gemm int8_gemm;  // x86 builds only; elsewhere its functions are null
   StreamedLinearFn streamed_linear;
+  LayerNormFn layer_norm;
 };
 
 // The best build this CPU can run, chosen once at first use (not at build time, so one wheel

@@ -53,4 +53,47 @@ inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale,
   }
 }
 
+// op-reduces value(i) over the vectors i < kv (a multiple of kLanes) of a row in four independent
+// chains, then combines them. A single chain waits on its last op's latency (~4 cycles) at every
+// vector: most of a row's time in the reductions below.
+template <typename Value, typename Op>
+inline vfloat reduce_vectors(int kv, vfloat init, Value value, Op op) {
+  vfloat a0 = init, a1 = init, a2 = init, a3 = init;
+  int i = 0;
+  for (; i + 4 * kLanes <= kv; i += 4 * kLanes) {
+    a0 = op(a0, value(i));
+    a1 = op(a1, value(i + kLanes));
+    a2 = op(a2, value(i + 2 * kLanes));
+    a3 = op(a3, value(i + 3 * kLanes));
+  }
+  for (; i < kv; i += kLanes) a0 = op(a0, value(i));
+  return op(op(a0, a1), op(a2, a3));
+}
+
+// LayerNorm of one fp32 row of k values in place: two-pass mean and variance in fp32, then
+// (x - mean) * rstd * weight (+ bias; null: none).
+inline void normalize_row(float* x, int64_t k, const float* weight, const float* bias, float eps) {
+  // Capturing lambdas: a captureless one converts to a function pointer, whose vector ABI -Wpsabi flags.
+  const auto add = [&](vfloat u, vfloat v) { return u + v; };
+  const int kv = static_cast<int>(k / kLanes * kLanes);  // vectorized prefix; the rest is scalar
+  float total = reduce_sum(reduce_vectors(kv, splat(0.f), [&](int i) { return load(x + i); }, add));
+  for (int64_t i = kv; i < k; ++i) total += x[i];
+  const float mean = total / float(k);
+  const auto centered_square = [&](int i) {
+    const vfloat centered = load(x + i) - mean;
+    return centered * centered;
+  };
+  float square_total = reduce_sum(reduce_vectors(kv, splat(0.f), centered_square, add));
+  for (int64_t i = kv; i < k; ++i) square_total += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.f / __builtin_sqrtf(square_total / float(k) + eps);
+  for (int i = 0; i < kv; i += kLanes) {
+    const vfloat y = (load(x + i) - mean) * rstd * load(weight + i);
+    store(x + i, bias ? y + load(bias + i) : y);
+  }
+  for (int64_t i = kv; i < k; ++i) {
+    const float y = (x[i] - mean) * rstd * weight[i];
+    x[i] = bias ? y + bias[i] : y;
+  }
+}
+
 }  // namespace

@@ -17,6 +17,7 @@
 namespace {
 
 using modernbert_kernels::Gate;
+using modernbert_kernels::LayerNormParams;
 using modernbert_kernels::StreamedLinearParams;
 using modernbert_kernels::cpu::kStreamedPanelCols;
 using modernbert_kernels::cpu::kWeightPrefetchBytes;
@@ -258,6 +259,18 @@ void streamed_linear_panels(const StreamedLinearParams& p, int64_t panel_begin, 
       streamed_products(p, rows, x, weights, tile);
       streamed_epilogue(p, tile, row, rows, panel);
     }
+  }
+}
+
+// The LayerNorm prologue: rows [row_begin, row_end) of x normalized into out, through one fp32 row.
+void layer_norm_rows(const LayerNormParams& p, int64_t row_begin, int64_t row_end, float* row) {
+  const int kv = int(p.k / kLanes * kLanes);
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    load_row(p.x, m * p.x_stride, p.dtype, 1.f, kv, row);
+    for (int64_t i = kv; i < p.k; ++i) row[i] = load_element(p.x, m * p.x_stride + i, p.dtype);
+    normalize_row(row, p.k, p.weight, p.bias, p.eps);
+    store_row(p.out, m * p.k, p.dtype, 1.f, kv, row);
+    for (int64_t i = kv; i < p.k; ++i) store_element(p.out, m * p.k + i, row[i], p.dtype);
   }
 }
 
