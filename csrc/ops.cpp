@@ -47,6 +47,14 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   m.def(
       "streamed_linear_native(Tensor x, Tensor packed, int out_features, Tensor? bias, str gate, "
       "Tensor? residual, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-05) -> Tensor");
+  // One pre-norm encoder layer (ModernBERT's) of packed tokens in one call, its linears streamed
+  // (cpu/encoder_layer_op.cpp, encoder_layer.py); CPU only.
+  m.def(
+      "streamed_encoder_layer_native(Tensor hidden, Tensor? attn_norm_weight, Tensor? attn_norm_bias, "
+      "Tensor wqkv, Tensor? wqkv_bias, Tensor cos, Tensor sin, int heads, Tensor row_offsets, Tensor col_indices, "
+      "int block_size, int window_left, int window_right, float scale, Tensor cu_seqlens, int max_seqlen, "
+      "Tensor wo, Tensor? wo_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor wi, Tensor? wi_bias, "
+      "str gate, int intermediate, Tensor wo2, Tensor? wo2_bias, float eps) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
-from modernbert_kernels.cpu_linear import Linear, timing_tokens
+from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear, timing_tokens
+from modernbert_kernels.encoder_layer import StreamedLayer, streamed_encoder_layer
 
 from .model import ModernBertModel, rotary_backend, rotary_cos_sin
 from .padding import PackedBatch
@@ -46,6 +47,7 @@ class _BoundLayer(NamedTuple):
     heads: int
     head_dim: int
     attention_dtype: torch.dtype | None
+    streamed: StreamedLayer | None  # the whole layer as one native call, where its linears stream
 
 
 class FrozenEncoder:
@@ -87,18 +89,12 @@ class FrozenEncoder:
         if layers is None:
             layers = self._bound[regime] = [self._bind(index, layer, hidden, regime) for index, layer in self._layers]
         angles, rotary, attention = {}, {}, {}  # per forward: the positions and lengths are this batch's
-        for layer in layers:
-            qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
-            turn = rotary.get((layer.theta, layer.heads))
-            if turn is None:
-                cos, sin = angles.get(layer.theta) or angles.setdefault(
-                    layer.theta, rotary_cos_sin(batch.positions, layer.head_dim, layer.theta, hidden.dtype))
-                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], cos, sin,
-                                                                      backend=rotary_backend(model.attention_backend))
-            turn(qkv[:, :2])
-            q, k, v = qkv.unbind(1)
-            if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
-                q, k, v = (t.to(layer.attention_dtype) for t in (q, k, v))
+
+        def cos_sin(layer):
+            return angles.get(layer.theta) or angles.setdefault(
+                layer.theta, rotary_cos_sin(batch.positions, layer.head_dim, layer.theta, hidden.dtype))
+
+        def bound_attention(layer, q, k, v):
             attend = attention.get(layer.attention)
             if attend is None:
                 is_global = layer.attention[0]
@@ -106,7 +102,25 @@ class FrozenEncoder:
                     q, k, v, model._layout(is_global, batch.max_seqlen),
                     window=None if is_global else config.sliding_window, cu_seqlens=batch.cu_seqlens,
                     max_seqlen=batch.max_seqlen, backend=model.attention_backend)
-            hidden = layer.attention_out(attend(q, k, v).reshape(tokens, -1), hidden)
+            return attend
+
+        for layer in layers:
+            if layer.streamed is not None:
+                sample = hidden.new_empty(tokens, 3, layer.heads, layer.head_dim)  # bind_attention reads no values
+                native_attention = bound_attention(layer, *sample.unbind(1)).native_arguments
+                if native_attention is not None:
+                    hidden = streamed_encoder_layer(hidden, layer.streamed, *cos_sin(layer), native_attention)
+                    continue
+            qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
+            turn = rotary.get((layer.theta, layer.heads))
+            if turn is None:
+                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], *cos_sin(layer),
+                                                                      backend=rotary_backend(model.attention_backend))
+            turn(qkv[:, :2])
+            q, k, v = qkv.unbind(1)
+            if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
+                q, k, v = (t.to(layer.attention_dtype) for t in (q, k, v))
+            hidden = layer.attention_out(bound_attention(layer, q, k, v)(q, k, v).reshape(tokens, -1), hidden)
             hidden = layer.mlp_out(layer.mlp(hidden), hidden)
         return model.final_norm(hidden)
 
@@ -141,7 +155,36 @@ class FrozenEncoder:
         config = self.model.config
         return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
                            (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
-                           attn.attention_dtype)
+                           attn.attention_dtype, _streamed_layer(layer, hidden_sample, sample(inner)))
+
+
+def _streamed_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> StreamedLayer | None:
+    """The layer as one native call (encoder_layer.py), where each of its linears runs the streamed
+    GEMM for inputs like these, its norms are LayerNorms with one eps or nothing, its attention is
+    computed in hidden's dtype and its MLP is gated; else None."""
+    attn, mlp = layer.attn, layer.mlp
+    linears = (attn.Wqkv, attn.Wo, mlp.Wi, mlp.Wo)
+    if (not all(isinstance(linear, Linear) for linear in linears)
+            or attn.attention_dtype not in (None, hidden.dtype) or mlp.activation not in GATED_ACTIVATIONS):
+        return None
+    norms = []
+    for norm in (layer.attn_norm, layer.mlp_norm):
+        if isinstance(norm, nn.Identity):
+            norms.append((None, None, None))
+        elif isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
+            norms.append((norm.weight.detach().float(), None if norm.bias is None else norm.bias.detach().float(),
+                          norm.eps))
+        else:
+            return None
+    eps = {norm[2] for norm in norms if norm[2] is not None}
+    inputs = (hidden, attended, hidden, torch.empty(hidden.shape[0], mlp.Wo.in_features, dtype=hidden.dtype))
+    operands = [linear.streamed_operands(x, gated=linear is mlp.Wi) for linear, x in zip(linears, inputs)]
+    if len(eps) > 1 or None in operands:
+        return None
+    (wqkv, wqkv_bias), (wo, wo_bias), (wi, wi_bias), (wo2, wo2_bias) = operands
+    return StreamedLayer(*norms[0][:2], wqkv, wqkv_bias, attn.num_heads, wo, wo_bias, *norms[1][:2], wi, wi_bias,
+                         GATED_ACTIVATIONS[mlp.activation][3], mlp.Wo.in_features, wo2, wo2_bias,
+                         eps.pop() if eps else 1e-5)
 
 
 def _normed(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -512,4 +512,25 @@ def bind_attention(
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return backends.run(_attention_op, q, k, v, *options)[0]
 
+    # What a native caller (the encoder layer, encoder_layer.py) passes the C++ attention itself:
+    # packed tokens on the C++ CPU kernel, without a padding mask or a softcap.
+    native = backend == "cpu" and not whole_op and cu_seqlens is not None and key_padding_mask is None and not softcap
+    row_offsets, col_indices = options[:2]
+    run.native_arguments = NativeAttentionArguments(row_offsets, col_indices, layout.block_size, *band, scale,
+                                                    cu_seqlens, seq_len) if native else None
     return run
+
+
+class NativeAttentionArguments(NamedTuple):
+    """A bound attention's arguments as the C++ CPU attention takes them (``bind_attention``'s
+    ``run.native_arguments``): the layout's CSR, its block size, the band (-1: unbounded side),
+    the scale, and the packed batch's lengths."""
+
+    row_offsets: torch.Tensor
+    col_indices: torch.Tensor
+    block_size: int
+    window_left: int
+    window_right: int
+    scale: float
+    cu_seqlens: torch.Tensor
+    max_seqlen: int

@@ -315,6 +315,15 @@ class Linear(nn.Linear):
             return lambda x, residual: run(F.layer_norm(x, shape, weight, bias, eps), residual)
         return lambda x, residual: run(norm(x), residual)
 
+    def streamed_operands(self, x: torch.Tensor, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The packed weight (``gated``: as a gated projection's) and fp32 bias that the streamed
+        GEMM takes for inputs like ``x``, or None where their calls run another GEMM: for a native
+        caller of the GEMM (the encoder layer, ``encoder_layer.py``)."""
+        if self._gemm(x) != "streamed":
+            return None
+        packed = self._packed("streamed", "gated" if gated else "all", slice(None), self.weight.dtype)
+        return packed, None if self.bias is None else self.bias.detach().float()
+
     def _kernel(self, gemm: str | None, gated: str | None, residual_dtype) -> Callable:
         """run(x, residual) for a packed GEMM (None: F.linear), a gated activation or None, and the
         residual's dtype (False: no residual)."""

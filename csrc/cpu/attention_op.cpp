@@ -4,28 +4,32 @@
 
 #include "../library.h"
 #include "../ops.h"
+#include "cpu_ops.h"
 #include "kernels.h"
 
 namespace modernbert_kernels {
+
+void cpu::attention_forward(const AttentionParams& p) {
+  const int64_t blocks = (p.seq_len + p.block_size - 1) / p.block_size;
+  const size_t slot_floats = attention_slot_floats(p.block_size, static_cast<int>(p.head_dim),
+                                                   p.dtype == ElementType::Float32);
+  const int cache_slots = attention_cache_slots(blocks, slot_floats);
+  const size_t workspace_floats = attention_workspace_floats(cache_slots, slot_floats);
+  const auto forward = kernels().attention_forward;
+  torch::stable::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    // Kept per thread: allocating (and page-faulting) it on every call costs more than small problems.
+    thread_local std::vector<float> workspace;
+    if (workspace.size() < workspace_floats) workspace.resize(workspace_floats);
+    forward(p, cache_slots, begin, end, workspace.data());
+  });
+}
+
 namespace {
 
 struct CpuAttention {
   static constexpr DeviceType kDevice = DeviceType::CPU;
 
-  static void attention_forward(const AttentionParams& p) {
-    const int64_t blocks = (p.seq_len + p.block_size - 1) / p.block_size;
-    const size_t slot_floats =
-        cpu::attention_slot_floats(p.block_size, static_cast<int>(p.head_dim), p.dtype == ElementType::Float32);
-    const int cache_slots = cpu::attention_cache_slots(blocks, slot_floats);
-    const size_t workspace_floats = cpu::attention_workspace_floats(cache_slots, slot_floats);
-    const auto forward = cpu::kernels().attention_forward;
-    torch::stable::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-      // Kept per thread: allocating (and page-faulting) it on every call costs more than small problems.
-      thread_local std::vector<float> workspace;
-      if (workspace.size() < workspace_floats) workspace.resize(workspace_floats);
-      forward(p, cache_slots, begin, end, workspace.data());
-    });
-  }
+  static void attention_forward(const AttentionParams& p) { cpu::attention_forward(p); }
 
   static void attention_backward(const AttentionBackwardParams& p) {
     const int64_t items = p.batch * p.heads * ((p.seq_len + p.block_size - 1) / p.block_size);

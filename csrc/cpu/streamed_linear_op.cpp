@@ -6,6 +6,7 @@
 
 #include "../library.h"
 #include "../tensor_params.h"
+#include "cpu_ops.h"
 #include "kernels.h"
 
 namespace modernbert_kernels {
@@ -63,9 +64,12 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const std::optional<Ten
 // a panel holds 16 of its columns. With norm_weight, x's rows are layer-normed first (eps; norm_bias
 // or none), saving a LayerNorm op's call in front (~30-50 us on a few rows right after a streamed
 // weight evicted its code and data from the caches; NOTES "A GEMM that streams its weight").
-Tensor streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_features, const std::optional<Tensor>& bias,
-                       std::string gate, const std::optional<Tensor>& residual, const std::optional<Tensor>& norm_weight,
-                       const std::optional<Tensor>& norm_bias, double eps) {
+}  // namespace
+
+Tensor cpu::streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
+                            const std::optional<Tensor>& bias, std::string gate, const std::optional<Tensor>& residual,
+                            const std::optional<Tensor>& norm_weight, const std::optional<Tensor>& norm_bias,
+                            double eps) {
   check_device(x, DeviceType::CPU, "x");
   MBK_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16,
             "x must be fp32 or bf16, got ", x.scalar_type());
@@ -121,8 +125,6 @@ Tensor streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_featur
   return out;
 }
 
-}  // namespace
-
-MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) { m.impl("streamed_linear_native", TORCH_BOX(&streamed_linear)); }
+MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) { m.impl("streamed_linear_native", TORCH_BOX(&cpu::streamed_linear)); }
 
 }  // namespace modernbert_kernels
