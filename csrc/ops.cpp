@@ -47,14 +47,15 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   m.def(
       "streamed_linear_native(Tensor x, Tensor packed, int out_features, Tensor? bias, str gate, "
       "Tensor? residual, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-05) -> Tensor");
-  // One pre-norm encoder layer (ModernBERT's) of packed tokens in one call, its linears streamed
-  // (cpu/encoder_layer_op.cpp, encoder_layer.py); CPU only.
+  // One pre-norm encoder layer (ModernBERT's) of packed tokens in one call (cpu/encoder_layer_op.cpp,
+  // encoder_layer.py); CPU only. Each linear is [packed] (the streamed GEMM) or [w_q, w_scale,
+  // w_packed(, smooth)] (the int8 linear).
   m.def(
-      "streamed_encoder_layer_native(Tensor hidden, Tensor? attn_norm_weight, Tensor? attn_norm_bias, "
-      "Tensor wqkv, Tensor? wqkv_bias, Tensor cos, Tensor sin, int heads, Tensor row_offsets, Tensor col_indices, "
-      "int block_size, int window_left, int window_right, float scale, Tensor cu_seqlens, int max_seqlen, "
-      "Tensor wo, Tensor? wo_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor wi, Tensor? wi_bias, "
-      "str gate, int intermediate, Tensor wo2, Tensor? wo2_bias, float eps) -> Tensor");
+      "encoder_layer_native(Tensor hidden, Tensor? attn_norm_weight, Tensor? attn_norm_bias, Tensor[] wqkv, "
+      "Tensor? wqkv_bias, ScalarType qkv_dtype, Tensor cos, Tensor sin, int heads, Tensor row_offsets, "
+      "Tensor col_indices, int block_size, int window_left, int window_right, float scale, Tensor cu_seqlens, "
+      "int max_seqlen, Tensor[] wo, Tensor? wo_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor[] wi, "
+      "Tensor? wi_bias, str wi_activation, int intermediate, Tensor[] wo2, Tensor? wo2_bias, float eps) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

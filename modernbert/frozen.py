@@ -28,7 +28,7 @@ from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
 from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear, timing_tokens
-from modernbert_kernels.encoder_layer import StreamedLayer, streamed_encoder_layer
+from modernbert_kernels.encoder_layer import EncoderLayer, encoder_layer
 
 from .model import ModernBertModel, rotary_backend, rotary_cos_sin
 from .padding import PackedBatch
@@ -47,7 +47,7 @@ class _BoundLayer(NamedTuple):
     heads: int
     head_dim: int
     attention_dtype: torch.dtype | None
-    streamed: StreamedLayer | None  # the whole layer as one native call, where its linears stream
+    native: EncoderLayer | None  # the whole layer as one native call, where its linears run ours
 
 
 class FrozenEncoder:
@@ -105,11 +105,12 @@ class FrozenEncoder:
             return attend
 
         for layer in layers:
-            if layer.streamed is not None:
-                sample = hidden.new_empty(tokens, 3, layer.heads, layer.head_dim)  # bind_attention reads no values
+            if layer.native is not None:
+                # bind_attention reads no values of q, k, v
+                sample = hidden.new_empty(tokens, 3, layer.heads, layer.head_dim, dtype=layer.native.qkv_dtype)
                 native_attention = bound_attention(layer, *sample.unbind(1)).native_arguments
                 if native_attention is not None:
-                    hidden = streamed_encoder_layer(hidden, layer.streamed, *cos_sin(layer), native_attention)
+                    hidden = encoder_layer(hidden, layer.native, *cos_sin(layer), native_attention)
                     continue
             qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
             turn = rotary.get((layer.theta, layer.heads))
@@ -155,36 +156,53 @@ class FrozenEncoder:
         config = self.model.config
         return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
                            (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
-                           attn.attention_dtype, _streamed_layer(layer, hidden_sample, sample(inner)))
+                           attn.attention_dtype, _native_layer(layer, hidden_sample, sample(inner, attention_dtype)))
 
 
-def _streamed_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> StreamedLayer | None:
-    """The layer as one native call (encoder_layer.py), where each of its linears runs the streamed
-    GEMM for inputs like these, its norms are LayerNorms with one eps or nothing, its attention is
-    computed in hidden's dtype and its MLP is gated; else None."""
+def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> EncoderLayer | None:
+    """The layer as one native call (encoder_layer.py), where for inputs like these each of its
+    linears runs the streamed GEMM or the C++ int8 linear, its norms are LayerNorms they can take
+    (with one eps) or nothing, its attention is computed in hidden's dtype (or, int8, the one Wqkv
+    writes) and its MLP is gated in the GEMM's epilogue; else None."""
     attn, mlp = layer.attn, layer.mlp
     linears = (attn.Wqkv, attn.Wo, mlp.Wi, mlp.Wo)
-    if (not all(isinstance(linear, Linear) for linear in linears)
-            or attn.attention_dtype not in (None, hidden.dtype) or mlp.activation not in GATED_ACTIVATIONS):
-        return None
-    norms = []
-    for norm in (layer.attn_norm, layer.mlp_norm):
-        if isinstance(norm, nn.Identity):
-            norms.append((None, None, None))
-        elif isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
-            norms.append((norm.weight.detach().float(), None if norm.bias is None else norm.bias.detach().float(),
-                          norm.eps))
+    qkv_dtype = attn.attention_dtype or hidden.dtype
+    inputs = (hidden, attended, hidden, hidden.new_empty(hidden.shape[0], mlp.Wo.in_features))
+    operands = []
+    for linear, x in zip(linears, inputs):
+        if isinstance(linear, Linear):
+            if qkv_dtype != hidden.dtype:  # the streamed GEMM writes its input's dtype
+                return None
+            operands.append(linear.native_operands(x, gated=linear is mlp.Wi))
+        elif isinstance(linear, Int8Linear):
+            operands.append(linear.native_operands(x))
         else:
             return None
-    eps = {norm[2] for norm in norms if norm[2] is not None}
-    inputs = (hidden, attended, hidden, torch.empty(hidden.shape[0], mlp.Wo.in_features, dtype=hidden.dtype))
-    operands = [linear.streamed_operands(x, gated=linear is mlp.Wi) for linear, x in zip(linears, inputs)]
-    if len(eps) > 1 or None in operands:
+    if None in operands:
         return None
-    (wqkv, wqkv_bias), (wo, wo_bias), (wi, wi_bias), (wo2, wo2_bias) = operands
-    return StreamedLayer(*norms[0][:2], wqkv, wqkv_bias, attn.num_heads, wo, wo_bias, *norms[1][:2], wi, wi_bias,
-                         GATED_ACTIVATIONS[mlp.activation][3], mlp.Wo.in_features, wo2, wo2_bias,
-                         eps.pop() if eps else 1e-5)
+    if isinstance(mlp.Wi, Linear):
+        if mlp.activation not in GATED_ACTIVATIONS:
+            return None
+        wi_activation = GATED_ACTIVATIONS[mlp.activation][3]
+    elif mlp.Wi.activation == "geglu":
+        wi_activation = "geglu"
+    else:
+        return None
+    norms, eps = [], set()
+    for norm, linear in ((layer.attn_norm, attn.Wqkv), (layer.mlp_norm, mlp.Wi)):
+        if isinstance(norm, nn.Identity):
+            norms.append((None, None))
+            continue
+        if (not isinstance(norm, nn.LayerNorm) or norm.weight is None or len(norm.normalized_shape) != 1
+                or (isinstance(linear, Int8Linear) and norm.bias is not None)):  # int8 folds a bias-free one only
+            return None
+        norms.append((norm.weight.detach().float(), None if norm.bias is None else norm.bias.detach().float()))
+        eps.add(norm.eps)
+    if len(eps) > 1:
+        return None
+    wqkv, wo, wi, wo2 = operands
+    return EncoderLayer(*norms[0], wqkv, qkv_dtype, attn.num_heads, wo, *norms[1], wi, wi_activation,
+                        mlp.Wo.in_features, wo2, eps.pop() if eps else 1e-5)
 
 
 def _normed(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import native
 from .backends import cpu_capabilities
+from .encoder_layer import NativeLinear
 from .streamed_gemm import pack_streamed_weight, streamed_linear
 from .streamed_gemm import supports as supports_streamed
 from .tensor_cache import TensorCache
@@ -315,14 +316,14 @@ class Linear(nn.Linear):
             return lambda x, residual: run(F.layer_norm(x, shape, weight, bias, eps), residual)
         return lambda x, residual: run(norm(x), residual)
 
-    def streamed_operands(self, x: torch.Tensor, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The packed weight (``gated``: as a gated projection's) and fp32 bias that the streamed
-        GEMM takes for inputs like ``x``, or None where their calls run another GEMM: for a native
-        caller of the GEMM (the encoder layer, ``encoder_layer.py``)."""
+    def native_operands(self, x: torch.Tensor, gated: bool = False):
+        """This linear as the native encoder layer takes it (``encoder_layer.NativeLinear``: the
+        streamed GEMM's packed weight, ``gated`` as a gated projection's, and fp32 bias) for inputs
+        like ``x``, or None where their calls run another GEMM."""
         if self._gemm(x) != "streamed":
             return None
         packed = self._packed("streamed", "gated" if gated else "all", slice(None), self.weight.dtype)
-        return packed, None if self.bias is None else self.bias.detach().float()
+        return NativeLinear((packed,), None if self.bias is None else self.bias.detach().float())
 
     def _kernel(self, gemm: str | None, gated: str | None, residual_dtype) -> Callable:
         """run(x, residual) for a packed GEMM (None: F.linear), a gated activation or None, and the

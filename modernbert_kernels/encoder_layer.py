@@ -1,13 +1,15 @@
-"""One pre-norm encoder layer of packed tokens in one native call, its four linears on the streamed
-GEMM: ModernBERT's layer (LayerNorm, Wqkv, RoPE on q and k, block-sparse attention, Wo plus the
-residual; LayerNorm, a gated Wi, Wo plus the residual) for the few-token inputs where the streamed
-GEMM is the linears' choice (csrc/cpu/encoder_layer_op.cpp).
+"""One pre-norm encoder layer of packed tokens in one native call: ModernBERT's layer (LayerNorm,
+Wqkv, RoPE on q and k, block-sparse attention, Wo plus the residual; LayerNorm, a gated Wi, Wo plus
+the residual) for the few-token inputs where its linears run this library's own GEMMs: the streamed
+GEMM (fp32 and bf16, streamed_gemm.py) or the int8 linear's (int8.py) (csrc/cpu/encoder_layer_op.cpp).
 
 Why one call: at 16 tokens each of a layer's seven op calls from Python costs 30-50 us more than
 its kernel, because every streamed weight evicts the interpreter's and the dispatcher's working set
 from the caches; half of a 16-token bf16 forward was that (NOTES "One call a layer"). The native
-layer calls the same kernels (the streamed GEMM with its LayerNorm prologue and epilogues, RoPE, the
-attention) from C++. ``encoder_layer_reference`` is its float64 oracle, from the unpacked weights.
+layer calls the same kernels (the GEMMs with their LayerNorm prologues and epilogues, RoPE, the
+attention) from C++, in the same order, so its output has the same bits as those ops called one by
+one. ``encoder_layer_reference`` is its float64 oracle for the float linears, from the unpacked
+weights.
 """
 
 from __future__ import annotations
@@ -25,51 +27,58 @@ from .reference import block_sparse_attention_reference, rotary_embedding_refere
 from .streamed_gemm import GATES
 
 
-class StreamedLayer(NamedTuple):
-    """A layer's weights as the native call takes them: each linear packed by
-    ``pack_streamed_weight`` (Wi gated), biases and LayerNorm parameters in fp32 or None (a norm
-    weight of None: no LayerNorm there, as in ModernBERT's first layer)."""
+class NativeLinear(NamedTuple):
+    """A linear as the native layer takes it: ``weights`` (packed,) for the streamed GEMM
+    (``pack_streamed_weight``; Wi's gated), or (w_q, w_scale, w_packed) or (w_q, w_scale, w_packed,
+    smooth) for the int8 linear (``int8_pack_weight``); its bias (fp32 for the streamed GEMM) or None."""
+
+    weights: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None
+
+
+class EncoderLayer(NamedTuple):
+    """A layer's operands as the native call takes them. LayerNorm parameters in fp32, or None (a
+    weight of None: no LayerNorm there, as in ModernBERT's first layer; an int8 linear folds only
+    a LayerNorm without bias). ``qkv_dtype``: what Wqkv writes and the attention computes in (an
+    int8 layer's may be bf16; a streamed one's is the hidden states' dtype)."""
 
     attn_norm_weight: torch.Tensor | None
     attn_norm_bias: torch.Tensor | None
-    wqkv: torch.Tensor
-    wqkv_bias: torch.Tensor | None
+    wqkv: NativeLinear
+    qkv_dtype: torch.dtype
     heads: int
-    wo: torch.Tensor
-    wo_bias: torch.Tensor | None
+    wo: NativeLinear
     mlp_norm_weight: torch.Tensor | None
     mlp_norm_bias: torch.Tensor | None
-    wi: torch.Tensor
-    wi_bias: torch.Tensor | None
-    gate: str  # a name of streamed_gemm.GATES
+    wi: NativeLinear
+    wi_activation: str  # a streamed_gemm.GATES name, or the int8 epilogue's ("geglu")
     intermediate: int
-    wo2: torch.Tensor
-    wo2_bias: torch.Tensor | None
+    wo2: NativeLinear
     eps: float  # both LayerNorms'
 
 
-def streamed_encoder_layer(hidden: torch.Tensor, layer: StreamedLayer, cos: torch.Tensor, sin: torch.Tensor,
-                           attention: NativeAttentionArguments) -> torch.Tensor:
+def encoder_layer(hidden: torch.Tensor, layer: EncoderLayer, cos: torch.Tensor, sin: torch.Tensor,
+                  attention: NativeAttentionArguments) -> torch.Tensor:
     """The layer's output for ``hidden`` [tokens, hidden_size] (fp32 or bf16, contiguous; the packed
     sequences of ``attention.cu_seqlens``), RoPE by ``cos``, ``sin`` [tokens, head_dim / 2] (fp32),
     the attention as ``bind_attention`` bound it (its ``run.native_arguments``). The C++ CPU
     kernels only."""
     if not native.cpu_status()[0]:
         raise RuntimeError(f"the native encoder layer needs the C++ CPU kernels: {native.cpu_status()[1]}")
-    return ops.streamed_encoder_layer_native(
-        hidden, layer.attn_norm_weight, layer.attn_norm_bias, layer.wqkv, layer.wqkv_bias, cos, sin, layer.heads,
-        attention.row_offsets, attention.col_indices, attention.block_size, attention.window_left,
-        attention.window_right, attention.scale, attention.cu_seqlens, attention.max_seqlen, layer.wo, layer.wo_bias,
-        layer.mlp_norm_weight, layer.mlp_norm_bias, layer.wi, layer.wi_bias, layer.gate, layer.intermediate, layer.wo2,
-        layer.wo2_bias, layer.eps)
+    return ops.encoder_layer_native(
+        hidden, layer.attn_norm_weight, layer.attn_norm_bias, layer.wqkv.weights, layer.wqkv.bias, layer.qkv_dtype,
+        cos, sin, layer.heads, attention.row_offsets, attention.col_indices, attention.block_size,
+        attention.window_left, attention.window_right, attention.scale, attention.cu_seqlens, attention.max_seqlen,
+        layer.wo.weights, layer.wo.bias, layer.mlp_norm_weight, layer.mlp_norm_bias, layer.wi.weights, layer.wi.bias,
+        layer.wi_activation, layer.intermediate, layer.wo2.weights, layer.wo2.bias, layer.eps)
 
 
 def encoder_layer_reference(hidden: torch.Tensor, weights: dict[str, torch.Tensor | None], heads: int, gate: str,
                             eps: float, cos: torch.Tensor, sin: torch.Tensor, layout: BlockSparseLayout,
                             window: int | None, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """What ``streamed_encoder_layer`` computes, in float64 from the unpacked weights (``weights``:
-    attn_norm_weight, attn_norm_bias, wqkv, wqkv_bias, wo, wo_bias, mlp_norm_weight, mlp_norm_bias,
-    wi, wi_bias, wo2, wo2_bias; a missing or None entry is no bias, or no LayerNorm)."""
+    """What ``encoder_layer`` computes with streamed linears, in float64 from the unpacked weights
+    (``weights``: attn_norm_weight, attn_norm_bias, wqkv, wqkv_bias, wo, wo_bias, mlp_norm_weight,
+    mlp_norm_bias, wi, wi_bias, wo2, wo2_bias; a missing or None entry is no bias, or no LayerNorm)."""
     def get(name):
         value = weights.get(name)
         return None if value is None else value.double()

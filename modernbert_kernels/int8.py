@@ -26,6 +26,7 @@ from torch import nn
 
 from . import backends
 from ._ops import ops
+from .encoder_layer import NativeLinear
 from .tensor_cache import TensorCache
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "geglu")
@@ -562,6 +563,16 @@ class Int8Linear(nn.Module):
                                 packed_weight)
 
         return run
+
+    def native_operands(self, x: torch.Tensor):
+        """This linear as the native encoder layer takes it (``encoder_layer.NativeLinear``: w_q,
+        w_scale, the packed weight and the smoothing factors, and the bias) for inputs like ``x``, or
+        None where the C++ CPU backend does not run its calls."""
+        packed = self._packed_weight(self.weight_q)
+        if x.device.type != "cpu" or packed is None:
+            return None
+        smooth = () if self.smooth is None else (self.smooth,)
+        return NativeLinear((self.weight_q.contiguous(), self.weight_scale.contiguous(), packed, *smooth), self.bias)
 
     @staticmethod
     def _packed_weight(weight_q: torch.Tensor) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modernbert_kernels import bind_attention, layouts, native
-from modernbert_kernels.encoder_layer import StreamedLayer, encoder_layer_reference, streamed_encoder_layer
+from modernbert_kernels.encoder_layer import EncoderLayer, NativeLinear, encoder_layer, encoder_layer_reference
 from modernbert_kernels.streamed_gemm import pack_streamed_weight
 
 pytestmark = pytest.mark.skipif(not native.cpu_status()[0], reason="needs the C++ CPU kernels")
@@ -42,10 +42,12 @@ def packed_layer(weights, gate, eps=1e-5):
     def fp32(name):
         return None if weights[name] is None else weights[name].float()
 
-    return StreamedLayer(fp32("attn_norm_weight"), fp32("attn_norm_bias"), pack_streamed_weight(weights["wqkv"]),
-                         fp32("wqkv_bias"), HEADS, pack_streamed_weight(weights["wo"]), fp32("wo_bias"),
-                         fp32("mlp_norm_weight"), fp32("mlp_norm_bias"), pack_streamed_weight(weights["wi"], gated=True),
-                         fp32("wi_bias"), gate, INTERMEDIATE, pack_streamed_weight(weights["wo2"]), fp32("wo2_bias"), eps)
+    def streamed(name, gated=False):
+        return NativeLinear((pack_streamed_weight(weights[name], gated),), fp32(f"{name}_bias"))
+
+    return EncoderLayer(fp32("attn_norm_weight"), fp32("attn_norm_bias"), streamed("wqkv"), weights["wqkv"].dtype,
+                        HEADS, streamed("wo"), fp32("mlp_norm_weight"), fp32("mlp_norm_bias"), streamed("wi", True),
+                        gate, INTERMEDIATE, streamed("wo2"), eps)
 
 
 def packed_batch(lengths, dtype, seed, theta=10000.0):
@@ -79,7 +81,7 @@ def test_layer_matches_float64(dtype, lengths, window, first_layer, biases, gate
     layout, attention = native_attention(hidden, cu_seqlens, max(lengths), window)
     before = hidden.clone()
     torch.full((hidden.shape[0], 4 * HIDDEN), float("nan"), dtype=dtype)  # freed NaN where outputs may land
-    out = streamed_encoder_layer(hidden, packed_layer(weights, gate), cos, sin, attention)
+    out = encoder_layer(hidden, packed_layer(weights, gate), cos, sin, attention)
     expected = encoder_layer_reference(hidden, weights, HEADS, gate, 1e-5, cos, sin, layout, window, cu_seqlens)
     assert out.shape == hidden.shape and out.dtype == dtype
     assert relative_error(out, expected) < TOLERANCE[dtype]
@@ -95,28 +97,33 @@ def test_layer_is_the_chain_of_its_ops():
     layer = packed_layer(weights, "gelu")
     hidden, cu_seqlens, cos, sin = packed_batch([16, 9], torch.float32, seed=3)
     layout, attention = native_attention(hidden, cu_seqlens, 16, 32)
-    qkv = streamed_linear(hidden, layer.wqkv, 3 * HIDDEN, layer.wqkv_bias, norm_weight=layer.attn_norm_weight,
+    qkv = streamed_linear(hidden, layer.wqkv.weights[0], 3 * HIDDEN, layer.wqkv.bias, norm_weight=layer.attn_norm_weight,
                           norm_bias=layer.attn_norm_bias).view(-1, 3, HEADS, HEAD_DIM)
     rotary_embedding(qkv[:, :2], cos, sin, inplace=True, backend="cpu")
     attended = block_sparse_attention(*qkv.unbind(1), layout, window=32, cu_seqlens=cu_seqlens, max_seqlen=16,
                                       backend="cpu").reshape(-1, HIDDEN)
-    after = streamed_linear(attended, layer.wo, HIDDEN, layer.wo_bias, residual=hidden)
-    activated = streamed_linear(after, layer.wi, INTERMEDIATE, layer.wi_bias, "gelu",
+    after = streamed_linear(attended, layer.wo.weights[0], HIDDEN, layer.wo.bias, residual=hidden)
+    activated = streamed_linear(after, layer.wi.weights[0], INTERMEDIATE, layer.wi.bias, "gelu",
                                 norm_weight=layer.mlp_norm_weight, norm_bias=layer.mlp_norm_bias)
-    chained = streamed_linear(activated, layer.wo2, HIDDEN, layer.wo2_bias, residual=after)
-    assert torch.equal(streamed_encoder_layer(hidden, layer, cos, sin, attention), chained)
+    chained = streamed_linear(activated, layer.wo2.weights[0], HIDDEN, layer.wo2.bias, residual=after)
+    assert torch.equal(encoder_layer(hidden, layer, cos, sin, attention), chained)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda h, l, c, s: (h.t().contiguous().t(), l, c, s), "hidden must be a contiguous"),
     (lambda h, l, c, s: (h.double(), l, c, s), "hidden must be fp32 or bf16"),
-    (lambda h, l, c, s: (h.bfloat16(), l, c, s), "the packed weights must be of hidden's dtype"),
-    (lambda h, l, c, s: (h, l._replace(gate="none"), c, s), "gate must name its activation"),
-    (lambda h, l, c, s: (h, l._replace(gate="tanh"), c, s), "gate must be"),
+    (lambda h, l, c, s: (h.bfloat16(), l, c, s), "Wqkv: a streamed linear writes its input's dtype"),
+    (lambda h, l, c, s: (h, l._replace(qkv_dtype=torch.bfloat16), c, s), "Wqkv: a streamed linear writes its input's"),
+    (lambda h, l, c, s: (h, l._replace(wi_activation="none"), c, s), "Wi is a gated projection: name its activation"),
+    (lambda h, l, c, s: (h, l._replace(wi_activation="tanh"), c, s), "gate must be"),
+    (lambda h, l, c, s: (h, l._replace(wo=NativeLinear((), None)), c, s), "Wqkv and Wo must be given"),
+    (lambda h, l, c, s: (h, l._replace(wi=l.wi._replace(weights=l.wi.weights * 2)), c, s),
+     r"Wi must be \[packed\] \(streamed\) or \[w_q, w_scale, w_packed\(, smooth\)\] \(int8\), got 2"),
     (lambda h, l, c, s: (h, l._replace(heads=0), c, s), "heads must be positive"),
     (lambda h, l, c, s: (h, l._replace(heads=3), c, s), "not a multiple of heads = 3"),
     (lambda h, l, c, s: (h, l._replace(heads=4), c, s), r"cos and sin must be \[tokens, head_dim / 2\] = \[8, 16\]"),
-    (lambda h, l, c, s: (h, l._replace(wo=l.wo[0]), c, s), "Wo must be packed"),
+    (lambda h, l, c, s: (h, l._replace(wo=NativeLinear((l.wo.weights[0][0],), None)), c, s),
+     "Wo's weight must be a pack_streamed_weight copy"),
     (lambda h, l, c, s: (h, l, c[:, :16], s), r"cos and sin must be \[tokens, head_dim / 2\]"),
     (lambda h, l, c, s: (h, l, c, s[:-1]), r"cos and sin must be \[tokens, head_dim / 2\]"),
     (lambda h, l, c, s: (h, l._replace(attn_norm_weight=torch.ones(7)), c, s), r"norm_weight must be \[128\]"),
@@ -127,4 +134,4 @@ def test_bad_input_is_refused(change, message):
     _, attention = native_attention(hidden, cu_seqlens, 8, None)
     hidden, layer, cos, sin = change(hidden, packed_layer(weights, "gelu"), cos, sin)
     with pytest.raises(RuntimeError, match=message):
-        streamed_encoder_layer(hidden, layer, cos, sin, attention)
+        encoder_layer(hidden, layer, cos, sin, attention)

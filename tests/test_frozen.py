@@ -6,7 +6,7 @@ import torch
 
 import modernbert.frozen as frozen_module
 from modernbert import FrozenEncoder, ModernBertConfig, ModernBertModel, quantize_int8
-from modernbert_kernels.encoder_layer import streamed_encoder_layer as native_layer
+from modernbert_kernels.encoder_layer import encoder_layer as native_layer
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary, block_sparse_attention, layouts, rotary_embedding
 from modernbert_kernels.cpu_linear import Linear
 
@@ -94,21 +94,23 @@ def test_frozen_encoder_runs_the_models_attention_backend(attention_backend):
     assert_is_the_model(FrozenEncoder(model)(ids, mask), expected, streams_a_gemm(model, 187))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_frozen_encoder_runs_a_streamed_layer_as_one_native_call(precision, monkeypatch):
-    """Where every linear of a layer streams, the layer is one call (encoder_layer.py): the same
-    kernels in the same order as its ops, so the same bits as the frozen encoder that calls them
-    one by one; with the torch attention backend (no native attention) it calls them one by one."""
-    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "streamed")
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_frozen_encoder_runs_a_layer_as_one_native_call(precision, monkeypatch):
+    """Where every linear of a layer runs the streamed GEMM (float) or the C++ int8 linear, the
+    layer is one call (encoder_layer.py): the same kernels in the same order as its ops, so the
+    same bits as the frozen encoder that calls them one by one; with the torch attention backend
+    (no native attention) it calls them one by one."""
+    if not precision.startswith("int8"):
+        monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "streamed")
     model = model_in(precision)
     ids, mask = padded_batch([16, 5], seed=1)
     one_call, op_by_op = FrozenEncoder(model), FrozenEncoder(model)
     got = one_call(ids, mask)
-    assert all(layer.streamed is not None for layer in one_call._bound[16])
+    assert all(layer.native is not None for layer in one_call._bound[16])
     op_by_op(ids, mask)
-    op_by_op._bound[16] = [layer._replace(streamed=None) for layer in op_by_op._bound[16]]
+    op_by_op._bound[16] = [layer._replace(native=None) for layer in op_by_op._bound[16]]
     calls = []
-    monkeypatch.setattr(frozen_module, "streamed_encoder_layer", lambda *args: calls.append(1) or native_layer(*args))
+    monkeypatch.setattr(frozen_module, "encoder_layer", lambda *args: calls.append(1) or native_layer(*args))
     assert torch.equal(one_call(ids, mask), got) and len(calls) == CONFIG["num_hidden_layers"]
     assert torch.equal(op_by_op(ids, mask), got) and len(calls) == CONFIG["num_hidden_layers"]
     model.attention_backend = "torch"

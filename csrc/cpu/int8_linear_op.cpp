@@ -19,6 +19,7 @@
 
 #include "../library.h"
 #include "../ops.h"
+#include "cpu_ops.h"
 #include "kernels.h"
 
 namespace modernbert_kernels {
@@ -330,6 +331,14 @@ struct CpuInt8 {
 };
 
 }  // namespace
+
+Tensor cpu::int8_linear_dynamic(const Tensor& x, const std::optional<Tensor>& norm_weight, double eps,
+                                const std::optional<Tensor>& smooth, const Tensor& w_q, const Tensor& w_scale,
+                                const std::optional<Tensor>& bias, std::string activation, ScalarType out_dtype,
+                                const std::optional<Tensor>& residual, const std::optional<Tensor>& w_packed) {
+  return int8_linear_dynamic_op<CpuInt8>(x, norm_weight, eps, smooth, w_q, w_scale, bias, std::move(activation),
+                                         out_dtype, residual, w_packed);
+}
 
 MODERNBERT_KERNELS_LIBRARY_IMPL(CPU, m) {
   m.impl("int8_linear_native", TORCH_BOX(&int8_linear_op<CpuInt8>));
