@@ -183,7 +183,7 @@ def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor
     if isinstance(mlp.Wi, Linear):
         if mlp.activation not in GATED_ACTIVATIONS:
             return None
-        wi_activation = GATED_ACTIVATIONS[mlp.activation][3]
+        wi_activation = GATED_ACTIVATIONS[mlp.activation][0]
     elif mlp.Wi.activation == "geglu":
         wi_activation = "geglu"
     else:

@@ -17,6 +17,7 @@ from modernbert_kernels import Int8Linear, block_sparse_attention, cpu_memory, l
 from modernbert_kernels import cpu_linear
 from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear
 from modernbert_kernels.rotary import ROTARY
+from modernbert_kernels.streamed_gemm import GATES
 
 from .config import ModernBertConfig
 from .loading import PretrainedMixin
@@ -25,7 +26,7 @@ from .padding import PackedBatch, pack, unpack
 # 64-token blocks: a sliding window of 64 each side touches 3 blocks per row.
 ATTENTION_BLOCK = 64
 
-ACTIVATIONS = {name: function for name, (function, *_) in GATED_ACTIVATIONS.items()}
+ACTIVATIONS = {name: GATES[gate] for name, (gate, *_) in GATED_ACTIVATIONS.items()}
 
 
 def activation(name: str):

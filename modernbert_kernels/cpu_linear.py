@@ -44,7 +44,7 @@ from torch import nn
 from . import native
 from .backends import cpu_capabilities
 from .encoder_layer import NativeLinear
-from .streamed_gemm import pack_streamed_weight, streamed_linear
+from .streamed_gemm import GATES, pack_streamed_weight, streamed_linear
 from .streamed_gemm import supports as supports_streamed
 from .tensor_cache import TensorCache
 
@@ -360,7 +360,7 @@ class Linear(nn.Linear):
         residual of the output's dtype in its epilogue."""
         packed = self._packed("streamed", "all" if gated is None else "gated", slice(None), self.weight.dtype)
         bias = None if self.bias is None else self.bias.detach().float()
-        gate = gated and GATED_ACTIVATIONS[gated][3]
+        gate = gated and GATED_ACTIVATIONS[gated][0]
         out_features = self.out_features if gated is None else self.out_features // 2
         prologue = {} if norm is None else dict(
             norm_weight=norm.weight.detach().float(), norm_bias=None if norm.bias is None else norm.bias.detach().float(),
@@ -372,7 +372,8 @@ class Linear(nn.Linear):
         return lambda x, residual: streamed_linear(x, packed, out_features, bias, gate, residual, **prologue)
 
     def _gated(self, compute: torch.dtype | None, activation: str) -> Callable:
-        function, post_op, algorithm, _ = GATED_ACTIVATIONS[activation]
+        gate_name, post_op, algorithm = GATED_ACTIVATIONS[activation]
+        function = GATES[gate_name]
         if compute is None:
             def run(x, residual):
                 activated, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
@@ -404,16 +405,12 @@ def add_residual(update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return update.add_(hidden)
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# Gated MLP activations: (the PyTorch function, oneDNN's post-op, its algorithm, the streamed GEMM's
-# gate).
+# Gated MLP activations: (the streamed GEMM's gate, whose PyTorch function streamed_gemm.GATES holds
+# for the unpacked path; oneDNN's post-op; its algorithm).
 GATED_ACTIVATIONS = {
-    "gelu": (F.gelu, "gelu", "none", "gelu"),
-    "gelu_tanh": (_gelu_tanh, "gelu", "tanh", "gelu_tanh"),
-    "gelu_pytorch_tanh": (_gelu_tanh, "gelu", "tanh", "gelu_tanh"),
-    "silu": (F.silu, "swish", "", "silu"),
-    "relu": (F.relu, "relu", "", "relu"),
+    "gelu": ("gelu", "gelu", "none"),
+    "gelu_tanh": ("gelu_tanh", "gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu_tanh", "gelu", "tanh"),
+    "silu": ("silu", "swish", ""),
+    "relu": ("relu", "relu", ""),
 }
