@@ -1,15 +1,15 @@
 """One pre-norm encoder layer of packed tokens in one native call: ModernBERT's layer (LayerNorm,
 Wqkv, RoPE on q and k, block-sparse attention, Wo plus the residual; LayerNorm, a gated Wi, Wo plus
-the residual) for the few-token inputs where its linears run this library's own GEMMs: the streamed
-GEMM (fp32 and bf16, streamed_gemm.py) or the int8 linear's (int8.py) (csrc/cpu/encoder_layer_op.cpp).
+the residual) where its linears run this library's own GEMMs: the streamed GEMM (fp32 and bf16, at
+a few tokens; streamed_gemm.py) or the int8 linear's (int8.py) (csrc/cpu/encoder_layer_op.cpp).
 
 Why one call: at 16 tokens each of a layer's seven op calls from Python costs 30-50 us more than
 its kernel, because every streamed weight evicts the interpreter's and the dispatcher's working set
-from the caches; half of a 16-token bf16 forward was that (NOTES "One call a layer"). The native
-layer calls the same kernels (the GEMMs with their LayerNorm prologues and epilogues, RoPE, the
-attention) from C++, in the same order, so its output has the same bits as those ops called one by
-one. ``encoder_layer_reference`` is its float64 oracle for the float linears, from the unpacked
-weights.
+from the caches; half of a 16-token bf16 forward was that (NOTES "The streamed GEMM's bf16 on AMX
+tiles, and one call a layer"). The native layer calls the same kernels (the GEMMs with their
+LayerNorm prologues and epilogues, RoPE, the attention) from C++, in the same order, so its output
+has the same bits as those ops called one by one. ``encoder_layer_reference`` is its float64 oracle
+for the float linears, from the unpacked weights.
 """
 
 from __future__ import annotations

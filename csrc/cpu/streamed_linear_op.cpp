@@ -59,13 +59,14 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const std::optional<Ten
   return out;
 }
 
+}  // namespace
+
 // x [M, K] (unit stride along K) against packed, fp32 [panels, 2, K, 16] or bf16 [panels, 2, K / 2, 32];
 // out [M, out_features] in x's dtype. Gated (gate not "none"), out_features is the gated width and
 // a panel holds 16 of its columns. With norm_weight, x's rows are layer-normed first (eps; norm_bias
 // or none), saving a LayerNorm op's call in front (~30-50 us on a few rows right after a streamed
-// weight evicted its code and data from the caches; NOTES "A GEMM that streams its weight").
-}  // namespace
-
+// weight evicted its code and data from the caches; NOTES "The streamed GEMM's bf16 on AMX tiles,
+// and one call a layer").
 Tensor cpu::streamed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
                             const std::optional<Tensor>& bias, std::string gate, const std::optional<Tensor>& residual,
                             const std::optional<Tensor>& norm_weight, const std::optional<Tensor>& norm_bias,
