@@ -135,3 +135,19 @@ def test_bad_input_is_refused(change, message):
     hidden, layer, cos, sin = change(hidden, packed_layer(weights, "gelu"), cos, sin)
     with pytest.raises(RuntimeError, match=message):
         encoder_layer(hidden, layer, cos, sin, attention)
+
+
+@pytest.mark.parametrize("cu_seqlens, max_seqlen, message", [
+    ([0, 4, 9], 8, "from 0 to the 8 tokens of hidden, got 0 to 9"),
+    ([1, 8], 8, "from 0 to the 8 tokens"),
+    ([0, 6, 4, 8], 8, "must not decrease"),
+    ([0, 8], 4, "longer than max_seqlen = 4"),
+])
+def test_lengths_that_do_not_fit_hidden_are_refused(cu_seqlens, max_seqlen, message):
+    """The attention's lengths are checked against hidden's tokens: the kernel reads them unchecked."""
+    weights = random_layer(torch.float32, False, False, seed=0)
+    hidden, bound_lengths, cos, sin = packed_batch([8], torch.float32, seed=0)
+    _, attention = native_attention(hidden, bound_lengths, 8, None)
+    attention = attention._replace(cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32), max_seqlen=max_seqlen)
+    with pytest.raises(RuntimeError, match=message):
+        encoder_layer(hidden, packed_layer(weights, "gelu"), cos, sin, attention)

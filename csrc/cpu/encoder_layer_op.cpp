@@ -78,6 +78,17 @@ Tensor encoder_layer(const Tensor& hidden, const std::optional<Tensor>& attn_nor
   const int64_t head_dim = inner / heads;
   MBK_CHECK(cos.dim() == 2 && cos.size(1) * 2 == head_dim, "cos and sin must be [tokens, head_dim / 2] = [", tokens,
             ", ", head_dim / 2, "], got ", shape(cos));
+  // The attention reads the lengths without checks of its own (its Python op checks them): here,
+  // where they meet hidden's tokens, they are checked once.
+  MBK_CHECK(cu_seqlens.scalar_type() == ScalarType::Int && cu_seqlens.dim() == 1 && cu_seqlens.is_contiguous() &&
+                cu_seqlens.numel() >= 2 && cu_seqlens.device() == hidden.device(),
+            "cu_seqlens must be a contiguous 1-D int32 tensor [batch + 1] on hidden's device");
+  const auto* bounds = static_cast<const int32_t*>(cu_seqlens.data_ptr());
+  MBK_CHECK(bounds[0] == 0 && bounds[cu_seqlens.numel() - 1] == tokens, "cu_seqlens must run from 0 to the ", tokens,
+            " tokens of hidden, got ", bounds[0], " to ", bounds[cu_seqlens.numel() - 1]);
+  for (int64_t i = 1; i < cu_seqlens.numel(); ++i)
+    MBK_CHECK(bounds[i] >= bounds[i - 1] && bounds[i] - bounds[i - 1] <= max_seqlen,
+              "cu_seqlens must not decrease, and no sequence may be longer than max_seqlen = ", max_seqlen);
   const Tensor qkv = linear("Wqkv", wqkv, wqkv_bias, hidden, 3 * inner, "none", qkv_dtype, std::nullopt,
                             attn_norm_weight, attn_norm_bias, eps);  // [tokens, 3, heads, head_dim]
   const Tensor qk = view_of(qkv, 0, {tokens, 2 * heads, head_dim}, {3 * inner, head_dim, 1});
