@@ -104,13 +104,20 @@ class FrozenEncoder:
                     max_seqlen=batch.max_seqlen, backend=model.attention_backend)
             return attend
 
+        native_attentions = {}  # per kind of attention: its native arguments, or None
+
+        def native_attention(layer):
+            key = layer.attention
+            if key not in native_attentions:  # bind_attention reads no values of q, k, v
+                sample = hidden.new_empty(tokens, 3, layer.heads, layer.head_dim, dtype=layer.native.qkv_dtype)
+                native_attentions[key] = bound_attention(layer, *sample.unbind(1)).native_arguments
+            return native_attentions[key]
+
         for layer in layers:
             if layer.native is not None:
-                # bind_attention reads no values of q, k, v
-                sample = hidden.new_empty(tokens, 3, layer.heads, layer.head_dim, dtype=layer.native.qkv_dtype)
-                native_attention = bound_attention(layer, *sample.unbind(1)).native_arguments
-                if native_attention is not None:
-                    hidden = encoder_layer(hidden, layer.native, *cos_sin(layer), native_attention)
+                native_arguments = native_attention(layer)
+                if native_arguments is not None:
+                    hidden = encoder_layer(hidden, layer.native, *cos_sin(layer), native_arguments)
                     continue
             qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
             turn = rotary.get((layer.theta, layer.heads))
