@@ -59,8 +59,11 @@ inline Tensor empty_like_shape(const Tensor& t) {
   return torch::stable::empty(t.sizes(), t.scalar_type(), std::nullopt, t.device());
 }
 
-// A contiguous fp32 copy of a small vector (bias, norm weight, smoothing), kept alive by its owner.
+// A contiguous fp32 copy of a small vector (bias, norm weight, smoothing), kept alive by its owner;
+// t itself where it already is one (the usual case: callers pass fp32), without the two dispatcher
+// round trips of to() and contiguous() on every call.
 inline Tensor contiguous_float(const Tensor& t) {
+  if (t.scalar_type() == ScalarType::Float && t.is_contiguous()) return t;
   return torch::stable::contiguous(torch::stable::to(t, ScalarType::Float));
 }
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
-from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear, timing_tokens
+from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear, layer_norm_prologue, timing_tokens
 from modernbert_kernels.encoder_layer import EncoderLayer, encoder_layer
 
 from .model import ModernBertModel, rotary_backend, rotary_cos_sin
@@ -200,11 +200,11 @@ def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor
         if isinstance(norm, nn.Identity):
             norms.append((None, None))
             continue
-        if (not isinstance(norm, nn.LayerNorm) or norm.weight is None or len(norm.normalized_shape) != 1
-                or (isinstance(linear, Int8Linear) and norm.bias is not None)):  # int8 folds a bias-free one only
-            return None
-        norms.append((norm.weight.detach().float(), None if norm.bias is None else norm.bias.detach().float()))
-        eps.add(norm.eps)
+        prologue = layer_norm_prologue(norm)
+        if prologue is None or (isinstance(linear, Int8Linear) and prologue["norm_bias"] is not None):
+            return None  # int8 folds a bias-free LayerNorm only
+        norms.append((prologue["norm_weight"], prologue["norm_bias"]))
+        eps.add(prologue["eps"])
     if len(eps) > 1:
         return None
     wqkv, wo, wi, wo2 = operands

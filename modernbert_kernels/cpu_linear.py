@@ -308,21 +308,23 @@ class Linear(nn.Linear):
         gemm, residual_dtype = self._gemm(x), residual is not None and residual.dtype
         if norm is None or isinstance(norm, nn.Identity):
             return self._kernel(gemm, gated, residual_dtype)
-        layer_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-        if gemm == "streamed" and layer_norm and norm.weight is not None:
-            return self._streamed(gated, residual_dtype, norm)
+        prologue = layer_norm_prologue(norm)
+        if gemm == "streamed" and prologue is not None:
+            return self._streamed(gated, residual_dtype, prologue)
         run = self._kernel(gemm, gated, residual_dtype)
-        if layer_norm:  # F.layer_norm without the module call (hooks, which bound calls do not run)
+        # F.layer_norm without the module call (its hooks, which bound calls do not run)
+        if isinstance(norm, nn.LayerNorm):
             shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
             return lambda x, residual: run(F.layer_norm(x, shape, weight, bias, eps), residual)
         return lambda x, residual: run(norm(x), residual)
 
-    def native_operands(self, x: torch.Tensor, gated: bool = False):
+    def native_operands(self, x: torch.Tensor, gated: bool = False) -> NativeLinear | None:
         """This linear as the native encoder layer takes it (``encoder_layer.NativeLinear``: the
         streamed GEMM's packed weight, ``gated`` as a gated projection's, and fp32 bias) for inputs
         like ``x``, or None where their calls run another GEMM."""
-        if self._gemm(x) != "streamed":
-            return None
+        return self._streamed_operands(gated) if self._gemm(x) == "streamed" else None
+
+    def _streamed_operands(self, gated: bool) -> NativeLinear:
         packed = self._packed("streamed", "gated" if gated else "all", slice(None), self.weight.dtype)
         return NativeLinear((packed,), None if self.bias is None else self.bias.detach().float())
 
@@ -356,16 +358,13 @@ class Linear(nn.Linear):
             return out if residual is None else add_residual(out, residual)
         return run
 
-    def _streamed(self, gated: str | None, residual_dtype, norm: nn.LayerNorm | None = None) -> Callable:
-        """The streamed GEMM: an affine LayerNorm ``norm`` in its prologue, the bias, the gate and a
-        residual of the output's dtype in its epilogue."""
-        packed = self._packed("streamed", "all" if gated is None else "gated", slice(None), self.weight.dtype)
-        bias = None if self.bias is None else self.bias.detach().float()
+    def _streamed(self, gated: str | None, residual_dtype, prologue: dict | None = None) -> Callable:
+        """The streamed GEMM: a LayerNorm in its prologue (``layer_norm_prologue``), the bias, the
+        gate and a residual of the output's dtype in its epilogue."""
+        (packed,), bias = self._streamed_operands(gated is not None)
         gate = gated and GATED_ACTIVATIONS[gated][0]
         out_features = self.out_features if gated is None else self.out_features // 2
-        prologue = {} if norm is None else dict(
-            norm_weight=norm.weight.detach().float(), norm_bias=None if norm.bias is None else norm.bias.detach().float(),
-            eps=norm.eps)
+        prologue = prologue or {}
         if residual_dtype not in (False, self.weight.dtype):  # kept in the residual's precision
             def run(x, residual):
                 return add_residual(streamed_linear(x, packed, out_features, bias, **prologue), residual)
@@ -393,6 +392,16 @@ class Linear(nn.Linear):
             out = binary(rows, activated, second_packed, second_bias, "mul")
             return out.to(x.dtype).view(*x.shape[:-1], half)
         return run
+
+
+def layer_norm_prologue(norm: nn.Module) -> dict | None:
+    """``norm`` as the streamed GEMM's LayerNorm prologue takes it (``streamed_linear``'s
+    norm_weight, norm_bias in fp32 and eps), or None where it is not an affine LayerNorm over the
+    last dimension."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or len(norm.normalized_shape) != 1:
+        return None
+    return dict(norm_weight=norm.weight.detach().float(),
+                norm_bias=None if norm.bias is None else norm.bias.detach().float(), eps=norm.eps)
 
 
 def add_residual(update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-// The tile configuration every AMX kernel here uses: palette 1, all eight tiles 16 rows x 64
-// bytes (A and B tiles of 64 int8 or 32 bf16 a row, C tiles of 16 int32 or fp32). A kernel loads it
+// The tile configuration the AMX kernels here use: palette 1, eight tiles of 64 bytes a row (A and
+// B tiles of 64 int8 or 32 bf16 a row, C tiles of 16 int32 or fp32), 16 rows each unless a kernel
+// names fewer for some (a block of fewer rows then loads and computes only those). A kernel loads it
 // on entry (the configuration is per thread) and releases the tiles on exit. Included by
 // isa_amx.cpp, after <immintrin.h>.
 #pragma once
@@ -14,13 +15,13 @@ struct alignas(64) AmxTileConfig {
   uint8_t rows[16];
 };
 
-inline void amx_configure_tiles() {
+inline void amx_configure_tiles(const int (&rows)[8] = {16, 16, 16, 16, 16, 16, 16, 16}) {
   AmxTileConfig config;
   __builtin_memset(&config, 0, sizeof(config));
   config.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
     config.colsb[t] = 64;
-    config.rows[t] = 16;
+    config.rows[t] = uint8_t(rows[t]);
   }
   _tile_loadconfig(&config);
 }

@@ -98,11 +98,8 @@ void int8_epilogue_rows(const Int8LinearParams& a, const int32_t* acc_rows, int6
       }
     }
     if (a.residual) add_residual_row(a.residual, m * out_cols + out_begin, a.out_dtype, out_width, dst);
-    if (a.out_dtype != ElementType::Float32) {
-      const int64_t whole = out_width / kLanes * kLanes, offset = m * out_cols + out_begin;
-      store_row(a.out, offset, a.out_dtype, 1.f, int(whole), staging);
-      for (int64_t i = whole; i < out_width; ++i) store_element(a.out, offset + i, staging[i], a.out_dtype);
-    }
+    if (a.out_dtype != ElementType::Float32)
+      store_row(a.out, m * out_cols + out_begin, a.out_dtype, 1.f, int(out_width), staging);
   }
   if (staging != local) delete[] staging;
 }
@@ -114,8 +111,7 @@ void quantize_rows(const QuantizeParams& a, int64_t row_begin, int64_t row_end, 
   const int64_t k = a.k;
   const int kv = static_cast<int>(k / kLanes * kLanes);  // vectorized prefix; the rest is scalar
   for (int64_t m = row_begin; m < row_end; ++m) {
-    load_row(a.x, m * a.x_stride, a.dtype, 1.f, kv, x);
-    for (int64_t i = kv; i < k; ++i) x[i] = load_element(a.x, m * a.x_stride + i, a.dtype);
+    load_row(a.x, m * a.x_stride, a.dtype, 1.f, int(k), x);
     if (a.norm_weight) normalize_row(x, k, a.norm_weight, nullptr, a.eps);
     if (a.smooth) {
       for (int i = 0; i < kv; i += kLanes) store(x + i, load(x + i) * load(a.smooth + i));

@@ -26,31 +26,39 @@ inline void store_element(void* base, int64_t index, float value, ElementType dt
   }
 }
 
-// dst[i] = src[offset + i] * scale for i < n (n a multiple of kLanes), converting to fp32.
+// dst[i] = src[offset + i] * scale for i < n, converting to fp32: whole vectors, then the rest one
+// element at a time.
 inline void load_row(const void* src, int64_t offset, ElementType dtype, float scale, int n, float* dst) {
+  const int whole = n / kLanes * kLanes;
   if (dtype == ElementType::Float32) {
     const float* p = static_cast<const float*>(src) + offset;
-    for (int i = 0; i < n; i += kLanes) store(dst + i, load(p + i) * scale);
+    for (int i = 0; i < whole; i += kLanes) store(dst + i, load(p + i) * scale);
   } else if (dtype == ElementType::BFloat16) {
     const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
-    for (int i = 0; i < n; i += kLanes) store(dst + i, load_bf16(p + i) * scale);
+    for (int i = 0; i < whole; i += kLanes) store(dst + i, load_bf16(p + i) * scale);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
     for (int i = 0; i < n; ++i) dst[i] = half_to_float(p[i]) * scale;
+    return;
   }
+  for (int i = whole; i < n; ++i) dst[i] = load_element(src, offset + i, dtype) * scale;
 }
 
-// dst[offset + i] = values[i] * scale for i < n (a multiple of kLanes), converting from fp32.
+// dst[offset + i] = values[i] * scale for i < n, converting from fp32: whole vectors, then the rest
+// one element at a time.
 inline void store_row(void* dst, int64_t offset, ElementType dtype, float scale, int n, const float* values) {
+  const int whole = n / kLanes * kLanes;
   if (dtype == ElementType::Float32) {
     float* p = static_cast<float*>(dst) + offset;
-    for (int i = 0; i < n; i += kLanes) store(p + i, load(values + i) * scale);
+    for (int i = 0; i < whole; i += kLanes) store(p + i, load(values + i) * scale);
   } else if (dtype == ElementType::BFloat16) {
     uint16_t* p = static_cast<uint16_t*>(dst) + offset;
-    for (int i = 0; i < n; i += kLanes) store_bf16(p + i, load(values + i) * scale);
+    for (int i = 0; i < whole; i += kLanes) store_bf16(p + i, load(values + i) * scale);
   } else {
     for (int i = 0; i < n; ++i) store_element(dst, offset + i, values[i] * scale, dtype);
+    return;
   }
+  for (int i = whole; i < n; ++i) store_element(dst, offset + i, values[i] * scale, dtype);
 }
 
 // op-reduces value(i) over the vectors i < kv (a multiple of kLanes) of a row in four independent

@@ -181,16 +181,8 @@ constexpr int kAmxTileK = 32;
 constexpr int kAmxStreamRows = 32;
 
 inline void amx_configure_stream_block(int rows) {
-  AmxTileConfig config;
-  __builtin_memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
   const int upper = rows < 16 ? rows : 16, lower = rows > 16 ? rows - 16 : 1;
-  const int tile_rows[8] = {upper, upper, lower, lower, upper, lower, 16, 16};
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = uint8_t(tile_rows[t]);
-  }
-  _tile_loadconfig(&config);
+  amx_configure_tiles({upper, upper, lower, lower, upper, lower, 16, 16});
 }
 
 // tile[r][c] for the block's rows of x against one panel; `rows` is what amx_configure_stream_block set.
@@ -264,13 +256,10 @@ void streamed_linear_panels(const StreamedLinearParams& p, int64_t panel_begin, 
 
 // The LayerNorm prologue: rows [row_begin, row_end) of x normalized into out, through one fp32 row.
 void layer_norm_rows(const LayerNormParams& p, int64_t row_begin, int64_t row_end, float* row) {
-  const int kv = int(p.k / kLanes * kLanes);
   for (int64_t m = row_begin; m < row_end; ++m) {
-    load_row(p.x, m * p.x_stride, p.dtype, 1.f, kv, row);
-    for (int64_t i = kv; i < p.k; ++i) row[i] = load_element(p.x, m * p.x_stride + i, p.dtype);
+    load_row(p.x, m * p.x_stride, p.dtype, 1.f, int(p.k), row);
     normalize_row(row, p.k, p.weight, p.bias, p.eps);
-    store_row(p.out, m * p.k, p.dtype, 1.f, kv, row);
-    for (int64_t i = kv; i < p.k; ++i) store_element(p.out, m * p.k + i, row[i], p.dtype);
+    store_row(p.out, m * p.k, p.dtype, 1.f, int(p.k), row);
   }
 }
 
