@@ -47,15 +47,16 @@ MODERNBERT_KERNELS_LIBRARY(m) {
   m.def(
       "streamed_linear_native(Tensor x, Tensor packed, int out_features, Tensor? bias, str gate, "
       "Tensor? residual, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-05) -> Tensor");
-  // One pre-norm encoder layer (ModernBERT's) of packed tokens in one call (cpu/encoder_layer_op.cpp,
-  // encoder_layer.py); CPU only. Each linear is [packed] (the streamed GEMM) or [w_q, w_scale,
-  // w_packed(, smooth)] (the int8 linear).
+  // Pre-norm encoder layers (ModernBERT's) of packed tokens, one after the other, in one call
+  // (cpu/encoder_layer_op.cpp, encoder_layer.py); CPU only. Per layer: 4 norms (attention weight and
+  // bias, MLP weight and bias), 4 linears (Wqkv, Wo, Wi, Wo2: weight_counts of `weights` each, [packed]
+  // for the streamed GEMM or [w_q, w_scale, w_packed(, smooth)] for the int8 linear, and a bias), and
+  // one entry of each per-layer list; qkv_dtype, wi_activation and eps are all the layers'.
   m.def(
-      "encoder_layer_native(Tensor hidden, Tensor? attn_norm_weight, Tensor? attn_norm_bias, Tensor[] wqkv, "
-      "Tensor? wqkv_bias, ScalarType qkv_dtype, Tensor cos, Tensor sin, int heads, Tensor row_offsets, "
-      "Tensor col_indices, int block_size, int window_left, int window_right, float scale, Tensor cu_seqlens, "
-      "int max_seqlen, Tensor[] wo, Tensor? wo_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor[] wi, "
-      "Tensor? wi_bias, str wi_activation, int intermediate, Tensor[] wo2, Tensor? wo2_bias, float eps) -> Tensor");
+      "encoder_layers_native(Tensor hidden, Tensor?[] norms, Tensor[] weights, int[] weight_counts, Tensor?[] biases, "
+      "int[] heads, int[] intermediate, Tensor[] cos, Tensor[] sin, Tensor[] row_offsets, Tensor[] col_indices, "
+      "int[] block_size, int[] window_left, int[] window_right, float[] scale, Tensor cu_seqlens, int max_seqlen, "
+      "ScalarType qkv_dtype, str wi_activation, float eps) -> Tensor");
   // Which CPU kernel build this machine runs (avx512_bf16, avx512, avx2 or baseline), for
   // `modernbert-kernels info`.
   m.def("cpu_isa() -> str");

@@ -28,7 +28,7 @@ from torch import nn
 
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary
 from modernbert_kernels.cpu_linear import GATED_ACTIVATIONS, Linear, layer_norm_prologue, timing_tokens
-from modernbert_kernels.encoder_layer import EncoderLayer, encoder_layer
+from modernbert_kernels.encoder_layer import EncoderLayer, encoder_layers
 
 from .model import ModernBertModel, rotary_backend, rotary_cos_sin
 from .padding import PackedBatch
@@ -113,12 +113,23 @@ class FrozenEncoder:
                 native_attentions[key] = bound_attention(layer, *sample.unbind(1)).native_arguments
             return native_attentions[key]
 
-        for layer in layers:
-            if layer.native is not None:
-                native_arguments = native_attention(layer)
-                if native_arguments is not None:
-                    hidden = encoder_layer(hidden, layer.native, *cos_sin(layer), native_arguments)
-                    continue
+        index = 0
+        while index < len(layers):
+            # A run of layers that run natively and share what one native call shares: one call.
+            run = []
+            for layer in layers[index:]:
+                if layer.native is None or native_attention(layer) is None or (run and (
+                        layer.native.qkv_dtype, layer.native.wi_activation, layer.native.eps) != (
+                        run[0].native.qkv_dtype, run[0].native.wi_activation, run[0].native.eps)):
+                    break
+                run.append(layer)
+            if run:
+                hidden = encoder_layers(hidden, [layer.native for layer in run], [cos_sin(layer) for layer in run],
+                                        [native_attention(layer) for layer in run])
+                index += len(run)
+                continue
+            layer = layers[index]
+            index += 1
             qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
             turn = rotary.get((layer.theta, layer.heads))
             if turn is None:

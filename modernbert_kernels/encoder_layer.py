@@ -1,20 +1,22 @@
-"""One pre-norm encoder layer of packed tokens in one native call: ModernBERT's layer (LayerNorm,
-Wqkv, RoPE on q and k, block-sparse attention, Wo plus the residual; LayerNorm, a gated Wi, Wo plus
-the residual) where its linears run this library's own GEMMs: the streamed GEMM (fp32 and bf16, at
-a few tokens; streamed_gemm.py) or the int8 linear's (int8.py) (csrc/cpu/encoder_layer_op.cpp).
+"""Pre-norm encoder layers of packed tokens in one native call: ModernBERT's layer (LayerNorm, Wqkv,
+RoPE on q and k, block-sparse attention, Wo plus the residual; LayerNorm, a gated Wi, Wo plus the
+residual), layer after layer, where the linears run this library's own GEMMs: the streamed GEMM
+(fp32 and bf16, at a few tokens; streamed_gemm.py) or the int8 linear's (int8.py)
+(csrc/cpu/encoder_layer_op.cpp).
 
 Why one call: at 16 tokens each of a layer's seven op calls from Python costs 30-50 us more than
 its kernel, because every streamed weight evicts the interpreter's and the dispatcher's working set
 from the caches; half of a 16-token bf16 forward was that (NOTES "The streamed GEMM's bf16 on AMX
-tiles, and one call a layer"). The native layer calls the same kernels (the GEMMs with their
-LayerNorm prologues and epilogues, RoPE, the attention) from C++, in the same order, so its output
-has the same bits as those ops called one by one. ``encoder_layer_reference`` is its float64 oracle
-for the float linears, from the unpacked weights.
-"""
+tiles, and one call a layer"). A call a layer still paid ~80 us a layer for the same reason (bf16
+query 14.3 -> 12.6 ms with all 22 layers in one call; NOTES "All the layers in one call"). The
+native layers call the same kernels (the GEMMs with their LayerNorm prologues and epilogues, RoPE,
+the attention) from C++, in the same order, so the output has the same bits as those ops called
+one by one. ``encoder_layer_reference`` is one layer's float64 oracle for the float linears, from
+the unpacked weights."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,20 +59,40 @@ class EncoderLayer(NamedTuple):
     eps: float  # both LayerNorms'
 
 
-def encoder_layer(hidden: torch.Tensor, layer: EncoderLayer, cos: torch.Tensor, sin: torch.Tensor,
-                  attention: NativeAttentionArguments) -> torch.Tensor:
-    """The layer's output for ``hidden`` [tokens, hidden_size] (fp32 or bf16, contiguous; the packed
-    sequences of ``attention.cu_seqlens``), RoPE by ``cos``, ``sin`` [tokens, head_dim / 2] (fp32),
-    the attention as ``bind_attention`` bound it (its ``run.native_arguments``). The C++ CPU
+def encoder_layers(hidden: torch.Tensor, layers: Sequence[EncoderLayer], rope: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   attention: Sequence[NativeAttentionArguments]) -> torch.Tensor:
+    """``layers`` one after the other on ``hidden`` [tokens, hidden_size] (fp32 or bf16, contiguous;
+    the packed sequences of the attention's cu_seqlens), in one native call: layer i with RoPE by
+    ``rope[i]`` = (cos, sin) [tokens, head_dim / 2] (fp32) and the attention as ``bind_attention``
+    bound it (``attention[i]``: its ``run.native_arguments``). The layers share their ``qkv_dtype``,
+    ``wi_activation`` and ``eps``, and the attentions their cu_seqlens and max_seqlen. The C++ CPU
     kernels only."""
     if not native.cpu_status()[0]:
         raise RuntimeError(f"the native encoder layer needs the C++ CPU kernels: {native.cpu_status()[1]}")
-    return ops.encoder_layer_native(
-        hidden, layer.attn_norm_weight, layer.attn_norm_bias, layer.wqkv.weights, layer.wqkv.bias, layer.qkv_dtype,
-        cos, sin, layer.heads, attention.row_offsets, attention.col_indices, attention.block_size,
-        attention.window_left, attention.window_right, attention.scale, attention.cu_seqlens, attention.max_seqlen,
-        layer.wo.weights, layer.wo.bias, layer.mlp_norm_weight, layer.mlp_norm_bias, layer.wi.weights, layer.wi.bias,
-        layer.wi_activation, layer.intermediate, layer.wo2.weights, layer.wo2.bias, layer.eps)
+    if not (len(layers) == len(rope) == len(attention)):
+        raise ValueError(f"one rope and one attention a layer: {len(layers)} layers, {len(rope)} ropes, "
+                         f"{len(attention)} attentions")
+    if not layers:
+        raise ValueError("no layers given")
+    first, lengths = layers[0], attention[0]
+    if any((layer.qkv_dtype, layer.wi_activation, layer.eps) != (first.qkv_dtype, first.wi_activation, first.eps)
+           for layer in layers):
+        raise ValueError("the layers of one call must share qkv_dtype, wi_activation and eps")
+    if any(a.cu_seqlens is not lengths.cu_seqlens or a.max_seqlen != lengths.max_seqlen for a in attention):
+        raise ValueError("the attentions of one call must share cu_seqlens (the same tensor) and max_seqlen")
+    norms, weights, weight_counts, biases = [], [], [], []
+    for layer in layers:
+        norms += (layer.attn_norm_weight, layer.attn_norm_bias, layer.mlp_norm_weight, layer.mlp_norm_bias)
+        for linear in (layer.wqkv, layer.wo, layer.wi, layer.wo2):
+            weights += linear.weights
+            weight_counts.append(len(linear.weights))
+            biases.append(linear.bias)
+    return ops.encoder_layers_native(
+        hidden, norms, weights, weight_counts, biases, [layer.heads for layer in layers],
+        [layer.intermediate for layer in layers], [cos for cos, _ in rope], [sin for _, sin in rope],
+        [a.row_offsets for a in attention], [a.col_indices for a in attention], [a.block_size for a in attention],
+        [a.window_left for a in attention], [a.window_right for a in attention], [a.scale for a in attention],
+        lengths.cu_seqlens, lengths.max_seqlen, first.qkv_dtype, first.wi_activation, first.eps)
 
 
 def encoder_layer_reference(hidden: torch.Tensor, weights: dict[str, torch.Tensor | None], heads: int, gate: str,

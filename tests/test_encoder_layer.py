@@ -1,10 +1,11 @@
-"""The native encoder layer (modernbert_kernels.encoder_layer) against its float64 reference."""
+"""The native encoder layers (modernbert_kernels.encoder_layer) against their float64 reference."""
 
 import pytest
 import torch
 
 from modernbert_kernels import bind_attention, layouts, native
-from modernbert_kernels.encoder_layer import EncoderLayer, NativeLinear, encoder_layer, encoder_layer_reference
+from modernbert_kernels._ops import ops
+from modernbert_kernels.encoder_layer import EncoderLayer, NativeLinear, encoder_layer_reference, encoder_layers
 from modernbert_kernels.streamed_gemm import pack_streamed_weight
 
 pytestmark = pytest.mark.skipif(not native.cpu_status()[0], reason="needs the C++ CPU kernels")
@@ -81,7 +82,7 @@ def test_layer_matches_float64(dtype, lengths, window, first_layer, biases, gate
     layout, attention = native_attention(hidden, cu_seqlens, max(lengths), window)
     before = hidden.clone()
     torch.full((hidden.shape[0], 4 * HIDDEN), float("nan"), dtype=dtype)  # freed NaN where outputs may land
-    out = encoder_layer(hidden, packed_layer(weights, gate), cos, sin, attention)
+    out = encoder_layers(hidden, [packed_layer(weights, gate)], [(cos, sin)], [attention])
     expected = encoder_layer_reference(hidden, weights, HEADS, gate, 1e-5, cos, sin, layout, window, cu_seqlens)
     assert out.shape == hidden.shape and out.dtype == dtype
     assert relative_error(out, expected) < TOLERANCE[dtype]
@@ -106,7 +107,7 @@ def test_layer_is_the_chain_of_its_ops():
     activated = streamed_linear(after, layer.wi.weights[0], INTERMEDIATE, layer.wi.bias, "gelu",
                                 norm_weight=layer.mlp_norm_weight, norm_bias=layer.mlp_norm_bias)
     chained = streamed_linear(activated, layer.wo2.weights[0], HIDDEN, layer.wo2.bias, residual=after)
-    assert torch.equal(encoder_layer(hidden, layer, cos, sin, attention), chained)
+    assert torch.equal(encoder_layers(hidden, [layer], [(cos, sin)], [attention]), chained)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -134,7 +135,7 @@ def test_bad_input_is_refused(change, message):
     _, attention = native_attention(hidden, cu_seqlens, 8, None)
     hidden, layer, cos, sin = change(hidden, packed_layer(weights, "gelu"), cos, sin)
     with pytest.raises(RuntimeError, match=message):
-        encoder_layer(hidden, layer, cos, sin, attention)
+        encoder_layers(hidden, [layer], [(cos, sin)], [attention])
 
 
 @pytest.mark.parametrize("cu_seqlens, max_seqlen, message", [
@@ -150,4 +151,78 @@ def test_lengths_that_do_not_fit_hidden_are_refused(cu_seqlens, max_seqlen, mess
     _, attention = native_attention(hidden, bound_lengths, 8, None)
     attention = attention._replace(cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32), max_seqlen=max_seqlen)
     with pytest.raises(RuntimeError, match=message):
-        encoder_layer(hidden, packed_layer(weights, "gelu"), cos, sin, attention)
+        encoder_layers(hidden, [packed_layer(weights, "gelu")], [(cos, sin)], [attention])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layers_in_one_call_are_the_chain_of_single_layers(dtype):
+    """Three layers (global, windowed, global; their own weights, norms and RoPE) in one call: the
+    same bits as one call a layer, and the float64 layers chained within the tolerance."""
+    lengths = [16, 9]
+    hidden, cu_seqlens, _, _ = packed_batch(lengths, dtype, seed=5)
+    layers, weights, rope, attentions, references = [], [], [], [], []
+    for index, (window, first_layer, theta) in enumerate([(None, True, 160000.0), (32, False, 10000.0),
+                                                          (None, False, 160000.0)]):
+        weights.append(random_layer(dtype, first_layer, biases=index == 1, seed=10 + index))
+        layers.append(packed_layer(weights[-1], "gelu"))
+        rope.append(packed_batch(lengths, dtype, seed=5, theta=theta)[2:])
+        layout, attention = native_attention(hidden, cu_seqlens, max(lengths), window)
+        attentions.append(attention)
+        references.append((layout, window))
+    attentions = [a._replace(cu_seqlens=cu_seqlens) for a in attentions]
+    chained = hidden
+    for layer, cos_sin, attention in zip(layers, rope, attentions):
+        chained = encoder_layers(chained, [layer], [cos_sin], [attention])
+    torch.full((hidden.shape[0], 4 * HIDDEN), float("nan"), dtype=dtype)  # freed NaN where outputs may land
+    out = encoder_layers(hidden, layers, rope, attentions)
+    assert torch.equal(out, chained)
+    expected = hidden.double()
+    for layer_weights, (cos, sin), (layout, window) in zip(weights, rope, references):
+        expected = encoder_layer_reference(expected, layer_weights, HEADS, "gelu", 1e-5, cos, sin, layout, window,
+                                           cu_seqlens)
+    assert relative_error(out, expected) < 2 * TOLERANCE[dtype]
+
+
+def test_layers_that_do_not_share_a_call_are_refused():
+    weights = random_layer(torch.float32, False, False, seed=0)
+    hidden, cu_seqlens, cos, sin = packed_batch([8], torch.float32, seed=0)
+    _, attention = native_attention(hidden, cu_seqlens, 8, None)
+    layer = packed_layer(weights, "gelu")
+    with pytest.raises(ValueError, match="one rope and one attention a layer"):
+        encoder_layers(hidden, [layer, layer], [(cos, sin)], [attention, attention])
+    with pytest.raises(ValueError, match="no layers given"):
+        encoder_layers(hidden, [], [], [])
+    with pytest.raises(ValueError, match="must share qkv_dtype, wi_activation and eps"):
+        encoder_layers(hidden, [layer, layer._replace(eps=1e-6)], [(cos, sin)] * 2, [attention] * 2)
+    with pytest.raises(ValueError, match="must share cu_seqlens"):
+        encoder_layers(hidden, [layer, layer], [(cos, sin)] * 2,
+                       [attention, attention._replace(cu_seqlens=cu_seqlens.clone())])
+
+
+def test_inconsistent_per_layer_lists_are_refused():
+    """The op's own checks, for callers that build its lists themselves."""
+    weights = random_layer(torch.float32, False, False, seed=0)
+    hidden, cu_seqlens, cos, sin = packed_batch([8], torch.float32, seed=0)
+    _, a = native_attention(hidden, cu_seqlens, 8, None)
+    layer = packed_layer(weights, "gelu")
+    norms = [layer.attn_norm_weight, None, layer.mlp_norm_weight, None]
+    linears = (layer.wqkv, layer.wo, layer.wi, layer.wo2)
+    packed = [linear.weights[0] for linear in linears]
+
+    def call(norms=norms, packed=packed, counts=(1, 1, 1, 1), heads=(HEADS,), cos_list=(cos,)):
+        return ops.encoder_layers_native(hidden, norms, packed, list(counts), [None] * 4, list(heads), [INTERMEDIATE],
+                                         list(cos_list), [sin], [a.row_offsets], [a.col_indices], [a.block_size],
+                                         [a.window_left], [a.window_right], [a.scale], cu_seqlens, 8, torch.float32,
+                                         "gelu", 1e-5)
+
+    assert call().shape == hidden.shape
+    with pytest.raises(RuntimeError, match="no layers given"):
+        call(heads=())
+    with pytest.raises(RuntimeError, match="must hold 4 entries a layer for 1 layers"):
+        call(norms=norms[:3])
+    with pytest.raises(RuntimeError, match="weight_counts add up to 5 tensors, but 4 weights are given"):
+        call(counts=(2, 1, 1, 1))
+    with pytest.raises(RuntimeError, match="weight_counts must not be negative"):
+        call(counts=(-1, 3, 1, 1))
+    with pytest.raises(RuntimeError, match="one entry a layer for 1 layers, got 2"):
+        call(cos_list=(cos, cos))

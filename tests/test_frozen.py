@@ -6,7 +6,7 @@ import torch
 
 import modernbert.frozen as frozen_module
 from modernbert import FrozenEncoder, ModernBertConfig, ModernBertModel, quantize_int8
-from modernbert_kernels.encoder_layer import encoder_layer as native_layer
+from modernbert_kernels.encoder_layer import encoder_layers as native_layers
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary, block_sparse_attention, layouts, rotary_embedding
 from modernbert_kernels.cpu_linear import Linear
 
@@ -95,29 +95,36 @@ def test_frozen_encoder_runs_the_models_attention_backend(attention_backend):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_frozen_encoder_runs_a_layer_as_one_native_call(precision, monkeypatch):
-    """Where every linear of a layer runs the streamed GEMM (float) or the C++ int8 linear, the
-    layer is one call (encoder_layer.py): the same kernels in the same order as its ops, so the
-    same bits as the frozen encoder that calls them one by one; with the torch attention backend
-    (no native attention) it calls them one by one."""
+def test_frozen_encoder_runs_its_layers_in_one_native_call(precision, monkeypatch):
+    """Where every linear of every layer runs the streamed GEMM (float) or the C++ int8 linear, the
+    layers are one call (encoder_layer.py): the same kernels in the same order as their ops, so the
+    same bits as the frozen encoder that calls them one by one; a layer that cannot run natively
+    splits the call in two around it; with the torch attention backend (no native attention) every
+    layer runs op by op."""
     if not precision.startswith("int8"):
         monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "streamed")
     model = model_in(precision)
     ids, mask = padded_batch([16, 5], seed=1)
-    one_call, op_by_op = FrozenEncoder(model), FrozenEncoder(model)
+    one_call, op_by_op, split = FrozenEncoder(model), FrozenEncoder(model), FrozenEncoder(model)
     got = one_call(ids, mask)
     assert all(layer.native is not None for layer in one_call._bound[16])
     op_by_op(ids, mask)
     op_by_op._bound[16] = [layer._replace(native=None) for layer in op_by_op._bound[16]]
+    split(ids, mask)
+    middle = CONFIG["num_hidden_layers"] // 2
+    split._bound[16][middle] = split._bound[16][middle]._replace(native=None)
     calls = []
-    monkeypatch.setattr(frozen_module, "encoder_layer", lambda *args: calls.append(1) or native_layer(*args))
-    assert torch.equal(one_call(ids, mask), got) and len(calls) == CONFIG["num_hidden_layers"]
-    assert torch.equal(op_by_op(ids, mask), got) and len(calls) == CONFIG["num_hidden_layers"]
+    monkeypatch.setattr(frozen_module, "encoder_layers",
+                        lambda hidden, layers, *args: calls.append(len(layers)) or native_layers(hidden, layers, *args))
+    assert torch.equal(one_call(ids, mask), got) and calls == [CONFIG["num_hidden_layers"]]
+    assert torch.equal(op_by_op(ids, mask), got) and len(calls) == 1
+    calls.clear()
+    assert torch.equal(split(ids, mask), got) and calls == [middle, CONFIG["num_hidden_layers"] - middle - 1]
     model.attention_backend = "torch"
     with torch.inference_mode():
         expected = model(ids, mask)
     assert_is_the_model(FrozenEncoder(model)(ids, mask), expected, streamed=True)
-    assert len(calls) == CONFIG["num_hidden_layers"]
+    assert len(calls) == 2
 
 
 def test_frozen_encoder_follows_the_models_inputs_checks():
