@@ -10,7 +10,11 @@ them. What runs is what ``model(input_ids, attention_mask)`` runs, call for call
 are the same bits (tests/test_frozen.py), with one exception: where a linear runs the streamed GEMM
 (fp32 and bf16 at a few tokens), the LayerNorm in front of it runs in the GEMM's call, saving a
 call a layer norm (its sums in another order: within 3e-7 in fp32, one bf16 rounding in bf16).
-NOTES "A frozen encoder" has the times.
+Where every linear of a layer runs this library's GEMMs, the layer runs natively, and all such
+consecutive layers are one native call (encoder_layer.py). Where the layers could run so on the
+streamed GEMM but the per-shape measurement chose another GEMM for some linear, the first call of
+the token regime times both and keeps the faster (``_choose_layers``). NOTES "A frozen encoder" and
+"All the layers in one call" have the times.
 
 What it does not follow, as ``torch.jit.freeze`` does not: the modules are those of the model when
 frozen (later replacements are not seen), hooks do not run, and the GEMM choices are made at the
@@ -20,6 +24,7 @@ raise, rather than run on stale packed copies.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -48,6 +53,9 @@ class _BoundLayer(NamedTuple):
     head_dim: int
     attention_dtype: torch.dtype | None
     native: EncoderLayer | None  # the whole layer as one native call, where its linears run ours
+    # The same with every float linear on the streamed GEMM whatever the per-shape measurement chose,
+    # where the GEMM can: the regime's layer-level choice (FrozenEncoder._choose_layers) weighs it.
+    streamed_native: EncoderLayer | None
 
 
 class FrozenEncoder:
@@ -86,8 +94,6 @@ class FrozenEncoder:
         tokens = hidden.shape[0]
         regime = timing_tokens(tokens)
         layers = self._bound.get(regime)
-        if layers is None:
-            layers = self._bound[regime] = [self._bind(index, layer, hidden, regime) for index, layer in self._layers]
         angles, rotary, attention = {}, {}, {}  # per forward: the positions and lengths are this batch's
 
         def cos_sin(layer):
@@ -113,35 +119,57 @@ class FrozenEncoder:
                 native_attentions[key] = bound_attention(layer, *sample.unbind(1)).native_arguments
             return native_attentions[key]
 
-        index = 0
-        while index < len(layers):
-            # A run of layers that run natively and share what one native call shares: one call.
-            run = []
-            for layer in layers[index:]:
-                if layer.native is None or native_attention(layer) is None or (run and (
-                        layer.native.qkv_dtype, layer.native.wi_activation, layer.native.eps) != (
-                        run[0].native.qkv_dtype, run[0].native.wi_activation, run[0].native.eps)):
-                    break
-                run.append(layer)
-            if run:
-                hidden = encoder_layers(hidden, [layer.native for layer in run], [cos_sin(layer) for layer in run],
-                                        [native_attention(layer) for layer in run])
-                index += len(run)
-                continue
-            layer = layers[index]
-            index += 1
-            qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
-            turn = rotary.get((layer.theta, layer.heads))
-            if turn is None:
-                turn = rotary[layer.theta, layer.heads] = bind_rotary(qkv[:, :2], *cos_sin(layer),
-                                                                      backend=rotary_backend(model.attention_backend))
-            turn(qkv[:, :2])
-            q, k, v = qkv.unbind(1)
-            if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
-                q, k, v = (t.to(layer.attention_dtype) for t in (q, k, v))
-            hidden = layer.attention_out(bound_attention(layer, q, k, v)(q, k, v).reshape(tokens, -1), hidden)
-            hidden = layer.mlp_out(layer.mlp(hidden), hidden)
+        def run_layers(layers, hidden):
+            index = 0
+            while index < len(layers):
+                # A run of layers that run natively and share what one native call shares: one call.
+                run = []
+                for layer in layers[index:]:
+                    if layer.native is None or native_attention(layer) is None or (run and (
+                            layer.native.qkv_dtype, layer.native.wi_activation, layer.native.eps) != (
+                            run[0].native.qkv_dtype, run[0].native.wi_activation, run[0].native.eps)):
+                        break
+                    run.append(layer)
+                if run:
+                    hidden = encoder_layers(hidden, [layer.native for layer in run], [cos_sin(layer) for layer in run],
+                                            [native_attention(layer) for layer in run])
+                    index += len(run)
+                    continue
+                layer = layers[index]
+                index += 1
+                qkv = layer.qkv(hidden).view(tokens, 3, layer.heads, layer.head_dim)
+                turn = rotary.get((layer.theta, layer.heads))
+                if turn is None:
+                    turn = rotary[layer.theta, layer.heads] = bind_rotary(
+                        qkv[:, :2], *cos_sin(layer), backend=rotary_backend(model.attention_backend))
+                turn(qkv[:, :2])
+                q, k, v = qkv.unbind(1)
+                if layer.attention_dtype is not None and layer.attention_dtype != q.dtype:
+                    q, k, v = (t.to(layer.attention_dtype) for t in (q, k, v))
+                hidden = layer.attention_out(bound_attention(layer, q, k, v)(q, k, v).reshape(tokens, -1), hidden)
+                hidden = layer.mlp_out(layer.mlp(hidden), hidden)
+            return hidden
+
+        if layers is None:
+            layers = self._bound[regime] = self._choose_layers(
+                [self._bind(index, layer, hidden, regime) for index, layer in self._layers], run_layers, hidden)
+        hidden = run_layers(layers, hidden)
         return model.final_norm(hidden)
+
+    @staticmethod
+    def _choose_layers(layers: list[_BoundLayer], run_layers: Callable, hidden: torch.Tensor) -> list[_BoundLayer]:
+        """The layers as bound, or with every layer that could run natively on the streamed GEMM
+        doing so, whichever runs ``hidden`` through them faster (``fastest``). Each linear's GEMM is
+        measured on its own (cpu_linear.cpu_gemm), but running natively saves each layer's op calls
+        (1.2-1.3x a 16-token forward), which that measurement does not see; and a per-shape timing
+        that flips under load (a busy machine chose oneDNN for one bf16 shape at 16 tokens) would take
+        every layer off the native call. Timed once per token regime, where the two differ."""
+        if not any(layer.native is None and layer.streamed_native is not None for layer in layers):
+            return layers
+        streamed = [layer._replace(native=layer.native or layer.streamed_native) for layer in layers]
+        candidates = (layers, streamed)
+        return candidates[fastest([lambda candidate=candidate: run_layers(candidate, hidden)
+                                   for candidate in candidates])]
 
     def _bind(self, index: int, layer: nn.Module, hidden: torch.Tensor, regime: int) -> _BoundLayer:
         """layer's calls for inputs like hidden with ``regime`` tokens, as ModernBertAttention and
@@ -172,16 +200,21 @@ class FrozenEncoder:
                     return mlp.act(value) * gate
         mlp_out = _projection(mlp.Wo, sample(mlp.Wo.in_features), hidden_sample)
         config = self.model.config
+        attended_sample = sample(inner, attention_dtype)
+        native = _native_layer(layer, hidden_sample, attended_sample)
         return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
                            (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
-                           attn.attention_dtype, _native_layer(layer, hidden_sample, sample(inner, attention_dtype)))
+                           attn.attention_dtype, native,
+                           native or _native_layer(layer, hidden_sample, attended_sample, measured=False))
 
 
-def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> EncoderLayer | None:
+def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor,
+                  measured: bool = True) -> EncoderLayer | None:
     """The layer as one native call (encoder_layer.py), where for inputs like these each of its
     linears runs the streamed GEMM or the C++ int8 linear, its norms are LayerNorms they can take
     (with one eps) or nothing, its attention is computed in hidden's dtype (or, int8, the one Wqkv
-    writes) and its MLP is gated in the GEMM's epilogue; else None."""
+    writes) and its MLP is gated in the GEMM's epilogue; else None. ``measured=False``: each float
+    linear on the streamed GEMM wherever it can run it (``Linear.native_operands``)."""
     attn, mlp = layer.attn, layer.mlp
     linears = (attn.Wqkv, attn.Wo, mlp.Wi, mlp.Wo)
     qkv_dtype = attn.attention_dtype or hidden.dtype
@@ -191,7 +224,7 @@ def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor
         if isinstance(linear, Linear):
             if qkv_dtype != hidden.dtype:  # the streamed GEMM writes its input's dtype
                 return None
-            operands.append(linear.native_operands(x, gated=linear is mlp.Wi))
+            operands.append(linear.native_operands(x, gated=linear is mlp.Wi, measured=measured))
         elif isinstance(linear, Int8Linear):
             operands.append(linear.native_operands(x))
         else:
@@ -250,3 +283,16 @@ def _projection(linear, x: torch.Tensor, residual: torch.Tensor) -> Callable:
         return linear.bind(x, out_dtype=residual.dtype, residual=residual)
     run = linear.bind(x.to(residual.dtype), residual=residual)
     return lambda x, residual: run(x.to(residual.dtype), residual)
+
+
+def fastest(runs: list[Callable[[], object]], rounds: int = 3) -> int:
+    """The index of the fastest of ``runs``: after a warm-up, ``rounds`` rounds calling each in
+    turn, the minimum of each's times (a busy machine only adds time)."""
+    times = [[] for _ in runs]
+    for round_index in range(rounds + 1):
+        for run, seconds in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            if round_index:
+                seconds.append(time.perf_counter() - start)
+    return min(range(len(runs)), key=lambda index: min(times[index]))

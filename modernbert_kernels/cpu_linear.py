@@ -243,14 +243,19 @@ class Linear(nn.Linear):
     ``F.linear``.
     """
 
+    def _inference_call(self, x: torch.Tensor) -> bool:
+        """Whether a call on x is one a packed GEMM may run: on the CPU, in the weight's dtype, not
+        under torch.compile, and needing no gradients."""
+        weight = self.weight
+        return not (x.device.type != "cpu"
+                    or x.dtype != weight.dtype
+                    or torch.compiler.is_compiling()
+                    or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                     or (self.bias is not None and self.bias.requires_grad))))
+
     def _gemm(self, x: torch.Tensor) -> str | None:
         """The packed GEMM this call runs, or None where it takes ``F.linear``."""
-        weight = self.weight
-        if (x.device.type != "cpu"
-                or x.dtype != weight.dtype
-                or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                 or (self.bias is not None and self.bias.requires_grad)))):
+        if not self._inference_call(x):
             return None
         tokens = x.numel() // self.in_features if self.in_features else 0
         gemm = cpu_gemm(x.dtype, self.in_features, self.out_features, tokens)
@@ -318,11 +323,20 @@ class Linear(nn.Linear):
             return lambda x, residual: run(F.layer_norm(x, shape, weight, bias, eps), residual)
         return lambda x, residual: run(norm(x), residual)
 
-    def native_operands(self, x: torch.Tensor, gated: bool = False) -> NativeLinear | None:
+    def native_operands(self, x: torch.Tensor, gated: bool = False, measured: bool = True) -> NativeLinear | None:
         """This linear as the native encoder layer takes it (``encoder_layer.NativeLinear``: the
         streamed GEMM's packed weight, ``gated`` as a gated projection's, and fp32 bias) for inputs
-        like ``x``, or None where their calls run another GEMM."""
-        return self._streamed_operands(gated) if self._gemm(x) == "streamed" else None
+        like ``x``, or None where their calls run another GEMM. With ``measured=False``, wherever the
+        streamed GEMM can compute these calls and no GEMM is forced, whichever the per-shape
+        measurement chose, in the few-token regimes it is timed in: for a caller that measures a whole
+        layer's choice (the FrozenEncoder)."""
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        if self._gemm(x) == "streamed" or not measured and (
+                self._inference_call(x) and x.dtype in PRECISIONS and "streamed" in available_gemms(x.dtype)
+                and timing_tokens(tokens) < TIMING_TOKENS and supports_streamed(x.dtype, self.in_features)
+                and os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto") == "auto"):
+            return self._streamed_operands(gated)
+        return None
 
     def _streamed_operands(self, gated: bool) -> NativeLinear:
         packed = self._packed("streamed", "gated" if gated else "all", slice(None), self.weight.dtype)

@@ -1,14 +1,17 @@
 """FrozenEncoder and the bound calls it is made of (bind_attention, Linear.bind, Int8Linear.bind):
 the same bits as the calls they stand for, and errors where they cannot stand for them."""
 
+import time
+
 import pytest
 import torch
 
 import modernbert.frozen as frozen_module
+import modernbert_kernels.cpu_linear as cpu_linear
 from modernbert import FrozenEncoder, ModernBertConfig, ModernBertModel, quantize_int8
 from modernbert_kernels.encoder_layer import encoder_layers as native_layers
 from modernbert_kernels import Int8Linear, bind_attention, bind_rotary, block_sparse_attention, layouts, rotary_embedding
-from modernbert_kernels.cpu_linear import Linear
+from modernbert_kernels.cpu_linear import Linear, timing_tokens
 
 # Two heads of 64; layer 0 global, then local layers (a window of 32 each side), so one input
 # longer than 64 tokens crosses both kinds of layout and a block boundary.
@@ -71,13 +74,17 @@ def test_frozen_encoder_is_the_model(precision, gemm, monkeypatch):
         with torch.inference_mode():
             expected = model(ids, mask)
         got = frozen(ids, mask)
-        streamed = gemm is None and streams_a_gemm(model, sum(lengths))
+        streamed = gemm is None and streams_a_gemm(model, sum(lengths), frozen)
         assert_is_the_model(got, expected, streamed, f"{precision} {lengths}")
 
 
-def streams_a_gemm(model, tokens):
+def streams_a_gemm(model, tokens, frozen=None):
     """Whether any of the model's float linears runs the streamed GEMM at this token count (a
-    timed choice: it can differ between machines and runs)."""
+    timed choice: it can differ between machines and runs), or ``frozen`` runs a float layer
+    natively there (its own timed choice, FrozenEncoder._choose_layers)."""
+    bound = frozen._bound.get(timing_tokens(tokens), []) if frozen is not None else []
+    if any(layer.native is not None and len(layer.native.wqkv.weights) == 1 for layer in bound):  # [packed]
+        return True
     with torch.inference_mode():
             return any(isinstance(module, Linear) and module._gemm(torch.empty(tokens, module.in_features,
                                                                               dtype=module.weight.dtype)) == "streamed"
@@ -127,6 +134,48 @@ def test_frozen_encoder_runs_its_layers_in_one_native_call(precision, monkeypatc
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("streamed_wins", [True, False], ids=["native_faster", "as_bound_faster"])
+def test_frozen_encoder_weighs_native_layers_against_the_chosen_gemms(streamed_wins, monkeypatch):
+    """Where the per-shape measurement chose another GEMM for a linear of a layer (here F.linear for
+    Wo at a few tokens), the FrozenEncoder times the layers as bound against all of them natively on
+    the streamed GEMM, once per token regime where the two differ, and keeps the faster; the model's
+    output either way. Not where a GEMM is forced, nor at thousands of tokens."""
+    def measured(dtype, in_features, out_features, threads, tokens):
+        return "aten" if (in_features, out_features) == (128, 128) else "streamed"
+
+    monkeypatch.setattr(cpu_linear, "_measured_gemm", measured)
+    timings = []
+    monkeypatch.setattr(frozen_module, "fastest", lambda runs: timings.append(len(runs)) or int(streamed_wins))
+    model = model_in("fp32")
+    frozen = FrozenEncoder(model)
+    for lengths in ([16], [5, 9], [150, 37]):
+        ids, mask = padded_batch(lengths, seed=len(lengths))
+        with torch.inference_mode():
+            expected = model(ids, mask)
+        assert_is_the_model(frozen(ids, mask), expected, streamed=True)
+    assert timings == [2]  # the 16-token regime only, timed at its first call
+    assert all((layer.native is not None) == streamed_wins for layer in frozen._bound[16])
+    assert all(layer.streamed_native is not None for layer in frozen._bound[16])
+    assert all(layer.native is None and layer.streamed_native is None for layer in frozen._bound[2048])
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "onednn_packed")
+    forced = FrozenEncoder(model)
+    ids, mask = padded_batch([16], seed=1)
+    with torch.inference_mode():
+        expected = model(ids, mask)
+    assert_is_the_model(forced(ids, mask), expected, streamed=False)
+    assert timings == [2] and all(layer.streamed_native is None for layer in forced._bound[16])
+
+
+def test_fastest_is_the_quickest_run():
+    def quick():
+        pass
+
+    def slow():
+        time.sleep(0.003)
+
+    assert frozen_module.fastest([slow, quick]) == 1 and frozen_module.fastest([quick, slow]) == 0
+
+
 def test_frozen_encoder_follows_the_models_inputs_checks():
     frozen = FrozenEncoder(model_in("fp32"))
     ids, mask = padded_batch([5, 3], seed=0)
@@ -153,7 +202,8 @@ def test_frozen_encoder_refuses_weights_changed_in_place(precision):
         frozen(ids, mask)
     with torch.inference_mode():
         expected = model(ids, mask)
-    assert_is_the_model(FrozenEncoder(model)(ids, mask), expected, streams_a_gemm(model, 12))
+    refrozen = FrozenEncoder(model)
+    assert_is_the_model(refrozen(ids, mask), expected, streams_a_gemm(model, 12, refrozen))
 
 
 def test_frozen_encoder_refuses_what_it_does_not_run():
