@@ -37,7 +37,10 @@ def pack(attention_mask: torch.Tensor) -> PackedBatch:
 
 
 def unpack(packed_values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """[total_tokens, ...] -> [batch, seq, ...] with zeros at padding."""
+    """[total_tokens, ...] -> [batch, seq, ...] with zeros at padding (a view where there is none:
+    every token is real, in order)."""
+    if packed_values.shape[0] == batch.batch * batch.seq_len:
+        return packed_values.reshape(batch.batch, batch.seq_len, *packed_values.shape[1:])
     out = packed_values.new_zeros(batch.batch * batch.seq_len, *packed_values.shape[1:])
     out[batch.indices] = packed_values
     return out.reshape(batch.batch, batch.seq_len, *packed_values.shape[1:])

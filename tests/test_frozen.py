@@ -166,6 +166,21 @@ def test_frozen_encoder_weighs_native_layers_against_the_chosen_gemms(streamed_w
     assert timings == [2] and all(layer.streamed_native is None for layer in forced._bound[16])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_frozen_encoder_reuses_the_last_batchs_tables_only_where_they_hold(precision):
+    """RoPE's tables are kept for the next batch of the same lengths, the native attention's
+    arguments for the same longest length: batches of the same lengths, of the same longest length
+    but other lengths (other positions), and of another longest length, each the model's output."""
+    model = model_in(precision)
+    frozen = FrozenEncoder(model)
+    for seed, lengths in enumerate([[16, 9], [16, 9], [9, 16], [12, 16, 3], [40, 7], [16, 9]]):
+        ids, mask = padded_batch(lengths, seed)
+        with torch.inference_mode():
+            expected = model(ids, mask)
+        assert_is_the_model(frozen(ids, mask), expected, streams_a_gemm(model, sum(lengths), frozen),
+                            f"{precision} {lengths}")
+
+
 def test_fastest_is_the_quickest_run():
     def quick():
         pass
