@@ -56,6 +56,8 @@ class _BoundLayer(NamedTuple):
     # The same with every float linear on the streamed GEMM whatever the per-shape measurement chose,
     # where the GEMM can: the regime's layer-level choice (FrozenEncoder._choose_layers) weighs it.
     streamed_native: EncoderLayer | None
+    # Linears (and whether gated) whose streamed copies were packed for streamed_native only.
+    packed_for_choice: tuple
 
 
 class FrozenEncoder:
@@ -190,9 +192,12 @@ class FrozenEncoder:
         if not any(layer.native is None and layer.streamed_native is not None for layer in layers):
             return layers
         streamed = [layer._replace(native=layer.native or layer.streamed_native) for layer in layers]
-        candidates = (layers, streamed)
-        return candidates[fastest([lambda candidate=candidate: run_layers(candidate, hidden)
-                                   for candidate in candidates])]
+        if fastest([lambda: run_layers(layers, hidden), lambda: run_layers(streamed, hidden)]) == 1:
+            return streamed
+        for layer in layers:  # a copy of the weights packed for the timing only is not kept
+            for linear, gated in layer.packed_for_choice:
+                linear.release_streamed_copy(gated)
+        return [layer._replace(streamed_native=None, packed_for_choice=()) for layer in layers]
 
     def _bind(self, index: int, layer: nn.Module, hidden: torch.Tensor, regime: int) -> _BoundLayer:
         """layer's calls for inputs like hidden with ``regime`` tokens, as ModernBertAttention and
@@ -224,11 +229,21 @@ class FrozenEncoder:
         mlp_out = _projection(mlp.Wo, sample(mlp.Wo.in_features), hidden_sample)
         config = self.model.config
         attended_sample = sample(inner, attention_dtype)
-        native = _native_layer(layer, hidden_sample, attended_sample)
+        native = streamed_native = _native_layer(layer, hidden_sample, attended_sample)
+        packed_for_choice = ()
+        if native is None:
+            linears = [(linear, linear is mlp.Wi) for linear in (attn.Wqkv, attn.Wo, mlp.Wi, mlp.Wo)
+                       if isinstance(linear, Linear)]
+            unpacked = [(linear, gated) for linear, gated in linears if not linear.has_streamed_copy(gated)]
+            streamed_native = _native_layer(layer, hidden_sample, attended_sample, measured=False)
+            packed_for_choice = tuple((linear, gated) for linear, gated in unpacked if linear.has_streamed_copy(gated))
+            if streamed_native is None:  # some linear could not stream: the others' copies are of no use
+                for linear, gated in packed_for_choice:
+                    linear.release_streamed_copy(gated)
+                packed_for_choice = ()
         return _BoundLayer(qkv, attention_out, activated, mlp_out, config.rope_theta(index),
                            (config.is_global(index), attn.num_heads), attn.num_heads, attn.head_dim,
-                           attn.attention_dtype, native,
-                           native or _native_layer(layer, hidden_sample, attended_sample, measured=False))
+                           attn.attention_dtype, native, streamed_native, packed_for_choice)
 
 
 def _native_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor,

@@ -266,8 +266,11 @@ class Linear(nn.Linear):
         version (``part`` names it). Keyed by storage and dtype too: Module.to() swaps a parameter's
         data without a version bump."""
         weight = self.weight
-        key = (gemm, part, weight.data_ptr(), weight.dtype, dtype)
-        return _packed_weights.get(weight, key, lambda: _pack(gemm, weight[rows].to(dtype), part == "gated"))
+        return _packed_weights.get(weight, self._packed_key(gemm, part, dtype),
+                                   lambda: _pack(gemm, weight[rows].to(dtype), part == "gated"))
+
+    def _packed_key(self, gemm: str, part: str, dtype: torch.dtype) -> tuple:
+        return gemm, part, self.weight.data_ptr(), self.weight.dtype, dtype
 
     def _bias(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
         bias = self.bias
@@ -338,8 +341,18 @@ class Linear(nn.Linear):
             return self._streamed_operands(gated)
         return None
 
+    def has_streamed_copy(self, gated: bool = False) -> bool:
+        """Whether the streamed GEMM's packed copy of the weight (``gated`` as a gated projection's)
+        is kept for this weight version."""
+        return _packed_weights.contains(self.weight, self._packed_key("streamed", _part(gated), self.weight.dtype))
+
+    def release_streamed_copy(self, gated: bool = False):
+        """Stops keeping the streamed GEMM's packed copy (bound calls that hold it keep it): for a
+        caller that packed it to time it and then chose another GEMM (the FrozenEncoder)."""
+        _packed_weights.discard(self.weight, self._packed_key("streamed", _part(gated), self.weight.dtype))
+
     def _streamed_operands(self, gated: bool) -> NativeLinear:
-        packed = self._packed("streamed", "gated" if gated else "all", slice(None), self.weight.dtype)
+        packed = self._packed("streamed", _part(gated), slice(None), self.weight.dtype)
         return NativeLinear((packed,), None if self.bias is None else self.bias.detach().float())
 
     def _kernel(self, gemm: str | None, gated: str | None, residual_dtype) -> Callable:
@@ -406,6 +419,11 @@ class Linear(nn.Linear):
             out = binary(rows, activated, second_packed, second_bias, "mul")
             return out.to(x.dtype).view(*x.shape[:-1], half)
         return run
+
+
+def _part(gated: bool) -> str:
+    """The name of the streamed GEMM's packed copy: the whole weight, or a gated projection's."""
+    return "gated" if gated else "all"
 
 
 def layer_norm_prologue(norm: nn.Module) -> dict | None:

@@ -41,6 +41,18 @@ class TensorCache:
             entry.values[key] = compute()
         return entry.values[key]
 
+    def contains(self, tensor, key: Hashable) -> bool:
+        """Whether ``get(tensor, key, ...)`` would return a kept value without computing one."""
+        entry = self._entries.get(id(tensor))
+        return (entry is not None and entry.ref() is tensor and entry.version == version(tensor)
+                and key in entry.values)
+
+    def discard(self, tensor, key: Hashable):
+        """Forgets the value kept for (tensor, key), if any (those who hold it keep it)."""
+        entry = self._entries.get(id(tensor))
+        if entry is not None and entry.ref() is tensor:
+            entry.values.pop(key, None)
+
     def _forget(self, tensor_id: int):
         def forget(ref):
             entry = self._entries.get(tensor_id)

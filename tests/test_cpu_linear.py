@@ -158,6 +158,29 @@ def test_packed_weight_follows_the_weight(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.skipif(not native.cpu_status()[0], reason="the streamed GEMM needs the C++ CPU kernels")
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_a_released_streamed_copy_is_packed_again_when_asked(gated, monkeypatch):
+    """The streamed copy a caller packed to time it (native_operands(measured=False)) and then did
+    not keep (release_streamed_copy) is gone from the cache, and made again, the same, when asked;
+    a new weight version has none until asked."""
+    monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "auto")
+    monkeypatch.setattr(cpu_linear, "_measured_gemm", lambda *args: "aten")
+    linear = random_linear(64, 48, torch.float32)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        assert not linear.has_streamed_copy(gated) and linear.native_operands(x, gated) is None
+        first = linear.native_operands(x, gated, measured=False)
+        assert linear.has_streamed_copy(gated) and not linear.has_streamed_copy(not gated)
+        linear.release_streamed_copy(gated)
+        assert not linear.has_streamed_copy(gated)
+        again = linear.native_operands(x, gated, measured=False)
+        assert again.weights[0] is not first.weights[0] and torch.equal(again.weights[0], first.weights[0])
+        linear.weight.mul_(2.0)
+        assert not linear.has_streamed_copy(gated)
+        assert linear.native_operands(torch.randn(4096, 64), gated, measured=False) is None  # not timed there
+
+
 def test_training_takes_autograd(monkeypatch):
     monkeypatch.setenv("MODERNBERT_KERNELS_CPU_GEMM", "onednn_packed")
     linear = random_linear(32, 16, torch.float32)
