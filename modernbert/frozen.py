@@ -54,7 +54,8 @@ class _BoundLayer(NamedTuple):
     attention_dtype: torch.dtype | None
     native: EncoderLayer | None  # the whole layer as one native call, where its linears run ours
     # The same with every float linear on the streamed GEMM whatever the per-shape measurement chose,
-    # where the GEMM can: the regime's layer-level choice (FrozenEncoder._choose_layers) weighs it.
+    # where the GEMM can (native itself where that is set): the regime's layer-level choice
+    # (FrozenEncoder._choose_layers) weighs it.
     streamed_native: EncoderLayer | None
     # Linears (and whether gated) whose streamed copies were packed for streamed_native only.
     packed_for_choice: tuple
@@ -191,7 +192,7 @@ class FrozenEncoder:
         every layer off the native call. Timed once per token regime, where the two differ."""
         if not any(layer.native is None and layer.streamed_native is not None for layer in layers):
             return layers
-        streamed = [layer._replace(native=layer.native or layer.streamed_native) for layer in layers]
+        streamed = [layer._replace(native=layer.streamed_native) for layer in layers]  # native where it was
         if fastest([lambda: run_layers(layers, hidden), lambda: run_layers(streamed, hidden)]) == 1:
             return streamed
         for layer in layers:  # a copy of the weights packed for the timing only is not kept

@@ -201,11 +201,16 @@ def _measured_gemm(dtype: torch.dtype, in_features: int, out_features: int, thre
     return min(times, key=lambda gemm: statistics.median(times[gemm]))
 
 
+def forced_gemm() -> str:
+    """MODERNBERT_KERNELS_CPU_GEMM as set (read per call), "auto" where it is not."""
+    return os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
+
+
 def cpu_gemm(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = TIMING_TOKENS) -> str:
     """The GEMM a CPU linear of this dtype and shape runs on ``tokens`` tokens: the fastest of
     ``available_gemms`` measured once per (dtype, shape, thread count, ``timing_tokens(tokens)``),
     or the one MODERNBERT_KERNELS_CPU_GEMM forces (read per call)."""
-    forced = os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto")
+    forced = forced_gemm()
     if forced == "auto" and dtype in PRECISIONS:  # the common case first: every CPU linear call asks
         if len(available_gemms(dtype)) == 1:
             return "aten"  # nothing to choose between
@@ -257,9 +262,11 @@ class Linear(nn.Linear):
         """The packed GEMM this call runs, or None where it takes ``F.linear``."""
         if not self._inference_call(x):
             return None
-        tokens = x.numel() // self.in_features if self.in_features else 0
-        gemm = cpu_gemm(x.dtype, self.in_features, self.out_features, tokens)
+        gemm = cpu_gemm(x.dtype, self.in_features, self.out_features, self._tokens(x))
         return None if gemm == "aten" else gemm
+
+    def _tokens(self, x: torch.Tensor) -> int:
+        return x.numel() // self.in_features if self.in_features else 0
 
     def _packed(self, gemm: str, part: str, rows: slice, dtype: torch.dtype):
         """The weight's ``rows`` as ``dtype`` in a packed ``gemm``'s layout; made once per weight
@@ -333,11 +340,10 @@ class Linear(nn.Linear):
         streamed GEMM can compute these calls and no GEMM is forced, whichever the per-shape
         measurement chose, in the few-token regimes it is timed in: for a caller that measures a whole
         layer's choice (the FrozenEncoder)."""
-        tokens = x.numel() // self.in_features if self.in_features else 0
         if self._gemm(x) == "streamed" or not measured and (
-                self._inference_call(x) and x.dtype in PRECISIONS and "streamed" in available_gemms(x.dtype)
-                and timing_tokens(tokens) < TIMING_TOKENS and supports_streamed(x.dtype, self.in_features)
-                and os.environ.get("MODERNBERT_KERNELS_CPU_GEMM", "auto") == "auto"):
+                self._inference_call(x) and forced_gemm() == "auto"
+                and "streamed" in _timed_gemms(x.dtype, ((self.in_features, self.out_features),),
+                                               timing_tokens(self._tokens(x)))):
             return self._streamed_operands(gated)
         return None
 
